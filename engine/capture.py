@@ -1,0 +1,312 @@
+"""CaptureEngine: forward hooks -> staging slots -> writer pool -> committed zarr chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import threading
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from . import layout
+from .config import CaptureConfig
+from .errors import CaptureClosedError, HookPointError
+from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
+from .staging import BatchInfo, SlotPool, Stager
+from .store import NullSink, ZarrSink, prepare_location
+from .writer import Counters, WriterPool
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureStats:
+    """A snapshot of a run's counters (``CaptureEngine.stats``)."""
+
+    batches: int
+    tokens_staged: int
+    tokens: int               # committed rows
+    bytes_written: int
+    chunks_committed: int
+    stall_seconds: float      # time the forward pass waited for a free slot (backpressure)
+    queue_high_water: int
+    queue_depth: int
+    slot_bytes: int           # host memory held by staging slots
+    elapsed_seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+
+def _token_ids(config, name: str) -> list[int]:
+    value = getattr(config, name, None)
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+class CaptureEngine:
+    """Captures activations of a HuggingFace model into a zarr store while the model runs.
+
+    Hooks are attached on construction; every ``model(...)`` call (keyword ``input_ids`` /
+    ``attention_mask`` as produced by a tokenizer) is captured until ``close()``. Pad tokens (mask 0) are
+    dropped; a call without a mask keeps every token.
+
+    Args:
+        model: a transformers causal LM or base model (any of ``engine.hookpoints.ADAPTERS``'s families
+            for canonical points; any model for ``extra_modules``), on one device.
+        config: what to capture and where.
+        tokenizer: optional; its special ids are flagged in ``tokens/flags`` and its name is recorded.
+
+    Thread safety: run the model's forward passes from one thread at a time. ``stats`` may be read from
+    any thread. Not re-entrant: one engine per model at a time.
+
+    Example:
+        >>> with CaptureEngine(model, CaptureConfig("acts.zarr", layer_indices=[6])) as cap:
+        ...     for batch in loader:
+        ...         model(**batch)
+    """
+
+    def __init__(self, model: torch.nn.Module, config: CaptureConfig, tokenizer: Any = None):
+        self.config = config
+        self._model = model
+        self._closed = False
+        self._current = None            # slot of the forward pass in progress
+        self._skip_forward = False      # the forward in progress has no tokens
+        self._next_sequence = 0
+        self._handles: list = []
+        self._counters = Counters()
+        self._warned_nonfinite = False
+        self._nonfinite_lock = threading.Lock()
+        self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
+                                                           config.extra_modules)
+        self._dtype = _TORCH_DTYPES[config.dtype]
+        device = _model_device(model)
+        with contextlib.ExitStack() as undo:
+            self._sink = self._open_sink(model, tokenizer)
+            self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
+            self._stager = Stager(device, self._dtype)
+            special = sorted({*_token_ids(model.config, "bos_token_id"), *_token_ids(model.config, "eos_token_id"),
+                              *_token_ids(model.config, "pad_token_id"),
+                              *(getattr(tokenizer, "all_special_ids", None) or [])})
+            bos = _token_ids(model.config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+            self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
+                                       self._dtype, bos[0], special, self._create_arrays, self._counters,
+                                       self._note_nonfinite)
+            undo.callback(self._writers.abort)
+            undo.callback(self._remove_hooks)
+            self._attach()
+            undo.pop_all()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _manifest(self, model: torch.nn.Module, tokenizer: Any) -> dict:
+        from . import __version__
+        from .registry import find_model
+
+        cfg = self.config
+        name = cfg.model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        spec = find_model(name)
+        return {
+            "format": layout.FORMAT_NAME,
+            "format_version": layout.FORMAT_VERSION,
+            "engine_version": __version__,
+            "status": layout.STATUS_OPEN,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "model": {"name": name, "hf_repo_id": spec.hf_repo_id if spec else None,
+                      "architecture": getattr(model.config, "model_type", None), "class": type(model).__name__,
+                      "revision": getattr(model.config, "_commit_hash", None)},
+            "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "layers": list(cfg.layer_indices),
+            "points": list(cfg.points),
+            "extra_modules": dict(cfg.extra_modules),
+            "arrays": {p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
+                               "layer": p.layer, "point": p.point} for p in self.points},
+            "token_arrays": {key: str(dtype) for key, dtype in layout.TOKEN_ARRAYS.items()},
+            "flag_bits": layout.FLAG_BITS,
+            "dtype": cfg.dtype,
+            "chunk_tokens": cfg.chunk_tokens,
+            "compressor": cfg.compressor,
+            "committed_tokens": 0,
+            "committed_chunks": 0,
+            "sequences": 0,
+        }
+
+    def _open_sink(self, model, tokenizer):
+        if self.config.sink == "null":
+            return NullSink()
+        prepare_location(self.config.path, self.config.overwrite, self.config.resume)
+        return ZarrSink(self.config.path, self.config.chunk_tokens, self.config.compressor,
+                        self._manifest(model, tokenizer))
+
+    def _create_arrays(self, dims: dict[str, int]) -> None:
+        """First batch: the widths are known now; create one array per captured point."""
+        disk_dtype = layout.STORAGE_DTYPES[self.config.dtype]
+        specs = {}
+        for point in self.points:
+            attributes = {"module_path": point.module_path, "tl_name": point.tl_name, "layer": point.layer,
+                          "point": point.point, "capture": point.capture, "dtype": self.config.dtype}
+            if self.config.dtype == "bfloat16":
+                attributes["encoding"] = layout.BFLOAT16_ENCODING
+            specs[point.key] = (dims[point.key], disk_dtype, attributes)
+        self._sink.create_point_arrays(specs)
+
+    def _attach(self) -> None:
+        self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        for point in self.points:
+            if point.capture == "input":
+                hook = point.module.register_forward_pre_hook(self._point_hook(point))
+            else:
+                hook = point.module.register_forward_hook(self._point_hook(point))
+            self._handles.append(hook)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---- hooks (forward thread) ------------------------------------------------------------------
+    def _check_writers(self) -> None:
+        try:
+            self._writers.check()
+        except BaseException:
+            self._remove_hooks()  # a failed engine must not keep intercepting the model
+            raise
+
+    def _on_forward(self, module, args, kwargs) -> None:
+        self._check_writers()
+        if self._current is not None:  # the previous forward raised before its last hooked point
+            self._pool.release(self._current)
+            self._current = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if reference is None:
+            raise HookPointError("the model was called without input_ids or inputs_embeds: capture needs "
+                                 "one of them as a keyword or first argument")
+        batch_size, seq_len = reference.shape[0], reference.shape[1] if reference.dim() > 1 else 1
+        self._skip_forward = batch_size * seq_len == 0
+        if self._skip_forward:
+            return
+        slot, waited = self._pool.acquire(self._check_writers)
+        batch = BatchInfo(self._counters.batches, batch_size, seq_len, self._next_sequence)
+        self._next_sequence += batch_size
+        slot.reserve(batch)
+        self._current = slot
+        self._stager.stage_tokens(slot, input_ids, kwargs.get("attention_mask"))
+        with self._counters.lock:
+            self._counters.stall_seconds += waited
+
+    def _point_hook(self, point: HookPoint):
+        if point.capture == "input":
+            return lambda module, args: self._on_point(point, captured_tensor(point, args, None))
+        return lambda module, args, output: self._on_point(point, captured_tensor(point, args, output))
+
+    def _on_point(self, point: HookPoint, tensor: torch.Tensor) -> None:
+        slot = self._current
+        if slot is None:
+            if self._skip_forward:
+                return
+            raise HookPointError(f"{point.module_path} ran outside a forward pass of the captured model: "
+                                 "call the model passed to CaptureEngine, not one of its submodules")
+        if tuple(tensor.shape[:2]) != (slot.batch.batch_size, slot.batch.seq_len) or tensor.dim() != 3:
+            raise HookPointError(f"{point.module_path} produced shape {tuple(tensor.shape)}; expected "
+                                 f"({slot.batch.batch_size}, {slot.batch.seq_len}, dim) like input_ids")
+        self._stager.stage_point(slot, point.key, tensor.detach())
+        if len(slot.captured) == len(self.points):
+            self._stager.finish(slot)
+            self._current = None
+            self._writers.submit(slot)
+            with self._counters.lock:
+                self._counters.batches += 1
+                self._counters.tokens_staged += slot.batch.batch_size * slot.batch.seq_len
+
+    def _note_nonfinite(self, key: str, count: int) -> None:
+        with self._nonfinite_lock:
+            if self._warned_nonfinite:
+                return
+            self._warned_nonfinite = True
+        warnings.warn(f"{key}: {count} non-finite values in one chunk (stored as they are, counted per chunk "
+                      "in the commit records); if this is float16 overflow, capture with dtype='float32' or "
+                      "'bfloat16'", RuntimeWarning, stacklevel=2)
+
+    # ---- public --------------------------------------------------------------------------------
+    @property
+    def stats(self) -> CaptureStats:
+        """Counters so far: tokens, bytes, stall seconds, queue high-water, MB/s."""
+        c = self._counters
+        with c.lock:
+            return CaptureStats(c.batches, c.tokens_staged, c.tokens_committed, c.bytes_committed,
+                                c.chunks_committed, c.stall_seconds, c.queue_high_water,
+                                self._writers.queue_depth(), self._pool.nbytes, time.perf_counter() - c.started)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, failed: bool = False) -> None:
+        """Flush, unhook, and publish the manifest (``complete``, or ``failed`` if ``failed`` or a writer
+        failed). Follows the shutdown protocol in ``engine.writer``. Idempotent.
+
+        Raises:
+            CaptureError: a writer failed (original exception chained); committed chunks stay readable.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._remove_hooks()  # producer first
+        if self._current is not None:
+            self._pool.release(self._current)
+            self._current = None
+        error = None
+        try:
+            rows = self._writers.close(commit_tail=not failed)
+        except BaseException as exc:
+            error, rows = exc, None
+        status = layout.STATUS_FAILED if failed or error is not None else layout.STATUS_COMPLETE
+        c = self._counters
+        self._sink.finalize(c.tokens_committed, {
+            "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
+            "sequences": self._next_sequence, "error": repr(error) if error else None,
+            "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> "CaptureEngine":
+        if self._closed:
+            raise CaptureClosedError("this CaptureEngine is closed: create a new one to capture again")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(failed=exc_type is not None)
+        return False
+
+
+# The original design's name for the same class.
+ActivationCapture = CaptureEngine
+
+
+def create_gpt2_capture(model: torch.nn.Module, output_dir: str | os.PathLike, layer_indices=(6,),
+                        capture_residual: bool = True, capture_mlp_hidden: bool = True,
+                        **config: Any) -> CaptureEngine:
+    """The original design's factory: a CaptureEngine on a GPT-2 style model (any supported family works).
+
+    Extra keyword arguments go to CaptureConfig.
+    """
+    if family_of(model) != "gpt2":
+        warnings.warn("create_gpt2_capture on a non-GPT-2 model: hook points resolve by the model's own "
+                      "family; prefer CaptureEngine", stacklevel=2)
+    cfg = CaptureConfig(output_dir=output_dir, layer_indices=tuple(layer_indices),
+                        capture_residual=capture_residual, capture_mlp_hidden=capture_mlp_hidden, **config)
+    return CaptureEngine(model, cfg)

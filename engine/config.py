@@ -1,0 +1,111 @@
+"""CaptureConfig: the one frozen, validated configuration of a capture run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigError
+from .layout import STORAGE_DTYPES
+
+SINKS = ("zarr", "null")
+COMPRESSORS = (None, "zstd", "blosc")
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+    """What to capture and how to store it. Validated on construction; errors say what to change.
+
+    Args:
+        output_dir: the zarr store to write (a local folder).
+        layer_indices: layers whose canonical points are captured.
+        capture_residual / capture_mlp_hidden / capture_mlp_out / capture_attn_out: canonical points
+            (see ``engine.hookpoints``).
+        extra_modules: ``{name: module_path}`` of further modules whose outputs are captured to
+            ``extra/<name>``.
+        dtype: storage dtype: ``float16`` (default), ``float32``, or ``bfloat16`` (stored as uint16 bits).
+        chunk_tokens: rows per zarr chunk and per commit. Replaces the original design's
+            ``max_activations_per_file``: memory is bounded by slots and chunks, never by a batch count.
+        num_writers: writer threads.
+        pinned_slots: host staging slots (each holds one batch of every captured point); when all are in
+            use the forward pass waits (backpressure).
+        overwrite: replace an existing store.
+        resume: continue an existing store with the same configuration.
+        sink: ``zarr`` writes the store; ``null`` runs the whole pipeline but discards rows (benchmarks).
+        compressor: None (default: dense activations barely compress), ``zstd`` or ``blosc``.
+        model_name: name recorded in the manifest (default: ``model.config.name_or_path``).
+
+    Thread safety: immutable.
+    """
+
+    output_dir: str | os.PathLike
+    layer_indices: tuple[int, ...] = ()
+    capture_residual: bool = True
+    capture_mlp_hidden: bool = True
+    capture_mlp_out: bool = False
+    capture_attn_out: bool = False
+    extra_modules: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    dtype: str = "float16"
+    chunk_tokens: int = 8192
+    num_writers: int = 2
+    pinned_slots: int = 4
+    overwrite: bool = False
+    resume: bool = False
+    sink: str = "zarr"
+    compressor: str | None = None
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer_indices, int):
+            object.__setattr__(self, "layer_indices", (self.layer_indices,))
+        object.__setattr__(self, "layer_indices", tuple(self.layer_indices))
+        object.__setattr__(self, "extra_modules", dict(self.extra_modules))
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ConfigError("output_dir must be a non-empty path to the zarr store to write")
+        for layer in self.layer_indices:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ConfigError(f"layer_indices must be non-negative ints, got {layer!r}")
+        if len(set(self.layer_indices)) != len(self.layer_indices):
+            raise ConfigError(f"layer_indices has duplicates: {list(self.layer_indices)}; list each layer once")
+        if self.points and not self.layer_indices:
+            raise ConfigError("layer_indices is empty but canonical hook points are enabled: name the layers "
+                              "to capture, e.g. layer_indices=[6]")
+        if not self.points and not self.extra_modules:
+            raise ConfigError("no hook point selected: set capture_residual / capture_mlp_hidden / "
+                              "capture_mlp_out / capture_attn_out to True or name extra_modules")
+        for name, path in self.extra_modules.items():
+            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str):
+                raise ConfigError(f"extra_modules entry {name!r}: names use letters, digits, '_', '.', '-' "
+                                  "and map to a module path string")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)} "
+                              "(float32 or bfloat16 for models whose activations overflow float16)")
+        for name in ("chunk_tokens", "num_writers", "pinned_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}: it bounds "
+                                  + {"chunk_tokens": "rows per chunk and per commit",
+                                     "num_writers": "the writer threads",
+                                     "pinned_slots": "staged batches (host memory)"}[name])
+        if self.overwrite and self.resume:
+            raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
+        if self.sink not in SINKS:
+            raise ConfigError(f"sink {self.sink!r}: use 'zarr' or 'null' (null discards rows; for benchmarks)")
+        if self.compressor not in COMPRESSORS:
+            raise ConfigError(f"compressor {self.compressor!r}: use None, 'zstd' or 'blosc'")
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        """Selected canonical hook points, in canonical order."""
+        flags = (("residual", self.capture_residual), ("mlp_hidden", self.capture_mlp_hidden),
+                 ("mlp_out", self.capture_mlp_out), ("attn_out", self.capture_attn_out))
+        return tuple(name for name, enabled in flags if enabled)
+
+    @property
+    def path(self) -> Path:
+        """The store location as a Path."""
+        return Path(self.output_dir).expanduser()

@@ -1,0 +1,40 @@
+"""Error classes. Each subclasses the builtin a caller would naturally catch (zarr does the same)."""
+
+
+class EngineError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(EngineError, ValueError):
+    """A CaptureConfig or argument is invalid; the message says what to change."""
+
+
+class UnknownModelError(EngineError, KeyError):
+    """A model name is not in the registry and is not a local path."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and hide its newlines
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsNotFoundError(EngineError, FileNotFoundError):
+    """weights="required" and no local weights were found; the message lists where we looked."""
+
+
+class HookPointError(EngineError, ValueError):
+    """A hook point, layer index or module path cannot be resolved on this model."""
+
+
+class StoreExistsError(EngineError, FileExistsError):
+    """The output store exists and neither overwrite nor resume was asked for."""
+
+
+class StoreFormatError(EngineError, ValueError):
+    """A path is not a store written by this engine, or it is of an unsupported format version."""
+
+
+class CaptureError(EngineError, RuntimeError):
+    """A background thread (writer, staging) failed; the original exception is chained as __cause__."""
+
+
+class CaptureClosedError(EngineError, RuntimeError):
+    """The engine was used after close()."""

@@ -1,0 +1,80 @@
+"""Every on-disk name and layout rule of a capture store, in one place.
+
+A store is one zarr v3 group:
+
+  zarr.json                         group; attributes["manifest"] is the manifest (see README)
+  layer_{i}/{point}                 (n_tokens, dim) activations, one array per captured point
+  extra/{name}                      (n_tokens, dim) user-named module outputs
+  tokens/input_ids|sequence|position|flags   (n_tokens,) per-token metadata; row r of every array is one token
+  commits/                          group; one child group per committed chunk:
+  commits/chunk_{k:012d}/zarr.json  its attributes are the chunk's commit record (written last, one PUT)
+
+All arrays share the row chunking ``chunk_tokens``: chunk k is rows [k*chunk_tokens, (k+1)*chunk_tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT_NAME = "actcap"
+FORMAT_VERSION = 1
+MANIFEST_ATTR = "manifest"
+COMMITS_GROUP = "commits"
+
+# Per-token metadata arrays and their on-disk dtypes.
+TOKEN_ARRAYS: dict[str, np.dtype] = {
+    "tokens/input_ids": np.dtype("int32"),
+    "tokens/sequence": np.dtype("int64"),
+    "tokens/position": np.dtype("int32"),
+    "tokens/flags": np.dtype("uint8"),
+}
+
+# Bits of tokens/flags.
+FLAG_BOS = 1       # token id is the model's BOS id
+FLAG_SPECIAL = 2   # token id is one of the model's special ids (bos / eos / pad / tokenizer specials)
+FLAG_FIRST = 4     # first stored token of its sequence
+FLAG_LAST = 8      # last stored token of its sequence
+FLAG_BITS = {"bos": FLAG_BOS, "special": FLAG_SPECIAL, "first": FLAG_FIRST, "last": FLAG_LAST}
+
+# Manifest status values.
+STATUS_OPEN = "open"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+
+# Storage dtypes: name -> zarr dtype on disk. bfloat16 has no zarr dtype: its raw bits are stored as uint16
+# and the array attribute "encoding" says so (view the numpy uint16 data as torch.bfloat16 to decode).
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "float16": np.dtype("float16"),
+    "float32": np.dtype("float32"),
+    "bfloat16": np.dtype("uint16"),
+}
+BFLOAT16_ENCODING = "bfloat16-bits-in-uint16"
+
+
+def array_key(layer: int, point: str) -> str:
+    """Array path of a canonical hook point."""
+    return f"layer_{layer}/{point}"
+
+
+def extra_array_key(name: str) -> str:
+    """Array path of a user-named module."""
+    return f"extra/{name}"
+
+
+def commit_group_path(chunk_index: int) -> str:
+    """Group path whose attributes are the commit record of one chunk."""
+    return f"{COMMITS_GROUP}/chunk_{chunk_index:012d}"
+
+
+def commit_record_key(chunk_index: int) -> str:
+    """Store key of one chunk's commit record (a zarr v3 group metadata document)."""
+    return commit_group_path(chunk_index) + "/zarr.json"
+
+
+def chunk_index_of(commit_name: str) -> int | None:
+    """Chunk index from a child name of the commits group, or None for anything else (zarr.json, temp files)."""
+    if not commit_name.startswith("chunk_"):
+        return None
+    digits = commit_name[len("chunk_"):]
+    return int(digits) if digits.isdigit() else None
+

@@ -1,0 +1,169 @@
+"""Staging: device activations -> host slots, without making the compute stream wait.
+
+On CUDA every hook snapshots its tensor on the compute stream (cast to the storage dtype, or a copy when
+the dtype already matches, so later in-place ops of the model cannot race the transfer), then a dedicated
+copy stream waits on the compute stream and copies the snapshot with ``non_blocking=True`` into a pinned
+host slot; ``record_stream`` keeps the snapshot's memory alive until that copy is done. After the batch's
+last hook an event is recorded on the copy stream; writers ``event.synchronize()`` before touching a slot
+(peers that skip this read half-copied buffers). Nothing in a hook synchronizes the device.
+
+On CPU the same calls copy synchronously into plain (unpinned) host slots.
+
+The pool of slots is the memory bound: ``count`` slots, each sized for the largest batch seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class BatchInfo:
+    """Host-side facts of one forward pass, known without touching device data."""
+
+    index: int            # forward-pass number in this run
+    batch_size: int
+    seq_len: int
+    first_sequence: int   # global sequence index of row 0
+
+
+class Slot:
+    """Host buffers for one batch: token ids, attention mask and every captured point.
+
+    Thread safety: owned by one thread at a time (the producer until enqueued, then one writer).
+    """
+
+    def __init__(self, index: int, pin: bool, dtype: torch.dtype):
+        self.index = index
+        self._pin = pin
+        self._dtype = dtype
+        self.capacity = 0
+        self._ids = torch.empty(0, dtype=torch.int64)
+        self._mask = torch.empty(0, dtype=torch.int64)
+        self._points: dict[str, torch.Tensor] = {}
+        self.dims: dict[str, int] = {}
+        self.batch: BatchInfo | None = None
+        self.captured: set[str] = set()
+        self.event: torch.cuda.Event | None = None
+
+    def _alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype, pin_memory=self._pin)
+
+    def reserve(self, batch: BatchInfo) -> None:
+        """Start a batch: size token buffers for it (grown with 25% headroom, never shrunk)."""
+        tokens = batch.batch_size * batch.seq_len
+        if tokens > self.capacity:
+            self.capacity = max(tokens, self.capacity + self.capacity // 4)
+            self._ids = self._alloc(self.capacity, torch.int64)
+            self._mask = self._alloc(self.capacity, torch.int64)
+            self._points = {}  # reallocated at the new capacity on each point's next capture
+        self.batch = batch
+        self.captured = set()
+        self.event = None
+
+    def point_buffer(self, key: str, dim: int) -> torch.Tensor:
+        """(batch, seq, dim) view of one point's buffer, allocated on the point's first capture."""
+        buffer = self._points.get(key)
+        if buffer is None or buffer.numel() < self.capacity * dim:
+            buffer = self._points[key] = self._alloc(self.capacity * dim, self._dtype)
+        self.dims[key] = dim
+        b = self.batch
+        return buffer[: b.batch_size * b.seq_len * dim].view(b.batch_size, b.seq_len, dim)
+
+    def point_rows(self, key: str) -> torch.Tensor:
+        """(batch * seq, dim) view of a captured point, for the writers."""
+        dim = self.dims[key]
+        return self._points[key][: self.batch.batch_size * self.batch.seq_len * dim].view(-1, dim)
+
+    def token_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq) views of the input ids and attention mask."""
+        n = self.batch.batch_size * self.batch.seq_len
+        shape = (self.batch.batch_size, self.batch.seq_len)
+        return self._ids[:n].view(shape), self._mask[:n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._ids, self._mask, *self._points.values()))
+
+
+class SlotPool:
+    """A fixed number of slots; ``acquire`` blocks while all are in use (that wait is backpressure).
+
+    Thread safety: acquire/release from any thread.
+    """
+
+    def __init__(self, count: int, pin: bool, dtype: torch.dtype):
+        self.slots = [Slot(i, pin, dtype) for i in range(count)]
+        self._free: queue.Queue[Slot] = queue.Queue(maxsize=count)
+        for slot in self.slots:
+            self._free.put_nowait(slot)
+
+    def acquire(self, check: Callable[[], None]) -> tuple[Slot, float]:
+        """A free slot and the seconds waited for it; ``check`` runs while waiting and may raise."""
+        try:
+            return self._free.get_nowait(), 0.0
+        except queue.Empty:
+            pass
+        start = time.perf_counter()
+        while True:
+            check()  # a dead writer pool must not leave the forward pass waiting forever
+            try:
+                return self._free.get(timeout=0.05), time.perf_counter() - start
+            except queue.Empty:
+                continue
+
+    def release(self, slot: Slot) -> None:
+        slot.batch = None
+        self._free.put_nowait(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.nbytes for slot in self.slots)
+
+
+class Stager:
+    """Copies a batch's tensors into a slot: async on a side CUDA stream, or synchronously on CPU.
+
+    Thread safety: call from the thread that runs the forward pass.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        snapshot = src.to(self.dtype, copy=True) if src.is_floating_point() else src
+        self._stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self._stream):
+            dst.copy_(snapshot, non_blocking=True)
+        snapshot.record_stream(self._stream)
+
+    def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        ids, mask = slot.token_buffers()
+        if input_ids is None:
+            ids.fill_(-1)  # inputs_embeds forward: no token ids to record
+        else:
+            self._copy(ids, input_ids)
+        if attention_mask is None:
+            mask.fill_(1)  # no mask: every token is real
+        else:
+            self._copy(mask, attention_mask)
+
+    def stage_point(self, slot: Slot, key: str, tensor: torch.Tensor) -> None:
+        self._copy(slot.point_buffer(key, tensor.shape[-1]), tensor)
+        slot.captured.add(key)
+
+    def finish(self, slot: Slot) -> None:
+        """Mark the batch's copies; writers wait on this event before reading the slot."""
+        if self.cuda:
+            slot.event = torch.cuda.Event()
+            slot.event.record(self._stream)
