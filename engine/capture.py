@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import threading
 import time
@@ -20,6 +21,10 @@ from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_poin
 from .staging import BatchInfo, SlotPool, Stager
 from .store import NullSink, ZarrSink, prepare_location
 from .writer import Counters, WriterPool
+
+class StopForward(Exception):
+    """Raised by the last hook of a forward pass when early_stop is on; the root forward returns None."""
+
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -163,6 +168,8 @@ class CaptureEngine:
         self._sink.create_point_arrays(specs)
 
     def _attach(self) -> None:
+        if self.config.early_stop:
+            self._wrap_forward()
         self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for point in self.points:
             if point.capture == "input":
@@ -175,6 +182,20 @@ class CaptureEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._model.__dict__.pop("forward", None)  # undo _wrap_forward
+
+    def _wrap_forward(self) -> None:
+        """Early stop: the root forward returns None once every point is captured; later layers never run."""
+        original = type(self._model).forward.__get__(self._model)
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except StopForward:
+                return None
+
+        self._model.forward = forward
 
     # ---- hooks (forward thread) ------------------------------------------------------------------
     def _check_writers(self) -> None:
@@ -230,6 +251,8 @@ class CaptureEngine:
             with self._counters.lock:
                 self._counters.batches += 1
                 self._counters.tokens_staged += slot.batch.batch_size * slot.batch.seq_len
+            if self.config.early_stop:
+                raise StopForward  # caught by the wrapper around the root forward
 
     def _note_nonfinite(self, key: str, count: int) -> None:
         with self._nonfinite_lock:
@@ -249,6 +272,27 @@ class CaptureEngine:
             return CaptureStats(c.batches, c.tokens_staged, c.tokens_committed, c.bytes_committed,
                                 c.chunks_committed, c.stall_seconds, c.queue_high_water,
                                 self._writers.queue_depth(), self._pool.nbytes, time.perf_counter() - c.started)
+
+    def flush(self) -> None:
+        """Wait until every captured batch has left its slot and every full chunk is committed (the partial
+        last chunk waits for more rows or close()).
+
+        Raises:
+            CaptureError: a writer failed.
+        """
+        self._writers.wait_written()
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Run the model without capture inside this block (hooks come back after it)."""
+        if self._closed:
+            raise CaptureClosedError("this CaptureEngine is closed")
+        self._remove_hooks()
+        try:
+            yield self
+        finally:
+            if not self._closed:
+                self._attach()
 
     @property
     def closed(self) -> bool:
@@ -273,11 +317,13 @@ class CaptureEngine:
             rows = self._writers.close(commit_tail=not failed)
         except BaseException as exc:
             error, rows = exc, None
+        failed = failed or self._writers.error is not None
         status = layout.STATUS_FAILED if failed or error is not None else layout.STATUS_COMPLETE
         c = self._counters
         self._sink.finalize(c.tokens_committed, {
             "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
-            "sequences": self._next_sequence, "error": repr(error) if error else None,
+            "sequences": self._next_sequence,
+            "error": repr(self._writers.error) if self._writers.error is not None else None,
             "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)
         if error is not None:

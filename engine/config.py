@@ -38,6 +38,8 @@ class CaptureConfig:
         sink: ``zarr`` writes the store; ``null`` runs the whole pipeline but discards rows (benchmarks).
         compressor: None (default: dense activations barely compress), ``zstd`` or ``blosc``.
         model_name: name recorded in the manifest (default: ``model.config.name_or_path``).
+        early_stop: end each forward pass once every point is captured: later layers and the LM head never
+            run and ``model(...)`` returns None. Off for passes whose outputs you need.
 
     Thread safety: immutable.
     """
@@ -58,6 +60,7 @@ class CaptureConfig:
     sink: str = "zarr"
     compressor: str | None = None
     model_name: str | None = None
+    early_stop: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):

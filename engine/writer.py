@@ -123,8 +123,12 @@ class WriterPool:
         self._spare: list[dict[str, torch.Tensor]] = []
         self._next_row = 0
         self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._submitted = 0
+        self._done = 0
         self._error: BaseException | None = None
         self._error_text = ""
+        self.error_delivered = False  # close() does not raise a failure the caller already received
         self._threads = [threading.Thread(target=self._run, name=f"actcap-writer-{i}", daemon=True)
                          for i in range(num_writers)]
         for thread in self._threads:
@@ -134,11 +138,13 @@ class WriterPool:
     def check(self) -> None:
         """Re-raise a writer failure in the calling thread, with the writer's traceback."""
         if self._error is not None:
+            self.error_delivered = True
             raise CaptureError(f"capture writer failed: {self._error!r}\n"
                                f"--- traceback in writer thread ---\n{self._error_text}") from self._error
 
     def submit(self, slot: Slot) -> None:
         """Hand a fully staged slot to the writers (never blocks long: the queue holds every slot)."""
+        self._submitted += 1
         self._put(slot)
         depth = self._queue.qsize()
         with self._counters.lock:
@@ -152,6 +158,14 @@ class WriterPool:
                 return
             except queue.Full:
                 continue
+
+    def wait_written(self) -> None:
+        """Block until every submitted batch is in chunk buffers and every full chunk is committed."""
+        with self._progress:
+            while self._done < self._submitted:
+                self.check()
+                self._progress.wait(timeout=_POLL_S)
+        self.check()
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -250,6 +264,9 @@ class WriterPool:
                     full.append(self._open.pop(chunk.index))
         for chunk in full:
             self._commit(chunk)
+        with self._progress:
+            self._done += 1
+            self._progress.notify_all()
 
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
@@ -303,8 +320,14 @@ class WriterPool:
         if commit_tail and self._error is None:
             for index in sorted(self._open):
                 self._commit(self._open.pop(index))
-        self.check()
+        if not self.error_delivered:
+            self.check()
         return self._next_row
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first writer failure, if any."""
+        return self._error
 
     def abort(self) -> None:
         """Stop without draining (failed construction or an unrecoverable error)."""

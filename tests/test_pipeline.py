@@ -1,0 +1,309 @@
+"""The streaming core end to end: real tiny models, real zarr stores on disk."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import CaptureConfig, CaptureEngine, open_store
+from engine.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
+from engine.store import ZarrSink
+
+from conftest import D_MLP, D_MODEL, ragged_batch, tiny_model
+from helpers import expected_rows, reference_capture
+
+ALL_POINTS = dict(capture_residual=True, capture_mlp_hidden=True, capture_mlp_out=True, capture_attn_out=True)
+POINT_NAMES = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
+
+
+def run_capture(model, cfg, batches, tokenizer=None):
+    with reference_capture(model, list(cfg.layer_indices), list(cfg.points)) as ref:
+        with CaptureEngine(model, cfg, tokenizer=tokenizer) as cap, torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    return cap, ref
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_stored_rows_equal_model_activations(family, side, tmp_path):
+    model = tiny_model(family)
+    batches = [ragged_batch(5, 9, seed=s, side=side) for s in range(4)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=7, num_writers=3, **ALL_POINTS)
+    cap, ref = run_capture(model, cfg, batches)
+    masks = [b["attention_mask"] for b in batches]
+    store = open_store(cfg.output_dir)
+    n_real = int(sum(m.sum() for m in masks))
+    assert store.status == "complete" and store.num_tokens == n_real == cap.stats.tokens
+    for layer in (0, 1):
+        for point in POINT_NAMES:
+            key = f"layer_{layer}/{point}"
+            stored = store[key][:]
+            assert stored.shape == (n_real, D_MLP if point == "mlp_hidden" else D_MODEL)
+            np.testing.assert_array_equal(stored.astype(np.float32), expected_rows(ref[key], masks))
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).numpy()
+    np.testing.assert_array_equal(store["tokens/input_ids"][:], ids)
+
+
+def test_residual_matches_hidden_states_through_pipeline(tmp_path):
+    model = tiny_model("llama")
+    batch = ragged_batch(4, 8, seed=3)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=4)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    expected = out.hidden_states[1][batch["attention_mask"].bool()].half().numpy()
+    np.testing.assert_array_equal(open_store(cfg.output_dir)["layer_0/residual"][:], expected)
+
+
+def test_every_token_exactly_once_with_many_writers(tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(6, 11, seed=s) for s in range(30)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], chunk_tokens=5, num_writers=4, pinned_slots=3)
+    run_capture(model, cfg, batches)
+    store = open_store(cfg.output_dir)
+    seq, pos = store["tokens/sequence"][:], store["tokens/position"][:]
+    flags = store["tokens/flags"][:]
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).numpy()
+    assert len(set(zip(seq.tolist(), pos.tolist()))) == len(seq) == lengths.sum()
+    assert np.all(np.diff(seq) >= 0), "rows are stored in forward order"
+    for s in np.unique(seq):
+        positions = pos[seq == s]
+        np.testing.assert_array_equal(positions, np.arange(lengths[s]))
+        assert flags[seq == s][0] & FLAG_FIRST and flags[seq == s][-1] & FLAG_LAST
+    assert set(np.flatnonzero(lengths == 0)).isdisjoint(seq), "all-padding rows store nothing"
+    assert np.all((store["tokens/input_ids"][:] == 1) == ((flags & FLAG_BOS) != 0))
+
+
+def test_on_disk_contract_and_manifest(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=8, **ALL_POINTS)
+    run_capture(model, cfg, [ragged_batch(4, 10, seed=s) for s in range(3)])
+    import zarr
+
+    group = zarr.open_group(str(cfg.output_dir), mode="r")
+    manifest = group.attrs["manifest"]
+    n = manifest["committed_tokens"]
+    assert manifest["status"] == "complete" and manifest["format_version"] == 1
+    assert manifest["arrays"]["layer_1/mlp_hidden"]["tl_name"] == "blocks.1.mlp.hook_post"
+    assert manifest["arrays"]["layer_1/mlp_hidden"]["module_path"] == "transformer.h.1.mlp.c_proj"
+    assert manifest["arrays"]["layer_0/residual"]["tl_name"] == "blocks.0.hook_resid_post"
+    for key in ["layer_0/residual", "layer_1/attn_out", "tokens/input_ids", "tokens/sequence",
+                "tokens/position", "tokens/flags"]:
+        assert group[key].shape[0] == n, "after a clean close every array has exactly the committed rows"
+    assert group["tokens/input_ids"].dtype == np.int32 and group["tokens/sequence"].dtype == np.int64
+    records = [group[f"commits/{name}"].attrs for name in sorted(group["commits"].group_keys())]
+    assert [r["chunk_index"] for r in records] == list(range(len(records)))
+    assert sum(r["token_count"] for r in records) == n
+    for field in ("key", "shape", "dtype", "num_sequences", "max_seq_len", "token_count", "row_start",
+                  "row_stop", "stats"):
+        assert field in records[0] or field == "key" and "keys" in records[0]
+    assert records[0]["stats"]["layer_0/residual"]["nonfinite"] == 0
+
+
+def test_dask_reads_the_store_without_engine_code(tmp_path):
+    da = pytest.importorskip("dask.array")
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    run_capture(model, cfg, [ragged_batch(4, 10, seed=1)])
+    array = da.from_zarr(str(cfg.output_dir), component="layer_0/residual")
+    np.testing.assert_array_equal(array.compute(), open_store(cfg.output_dir)["layer_0/residual"][:])
+
+
+class GatedSink(ZarrSink):
+    """Edge fake: a sink whose chunk writes wait for the test (to look at the store mid-run)."""
+
+    gate = threading.Semaphore(0)
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index >= 2:
+            assert GatedSink.gate.acquire(timeout=30)
+        super().write_chunk(chunk_index, arrays, record)
+
+
+def test_reader_mid_run_sees_only_committed_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.capture, "ZarrSink", GatedSink)
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(4, 10, seed=s) for s in range(4)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=6, num_writers=2, pinned_slots=8)
+    with reference_capture(model, [0], ["residual"]) as ref:
+        cap = CaptureEngine(model, cfg)
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        deadline = time.time() + 10
+        while cap.stats.chunks_committed < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        mid = open_store(cfg.output_dir)
+        assert mid.status == "open" and mid.num_tokens == 12 and len(mid.chunks) == 2
+        expected = expected_rows(ref["layer_0/residual"], [b["attention_mask"] for b in batches])
+        np.testing.assert_array_equal(mid["layer_0/residual"][:], expected[:12])
+        for _ in range(100):
+            GatedSink.gate.release()
+        cap.close()
+    assert open_store(cfg.output_dir).num_tokens == len(expected)
+
+
+def test_failure_in_with_block_keeps_committed_chunks(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=6)
+    with pytest.raises(RuntimeError, match="user code"):
+        with CaptureEngine(model, cfg), torch.no_grad():
+            model(**ragged_batch(4, 10, seed=0))
+            raise RuntimeError("user code failed")
+    store = open_store(cfg.output_dir)
+    assert store.status == "failed"
+    assert store.num_tokens % 6 == 0 and store.num_tokens > 0, "only whole chunks, no partial tail"
+    model(**ragged_batch(2, 4))  # hooks are gone: the model runs as before
+
+
+class FailingSink(ZarrSink):
+    """Edge fake: the disk fails on the second chunk."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index == 1:
+            raise OSError(28, "No space left on device (test)")
+        super().write_chunk(chunk_index, arrays, record)
+
+
+def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.capture, "ZarrSink", FailingSink)
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, pinned_slots=1)
+    cap = CaptureEngine(model, cfg)
+    with pytest.raises(engine.CaptureError) as info, torch.no_grad():
+        for seed in range(50):
+            model(**ragged_batch(2, 8, seed=seed))
+        cap.close()
+    assert isinstance(info.value.__cause__, OSError) and "No space left" in str(info.value)
+    assert "write_chunk" in str(info.value), "the writer's traceback is in the message"
+    cap.close()  # idempotent, does not raise twice
+    assert not model._forward_pre_hooks and open_store(cfg.output_dir).status == "failed"
+
+
+def test_null_sink_runs_pipeline_and_writes_nothing(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], sink="null", chunk_tokens=4)
+    cap, _ = run_capture(model, cfg, [ragged_batch(4, 8, seed=s) for s in range(3)])
+    assert cap.stats.tokens > 0 and not (tmp_path / "s.zarr").exists()
+
+
+class SlowSink(ZarrSink):
+    """Edge fake: a disk slower than the model."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        time.sleep(0.05)
+        super().write_chunk(chunk_index, arrays, record)
+
+
+def test_backpressure_stalls_without_losing_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.capture, "ZarrSink", SlowSink)
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(2, 8, seed=s) for s in range(12)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, pinned_slots=1, num_writers=1)
+    cap, ref = run_capture(model, cfg, batches)
+    assert cap.stats.stall_seconds > 0 and cap.stats.queue_high_water <= 1
+    expected = expected_rows(ref["layer_0/residual"], [b["attention_mask"] for b in batches])
+    np.testing.assert_array_equal(open_store(cfg.output_dir)["layer_0/residual"][:], expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_storage_dtypes(dtype, tmp_path):
+    model = tiny_model("llama")
+    batches = [ragged_batch(3, 6, seed=1)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], capture_mlp_hidden=False, dtype=dtype,
+                        chunk_tokens=5)
+    _, ref = run_capture(model, cfg, batches)
+    array = open_store(cfg.output_dir)["layer_1/residual"]
+    data = array[:]
+    if dtype == "bfloat16":
+        assert data.dtype == np.uint16 and array.attrs["encoding"] == "bfloat16-bits-in-uint16"
+        data = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).float().numpy()
+    torch_dtype = getattr(torch, dtype)
+    np.testing.assert_array_equal(data, expected_rows(ref["layer_1/residual"], [batches[0]["attention_mask"]],
+                                                      torch_dtype))
+
+
+def test_original_design_entry_points(tmp_path):
+    model = tiny_model("gpt2")
+    assert engine.ActivationCapture is CaptureEngine
+    capture = engine.create_gpt2_capture(model, tmp_path / "s.zarr", layer_indices=[1], chunk_tokens=4)
+    with torch.no_grad():
+        model(**ragged_batch(2, 5))
+    capture.close()
+    store = open_store(tmp_path / "s.zarr")
+    assert store.keys()[:2] == ["layer_1/residual", "layer_1/mlp_hidden"] and store.num_tokens > 0
+    with pytest.raises(engine.CaptureClosedError):
+        capture.__enter__()
+
+
+def test_existing_store_needs_overwrite(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4)
+    run_capture(model, cfg, [ragged_batch(2, 5)])
+    with pytest.raises(engine.StoreExistsError, match="overwrite=True"):
+        CaptureEngine(model, cfg)
+    assert open_store(cfg.output_dir).status == "complete", "nothing was touched"
+    import dataclasses
+
+    run_capture(model, dataclasses.replace(cfg, overwrite=True), [ragged_batch(1, 3)])
+    assert open_store(cfg.output_dir).num_tokens <= 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(chunk_tokens=0), "chunk_tokens must be a positive int"),
+    (dict(num_writers=-1), "num_writers"),
+    (dict(pinned_slots=0), "pinned_slots"),
+    (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    (dict(layer_indices=[]), "layer_indices is empty"),
+    (dict(layer_indices=[1, 1]), "duplicates"),
+    (dict(capture_residual=False, capture_mlp_hidden=False), "no hook point selected"),
+    (dict(overwrite=True, resume=True), "contradict"),
+    (dict(sink="s3"), "sink"),
+])
+def test_config_errors_say_what_to_change(kwargs, match, tmp_path):
+    base = dict(output_dir=tmp_path / "s.zarr", layer_indices=[0])
+    with pytest.raises(engine.ConfigError, match=match):
+        CaptureConfig(**{**base, **kwargs})
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])
+    with pytest.raises(Exception):
+        cfg.chunk_tokens = 3
+
+
+def test_early_stop_skips_later_layers_and_stores_the_same_rows(tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 7, seed=s) for s in range(3)]
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head"))
+    model.transformer.h[1].register_forward_hook(lambda *a: calls.append("block1"))
+    full = CaptureConfig(tmp_path / "full.zarr", layer_indices=[0], chunk_tokens=4)
+    early = CaptureConfig(tmp_path / "early.zarr", layer_indices=[0], chunk_tokens=4, early_stop=True)
+    with CaptureEngine(model, early) as cap, torch.no_grad():
+        outputs = [model(**batch) for batch in batches]
+        assert outputs == [None, None, None] and calls == []
+        with cap.detached():
+            assert model(**batches[0]) is not None and calls == ["block1", "lm_head"]
+    run_capture(model, full, batches)
+    for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/sequence"):
+        np.testing.assert_array_equal(open_store(early.output_dir)[key][:], open_store(full.output_dir)[key][:])
+    assert model(**batches[0]) is not None, "the model's own forward is restored after close"
+
+
+def test_flush_waits_for_full_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.capture, "ZarrSink", SlowSink)
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, num_writers=2)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        for seed in range(3):
+            model(**ragged_batch(2, 8, seed=seed))
+        cap.flush()
+        staged = int(sum(ragged_batch(2, 8, seed=s)["attention_mask"].sum() for s in range(3)))
+        assert cap.stats.tokens == staged // 4 * 4
+        assert open_store(cfg.output_dir).num_tokens == staged // 4 * 4
