@@ -172,6 +172,9 @@ class WriterPool:
 
     # ---- writer threads ------------------------------------------------------------------------
     def _run(self) -> None:
+        # One intra-op thread per writer: torch's OpenMP team per calling thread would otherwise spin on
+        # every core after each op and starve the thread that launches the model's kernels.
+        torch.set_num_threads(1)
         try:
             while (job := self._next_job()) is not None:
                 self._fill(job)
