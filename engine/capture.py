@@ -103,10 +103,11 @@ class CaptureEngine:
             self._sink = self._open_sink(model, tokenizer)
             self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
             self._stager = Stager(device, self._dtype)
-            special = sorted({*_token_ids(model.config, "bos_token_id"), *_token_ids(model.config, "eos_token_id"),
-                              *_token_ids(model.config, "pad_token_id"),
+            model_config = getattr(model, "config", None)  # plain torch modules have none
+            special = sorted({*_token_ids(model_config, "bos_token_id"),
+                              *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
                               *(getattr(tokenizer, "all_special_ids", None) or [])})
-            bos = _token_ids(model.config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+            bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
                                        self._note_nonfinite)
@@ -121,7 +122,8 @@ class CaptureEngine:
         from .registry import find_model
 
         cfg = self.config
-        name = cfg.model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        config = getattr(model, "config", None)
+        name = cfg.model_name or getattr(config, "name_or_path", None) or type(model).__name__
         spec = find_model(name)
         return {
             "format": layout.FORMAT_NAME,
@@ -130,8 +132,8 @@ class CaptureEngine:
             "status": layout.STATUS_OPEN,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "model": {"name": name, "hf_repo_id": spec.hf_repo_id if spec else None,
-                      "architecture": getattr(model.config, "model_type", None), "class": type(model).__name__,
-                      "revision": getattr(model.config, "_commit_hash", None)},
+                      "architecture": getattr(config, "model_type", None), "class": type(model).__name__,
+                      "revision": getattr(config, "_commit_hash", None)},
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "layers": list(cfg.layer_indices),
             "points": list(cfg.points),

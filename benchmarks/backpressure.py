@@ -1,0 +1,151 @@
+"""Backpressure: a sink throttled to --sink-mb-s behind a producer paced at --produce-mb-s.
+
+Shows that the producer stalls by the expected fraction of its run (1 - sink/produce when the sink is slower,
+less the share the slots and chunk buffers absorb; 0 when it is faster), that host memory stays within the slot + chunk budget, and that no row is lost.
+
+    python benchmarks/backpressure.py --produce-mb-s 200 --sink-mb-s 50 --plot bp.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine.capture  # noqa: E402
+from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
+from engine.store import ZarrSink  # noqa: E402
+from synthetic import SyntheticModel, row_values  # noqa: E402
+
+
+def throttled_sink(mb_per_s: float):
+    """The one fake: a ZarrSink whose chunk writes take at least bytes / mb_per_s seconds in total."""
+    lock = threading.Lock()
+    state = {"next_free": 0.0}
+
+    class ThrottledSink(ZarrSink):
+        def write_chunk(self, chunk_index, arrays, record):
+            nbytes = sum(a.nbytes for a in arrays.values())
+            with lock:  # one shared "disk": writes queue behind each other at the throttled rate
+                start = max(time.perf_counter(), state["next_free"])
+                state["next_free"] = start + nbytes / (mb_per_s * 1e6)
+                wait = state["next_free"] - time.perf_counter()
+            time.sleep(max(0.0, wait))
+            super().write_chunk(chunk_index, arrays, record)
+
+    return ThrottledSink
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--produce-mb-s", type=float, default=200.0)
+    p.add_argument("--sink-mb-s", type=float, default=50.0, help="0 = unthrottled")
+    p.add_argument("--dims", type=int, nargs="+", default=[768, 3072])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-batches", type=int, default=100)
+    p.add_argument("--chunk-tokens", type=int, default=1024)
+    p.add_argument("--num-writers", type=int, default=2)
+    p.add_argument("--pinned-slots", type=int, default=2)
+    p.add_argument("--plot", default=None, help="PNG of queue depth and MB/s over time (needs matplotlib)")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    dims = {f"p{i}": d for i, d in enumerate(args.dims)}
+    batch_tokens = args.batch_size * args.seq_len
+    batch_bytes = batch_tokens * 2 * sum(args.dims)
+    model = SyntheticModel(dims, args.batch_size, args.seq_len, batch_bytes / (args.produce_mb_s * 1e6))
+    if args.sink_mb_s > 0:
+        engine.capture.ZarrSink = throttled_sink(args.sink_mb_s)
+    tmp = tempfile.TemporaryDirectory(prefix="actcap_bp_")
+    cfg = CaptureConfig(Path(tmp.name) / "bp.zarr", capture_residual=False, capture_mlp_hidden=False,
+                        extra_modules={n: f"points.{n}" for n in dims}, chunk_tokens=args.chunk_tokens,
+                        num_writers=args.num_writers, pinned_slots=args.pinned_slots)
+    ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
+    process = psutil.Process()
+    rss0 = process.memory_info().rss
+    timeline, rss_peak = [], rss0
+    start = time.perf_counter()
+    with CaptureEngine(model, cfg) as cap:
+        for _ in range(args.num_batches):
+            model(input_ids=ids)
+            s = cap.stats
+            timeline.append((time.perf_counter() - start, s.queue_depth, s.bytes_written))
+            rss_peak = max(rss_peak, process.memory_info().rss)
+        producing = time.perf_counter() - start  # stalls can only happen while the producer runs
+    elapsed = time.perf_counter() - start
+    stats = cap.stats
+    store = open_store(cfg.output_dir)
+    rows = store.num_tokens
+    lost = args.num_batches * batch_tokens - rows
+    values_ok = bool(np.array_equal(store["extra/p0"][:][:, 0], row_values(rows, batch_tokens)))
+    tmp.cleanup()
+    engine.capture.ZarrSink = ZarrSink
+    chunk_bytes = args.chunk_tokens * (2 * sum(args.dims) + 17)
+    budget = stats.slot_bytes + chunk_bytes * (args.num_writers + 1 + -(-args.pinned_slots * batch_tokens
+                                                                       // args.chunk_tokens))
+    expected = max(0.0, 1 - args.sink_mb_s / args.produce_mb_s) if args.sink_mb_s > 0 else 0.0
+    return {"produce_mb_s": args.produce_mb_s, "sink_mb_s": args.sink_mb_s, "elapsed_s": elapsed,
+            "producing_s": producing,
+            "stall_seconds": stats.stall_seconds, "stall_fraction": stats.stall_seconds / producing,
+            "expected_stall_fraction": expected, "queue_high_water": stats.queue_high_water,
+            "rows_expected": args.num_batches * batch_tokens, "rows_stored": rows, "rows_lost": lost,
+            "values_ok": values_ok, "host_rss_delta_mb": (rss_peak - rss0) / 2**20,
+            "memory_budget_mb": budget / 2**20, "timeline": timeline}
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[backpressure] matplotlib not installed: no plot")
+        return
+    t, depth, written = map(np.array, zip(*result["timeline"]))
+    rate = np.gradient(written / 1e6, t) if len(t) > 1 else np.zeros_like(t)
+    fig, (a, b) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
+    a.step(t, depth, where="post")
+    a.set_ylabel("queue depth")
+    b.plot(t, rate)
+    b.set_ylabel("MB/s committed")
+    b.set_xlabel("seconds")
+    fig.suptitle(f"produce {result['produce_mb_s']} MB/s, sink {result['sink_mb_s']} MB/s")
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(f"[backpressure] produce {args.produce_mb_s} MB/s into a sink of "
+          f"{args.sink_mb_s or 'unthrottled'} MB/s, {args.num_batches} batches")
+    print(f"[backpressure] stalled {result['stall_seconds']:.2f}s of {result['producing_s']:.2f}s producing = "
+          f"{result['stall_fraction']:.2f} (expected {result['expected_stall_fraction']:.2f}), queue high-water "
+          f"{result['queue_high_water']}")
+    print(f"[backpressure] host RSS delta {result['host_rss_delta_mb']:.1f} MB, budget "
+          f"{result['memory_budget_mb']:.1f} MB (slots + chunk buffers)")
+    print(f"[backpressure] rows stored {result['rows_stored']} of {result['rows_expected']}, lost "
+          f"{result['rows_lost']}, values {'ok' if result['values_ok'] else 'WRONG'}")
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=2))
+    return 0 if result["rows_lost"] == 0 and result["values_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Writer throughput: the engine's pipeline (staging -> queue -> writer pool -> zarr) vs raw ndarray.tofile of
+the same bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as a ratio.
+
+    python benchmarks/writer.py --total-mb 1024 --repeats 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
+from synthetic import SyntheticModel, row_values  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", type=int, nargs="+", default=[768, 3072], help="widths of the captured points")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--total-mb", type=float, default=1024, help="activation bytes per pipeline run")
+    p.add_argument("--chunk-tokens", type=int, default=8192)
+    p.add_argument("--num-writers", type=int, default=2)
+    p.add_argument("--pinned-slots", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output-dir", default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def raw_tofile(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) -> float:
+    """Seconds to write n_chunks chunk-sized float16 blocks per point with ndarray.tofile."""
+    blocks = [np.full((chunk_tokens, dim), 1.5, dtype=np.float16) for dim in dims]
+    start = time.perf_counter()
+    for k in range(n_chunks):
+        for i, block in enumerate(blocks):
+            block.tofile(root / f"p{i}_{k}.bin")
+    return time.perf_counter() - start
+
+
+def pipeline(root: Path, args, n_batches: int) -> tuple[float, int]:
+    names = {f"p{i}": dim for i, dim in enumerate(args.dims)}
+    model = SyntheticModel(names, args.batch_size, args.seq_len)
+    cfg = CaptureConfig(root / "w.zarr", capture_residual=False, capture_mlp_hidden=False,
+                        extra_modules={name: f"points.{name}" for name in names}, chunk_tokens=args.chunk_tokens,
+                        num_writers=args.num_writers, pinned_slots=args.pinned_slots)
+    ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
+    start = time.perf_counter()
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for _ in range(n_batches):
+            model(input_ids=ids)
+    seconds = time.perf_counter() - start
+    store = open_store(cfg.output_dir)
+    rows = store.num_tokens
+    assert rows == n_batches * args.batch_size * args.seq_len, "rows lost"
+    check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
+    assert np.array_equal(check[:, -1], row_values(rows, args.batch_size * args.seq_len)[rows - 1000:])
+    return seconds, rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    row_bytes = 2 * sum(args.dims)
+    batch_tokens = args.batch_size * args.seq_len
+    n_batches = max(1, int(args.total_mb * 1e6 / row_bytes / batch_tokens))
+    n_chunks = n_batches * batch_tokens // args.chunk_tokens
+    nbytes_pipeline = n_batches * batch_tokens * row_bytes
+    nbytes_raw = n_chunks * args.chunk_tokens * row_bytes
+    base = Path(args.output_dir or tempfile.mkdtemp(prefix="actcap_writer_"))
+    raw_rates, pipe_rates = [], []
+    try:
+        for r in range(args.repeats):
+            for kind in ("raw", "pipeline"):
+                root = base / f"{kind}{r}"
+                root.mkdir(parents=True)
+                if kind == "raw":
+                    raw_rates.append(nbytes_raw / raw_tofile(root, args.dims, n_chunks, args.chunk_tokens) / 1e6)
+                else:
+                    seconds, _ = pipeline(root, args, n_batches)
+                    pipe_rates.append(nbytes_pipeline / seconds / 1e6)
+                shutil.rmtree(root)
+    finally:
+        if args.output_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    ratios = [p / r for p, r in zip(pipe_rates, raw_rates)]
+    result = {"dims": args.dims, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers, "mb_per_run": nbytes_pipeline / 1e6,
+              "raw_tofile_mb_per_s": raw_rates, "pipeline_mb_per_s": pipe_rates, "ratios": ratios,
+              "ratio_median": statistics.median(ratios)}
+    print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each")
+    print(f"[writer] raw tofile MB/s: {', '.join(f'{x:.0f}' for x in raw_rates)}")
+    print(f"[writer] pipeline MB/s:   {', '.join(f'{x:.0f}' for x in pipe_rates)}")
+    print(f"[writer] ratio pipeline/raw: median {result['ratio_median']:.3f} "
+          f"(range {min(ratios):.3f}..{max(ratios):.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
