@@ -81,9 +81,9 @@ class CaptureConfig:
             raise ConfigError("no hook point selected: set capture_residual / capture_mlp_hidden / "
                               "capture_mlp_out / capture_attn_out to True or name extra_modules")
         for name, path in self.extra_modules.items():
-            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str):
+            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str) or not path:
                 raise ConfigError(f"extra_modules entry {name!r}: names use letters, digits, '_', '.', '-' "
-                                  "and map to a module path string")
+                                  "and map to a non-empty module path (a name from model.named_modules())")
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)} "
                               "(float32 or bfloat16 for models whose activations overflow float16)")
