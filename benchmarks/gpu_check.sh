@@ -26,7 +26,7 @@ gate() {  # name, then overhead.py arguments
   local name=$1; shift
   echo "=== gate $name: $*" | tee -a "$log"
   python3 benchmarks/overhead.py --model gpt2 --weights random --num-batches 20 --repeats 5 \
-    --num-writers 6 --pinned-slots 8 --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$log"
+    --num-writers 4 --pinned-slots 8 --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$log"
 }
 gate b4_null  --batch-size 4  --seq-len 512 --sink null
 gate b4_zarr  --batch-size 4  --seq-len 512 --sink zarr

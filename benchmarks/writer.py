@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
             for kind in ("raw", "pipeline"):
                 root = base / f"{kind}{r}"
                 root.mkdir(parents=True)
+                os.sync()  # start each run with no dirty pages left by the previous one
                 if kind == "raw":
                     raw_rates.append(nbytes_raw / raw_tofile(root, args.dims, n_chunks, args.chunk_tokens) / 1e6)
                 else:
