@@ -16,10 +16,10 @@ import torch
 
 from . import layout
 from .config import CaptureConfig
-from .errors import CaptureClosedError, HookPointError
+from .errors import CaptureClosedError, HookPointError, ResumeMismatchError
 from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
 from .staging import BatchInfo, SlotPool, Stager
-from .store import NullSink, ZarrSink, prepare_location
+from .store import NullSink, ZarrSink, prepare_location, read_manifest
 from .writer import Counters, WriterPool
 
 class StopForward(Exception):
@@ -54,6 +54,16 @@ def _token_ids(config, name: str) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _resume_fields(stored: dict, new: dict):
+    """(field, stored value, this run's value) for everything a resumed store must share with the run."""
+    yield "model", stored["model"]["name"], new["model"]["name"]
+    yield "architecture", stored["model"]["architecture"], new["model"]["architecture"]
+    for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor"):
+        yield field, stored.get(field), new.get(field)
+    yield ("hooked modules", {k: v["module_path"] for k, v in stored["arrays"].items()},
+           {k: v["module_path"] for k, v in new["arrays"].items()})
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -99,8 +109,10 @@ class CaptureEngine:
                                                            config.extra_modules)
         self._dtype = _TORCH_DTYPES[config.dtype]
         device = _model_device(model)
+        self.resume_sequences = 0   # input sequences already fully stored (resume): feed from this index
+        self.resume_rows = 0
         with contextlib.ExitStack() as undo:
-            self._sink = self._open_sink(model, tokenizer)
+            self._sink, resumed = self._open_sink(model, tokenizer)
             self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
             self._stager = Stager(device, self._dtype)
             model_config = getattr(model, "config", None)  # plain torch modules have none
@@ -108,9 +120,18 @@ class CaptureEngine:
                               *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
                               *(getattr(tokenizer, "all_special_ids", None) or [])})
             bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+            start_row, writer_resume = 0, None
+            if resumed is not None:
+                point, tail = resumed
+                self.resume_sequences, self.resume_rows = point.sequences, point.rows
+                self._next_sequence = point.sequences
+                full_chunks = point.rows // config.chunk_tokens
+                self._counters.tokens_committed = full_chunks * config.chunk_tokens
+                self._counters.chunks_committed = full_chunks
+                start_row, writer_resume = point.rows, (self._sink.point_dims(), tail)
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
-                                       self._note_nonfinite)
+                                       self._note_nonfinite, start_row, writer_resume)
             undo.callback(self._writers.abort)
             undo.callback(self._remove_hooks)
             self._attach()
@@ -151,11 +172,28 @@ class CaptureEngine:
         }
 
     def _open_sink(self, model, tokenizer):
-        if self.config.sink == "null":
-            return NullSink()
-        prepare_location(self.config.path, self.config.overwrite, self.config.resume)
-        return ZarrSink(self.config.path, self.config.chunk_tokens, self.config.compressor,
-                        self._manifest(model, tokenizer))
+        """The sink, and (resume point, kept rows of the cut chunk) when continuing an existing store."""
+        cfg = self.config
+        if cfg.sink == "null":
+            return NullSink(), None
+        manifest = self._manifest(model, tokenizer)
+        if not prepare_location(cfg.path, cfg.overwrite, cfg.resume):
+            return ZarrSink(cfg.path, cfg.chunk_tokens, cfg.compressor, manifest), None
+        stored = read_manifest(cfg.path)
+        mismatches = [f"{field}: the store has {old!r}, this run has {new!r}"
+                      for field, old, new in _resume_fields(stored, manifest) if old != new]
+        if mismatches:
+            raise ResumeMismatchError(f"cannot resume {cfg.path}: " + "; ".join(mismatches)
+                                      + ". Resume with the same model and CaptureConfig, or write a new store")
+        resumes = stored.get("resumes", []) + [{"at": manifest["created"], "status_before": stored.get("status")}]
+        sink = ZarrSink(cfg.path, cfg.chunk_tokens, cfg.compressor,
+                        {"status": layout.STATUS_OPEN, "resumes": resumes, "error": None}, existing=True)
+        point, tail = sink.repair()
+        resumes[-1].update(rows=point.rows, sequences=point.sequences, dropped_rows=point.committed_rows - point.rows)
+        sink.update_manifest({"resumes": resumes})
+        if not sink.point_dims():  # crashed before its first batch: nothing to continue
+            return sink, None
+        return sink, (point, tail)
 
     def _create_arrays(self, dims: dict[str, int]) -> None:
         """First batch: the widths are known now; create one array per captured point."""
@@ -338,6 +376,10 @@ class CaptureEngine:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close(failed=exc_type is not None)
+        if exc_type is KeyboardInterrupt and self.config.sink == "zarr":
+            warnings.warn(f"capture interrupted: committed chunks in {self.config.path} are intact. Continue "
+                          "with CaptureConfig(..., resume=True) and feed input sequences from "
+                          "engine.resume_sequences on", stacklevel=2)
         return False
 
 

@@ -28,6 +28,10 @@ class StoreExistsError(EngineError, FileExistsError):
     """The output store exists and neither overwrite nor resume was asked for."""
 
 
+class ResumeMismatchError(ConfigError):
+    """resume=True on a store captured with a different model or configuration; the message lists each field."""
+
+
 class StoreFormatError(EngineError, ValueError):
     """A path is not a store written by this engine, or it is of an unsupported format version."""
 

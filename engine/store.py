@@ -8,6 +8,7 @@ resize/append rewrite ``zarr.json`` from in-memory shape without a lock of their
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -58,19 +59,63 @@ def read_commit_records(store: zarr.abc.store.Store) -> dict[int, dict]:
 
 
 def committed_prefix(records: dict[int, dict]) -> list[dict]:
-    """The records of chunks 0..k-1 with no gap: only these rows are trusted."""
+    """The records of chunks 0..k-1 whose rows follow each other with no gap: only these rows are trusted.
+
+    A partial chunk (a resumed store's last chunk, until it is rewritten whole) ends the prefix.
+    """
     prefix = []
     while len(prefix) in records:
-        prefix.append(records[len(prefix)])
+        record = records[len(prefix)]
+        if prefix and record["row_start"] != prefix[-1]["row_stop"]:
+            break
+        prefix.append(record)
     return prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a store can be continued exactly.
+
+    Args:
+        rows: rows kept; every sequence with a row before this one is complete.
+        sequences: input sequences already fully handled: a driver feeds sequences from this index on.
+        committed_rows: rows in the gap-free committed prefix (>= rows; the rest belong to a cut sequence).
+    """
+
+    rows: int
+    sequences: int
+    committed_rows: int
+
+
+def find_resume_point(group: zarr.Group, prefix: list[dict], manifest: dict) -> ResumePoint:
+    """The last row that ends a sequence (flag ``last``) within the committed prefix."""
+    committed = prefix[-1]["row_stop"] if prefix else 0
+    if manifest.get("status") == layout.STATUS_COMPLETE:
+        return ResumePoint(committed, int(manifest.get("sequences", 0)), committed)
+    flags, sequence = group["tokens/flags"], group["tokens/sequence"]
+    for record in reversed(prefix):
+        start, stop = record["row_start"], record["row_stop"]
+        ends = np.flatnonzero(flags[start:stop] & layout.FLAG_LAST)
+        if ends.size:
+            last = start + int(ends[-1])
+            return ResumePoint(last + 1, int(sequence[last]) + 1, committed)
+    return ResumePoint(0, 0, committed)
+
+
+def delete_key(store: zarr.abc.store.Store, key: str) -> None:
+    sync(store.delete(key))
 
 
 def _is_our_store(path: Path) -> bool:
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
+        return read_manifest(path).get("format") == layout.FORMAT_NAME
+    except (OSError, ValueError, KeyError, AttributeError):
         return False
-    return layout.MANIFEST_ATTR in meta.get("attributes", {})
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a local store, read without opening arrays."""
+    return json.loads((path / "zarr.json").read_text())["attributes"][layout.MANIFEST_ATTR]
 
 
 def prepare_location(path: Path, overwrite: bool, resume: bool) -> bool:
@@ -125,7 +170,8 @@ class ZarrSink:
     Thread safety: ``write_chunk`` from several threads for distinct chunks; the rest from one thread.
     """
 
-    def __init__(self, path: Path, chunk_tokens: int, compressor: str | None, manifest: dict):
+    def __init__(self, path: Path, chunk_tokens: int, compressor: str | None, manifest: dict,
+                 existing: bool = False):
         self.chunk_tokens = chunk_tokens
         self._compressors = _compressors(compressor)
         self._root = path
@@ -134,15 +180,54 @@ class ZarrSink:
         # forward thread (H100 run 1). Partial chunks, compressed arrays and metadata still go through zarr.
         self._direct = compressor is None and sys.byteorder == "little"
         self._store = zarr.storage.LocalStore(str(path))
+        self._lock = threading.Lock()
+        self._arrays: dict[str, zarr.Array] = {}
+        if existing:
+            self._group = zarr.open_group(self._store, mode="r+")
+            self._manifest = {**self._group.attrs[layout.MANIFEST_ATTR], **manifest}
+            for key in (*self._manifest["arrays"], *layout.TOKEN_ARRAYS):
+                if key in self._group:
+                    self._arrays[key] = self._group[key]
+            # A crash can land between two arrays' resizes: the smallest is what every array has.
+            self._capacity = min(array.shape[0] for array in self._arrays.values())
+            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
+            return
+        self._capacity = 0
+        self._manifest = manifest
         self._group = zarr.open_group(self._store, mode="w", attributes={layout.MANIFEST_ATTR: manifest})
         self._group.create_group(layout.COMMITS_GROUP, attributes={
             "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
-        self._arrays: dict[str, zarr.Array] = {}
-        self._capacity = 0
-        self._lock = threading.Lock()
-        self._manifest = manifest
         for key, dtype in layout.TOKEN_ARRAYS.items():
             self._create(key, (), dtype, {})
+
+    @property
+    def manifest(self) -> dict:
+        return dict(self._manifest)
+
+    def point_dims(self) -> dict[str, int]:
+        """Widths of the activation arrays that exist (a resumed store's)."""
+        return {key: array.shape[1] for key, array in self._arrays.items() if key not in layout.TOKEN_ARRAYS}
+
+    def repair(self) -> tuple[ResumePoint, dict[str, np.ndarray]]:
+        """Make a crashed or closed store continuable: keep rows up to the resume point, drop commit
+        records after it (highest first, so the committed prefix is valid after every step), shrink the
+        record of the chunk that holds the cut, delete temp files. Returns the point and the kept rows of
+        the cut chunk, which the writers take as the start of that chunk."""
+        records = read_commit_records(self._store)
+        point = find_resume_point(self._group, committed_prefix(records), self._manifest)
+        cut_chunk, kept = divmod(point.rows, self.chunk_tokens)
+        for index in sorted(records, reverse=True):
+            if index > cut_chunk or (index == cut_chunk and kept == 0):
+                delete_key(self._store, layout.commit_record_key(index))
+        if kept and records[cut_chunk]["token_count"] != kept:
+            record = {**records[cut_chunk], "token_count": kept, "row_stop": point.rows, "truncated": True}
+            put_json(self._store, layout.commit_record_key(cut_chunk),
+                     {"zarr_format": 3, "node_type": "group", "attributes": record})
+        for leftover in self._root.rglob("*.partial"):
+            leftover.unlink()
+        start = cut_chunk * self.chunk_tokens
+        tail = {key: array[start:point.rows] for key, array in self._arrays.items()} if kept else {}
+        return point, tail
 
     def _create(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, attributes: dict) -> None:
         self._arrays[key] = self._group.create_array(
@@ -190,7 +275,11 @@ class ZarrSink:
             if trim:
                 self._capacity = rows
                 self._resize_all(rows)
-            self._manifest = {**self._manifest, **manifest_updates}
+        self.update_manifest(manifest_updates)
+
+    def update_manifest(self, updates: dict) -> None:
+        with self._lock:
+            self._manifest = {**self._manifest, **updates}
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
 
 

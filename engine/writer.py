@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import layout
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 from .staging import Slot, SlotPool
 
 _SENTINEL = object()
@@ -105,7 +105,8 @@ class WriterPool:
 
     def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
                  bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
-                 counters: Counters, on_nonfinite: Callable[[str, int], None]):
+                 counters: Counters, on_nonfinite: Callable[[str, int], None], start_row: int = 0,
+                 resumed: tuple[dict[str, int], dict[str, np.ndarray]] | None = None):
         self._sink = sink
         self._pool = pool
         self._chunk_tokens = chunk_tokens
@@ -121,7 +122,9 @@ class WriterPool:
         self._chunk_lock = threading.Lock()
         self._open: dict[int, _Chunk] = {}
         self._spare: list[dict[str, torch.Tensor]] = []
-        self._next_row = 0
+        self._next_row = start_row
+        if resumed is not None:
+            self._resume(start_row, *resumed)
         self._stop = threading.Event()
         self._progress = threading.Condition()
         self._submitted = 0
@@ -133,6 +136,19 @@ class WriterPool:
                          for i in range(num_writers)]
         for thread in self._threads:
             thread.start()
+
+    def _resume(self, start_row: int, dims: dict[str, int], tail: dict[str, np.ndarray]) -> None:
+        """Continue a store: widths are fixed by its arrays, and the kept rows of the cut chunk come first."""
+        self._dims = dims
+        index, kept = divmod(start_row, self._chunk_tokens)
+        if kept:
+            chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
+            for key, rows in tail.items():
+                target = chunk.arrays[key][:kept]
+                if target.dtype == torch.bfloat16:  # stored as uint16 bits
+                    target.copy_(torch.from_numpy(np.ascontiguousarray(rows).view(np.int16)).view(torch.bfloat16))
+                else:
+                    target.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
 
     # ---- producer side -------------------------------------------------------------------------
     def check(self) -> None:
@@ -203,6 +219,9 @@ class WriterPool:
             if self._dims is None:
                 self._dims = dict(slot.dims)
                 self._on_first_batch(self._dims)
+            elif slot.dims != self._dims:
+                raise ConfigError(f"the model produced widths {slot.dims} but the store holds {self._dims}: "
+                                  "resume with the model and hook points the store was captured with")
             start, count = self._next_row, keep.numel()
             self._next_row += count
             return _Job(slot, keep, count == flat_mask.numel(), self._plan(start, count))

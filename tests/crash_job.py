@@ -1,0 +1,53 @@
+"""A capture job for crash tests: deterministic sequences, resumable. Run as a subprocess; prints "ready" once
+capturing, then one line per batch. Usage: python crash_job.py STORE N_SEQUENCES [--resume]"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import VOCAB, tiny_model  # noqa: E402
+from engine import CaptureConfig, CaptureEngine  # noqa: E402
+
+BATCH, SEQ, CHUNK = 3, 12, 16
+PACE_S = 0.04  # per batch, standing in for a real model's forward time so kills land mid-run
+
+
+def sequences(count: int, seed: int = 7) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, SEQ + 1, (count,), generator=gen)
+    return [torch.randint(3, VOCAB, (int(n),), generator=gen) for n in lengths]
+
+
+def batch_of(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: each row's activations do not depend on the others (causal model + mask)."""
+    ids = torch.zeros(len(seqs), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(seqs), SEQ, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def main(store: str, count: int, resume: bool) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(store, layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2, pinned_slots=2,
+                        resume=resume)
+    seqs = sequences(count)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        print("ready", cap.resume_sequences, flush=True)
+        for start in range(cap.resume_sequences, count, BATCH):
+            model(**batch_of(seqs[start:start + BATCH]))
+            print("batch", start, flush=True)
+            time.sleep(PACE_S)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv)
