@@ -2,8 +2,8 @@
 
 from .capture import ActivationCapture, CaptureEngine, CaptureStats, create_gpt2_capture
 from .config import CaptureConfig
-from .errors import (CaptureClosedError, CaptureError, ConfigError, EngineError, HookPointError,
-                     ResumeMismatchError, StoreExistsError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
+from .errors import (BatchError, CaptureClosedError, CaptureError, ConfigError, EngineError, HookPointError,
+                     ResumeMismatchError, StoreExistsError, StorePathError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
 from .hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, resolve_hook_points
 from .loading import load_model, random_model
 from .reader import CaptureStore, CommittedArray, open_store
@@ -12,9 +12,9 @@ from .registry import ModelSpec, get_model, list_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTERS", "ActivationCapture", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
+    "ADAPTERS", "ActivationCapture", "BatchError", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
     "CaptureError", "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "EngineError",
-    "HookPoint", "HookPointError", "ModelSpec", "ResumeMismatchError", "StoreExistsError", "StoreFormatError", "UnknownModelError",
+    "HookPoint", "HookPointError", "ModelSpec", "ResumeMismatchError", "StorePathError", "StoreExistsError", "StoreFormatError", "UnknownModelError",
     "WeightsNotFoundError", "create_gpt2_capture", "get_model", "list_models", "load_model", "open_store",
     "random_model", "resolve_hook_points",
 ]

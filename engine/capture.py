@@ -16,7 +16,7 @@ import torch
 
 from . import layout
 from .config import CaptureConfig
-from .errors import CaptureClosedError, HookPointError, ResumeMismatchError
+from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
 from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
 from .staging import BatchInfo, SlotPool, Stager
 from .store import NullSink, ZarrSink, prepare_location, read_manifest
@@ -66,6 +66,14 @@ def _resume_fields(stored: dict, new: dict):
            {k: v["module_path"] for k, v in new["arrays"].items()})
 
 
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
@@ -108,6 +116,7 @@ class CaptureEngine:
         self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
                                                            config.extra_modules)
         self._dtype = _TORCH_DTYPES[config.dtype]
+        self._max_positions = _max_positions(model)
         device = _model_device(model)
         self.resume_sequences = 0   # input sequences already fully stored (resume): feed from this index
         self.resume_rows = 0
@@ -256,6 +265,9 @@ class CaptureEngine:
             raise HookPointError("the model was called without input_ids or inputs_embeds: capture needs "
                                  "one of them as a keyword or first argument")
         batch_size, seq_len = reference.shape[0], reference.shape[1] if reference.dim() > 1 else 1
+        if self._max_positions is not None and seq_len > self._max_positions:
+            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
+                             f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
             return

@@ -32,6 +32,14 @@ class ResumeMismatchError(ConfigError):
     """resume=True on a store captured with a different model or configuration; the message lists each field."""
 
 
+class StorePathError(EngineError, OSError):
+    """The output path cannot hold a store (a file, read-only, not writable); nothing was written."""
+
+
+class BatchError(EngineError, ValueError):
+    """A forward pass's input cannot be captured (e.g. longer than the model's positions); nothing was staged."""
+
+
 class StoreFormatError(EngineError, ValueError):
     """A path is not a store written by this engine, or it is of an unsupported format version."""
 

@@ -23,7 +23,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import layout
-from .errors import StoreExistsError
+from .errors import StoreExistsError, StorePathError
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -121,7 +121,7 @@ def read_manifest(path: Path) -> dict:
 def prepare_location(path: Path, overwrite: bool, resume: bool) -> bool:
     """Check the output path; remove an old store when ``overwrite``. Returns True if a store exists."""
     if path.exists() and not path.is_dir():
-        raise StoreExistsError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
+        raise StorePathError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
     exists = path.is_dir() and any(path.iterdir())
     if exists and not _is_our_store(path):
         raise StoreExistsError(f"output_dir {path} is a non-empty folder that is not a capture store: "
@@ -135,8 +135,11 @@ def prepare_location(path: Path, overwrite: bool, resume: bool) -> bool:
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise StorePathError(f"cannot create {path}: {parent} is a file, not a folder; choose another output_dir")
     if not os.access(parent, os.W_OK):
-        raise StoreExistsError(f"cannot write under {parent}: choose an output_dir in a writable folder")
+        raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an output_dir "
+                             "in a writable folder")
     return exists
 
 
@@ -145,9 +148,25 @@ def _write_file_atomic(path: Path, data) -> None:
     rename release the GIL, which the forward thread needs more than we do."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
+
+
+RESERVE_BYTES = 128 * 1024
+
+
+def _reserve_space(path: Path) -> Path:
+    """Hold back space beside the store (``<store>.reserve``) for the final manifest if the disk fills."""
+    reserve = path.with_name(path.name + ".reserve")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(reserve, "wb") as f:
+        f.write(b"\0" * RESERVE_BYTES)
+    return reserve
 
 
 def _compressors(name: str | None):
@@ -182,9 +201,11 @@ class ZarrSink:
         self._store = zarr.storage.LocalStore(str(path))
         self._lock = threading.Lock()
         self._arrays: dict[str, zarr.Array] = {}
+        self._reserve = _reserve_space(path)
         if existing:
             self._group = zarr.open_group(self._store, mode="r+")
-            self._manifest = {**self._group.attrs[layout.MANIFEST_ATTR], **manifest}
+            self._stored_manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
+            self._manifest = {**self._stored_manifest, **manifest}
             for key in (*self._manifest["arrays"], *layout.TOKEN_ARRAYS):
                 if key in self._group:
                     self._arrays[key] = self._group[key]
@@ -214,7 +235,7 @@ class ZarrSink:
         record of the chunk that holds the cut, delete temp files. Returns the point and the kept rows of
         the cut chunk, which the writers take as the start of that chunk."""
         records = read_commit_records(self._store)
-        point = find_resume_point(self._group, committed_prefix(records), self._manifest)
+        point = find_resume_point(self._group, committed_prefix(records), self._stored_manifest)
         cut_chunk, kept = divmod(point.rows, self.chunk_tokens)
         for index in sorted(records, reverse=True):
             if index > cut_chunk or (index == cut_chunk and kept == 0):
@@ -270,7 +291,9 @@ class ZarrSink:
                  {"zarr_format": 3, "node_type": "group", "attributes": record})
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
-        """Trim arrays to the committed rows (clean close) and publish the manifest, last."""
+        """Trim arrays to the committed rows (clean close) and publish the manifest, last. The reserve file
+        goes first, so a full disk still has room to say ``failed``."""
+        self._reserve.unlink(missing_ok=True)
         with self._lock:
             if trim:
                 self._capacity = rows

@@ -80,3 +80,197 @@ def test_kill_9_then_resume_equals_uninterrupted_run(trial, tmp_path, reference)
 def test_kill_9_many_trials(trial, tmp_path, reference):
     store = crash_and_resume(tmp_path, random.Random(trial), kills=1 + trial % 3)
     assert_same_store(store, reference)
+
+
+def test_sigint_finishes_commits_and_resumes(tmp_path, reference):
+    store = tmp_path / "s.zarr"
+    args = [sys.executable, str(JOB), str(store), str(N_SEQUENCES)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("ready")
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "resume=True" in err, err
+    interrupted = open_store(store)
+    assert interrupted.status == "failed" and interrupted.num_tokens % 16 == 0
+    run_job(store, resume=True)
+    assert_same_store(open_store(store), reference)
+
+
+def small_cfg(path, **kwargs):
+    return CaptureConfig(path, **{"layer_indices": [0], "chunk_tokens": 8, **kwargs})
+
+
+def test_resume_with_a_different_config_names_each_mismatch(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 10))
+    before = open_store(cfg.output_dir).manifest
+    changed = dataclasses.replace(cfg, resume=True, layer_indices=(1,), dtype="float32", chunk_tokens=4)
+    with pytest.raises(engine.ResumeMismatchError) as info:
+        CaptureEngine(model, changed)
+    for field in ("layers", "dtype", "chunk_tokens", "hooked modules"):
+        assert field in str(info.value)
+    with pytest.raises(engine.ResumeMismatchError, match="model"):
+        CaptureEngine(tiny_model("llama"), dataclasses.replace(cfg, resume=True))
+    assert open_store(cfg.output_dir).manifest == before, "nothing was written"
+
+
+def test_resume_of_a_complete_store_appends(tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(4, 9, seed=s) for s in range(4)]
+    whole = small_cfg(tmp_path / "whole.zarr")
+    with CaptureEngine(model, whole), torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    split = small_cfg(tmp_path / "split.zarr")
+    for part, resume in ((batches[:2], False), (batches[2:], True)):
+        with CaptureEngine(model, dataclasses.replace(split, resume=resume)) as cap, torch.no_grad():
+            assert cap.resume_sequences == (8 if resume else 0)
+            for batch in part:
+                model(**batch)
+    a, b = open_store(whole.output_dir), open_store(split.output_dir)
+    for key in ("layer_0/residual", "tokens/sequence", "tokens/position", "tokens/flags"):
+        np.testing.assert_array_equal(a[key][:], b[key][:])
+    assert b.num_tokens == a.num_tokens and len(b.manifest["resumes"]) == 1
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 640 KiB tmpfs (needs root, as CI has); else None."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class FullDiskSink(engine.store.ZarrSink):
+    """Fallback edge fake when no filesystem can be mounted: the disk fills on the third chunk."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index >= 2:
+            raise OSError(28, "No space left on device")
+        super().write_chunk(chunk_index, arrays, record)
+
+
+def test_disk_full_fails_cleanly_and_keeps_committed_chunks(tmp_path, small_filesystem, monkeypatch):
+    if small_filesystem is None:
+        monkeypatch.setattr(engine.capture, "ZarrSink", FullDiskSink)
+    root = small_filesystem or tmp_path
+    model = tiny_model("gpt2")
+    cfg = small_cfg(root / "s.zarr", chunk_tokens=128, pinned_slots=2)
+    cap = CaptureEngine(model, cfg)
+    started = time.perf_counter()
+    with pytest.raises(engine.CaptureError) as info, torch.no_grad():
+        for seed in range(400):
+            model(**ragged_batch(4, 32, seed=seed))
+        cap.close()
+    assert time.perf_counter() - started < 120
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == 28, repr(cause)
+    cap.close()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    store = open_store(cfg.output_dir)
+    assert store.status == "failed" and store.num_tokens > 0 and store.num_tokens % 128 == 0
+    assert np.isfinite(store["layer_0/residual"][:].astype(np.float32)).all()
+    assert not list(Path(cfg.output_dir).rglob("*.partial")), "temp files are cleaned up"
+
+
+@pytest.mark.parametrize("make_cfg, error, match", [
+    (lambda p: small_cfg(p, layer_indices=[5]), engine.HookPointError, r"valid indices are 0\.\.1"),
+    (lambda p: CaptureConfig(p, capture_residual=False, capture_mlp_hidden=False,
+                             extra_modules={"x": "transformer.nope"}), engine.HookPointError, "no module at path"),
+])
+def test_bad_hook_points_fail_before_anything_is_written(make_cfg, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        CaptureEngine(tiny_model("gpt2"), make_cfg(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_output_path_problems(tmp_path):
+    model = tiny_model("gpt2")
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(engine.StorePathError, match="is a file"):
+        CaptureEngine(model, small_cfg(a_file))
+    with pytest.raises(engine.StorePathError, match="is a file, not a folder"):
+        CaptureEngine(model, small_cfg(a_file / "s.zarr"))
+    assert a_file.read_text() == "keep me"
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "x.txt").write_text("mine")
+    with pytest.raises(engine.StoreExistsError, match="not a capture store"):
+        CaptureEngine(model, small_cfg(other, overwrite=True))
+    assert (other / "x.txt").read_text() == "mine", "overwrite never deletes a folder that is not a store"
+
+
+def test_read_only_location(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a read-only filesystem here (needs root)")
+    try:
+        with pytest.raises(engine.StorePathError, match="read-only"):
+            CaptureEngine(tiny_model("gpt2"), small_cfg(mount / "s.zarr"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_sequence_longer_than_positions_is_refused(tmp_path):
+    model = tiny_model("gpt2")  # 128 positions
+    cfg = small_cfg(tmp_path / "s.zarr")
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        with pytest.raises(engine.BatchError, match="exceeds the model's 128 positions"):
+            model(input_ids=torch.ones(1, 129, dtype=torch.long))
+        model(**ragged_batch(2, 6))
+    assert cap.stats.batches == 1 and open_store(cfg.output_dir).manifest["sequences"] == 2
+
+
+def test_no_mask_keeps_every_token_and_empty_batches_store_nothing(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(input_ids=torch.ones(2, 5, dtype=torch.long))
+        try:
+            model(input_ids=torch.ones(0, 5, dtype=torch.long))  # empty batch: stages nothing
+        except RuntimeError:
+            pass  # some transformers versions cannot run an empty batch at all; capture must go on
+        all_pad = ragged_batch(2, 5)
+        all_pad["attention_mask"].zero_()
+        model(**all_pad)
+    store = open_store(cfg.output_dir)
+    assert store.num_tokens == 10 and store.status == "complete"
+    np.testing.assert_array_equal(store["tokens/position"][:], np.tile(np.arange(5), 2))
+
+
+def test_nonfinite_values_are_counted_and_warned_once(tmp_path):
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e7)  # residuals far beyond float16's 65504
+    cfg = small_cfg(tmp_path / "s.zarr")
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        with CaptureEngine(model, cfg), torch.no_grad():
+            for seed in range(3):
+                model(**ragged_batch(2, 8, seed=seed))
+    assert sum("non-finite" in str(w.message) for w in caught) == 1
+    store = open_store(cfg.output_dir)
+    stats = [c["stats"]["layer_0/residual"] for c in store.chunks]
+    assert all(s["fp16_overflow"] > 0 and s["nonfinite"] >= s["fp16_overflow"] for s in stats)
+    assert np.isinf(store["layer_0/residual"][:].astype(np.float32)).sum() == sum(s["fp16_overflow"] for s in stats)
+
+
+def test_use_after_close_is_an_error(tmp_path):
+    cap = CaptureEngine(tiny_model("gpt2"), small_cfg(tmp_path / "s.zarr"))
+    cap.close()
+    cap.close()
+    with pytest.raises(engine.CaptureClosedError):
+        with cap:
+            pass
+    with pytest.raises(engine.CaptureClosedError):
+        with cap.detached():
+            pass
