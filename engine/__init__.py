@@ -2,6 +2,7 @@
 
 from .capture import ActivationCapture, CaptureEngine, CaptureStats, create_gpt2_capture
 from .config import CaptureConfig
+from .dataset import ActivationDataset
 from .errors import (BatchError, CaptureClosedError, CaptureError, ConfigError, EngineError, HookPointError,
                      ResumeMismatchError, StoreExistsError, StorePathError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
 from .hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, resolve_hook_points
@@ -12,7 +13,7 @@ from .registry import ModelSpec, get_model, list_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTERS", "ActivationCapture", "BatchError", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
+    "ADAPTERS", "ActivationCapture", "ActivationDataset", "BatchError", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
     "CaptureError", "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "EngineError",
     "HookPoint", "HookPointError", "ModelSpec", "ResumeMismatchError", "StorePathError", "StoreExistsError", "StoreFormatError", "UnknownModelError",
     "WeightsNotFoundError", "create_gpt2_capture", "get_model", "list_models", "load_model", "open_store",

@@ -19,6 +19,7 @@ from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
 from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
 from .staging import BatchInfo, SlotPool, Stager
+from .statistics import rebuild
 from .store import NullSink, ZarrSink, prepare_location, read_manifest
 from .writer import Counters, WriterPool
 
@@ -137,7 +138,10 @@ class CaptureEngine:
                 full_chunks = point.rows // config.chunk_tokens
                 self._counters.tokens_committed = full_chunks * config.chunk_tokens
                 self._counters.chunks_committed = full_chunks
-                start_row, writer_resume = point.rows, (self._sink.point_dims(), tail)
+                arrays = self._sink.point_arrays()
+                stats = rebuild(arrays, full_chunks * config.chunk_tokens, config.chunk_tokens, config.dtype)
+                start_row = point.rows
+                writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
                                        self._note_nonfinite, start_row, writer_resume)
@@ -200,7 +204,7 @@ class CaptureEngine:
         point, tail = sink.repair()
         resumes[-1].update(rows=point.rows, sequences=point.sequences, dropped_rows=point.committed_rows - point.rows)
         sink.update_manifest({"resumes": resumes})
-        if not sink.point_dims():  # crashed before its first batch: nothing to continue
+        if not sink.point_arrays():  # crashed before its first batch: nothing to continue
             return sink, None
         return sink, (point, tail)
 
@@ -375,6 +379,7 @@ class CaptureEngine:
         self._sink.finalize(c.tokens_committed, {
             "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
             "sequences": self._next_sequence,
+            "statistics": self._writers.statistics.to_json() if self._writers.statistics else {},
             "error": repr(self._writers.error) if self._writers.error is not None else None,
             "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)

@@ -225,9 +225,9 @@ class ZarrSink:
     def manifest(self) -> dict:
         return dict(self._manifest)
 
-    def point_dims(self) -> dict[str, int]:
-        """Widths of the activation arrays that exist (a resumed store's)."""
-        return {key: array.shape[1] for key, array in self._arrays.items() if key not in layout.TOKEN_ARRAYS}
+    def point_arrays(self) -> dict[str, zarr.Array]:
+        """The activation arrays that exist (a resumed store's)."""
+        return {key: array for key, array in self._arrays.items() if key not in layout.TOKEN_ARRAYS}
 
     def repair(self) -> tuple[ResumePoint, dict[str, np.ndarray]]:
         """Make a crashed or closed store continuable: keep rows up to the resume point, drop commit

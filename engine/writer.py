@@ -30,6 +30,7 @@ import torch
 from . import layout
 from .errors import CaptureError, ConfigError
 from .staging import Slot, SlotPool
+from .statistics import Statistics, decode, point_stats
 
 _SENTINEL = object()
 _POLL_S = 0.05
@@ -71,21 +72,6 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def point_stats(rows: torch.Tensor, float16_storage: bool) -> dict:
-    """min/max of finite values, non-finite and float16-overflow (inf) counts of one chunk's rows."""
-    if rows.numel() == 0:
-        return {"min": None, "max": None, "nonfinite": 0, "fp16_overflow": 0}
-    low, high = torch.aminmax(rows)
-    if torch.isfinite(low) and torch.isfinite(high):  # one pass in the common case
-        return {"min": float(low), "max": float(high), "nonfinite": 0, "fp16_overflow": 0}
-    finite = torch.isfinite(rows)
-    values = rows[finite]
-    return {"min": float(values.min()) if values.numel() else None,
-            "max": float(values.max()) if values.numel() else None,
-            "nonfinite": int(rows.numel() - finite.sum()),
-            "fp16_overflow": int(torch.isinf(rows).sum()) if float16_storage else 0}
-
-
 class WriterPool:
     """Threads that turn staged slots into committed chunks.
 
@@ -106,7 +92,7 @@ class WriterPool:
     def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
                  bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
                  counters: Counters, on_nonfinite: Callable[[str, int], None], start_row: int = 0,
-                 resumed: tuple[dict[str, int], dict[str, np.ndarray]] | None = None):
+                 resumed: tuple[dict[str, int], dict[str, np.ndarray], Statistics] | None = None):
         self._sink = sink
         self._pool = pool
         self._chunk_tokens = chunk_tokens
@@ -123,6 +109,7 @@ class WriterPool:
         self._open: dict[int, _Chunk] = {}
         self._spare: list[dict[str, torch.Tensor]] = []
         self._next_row = start_row
+        self.statistics: Statistics | None = None
         if resumed is not None:
             self._resume(start_row, *resumed)
         self._stop = threading.Event()
@@ -137,18 +124,18 @@ class WriterPool:
         for thread in self._threads:
             thread.start()
 
-    def _resume(self, start_row: int, dims: dict[str, int], tail: dict[str, np.ndarray]) -> None:
-        """Continue a store: widths are fixed by its arrays, and the kept rows of the cut chunk come first."""
+    def _resume(self, start_row: int, dims: dict[str, int], tail: dict[str, np.ndarray],
+                statistics: Statistics) -> None:
+        """Continue a store: widths are fixed by its arrays, statistics cover the whole chunks kept, and the
+        kept rows of the cut chunk come first."""
         self._dims = dims
+        self.statistics = statistics
         index, kept = divmod(start_row, self._chunk_tokens)
         if kept:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
             for key, rows in tail.items():
                 target = chunk.arrays[key][:kept]
-                if target.dtype == torch.bfloat16:  # stored as uint16 bits
-                    target.copy_(torch.from_numpy(np.ascontiguousarray(rows).view(np.int16)).view(torch.bfloat16))
-                else:
-                    target.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
+                target.copy_(decode(rows, "bfloat16" if target.dtype == torch.bfloat16 else str(rows.dtype)))
 
     # ---- producer side -------------------------------------------------------------------------
     def check(self) -> None:
@@ -218,6 +205,7 @@ class WriterPool:
             keep = flat_mask.nonzero().squeeze(1)
             if self._dims is None:
                 self._dims = dict(slot.dims)
+                self.statistics = Statistics(self._dims)
                 self._on_first_batch(self._dims)
             elif slot.dims != self._dims:
                 raise ConfigError(f"the model produced widths {slot.dims} but the store holds {self._dims}: "
@@ -309,6 +297,7 @@ class WriterPool:
         float16 = self._dtype == torch.float16
         stats = {key: point_stats(arrays[key], float16) for key in self._dims}
         for key, entry in stats.items():
+            self.statistics.add(key, arrays[key], entry["nonfinite"], entry["fp16_overflow"])
             if entry["nonfinite"]:
                 self._on_nonfinite(key, entry["nonfinite"])
         return {

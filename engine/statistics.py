@@ -1,0 +1,109 @@
+"""Running statistics of captured arrays, computed by the writers while capturing.
+
+Per array: count of finite rows, mean vector, mean squared L2 norm (SAELens-style norm scaling:
+``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), max norm, and the non-finite and float16
+overflow counts. Each chunk's moments are computed in float64 accumulation and merged with Chan et al.'s
+pairwise update, so the result does not depend on which writer thread commits which chunk first.
+Rows holding any non-finite value are counted but left out of the moments.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import torch
+
+
+def point_stats(rows: torch.Tensor, float16_storage: bool) -> dict:
+    """min/max of finite values, non-finite and float16-overflow (inf) counts of one chunk's rows."""
+    if rows.numel() == 0:
+        return {"min": None, "max": None, "nonfinite": 0, "fp16_overflow": 0}
+    low, high = torch.aminmax(rows)
+    if torch.isfinite(low) and torch.isfinite(high):  # one pass in the common case
+        return {"min": float(low), "max": float(high), "nonfinite": 0, "fp16_overflow": 0}
+    finite = torch.isfinite(rows)
+    values = rows[finite]
+    return {"min": float(values.min()) if values.numel() else None,
+            "max": float(values.max()) if values.numel() else None,
+            "nonfinite": int(rows.numel() - finite.sum()),
+            "fp16_overflow": int(torch.isinf(rows).sum()) if float16_storage else 0}
+
+
+class RunningMoments:
+    """Mergeable moments of one array. Thread safety: ``merge`` under the caller's lock (see Statistics)."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.mean_squared_norm = 0.0
+        self.max_norm = 0.0
+        self.nonfinite = 0
+        self.fp16_overflow = 0
+
+    def merge(self, count: int, mean: np.ndarray, mean_squared_norm: float, max_norm: float) -> None:
+        total = self.count + count
+        if count == 0:
+            return
+        weight = count / total
+        self.mean += (mean - self.mean) * weight
+        self.mean_squared_norm += (mean_squared_norm - self.mean_squared_norm) * weight
+        self.max_norm = max(self.max_norm, max_norm)
+        self.count = total
+
+    def to_json(self) -> dict:
+        dim = self.mean.shape[0]
+        return {"count": self.count, "mean": self.mean.tolist(), "mean_squared_norm": self.mean_squared_norm,
+                "max_norm": self.max_norm, "nonfinite": self.nonfinite, "fp16_overflow": self.fp16_overflow,
+                "norm_scaling_factor": (math.sqrt(dim / self.mean_squared_norm)
+                                        if self.mean_squared_norm > 0 else None)}
+
+
+def chunk_moments(rows: torch.Tensor, has_nonfinite: bool) -> tuple[int, np.ndarray, float, float]:
+    """(count, mean, mean squared norm, max norm) of one chunk's finite rows, float64 accumulation."""
+    if has_nonfinite:
+        rows = rows[torch.isfinite(rows).all(dim=1)]
+    count = rows.shape[0]
+    if count == 0:
+        return 0, np.zeros(rows.shape[1]), 0.0, 0.0
+    mean = (rows.sum(dim=0, dtype=torch.float64) / count).numpy()
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+    return count, mean, float((norms * norms).mean()), float(norms.max())
+
+
+class Statistics:
+    """Moments of every activation array of a run. Thread safety: ``add`` from any writer thread."""
+
+    def __init__(self, dims: dict[str, int]):
+        self._lock = threading.Lock()
+        self.arrays = {key: RunningMoments(dim) for key, dim in dims.items()}
+
+    def add(self, key: str, rows: torch.Tensor, nonfinite: int, fp16_overflow: int) -> None:
+        moments = chunk_moments(rows, nonfinite > 0)
+        with self._lock:
+            entry = self.arrays[key]
+            entry.merge(*moments)
+            entry.nonfinite += nonfinite
+            entry.fp16_overflow += fp16_overflow
+
+    def to_json(self) -> dict:
+        with self._lock:
+            return {key: moments.to_json() for key, moments in self.arrays.items()}
+
+
+def decode(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows as a torch tensor of the capture dtype (bfloat16 is stored as uint16 bits)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rows))
+    return tensor.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def rebuild(arrays: dict, rows: int, chunk_tokens: int, dtype: str) -> Statistics:
+    """Statistics of rows [0, rows) of stored arrays (resume: one read of the kept whole chunks)."""
+    stats = Statistics({key: array.shape[1] for key, array in arrays.items()})
+    for start in range(0, rows, chunk_tokens):
+        for key, array in arrays.items():
+            chunk = decode(array[start:min(start + chunk_tokens, rows)], dtype)
+            entry = point_stats(chunk, dtype == "float16")
+            stats.add(key, chunk, entry["nonfinite"], entry["fp16_overflow"])
+    return stats

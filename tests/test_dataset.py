@@ -1,0 +1,121 @@
+"""ActivationDataset and running statistics on a real store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
+from engine.layout import FLAG_BOS
+
+from conftest import ragged_batch, tiny_model
+
+KEY = "layer_1/residual"
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ds") / "s.zarr"
+    model = tiny_model("llama")
+    cfg = CaptureConfig(path, layer_indices=[1], chunk_tokens=16, num_writers=3)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for seed in range(12):
+            model(**ragged_batch(5, 10, seed=seed))
+    return path
+
+
+def rows_of(batches) -> np.ndarray:
+    rows = torch.cat(list(batches)).numpy()
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def stored_rows(path, exclude_bos=False) -> np.ndarray:
+    store = open_store(path)
+    rows = store[KEY][:].astype(np.float32)
+    if exclude_bos:
+        rows = rows[(store["tokens/flags"][:] & FLAG_BOS) == 0]
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.mark.parametrize("exclude", [(), ("bos",)])
+def test_every_row_exactly_once_per_epoch(store_path, exclude):
+    ds = ActivationDataset(store_path, KEY, batch_size=7, exclude=exclude, buffer_chunks=2)
+    expected = stored_rows(store_path, exclude_bos=bool(exclude))
+    assert 0 < len(expected) and (not exclude or len(expected) < open_store(store_path).num_tokens)
+    for _ in range(2):
+        batches = list(ds)
+        assert all(b.shape == (7, 64) for b in batches[:-1]) and batches[0].dtype == torch.float32
+        np.testing.assert_array_equal(rows_of(batches), expected)
+
+
+def test_drop_last_and_tokens(store_path):
+    ds = ActivationDataset(store_path, KEY, batch_size=7, drop_last=True, exclude=(), return_tokens=True)
+    batches = list(ds)
+    assert all(rows.shape[0] == ids.shape[0] == 7 for rows, ids in batches)
+    assert len(batches) == open_store(store_path).num_tokens // 7
+
+
+def test_order_differs_per_epoch_and_seed_and_repeats_for_the_same_pair(store_path):
+    def order(seed, epoch):
+        ds = ActivationDataset(store_path, KEY, batch_size=9, seed=seed)
+        ds.set_epoch(epoch)
+        return torch.cat(list(ds)).numpy()
+
+    assert np.array_equal(order(0, 0), order(0, 0))
+    assert not np.array_equal(order(0, 0), order(0, 1))
+    assert not np.array_equal(order(0, 0), order(1, 0))
+    unshuffled = torch.cat(list(ActivationDataset(store_path, KEY, batch_size=9, shuffle=False, exclude=())))
+    np.testing.assert_array_equal(unshuffled.numpy(), open_store(store_path)[KEY][:].astype(np.float32))
+
+
+def test_ranks_are_disjoint_and_cover_everything(store_path):
+    parts = [rows_of(ActivationDataset(store_path, KEY, batch_size=5, rank=r, world_size=3, exclude=()))
+             for r in range(3)]
+    union = np.concatenate(parts)
+    np.testing.assert_array_equal(union[np.lexsort(union.T[::-1])], stored_rows(store_path))
+    assert all(len(p) for p in parts)
+
+
+def test_dataloader_workers_are_disjoint(store_path):
+    ds = ActivationDataset(store_path, KEY, batch_size=8, exclude=())
+    ds.set_epoch(3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    np.testing.assert_array_equal(rows_of(loader), stored_rows(store_path))
+
+
+def test_bad_arguments(store_path):
+    with pytest.raises(ConfigError, match="not an activation array"):
+        ActivationDataset(store_path, "tokens/flags")
+    with pytest.raises(ConfigError, match="exclude"):
+        ActivationDataset(store_path, KEY, exclude=("eos",))
+    with pytest.raises(ConfigError, match="rank"):
+        ActivationDataset(store_path, KEY, rank=2, world_size=2)
+
+
+def test_statistics_equal_numpy(store_path):
+    store = open_store(store_path)
+    stats = store.manifest["statistics"][KEY]
+    rows = store[KEY][:].astype(np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    assert stats["count"] == len(rows) and stats["nonfinite"] == 0
+    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["mean_squared_norm"], (norms ** 2).mean(), rtol=1e-9)
+    np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-9)
+    np.testing.assert_allclose(stats["norm_scaling_factor"], np.sqrt(64 / (norms ** 2).mean()), rtol=1e-9)
+
+
+def test_statistics_survive_resume(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=8)
+    import dataclasses
+
+    for part, resume in ((range(0, 3), False), (range(3, 6), True)):
+        with CaptureEngine(model, dataclasses.replace(cfg, resume=resume)), torch.no_grad():
+            for seed in part:
+                model(**ragged_batch(3, 7, seed=seed))
+    store = open_store(cfg.output_dir)
+    rows = store["layer_0/residual"][:].astype(np.float64)
+    stats = store.manifest["statistics"]["layer_0/residual"]
+    assert stats["count"] == len(rows)
+    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
