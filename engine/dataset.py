@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,17 +13,19 @@ import zarr
 from . import layout
 from .errors import ConfigError
 from .reader import CaptureStore, open_store
-from .statistics import decode
+from .store import read_chunk_rows
 
 _EXCLUDABLE = {**layout.FLAG_BITS, "pad": 0}  # pad rows are never stored: excluding them is a no-op
-_PREFETCH_CHUNKS = 2
+# Host buffer dtype per storage dtype (bfloat16 bits are read as int16 and viewed as bfloat16 per batch).
+_BUFFER_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
 
 
 class ActivationDataset(torch.utils.data.IterableDataset):
     """Token-major rows of one array in random order, each committed row exactly once per epoch.
 
-    Whole chunks are read in a random order (one read per chunk, prefetched in a background thread) and
-    their rows mixed in an in-memory buffer of ``buffer_chunks`` chunks before batches are cut from it.
+    Whole chunks are read in a random order, straight into one reused buffer of ``buffer_chunks`` chunks
+    (uncompressed chunk files are read with one ``readinto``, others through zarr); batches are gathered
+    from the buffer in random order, and the leftover rows stay for the next fill.
     Chunks are split disjointly across DDP ranks, then across DataLoader workers.
 
     Args:
@@ -38,7 +39,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             rows are never stored).
         dtype: dtype of the yielded tensors (stored float16 / bfloat16 / float32 is converted).
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
-        buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 2`` chunks of this array.
+        buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of this array.
         return_tokens: also yield the rows' token ids: ``(activations, input_ids)``.
 
     Returns (iterating): ``(batch_size, dim)`` tensors (the last may be shorter unless ``drop_last``).
@@ -80,11 +81,11 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.buffer_chunks, self.return_tokens = buffer_chunks, return_tokens
         self.epoch = 0
         self._epoch_set = False
-        self._group: zarr.Group | None = None
+        self._handles: tuple[zarr.Array, zarr.Array, zarr.Array] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_group"] = None  # reopened lazily in each worker process
+        state["_handles"] = None  # reopened lazily in each worker process
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,27 +99,29 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
         return order[self.rank::self.world_size][worker::num_workers].tolist()
 
-    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r")
-        start, stop = self.chunks[index]
-        rows = decode(self._group[self.key][start:stop], self.storage_dtype)
-        ids = torch.from_numpy(self._group["tokens/input_ids"][start:stop]) if self.return_tokens else None
-        if self.exclude_mask:
-            keep = torch.from_numpy((self._group["tokens/flags"][start:stop] & self.exclude_mask) == 0)
-            rows = rows[keep]
-            ids = ids[keep] if ids is not None else None
-        return rows.to(self.dtype), ids
+    def _arrays(self) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        if self._handles is None:  # each lookup reads metadata: once per process
+            group = zarr.open_group(str(self.path), mode="r")
+            self._handles = (group[self.key], group["tokens/input_ids"], group["tokens/flags"])
+        return self._handles
 
-    def _parts(self, chunks: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Read chunks in order, keeping at most _PREFETCH_CHUNKS reads in flight on a background thread."""
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self._read, i) for i in chunks[:_PREFETCH_CHUNKS]]
-            for following in chunks[_PREFETCH_CHUNKS:] + [None] * len(pending):
-                part = pending.pop(0).result()
-                if following is not None:
-                    pending.append(pool.submit(self._read, following))
-                yield part
+    def _load(self, index: int, rows: torch.Tensor, ids: torch.Tensor | None, at: int) -> int:
+        """Read one chunk's rows into ``rows[at:]`` (and ids), drop excluded ones; returns rows kept."""
+        values, token_ids, flags = self._arrays()
+        start, stop = self.chunks[index]
+        count = stop - start
+        read_chunk_rows(self.path, self.key, values, index, rows[at:at + count].numpy())
+        if ids is not None:
+            read_chunk_rows(self.path, "tokens/input_ids", token_ids, index, ids[at:at + count].numpy())
+        if not self.exclude_mask:
+            return count
+        chunk_flags = np.empty(count, dtype=np.uint8)
+        read_chunk_rows(self.path, "tokens/flags", flags, index, chunk_flags)
+        keep = torch.from_numpy(np.flatnonzero((chunk_flags & self.exclude_mask) == 0))
+        rows[at:at + keep.numel()] = rows[at:at + count].index_select(0, keep)
+        if ids is not None:
+            ids[at:at + keep.numel()] = ids[at:at + count].index_select(0, keep)
+        return keep.numel()
 
     def __iter__(self) -> Iterator:
         epoch = self.epoch
@@ -128,30 +131,37 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, self.rank, worker])
                                                       .integers(2**62)))
+        # One buffer reused for the whole pass: chunks are read straight into it, batches gathered out of it.
         limit = self.buffer_chunks * self.chunk_rows
-        buffer, buffered = [], 0
-        for part in self._parts(self.my_chunks(epoch, worker, num_workers)):
-            buffer.append(part)
-            buffered += part[0].shape[0]
-            if buffered >= limit:
-                remainder = yield from self._emit(buffer, generator)
-                buffer, buffered = [remainder], remainder[0].shape[0]
-        if not buffer:
-            return
-        rows, ids = yield from self._emit(buffer, generator)
-        if rows.shape[0] and not self.drop_last:
-            yield (rows, ids) if self.return_tokens else rows
+        rows = torch.empty(limit + self.chunk_rows, self.dim, dtype=_BUFFER_DTYPES[self.storage_dtype])
+        ids = torch.empty(limit + self.chunk_rows, dtype=torch.int32) if self.return_tokens else None
+        filled = 0
+        for index in self.my_chunks(epoch, worker, num_workers):
+            filled += self._load(index, rows, ids, filled)
+            if filled >= limit:
+                filled = yield from self._emit(rows, ids, filled, generator, final=False)
+        yield from self._emit(rows, ids, filled, generator, final=True)
 
-    def _emit(self, buffer, generator):
-        """Mix the buffered rows and yield whole batches; returns the rows left over."""
-        rows = torch.cat([part[0] for part in buffer])
-        ids = torch.cat([part[1] for part in buffer]) if self.return_tokens else None
-        if self.shuffle:
-            order = torch.randperm(rows.shape[0], generator=generator)
-            rows = rows[order]
-            ids = ids[order] if ids is not None else None
-        whole = rows.shape[0] // self.batch_size * self.batch_size
-        for start in range(0, whole, self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            yield (batch, ids[start:start + self.batch_size]) if self.return_tokens else batch
-        return rows[whole:], ids[whole:] if ids is not None else None
+    def _emit(self, rows, ids, filled: int, generator, final: bool):
+        """Yield whole batches of the buffer's rows in mixed order; keep the rest at its front."""
+        order = torch.randperm(filled, generator=generator) if self.shuffle else torch.arange(filled)
+        whole = filled // self.batch_size * self.batch_size
+        cuts = list(range(0, whole, self.batch_size))
+        if final and whole < filled and not self.drop_last:
+            cuts.append(whole)
+        for start in cuts:
+            picked = order[start:start + self.batch_size]
+            batch = self._convert(rows.index_select(0, picked))
+            yield (batch, ids.index_select(0, picked)) if ids is not None else batch
+        if final:
+            return 0
+        rest = order[whole:]
+        rows[:rest.numel()] = rows.index_select(0, rest)
+        if ids is not None:
+            ids[:rest.numel()] = ids.index_select(0, rest)
+        return rest.numel()
+
+    def _convert(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.storage_dtype == "bfloat16":
+            batch = batch.view(torch.bfloat16)
+        return batch if batch.dtype == self.dtype else batch.to(self.dtype)

@@ -157,6 +157,37 @@ def _write_file_atomic(path: Path, data) -> None:
         raise
 
 
+def _plain_bytes(array: zarr.Array) -> bool:
+    """True when a chunk file is the raw little-endian C-order rows (no filters or compressors)."""
+    return not array.compressors and not array.filters and sys.byteorder == "little"
+
+
+def chunk_path(root: Path, key: str, array: zarr.Array, chunk_index: int) -> Path:
+    """The file of one row chunk of a local store's array."""
+    return root / key / array.metadata.encode_chunk_key((chunk_index,) + (0,) * (array.ndim - 1))
+
+
+def read_chunk_rows(root: Path, key: str, array: zarr.Array, chunk_index: int, out: np.ndarray) -> None:
+    """The first ``len(out)`` rows of chunk ``chunk_index`` into ``out``: one readinto for plain chunks
+    (no temporary), zarr otherwise."""
+    if _plain_bytes(array) and out.flags.c_contiguous:
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        try:
+            with open(chunk_path(root, key, array, chunk_index), "rb", buffering=0) as f:
+                done = 0
+                while done < len(target):
+                    got = f.readinto(target[done:])
+                    if not got:
+                        break
+                    done += got
+            if done == len(target):
+                return
+        except FileNotFoundError:
+            pass
+    start = chunk_index * array.chunks[0]
+    out[...] = array[start:start + out.shape[0]].view(out.dtype)
+
+
 RESERVE_BYTES = 128 * 1024
 
 
@@ -283,8 +314,7 @@ class ZarrSink:
         for key, data in arrays.items():
             array = self._arrays[key]
             if whole and self._direct:
-                coords = (chunk_index,) + (0,) * (array.ndim - 1)
-                _write_file_atomic(self._root / key / array.metadata.encode_chunk_key(coords), data)
+                _write_file_atomic(chunk_path(self._root, key, array, chunk_index), data)
             else:
                 array[start:stop] = data
         put_json(self._store, layout.commit_record_key(chunk_index),

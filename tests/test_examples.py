@@ -1,0 +1,48 @@
+"""The examples run against real stores."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import CaptureConfig, CaptureEngine
+
+from conftest import ragged_batch, tiny_model
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ex") / "s.zarr"
+    model = tiny_model("gpt2")
+    with CaptureEngine(model, CaptureConfig(path, layer_indices=[1], chunk_tokens=64)), torch.no_grad():
+        for seed in range(40):
+            model(**ragged_batch(8, 32, seed=seed))
+    return path
+
+
+def test_sae_loss_falls(store):
+    losses = load_example("train_sae").train(str(store), "layer_1/residual", steps=150, batch_size=128)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_dask_example_reads_the_store(store):
+    pytest.importorskip("dask")
+    out = subprocess.run([sys.executable, str(EXAMPLES / "read_with_dask.py"), str(store), "layer_1/residual"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "status complete" in out.stdout and "mean norm" in out.stdout
