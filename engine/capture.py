@@ -27,6 +27,8 @@ class StopForward(Exception):
     """Raised by the last hook of a forward pass when early_stop is on; the root forward returns None."""
 
 
+_NO_INSTANCE_FORWARD = object()
+
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -111,6 +113,7 @@ class CaptureEngine:
         self._skip_forward = False      # the forward in progress has no tokens
         self._next_sequence = 0
         self._handles: list = []
+        self._wrapped_forward = None  # what _wrap_forward replaced, while it is installed
         self._counters = Counters()
         self._warned_nonfinite = False
         self._nonfinite_lock = threading.Lock()
@@ -235,11 +238,19 @@ class CaptureEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._model.__dict__.pop("forward", None)  # undo _wrap_forward
+        if self._wrapped_forward is not None:  # undo _wrap_forward, restoring exactly what was there
+            previous = self._wrapped_forward
+            self._wrapped_forward = None
+            if previous is _NO_INSTANCE_FORWARD:
+                self._model.__dict__.pop("forward", None)
+            else:
+                self._model.forward = previous
 
     def _wrap_forward(self) -> None:
-        """Early stop: the root forward returns None once every point is captured; later layers never run."""
-        original = type(self._model).forward.__get__(self._model)
+        """Early stop: the root forward returns None once every point is captured; later layers never run.
+        Wraps the forward in place now (an instance-level one, e.g. accelerate's, included)."""
+        self._wrapped_forward = self._model.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+        original = self._model.forward
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
@@ -260,9 +271,7 @@ class CaptureEngine:
 
     def _on_forward(self, module, args, kwargs) -> None:
         self._check_writers()
-        if self._current is not None:  # the previous forward raised before its last hooked point
-            self._pool.release(self._current)
-            self._current = None
+        self._abandon_current()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reference is None:
@@ -284,6 +293,16 @@ class CaptureEngine:
         with self._counters.lock:
             self._counters.stall_seconds += waited
 
+    def _abandon_current(self) -> None:
+        """Release the slot of a forward that raised before its last point, once its copies have landed."""
+        if self._current is None:
+            return
+        self._stager.finish(self._current)
+        if self._current.event is not None:
+            self._current.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
+        self._pool.release(self._current)
+        self._current = None
+
     def _point_hook(self, point: HookPoint):
         if point.capture == "input":
             return lambda module, args: self._on_point(point, captured_tensor(point, args, None))
@@ -301,12 +320,13 @@ class CaptureEngine:
                                  f"({slot.batch.batch_size}, {slot.batch.seq_len}, dim) like input_ids")
         self._stager.stage_point(slot, point.key, tensor.detach())
         if len(slot.captured) == len(self.points):
+            tokens = slot.batch.batch_size * slot.batch.seq_len  # read before a writer may recycle the slot
             self._stager.finish(slot)
             self._current = None
             self._writers.submit(slot)
             with self._counters.lock:
                 self._counters.batches += 1
-                self._counters.tokens_staged += slot.batch.batch_size * slot.batch.seq_len
+                self._counters.tokens_staged += tokens
             if self.config.early_stop:
                 raise StopForward  # caught by the wrapper around the root forward
 
@@ -365,9 +385,7 @@ class CaptureEngine:
             return
         self._closed = True
         self._remove_hooks()  # producer first
-        if self._current is not None:
-            self._pool.release(self._current)
-            self._current = None
+        self._abandon_current()
         error = None
         try:
             rows = self._writers.close(commit_tail=not failed)
@@ -376,13 +394,19 @@ class CaptureEngine:
         failed = failed or self._writers.error is not None
         status = layout.STATUS_FAILED if failed or error is not None else layout.STATUS_COMPLETE
         c = self._counters
-        self._sink.finalize(c.tokens_committed, {
-            "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
-            "sequences": self._next_sequence,
-            "statistics": self._writers.statistics.to_json() if self._writers.statistics else {},
-            "error": repr(self._writers.error) if self._writers.error is not None else None,
-            "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)
+        cause = self._writers.error or (error.__cause__ if error is not None else None) or error
+        try:
+            self._sink.finalize(c.tokens_committed, {
+                "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
+                "sequences": self._next_sequence,
+                "statistics": self._writers.statistics.to_json() if self._writers.statistics else {},
+                "error": repr(cause) if cause is not None else None,
+                "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)
+        except BaseException as finalize_error:
+            if error is not None:
+                raise error from finalize_error  # the writer's failure stays the headline
+            raise
         if error is not None:
             raise error
 

@@ -261,20 +261,17 @@ class ZarrSink:
         return {key: array for key, array in self._arrays.items() if key not in layout.TOKEN_ARRAYS}
 
     def repair(self) -> tuple[ResumePoint, dict[str, np.ndarray]]:
-        """Make a crashed or closed store continuable: keep rows up to the resume point, drop commit
-        records after it (highest first, so the committed prefix is valid after every step), shrink the
-        record of the chunk that holds the cut, delete temp files. Returns the point and the kept rows of
-        the cut chunk, which the writers take as the start of that chunk."""
+        """Make a crashed or closed store continuable: keep rows up to the resume point, drop the commit
+        records of the chunk holding it and of every later chunk (highest first, so the committed prefix is
+        valid after every step), delete temp files. Returns the point and the kept rows of the cut chunk:
+        the writers start that chunk with them and commit it again, whole. A crash before then only moves
+        the next resume point back; no record ever describes rows it does not hold."""
         records = read_commit_records(self._store)
         point = find_resume_point(self._group, committed_prefix(records), self._stored_manifest)
         cut_chunk, kept = divmod(point.rows, self.chunk_tokens)
         for index in sorted(records, reverse=True):
-            if index > cut_chunk or (index == cut_chunk and kept == 0):
+            if index >= cut_chunk:
                 delete_key(self._store, layout.commit_record_key(index))
-        if kept and records[cut_chunk]["token_count"] != kept:
-            record = {**records[cut_chunk], "token_count": kept, "row_stop": point.rows, "truncated": True}
-            put_json(self._store, layout.commit_record_key(cut_chunk),
-                     {"zarr_format": 3, "node_type": "group", "attributes": record})
         for leftover in self._root.rglob("*.partial"):
             leftover.unlink()
         start = cut_chunk * self.chunk_tokens

@@ -138,24 +138,25 @@ class WriterPool:
                 target.copy_(decode(rows, "bfloat16" if target.dtype == torch.bfloat16 else str(rows.dtype)))
 
     # ---- producer side -------------------------------------------------------------------------
-    def check(self) -> None:
-        """Re-raise a writer failure in the calling thread, with the writer's traceback."""
+    def check(self, delivered: bool = True) -> None:
+        """Re-raise a writer failure in the calling thread, with the writer's traceback. ``delivered``
+        records that the caller has now seen it (close() does not raise it a second time)."""
         if self._error is not None:
-            self.error_delivered = True
+            self.error_delivered = self.error_delivered or delivered
             raise CaptureError(f"capture writer failed: {self._error!r}\n"
                                f"--- traceback in writer thread ---\n{self._error_text}") from self._error
 
     def submit(self, slot: Slot) -> None:
         """Hand a fully staged slot to the writers (never blocks long: the queue holds every slot)."""
-        self._submitted += 1
         self._put(slot)
+        self._submitted += 1  # after the put: an interrupted put must not leave flush() waiting forever
         depth = self._queue.qsize()
         with self._counters.lock:
             self._counters.queue_high_water = max(self._counters.queue_high_water, depth)
 
-    def _put(self, item) -> None:
+    def _put(self, item, delivered: bool = True) -> None:
         while True:
-            self.check()
+            self.check(delivered)
             try:
                 self._queue.put(item, timeout=_POLL_S)
                 return
@@ -175,9 +176,6 @@ class WriterPool:
 
     # ---- writer threads ------------------------------------------------------------------------
     def _run(self) -> None:
-        # One intra-op thread per writer: torch's OpenMP team per calling thread would otherwise spin on
-        # every core after each op and starve the thread that launches the model's kernels.
-        torch.set_num_threads(1)
         try:
             while (job := self._next_job()) is not None:
                 self._fill(job)
@@ -322,7 +320,7 @@ class WriterPool:
         if self._error is None:
             for _ in self._threads:
                 try:
-                    self._put(_SENTINEL)
+                    self._put(_SENTINEL, delivered=False)
                 except CaptureError:
                     break  # a writer died meanwhile: the others exit on the stop event
         for thread in self._threads:

@@ -307,3 +307,38 @@ def test_flush_waits_for_full_chunks(tmp_path, monkeypatch):
         staged = int(sum(ragged_batch(2, 8, seed=s)["attention_mask"].sum() for s in range(3)))
         assert cap.stats.tokens == staged // 4 * 4
         assert open_store(cfg.output_dir).num_tokens == staged // 4 * 4
+
+
+def test_no_race_between_submit_and_slot_recycling(tmp_path):
+    """Regression: the forward thread read slot.batch after handing the slot to a writer that may have
+    recycled it already; forcing constant thread switches made that fail within ~150 forwards."""
+    import sys
+
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], sink="null", chunk_tokens=4, num_writers=3,
+                        pinned_slots=2)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with CaptureEngine(model, cfg) as cap, torch.no_grad():
+            for _ in range(400):
+                model(input_ids=torch.ones(1, 1, dtype=torch.long))
+    finally:
+        sys.setswitchinterval(interval)
+    assert cap.stats.tokens == 400
+
+
+def test_early_stop_keeps_an_instance_level_forward(tmp_path):
+    model = tiny_model("gpt2")
+    calls = []
+    original = model.forward
+
+    def instance_forward(*args, **kwargs):  # what accelerate's dispatch hooks install
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = instance_forward
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, early_stop=True)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        assert model(**ragged_batch(2, 5)) is None
+    assert calls == [1] and model.forward is instance_forward
