@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine.capture  # noqa: E402
+import engine.statistics  # noqa: E402
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
 from engine.store import ZarrSink  # noqa: E402
 from synthetic import SyntheticModel, row_values  # noqa: E402
@@ -95,8 +96,11 @@ def run(args) -> dict:
     tmp.cleanup()
     engine.capture.ZarrSink = ZarrSink
     chunk_bytes = args.chunk_tokens * (2 * sum(args.dims) + 17)
-    budget = stats.slot_bytes + chunk_bytes * (args.num_writers + 1 + -(-args.pinned_slots * batch_tokens
-                                                                       // args.chunk_tokens))
+    open_chunks = args.num_writers + 1 + -(-args.pinned_slots * batch_tokens // args.chunk_tokens)
+    # slots + chunk buffers + per-writer float64 statistics blocks (block + its square) + zarr's copy of
+    # the partial last chunk
+    budget = (stats.slot_bytes + chunk_bytes * (open_chunks + 1)
+              + args.num_writers * 2 * engine.statistics.BLOCK_BYTES)
     expected = max(0.0, 1 - args.sink_mb_s / args.produce_mb_s) if args.sink_mb_s > 0 else 0.0
     return {"produce_mb_s": args.produce_mb_s, "sink_mb_s": args.sink_mb_s, "elapsed_s": elapsed,
             "producing_s": producing,
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
           f"{result['stall_fraction']:.2f} (expected {result['expected_stall_fraction']:.2f}), queue high-water "
           f"{result['queue_high_water']}")
     print(f"[backpressure] host RSS delta {result['host_rss_delta_mb']:.1f} MB, budget "
-          f"{result['memory_budget_mb']:.1f} MB (slots + chunk buffers)")
+          f"{result['memory_budget_mb']:.1f} MB (slots + chunk buffers + statistics blocks)")
     print(f"[backpressure] rows stored {result['rows_stored']} of {result['rows_expected']}, lost "
           f"{result['rows_lost']}, values {'ok' if result['values_ok'] else 'WRONG'}")
     if args.plot:

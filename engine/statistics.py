@@ -60,16 +60,26 @@ class RunningMoments:
                                         if self.mean_squared_norm > 0 else None)}
 
 
+BLOCK_BYTES = 1 << 20  # float64 temporaries are made block by block: host memory stays bounded
+
+
 def chunk_moments(rows: torch.Tensor, has_nonfinite: bool) -> tuple[int, np.ndarray, float, float]:
     """(count, mean, mean squared norm, max norm) of one chunk's finite rows, float64 accumulation."""
     if has_nonfinite:
         rows = rows[torch.isfinite(rows).all(dim=1)]
-    count = rows.shape[0]
+    count, dim = rows.shape
+    total = torch.zeros(dim, dtype=torch.float64)
+    squared_norm_sum, max_norm = 0.0, 0.0
+    step = max(1, BLOCK_BYTES // (8 * dim))
+    for start in range(0, count, step):
+        block = rows[start:start + step].to(torch.float64)
+        total += block.sum(dim=0)
+        squared = block.square_().sum(dim=1)
+        squared_norm_sum += float(squared.sum())
+        max_norm = max(max_norm, float(squared.max()) ** 0.5)
     if count == 0:
-        return 0, np.zeros(rows.shape[1]), 0.0, 0.0
-    mean = (rows.sum(dim=0, dtype=torch.float64) / count).numpy()
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
-    return count, mean, float((norms * norms).mean()), float(norms.max())
+        return 0, total.numpy(), 0.0, 0.0
+    return count, (total / count).numpy(), squared_norm_sum / count, max_norm
 
 
 class Statistics:
