@@ -63,7 +63,7 @@ def _resume_fields(stored: dict, new: dict):
     """(field, stored value, this run's value) for everything a resumed store must share with the run."""
     yield "model", stored["model"]["name"], new["model"]["name"]
     yield "architecture", stored["model"]["architecture"], new["model"]["architecture"]
-    for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor"):
+    for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor", "annotations"):
         yield field, stored.get(field), new.get(field)
     yield ("hooked modules", {k: v["module_path"] for k, v in stored["arrays"].items()},
            {k: v["module_path"] for k, v in new["arrays"].items()})
@@ -114,6 +114,7 @@ class CaptureEngine:
         self._next_sequence = 0
         self._handles: list = []
         self._wrapped_forward = None  # what _wrap_forward replaced, while it is installed
+        self._pending_annotations: dict[str, torch.Tensor] = {}
         self._counters = Counters()
         self._warned_nonfinite = False
         self._nonfinite_lock = threading.Lock()
@@ -147,7 +148,8 @@ class CaptureEngine:
                 writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
-                                       self._note_nonfinite, start_row, writer_resume)
+                                       self._note_nonfinite, layout.token_arrays(config.annotations),
+                                       start_row, writer_resume)
             undo.callback(self._writers.abort)
             undo.callback(self._remove_hooks)
             self._attach()
@@ -177,7 +179,8 @@ class CaptureEngine:
             "extra_modules": dict(cfg.extra_modules),
             "arrays": {p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
                                "layer": p.layer, "point": p.point} for p in self.points},
-            "token_arrays": {key: str(dtype) for key, dtype in layout.TOKEN_ARRAYS.items()},
+            "token_arrays": {key: str(dtype) for key, dtype in layout.token_arrays(cfg.annotations).items()},
+            "annotations": dict(cfg.annotations),
             "flag_bits": layout.FLAG_BITS,
             "dtype": cfg.dtype,
             "chunk_tokens": cfg.chunk_tokens,
@@ -281,15 +284,17 @@ class CaptureEngine:
         if self._max_positions is not None and seq_len > self._max_positions:
             raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
                              f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
+        annotations, self._pending_annotations = self._pending_annotations, {}
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
             return
+        self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._pool.acquire(self._check_writers)
         batch = BatchInfo(self._counters.batches, batch_size, seq_len, self._next_sequence)
         self._next_sequence += batch_size
         slot.reserve(batch)
         self._current = slot
-        self._stager.stage_tokens(slot, input_ids, kwargs.get("attention_mask"))
+        self._stager.stage_tokens(slot, input_ids, kwargs.get("attention_mask"), annotations)
         with self._counters.lock:
             self._counters.stall_seconds += waited
 
@@ -348,6 +353,23 @@ class CaptureEngine:
             return CaptureStats(c.batches, c.tokens_staged, c.tokens_committed, c.bytes_committed,
                                 c.chunks_committed, c.stall_seconds, c.queue_high_water,
                                 self._writers.queue_depth(), self._pool.nbytes, time.perf_counter() - c.started)
+
+    def annotate(self, **values: torch.Tensor) -> None:
+        """Per-token values for the next forward pass: one ``(batch, seq)`` integer tensor per name declared
+        in ``CaptureConfig.annotations`` (all of them, every forward). Stored at ``tokens/<name>``."""
+        if self._closed:
+            raise CaptureClosedError("this CaptureEngine is closed")
+        self._pending_annotations = dict(values)
+
+    def _check_annotations(self, values: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> None:
+        declared = set(self.config.annotations)
+        if set(values) != declared:
+            raise BatchError(f"annotations for this forward are {sorted(values)} but the config declares "
+                             f"{sorted(declared)}: call engine.annotate(...) with exactly those before each forward")
+        for name, tensor in values.items():
+            if tuple(tensor.shape) != (batch_size, seq_len):
+                raise BatchError(f"annotation {name!r} has shape {tuple(tensor.shape)}; expected "
+                                 f"({batch_size}, {seq_len}) like input_ids")
 
     def flush(self) -> None:
         """Wait until every captured batch has left its slot and every full chunk is committed (the partial

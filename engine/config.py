@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import ConfigError
-from .layout import STORAGE_DTYPES
+from .layout import ANNOTATION_DTYPES, STORAGE_DTYPES, TOKEN_ARRAYS
 
 SINKS = ("zarr", "null")
 COMPRESSORS = (None, "zstd", "blosc")
@@ -40,6 +40,9 @@ class CaptureConfig:
         model_name: name recorded in the manifest (default: ``model.config.name_or_path``).
         early_stop: end each forward pass once every point is captured: later layers and the LM head never
             run and ``model(...)`` returns None. Off for passes whose outputs you need.
+        annotations: ``{name: "int32"|"int64"}`` per-token values the driver passes with
+            ``CaptureEngine.annotate(name=(batch, seq) tensor)`` before each forward; stored at
+            ``tokens/<name>`` (e.g. document ids and character offsets).
 
     Thread safety: immutable.
     """
@@ -61,12 +64,20 @@ class CaptureConfig:
     compressor: str | None = None
     model_name: str | None = None
     early_stop: bool = False
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):
             object.__setattr__(self, "layer_indices", (self.layer_indices,))
         object.__setattr__(self, "layer_indices", tuple(self.layer_indices))
         object.__setattr__(self, "extra_modules", dict(self.extra_modules))
+        object.__setattr__(self, "annotations", dict(self.annotations))
+        for name, dtype in self.annotations.items():
+            if not isinstance(name, str) or not name.isidentifier() or f"tokens/{name}" in TOKEN_ARRAYS:
+                raise ConfigError(f"annotation {name!r}: use an identifier other than "
+                                  f"{', '.join(k.split('/')[1] for k in TOKEN_ARRAYS)}")
+            if dtype not in ANNOTATION_DTYPES:
+                raise ConfigError(f"annotation {name!r} dtype {dtype!r}: use one of {', '.join(ANNOTATION_DTYPES)}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ConfigError("output_dir must be a non-empty path to the zarr store to write")
         for layer in self.layer_indices:

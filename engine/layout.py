@@ -29,6 +29,14 @@ TOKEN_ARRAYS: dict[str, np.dtype] = {
     "tokens/flags": np.dtype("uint8"),
 }
 
+ANNOTATION_DTYPES = ("int32", "int64")
+
+
+def token_arrays(annotations: dict[str, str]) -> dict[str, np.dtype]:
+    """Per-token arrays of a store: the fixed ones plus ``tokens/<name>`` for each annotation."""
+    return {**TOKEN_ARRAYS, **{f"tokens/{name}": np.dtype(dtype) for name, dtype in annotations.items()}}
+
+
 # Bits of tokens/flags.
 FLAG_BOS = 1       # token id is the model's BOS id
 FLAG_SPECIAL = 2   # token id is one of the model's special ids (bos / eos / pad / tokenizer specials)

@@ -81,7 +81,7 @@ class CaptureStore:
     def keys(self) -> list[str]:
         """Array paths: activation arrays first (as captured), then ``tokens/*``."""
         keys = [key for key in self.manifest.get("arrays", {}) if key in self._existing()]
-        return keys + list(layout.TOKEN_ARRAYS)
+        return keys + list(self.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
 
     def _existing(self) -> set[str]:
         found = set()

@@ -45,6 +45,7 @@ class Slot:
         self.capacity = 0
         self._ids = torch.empty(0, dtype=torch.int64)
         self._mask = torch.empty(0, dtype=torch.int64)
+        self._annotations: dict[str, torch.Tensor] = {}
         self._points: dict[str, torch.Tensor] = {}
         self.dims: dict[str, int] = {}
         self.batch: BatchInfo | None = None
@@ -61,6 +62,7 @@ class Slot:
             self.capacity = max(tokens, self.capacity + self.capacity // 4)
             self._ids = self._alloc(self.capacity, torch.int64)
             self._mask = self._alloc(self.capacity, torch.int64)
+            self._annotations = {}
             self._points = {}  # reallocated at the new capacity on each point's next capture
         self.batch = batch
         self.captured = set()
@@ -86,9 +88,17 @@ class Slot:
         shape = (self.batch.batch_size, self.batch.seq_len)
         return self._ids[:n].view(shape), self._mask[:n].view(shape)
 
+    def annotation_buffer(self, name: str) -> torch.Tensor:
+        """(batch, seq) int64 view of one per-token annotation."""
+        if name not in self._annotations:
+            self._annotations[name] = self._alloc(self.capacity, torch.int64)
+        n = self.batch.batch_size * self.batch.seq_len
+        return self._annotations[name][:n].view(self.batch.batch_size, self.batch.seq_len)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._ids, self._mask, *self._points.values()))
+        buffers = (self._ids, self._mask, *self._points.values(), *self._annotations.values())
+        return sum(t.numel() * t.element_size() for t in buffers)
 
 
 class SlotPool:
@@ -138,7 +148,7 @@ class Stager:
         self._stream = torch.cuda.Stream(device=device) if self.cuda else None
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if not self.cuda:
+        if not self.cuda or not src.is_cuda:
             dst.copy_(src)
             return
         snapshot = src.to(self.dtype, copy=True) if src.is_floating_point() else src
@@ -147,7 +157,10 @@ class Stager:
             dst.copy_(snapshot, non_blocking=True)
         snapshot.record_stream(self._stream)
 
-    def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                     annotations: dict[str, torch.Tensor]) -> None:
+        for name, values in annotations.items():
+            self._copy(slot.annotation_buffer(name), values)
         ids, mask = slot.token_buffers()
         if input_ids is None:
             ids.fill_(-1)  # inputs_embeds forward: no token ids to record

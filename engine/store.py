@@ -222,6 +222,7 @@ class ZarrSink:
 
     def __init__(self, path: Path, chunk_tokens: int, compressor: str | None, manifest: dict,
                  existing: bool = False):
+        token_arrays = {key: np.dtype(dtype) for key, dtype in manifest.get("token_arrays", {}).items()}
         self.chunk_tokens = chunk_tokens
         self._compressors = _compressors(compressor)
         self._root = path
@@ -237,7 +238,7 @@ class ZarrSink:
             self._group = zarr.open_group(self._store, mode="r+")
             self._stored_manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
             self._manifest = {**self._stored_manifest, **manifest}
-            for key in (*self._manifest["arrays"], *layout.TOKEN_ARRAYS):
+            for key in (*self._manifest["arrays"], *self._manifest["token_arrays"]):
                 if key in self._group:
                     self._arrays[key] = self._group[key]
             # A crash can land between two arrays' resizes: the smallest is what every array has.
@@ -249,7 +250,7 @@ class ZarrSink:
         self._group = zarr.open_group(self._store, mode="w", attributes={layout.MANIFEST_ATTR: manifest})
         self._group.create_group(layout.COMMITS_GROUP, attributes={
             "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
-        for key, dtype in layout.TOKEN_ARRAYS.items():
+        for key, dtype in token_arrays.items():
             self._create(key, (), dtype, {})
 
     @property
@@ -258,7 +259,7 @@ class ZarrSink:
 
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
-        return {key: array for key, array in self._arrays.items() if key not in layout.TOKEN_ARRAYS}
+        return {key: array for key, array in self._arrays.items() if not key.startswith("tokens/")}
 
     def repair(self) -> tuple[ResumePoint, dict[str, np.ndarray]]:
         """Make a crashed or closed store continuable: keep rows up to the resume point, drop the commit

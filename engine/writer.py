@@ -91,7 +91,8 @@ class WriterPool:
 
     def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
                  bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
-                 counters: Counters, on_nonfinite: Callable[[str, int], None], start_row: int = 0,
+                 counters: Counters, on_nonfinite: Callable[[str, int], None], token_arrays: dict[str, np.dtype],
+                 start_row: int = 0,
                  resumed: tuple[dict[str, int], dict[str, np.ndarray], Statistics] | None = None):
         self._sink = sink
         self._pool = pool
@@ -103,6 +104,7 @@ class WriterPool:
         self._on_nonfinite = on_nonfinite
         self._counters = counters
         self._dims: dict[str, int] | None = None
+        self._token_arrays = token_arrays
         self._queue: queue.Queue = queue.Queue(maxsize=len(pool.slots) + num_writers)
         self._order_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
@@ -229,7 +231,7 @@ class WriterPool:
             return self._spare.pop()
         rows = self._chunk_tokens
         buffers = {key: torch.empty(rows, dim, dtype=self._dtype) for key, dim in self._dims.items()}
-        for key, dtype in layout.TOKEN_ARRAYS.items():
+        for key, dtype in self._token_arrays.items():
             buffers[key] = torch.from_numpy(np.empty(rows, dtype=dtype))
         return buffers
 
@@ -245,10 +247,12 @@ class WriterPool:
                  | torch.where(torch.isin(token_ids, self._special_ids), layout.FLAG_SPECIAL, 0))
         if self._bos_id is not None:
             flags |= torch.where(token_ids == self._bos_id, layout.FLAG_BOS, 0)
-        return {"tokens/input_ids": token_ids.to(torch.int32),
-                "tokens/sequence": rows_of + slot.batch.first_sequence,
-                "tokens/position": positions.to(torch.int32),
-                "tokens/flags": flags.to(torch.uint8)}
+        values = {"tokens/input_ids": token_ids, "tokens/sequence": rows_of + slot.batch.first_sequence,
+                  "tokens/position": positions, "tokens/flags": flags}
+        for key in self._token_arrays:
+            if key not in values:
+                values[key] = slot.annotation_buffer(key.split("/", 1)[1]).reshape(-1)[keep]
+        return values
 
     def _fill(self, job: _Job) -> None:
         slot = job.slot

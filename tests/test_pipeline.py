@@ -342,3 +342,23 @@ def test_early_stop_keeps_an_instance_level_forward(tmp_path):
     with CaptureEngine(model, cfg), torch.no_grad():
         assert model(**ragged_batch(2, 5)) is None
     assert calls == [1] and model.forward is instance_forward
+
+
+def test_annotations_are_stored_per_token(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4,
+                        annotations={"doc_id": "int64", "char_start": "int32"})
+    batches = [ragged_batch(3, 6, seed=s) for s in range(3)]
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        for i, batch in enumerate(batches):
+            cap.annotate(doc_id=torch.full((3, 6), 100 + i), char_start=torch.arange(18).view(3, 6))
+            model(**batch)
+        with pytest.raises(engine.BatchError, match="annotate"):
+            model(**batches[0])  # no annotations for this forward
+    store = open_store(cfg.output_dir)
+    masks = [b["attention_mask"].bool() for b in batches]
+    np.testing.assert_array_equal(store["tokens/doc_id"][:],
+                                  np.concatenate([np.full(int(m.sum()), 100 + i) for i, m in enumerate(masks)]))
+    np.testing.assert_array_equal(store["tokens/char_start"][:],
+                                  np.concatenate([torch.arange(18).view(3, 6)[m].numpy() for m in masks]))
+    assert store["tokens/char_start"].dtype == np.int32 and "tokens/doc_id" in store.keys()
