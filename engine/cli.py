@@ -1,11 +1,17 @@
-"""Command line: ``python -m engine models`` (later: capture, inspect, align)."""
+"""Command line: ``python -m engine models | capture | inspect | align``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
-from .registry import list_models
+from .registry import find_model, list_models
+
+_ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -18,10 +24,223 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _widths(config) -> tuple[int, int]:
+    """(d_model, d_mlp) from a transformers config, for the size estimate."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return hidden, mlp
+
+
+def _capture(args: argparse.Namespace) -> int:
+    import torch
+
+    from .capture import CaptureEngine
+    from .config import CaptureConfig
+    from .corpus import collate, read_documents, rows
+    from .loading import load_model, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, device=device, dtype=args.model_dtype, weights=args.weights)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if not getattr(tokenizer, "is_fast", False):
+        print("error: character offsets need a fast tokenizer (tokenizers library)", file=sys.stderr)
+        return 2
+    spec = find_model(args.model)
+    layers = args.layers or [spec.default_probe_layer if spec else model.config.num_hidden_layers // 2]
+    cfg = CaptureConfig(args.out, layer_indices=layers, capture_residual="residual" in args.hooks,
+                        capture_mlp_hidden="mlp_hidden" in args.hooks, capture_mlp_out="mlp_out" in args.hooks,
+                        capture_attn_out="attn_out" in args.hooks, dtype=args.dtype,
+                        chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
+                        pinned_slots=args.pinned_slots, resume=args.resume, overwrite=args.overwrite,
+                        early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS)
+
+    def corpus():
+        taken = 0
+        for row in rows(read_documents(args.data, args.text_field), tokenizer, args.seq_len, args.pack):
+            if args.max_tokens is not None and taken + len(row.ids) > args.max_tokens:
+                return
+            taken += len(row.ids)
+            yield row
+
+    total = sum(len(row.ids) for row in corpus())
+    hidden, mlp = _widths(model.config)
+    row_bytes = len(layers) * sum(mlp if h == "mlp_hidden" else hidden for h in args.hooks) * (
+        4 if args.dtype == "float32" else 2) + 17 + 16
+    print(f"[capture] {args.model} layers {layers} {args.hooks} -> {args.out}: {total:,} tokens, "
+          f"expected store size {total * row_bytes / 1e9:.3f} GB")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    started = time.perf_counter()
+    try:
+        with CaptureEngine(model, cfg, tokenizer=tokenizer) as cap, torch.no_grad():
+            stream = corpus()
+            done = sum(len(next(stream).ids) for _ in range(cap.resume_sequences))
+            if cap.resume_sequences:
+                print(f"[capture] resuming after {cap.resume_sequences} sequences ({done:,} tokens)")
+            progress = _progress(total, done, args.no_progress)
+            while batch := [row for _, row in zip(range(args.batch_size), stream)]:
+                inputs, annotations = collate(batch, pad_id)
+                cap.annotate(**annotations)
+                model(**{k: v.to(device) for k, v in inputs.items()})
+                s = cap.stats
+                progress.update(sum(len(row.ids) for row in batch))
+                progress.set_postfix_str(f"{s.bytes_written / 1e9:.2f} GB, queue {s.queue_depth}, "
+                                         f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
+            progress.close()
+    except KeyboardInterrupt:
+        print(f"[capture] interrupted: committed chunks are kept; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    s = cap.stats
+    elapsed = time.perf_counter() - started
+    print(f"[capture] done: {s.tokens:,} tokens in {elapsed:.1f} s ({s.tokens_staged / elapsed:,.0f} tokens/s "
+          f"through the model), {s.bytes_written / 1e9:.3f} GB written, stalled {s.stall_seconds:.2f} s, "
+          f"queue high-water {s.queue_high_water}")
+    return 0
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, disabled: bool):
+    if disabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import zarr
+
+    from .reader import open_store
+    from .store import find_resume_point
+
+    store = open_store(args.store)
+    m = store.manifest
+    sequences = len(set(store["tokens/sequence"][:].tolist())) if store.num_tokens else 0
+    print(f"store      {store.path}")
+    print(f"status     {store.status}   format {m['format']} v{m['format_version']}")
+    print(f"model      {m['model']['name']} ({m['model']['architecture']})   tokenizer {m.get('tokenizer')}")
+    print(f"tokens     {store.num_tokens:,} committed in {len(store.chunks)} chunks of {m['chunk_tokens']}   "
+          f"sequences stored {sequences:,} (fed {m.get('sequences', 0):,})")
+    print(f"on disk    {_du(store.path) / 1e6:.1f} MB   dtype {m['dtype']}   compressor {m['compressor']}")
+    for key in store.keys():
+        array = store[key]
+        info = m["arrays"].get(key, {})
+        line = f"  {key:28s} {str(array.shape):18s} {array.dtype}"
+        if info:
+            overflow = sum(c["stats"][key]["fp16_overflow"] for c in store.chunks)
+            nonfinite = sum(c["stats"][key]["nonfinite"] for c in store.chunks)
+            line += f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} fp16_overflow {overflow}"
+            stats = m.get("statistics", {}).get(key)
+            if stats and stats.get("count"):
+                line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
+                         f"norm_scale {stats['norm_scaling_factor']:.4g}")
+        print(line)
+    if store.status != "complete":
+        point = find_resume_point(zarr.open_group(str(store.path), mode="r"), store.chunks, m)
+        print(f"resume     --resume continues after {point.sequences:,} sequences ({point.rows:,} rows kept, "
+              f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
+    return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    import numpy as np
+    import zarr
+
+    from .reader import open_store
+
+    store = open_store(args.store)
+    if "tokens/doc_id" not in store.keys():
+        print("error: this store has no tokens/doc_id (capture it with `python -m engine capture`)",
+              file=sys.stderr)
+        return 2
+    spans: dict[int, list] = {}
+    labels: dict[str, int] = {}
+    with open(args.alignment, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                spans[int(record["doc_id"])] = sorted(record["spans"])
+                for _, _, label in record["spans"]:
+                    labels.setdefault(label, len(labels))
+    doc_id = store["tokens/doc_id"][:]
+    start, end = store["tokens/char_start"][:], store["tokens/char_end"][:]
+    out = np.full(store.num_tokens, -1, dtype=np.int32)
+    for doc in np.unique(doc_id):
+        rows = np.flatnonzero((doc_id == doc) & (end > start))  # special tokens cover no character
+        for s, e, label in spans.get(int(doc), []):
+            hit = rows[(start[rows] >= s) & (start[rows] < e)]  # a token belongs to the span of its 1st char
+            out[hit] = labels[label]
+    group = zarr.open_group(str(store.path), mode="r+")
+    chunk = store.manifest["chunk_tokens"]
+    array = group.create_array("tokens/label", shape=out.shape, chunks=(chunk,), dtype="int32", fill_value=-1,
+                               compressors=None, overwrite=True,
+                               attributes={"labels": list(labels), "source": os.path.basename(args.alignment),
+                                           "rule": "label of the span covering the token's first character"})
+    array[:] = out
+    manifest = dict(store.manifest)
+    manifest["token_arrays"] = {**manifest["token_arrays"], "tokens/label": "int32"}
+    group.update_attributes({"manifest": manifest})
+    print(f"[align] {int((out >= 0).sum()):,} of {len(out):,} tokens labelled with {len(labels)} labels "
+          f"-> tokens/label")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", help="list the model registry").set_defaults(run=_models)
+
+    cap = commands.add_parser("capture", help="capture layers of a model over a corpus into a store")
+    cap.add_argument("--model", required=True, help="registry name or local model folder")
+    cap.add_argument("--data", required=True, help=".txt, .jsonl or a saved datasets folder")
+    cap.add_argument("--out", required=True, help="store folder")
+    cap.add_argument("--layers", type=int, nargs="+", help="default: the model's probe layer")
+    cap.add_argument("--hooks", nargs="+", default=["residual", "mlp_hidden"],
+                     choices=["residual", "mlp_hidden", "mlp_out", "attn_out"])
+    cap.add_argument("--seq-len", type=int, default=512)
+    cap.add_argument("--batch-size", type=int, default=8)
+    cap.add_argument("--max-tokens", type=int, default=None, help="stop before the row that would pass this")
+    cap.add_argument("--pack", action="store_true", help="concatenate documents into full windows")
+    cap.add_argument("--text-field", default="text", help="jsonl / dataset field holding the text")
+    cap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    cap.add_argument("--device", default=None)
+    cap.add_argument("--dtype", default="float16", help="storage dtype: float16, float32, bfloat16")
+    cap.add_argument("--model-dtype", default=None, help="weights dtype (default: the checkpoint's)")
+    cap.add_argument("--weights", default="required", choices=["auto", "random", "required"])
+    cap.add_argument("--chunk-tokens", type=int, default=8192)
+    cap.add_argument("--num-writers", type=int, default=2)
+    cap.add_argument("--pinned-slots", type=int, default=4)
+    cap.add_argument("--resume", action="store_true", help="continue an interrupted store exactly")
+    cap.add_argument("--overwrite", action="store_true")
+    cap.add_argument("--no-early-stop", action="store_true", help="run the whole model (default: stop after "
+                     "the last hooked layer; later layers and the LM head never run)")
+    cap.add_argument("--no-progress", action="store_true")
+    cap.set_defaults(run=_capture)
+
+    ins = commands.add_parser("inspect", help="describe a store")
+    ins.add_argument("store")
+    ins.set_defaults(run=_inspect)
+
+    ali = commands.add_parser("align", help="join span labels to tokens: writes tokens/label")
+    ali.add_argument("store")
+    ali.add_argument("alignment", help='jsonl of {"doc_id": int, "spans": [[char_start, char_end, "label"]]}')
+    ali.set_defaults(run=_align)
     return parser
 
 

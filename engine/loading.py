@@ -172,3 +172,22 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                                                      local_files_only=not allow_download)
         model.config.name_or_path = spec.name if spec is not None else str(folder)
     return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False):
+    """The tokenizer stored with a model's weights (registry name or local folder), offline by default.
+
+    Raises:
+        WeightsNotFoundError: no local folder with a tokenizer was found.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        folder = path
+    else:
+        folder, looked = find_weights(get_model(str(name_or_path)), allow_download)
+        if folder is None:
+            raise WeightsNotFoundError(f"no tokenizer for {name_or_path}: looked in {'; '.join(looked)}. Pass a "
+                                       "local model folder, or --tokenizer with a tokenizer folder")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=not allow_download)

@@ -1,0 +1,101 @@
+"""Corpora for capture jobs: documents from .txt / .jsonl / a saved HF dataset, tokenized into rows.
+
+A row is one input sequence: by default one document (truncated to ``seq_len``), or with ``pack`` a full
+window of ``seq_len`` tokens cut from the concatenated documents. Rows come in a deterministic order, so a
+resumed job skips exactly ``resume_sequences`` of them. Each token carries its document id (0-based index of
+the document in the input) and its character span in that document (``end == start`` for special tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class Row:
+    ids: list[int]
+    doc_id: list[int]
+    char_start: list[int]
+    char_end: list[int]
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of a ``.txt`` file (blank-line separated paragraphs when the file has blank lines, else one
+    per line), a ``.jsonl`` file (``text_field`` of each record), or a folder saved by ``datasets``."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(f"{path} is a folder: reading a saved Hugging Face dataset needs "
+                              "`pip install datasets`") from None
+        for record in datasets.load_from_disk(str(path)):
+            yield record[text_field]
+        return
+    if not path.is_file():
+        raise ConfigError(f"no corpus at {path}: pass a .txt or .jsonl file or a saved dataset folder")
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if text_field not in record:
+                        raise ConfigError(f"{path}:{number} has no field {text_field!r}: pass --text-field")
+                    yield record[text_field]
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if any(not line.strip() for line in lines[:-1]):
+        yield from (p.strip() for p in text.split("\n\n") if p.strip())
+    else:
+        yield from (line for line in lines if line.strip())
+
+
+def _tokenize(tokenizer, text: str, doc_id: int, max_length: int | None) -> Row:
+    encoded = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None,
+                        max_length=max_length)
+    starts = [int(a) for a, _ in encoded["offset_mapping"]]
+    ends = [int(b) for _, b in encoded["offset_mapping"]]
+    return Row(list(encoded["input_ids"]), [doc_id] * len(starts), starts, ends)
+
+
+def rows(documents: Iterator[str], tokenizer, seq_len: int, pack: bool) -> Iterator[Row]:
+    """Rows in a deterministic order (see module docstring)."""
+    if not pack:
+        for doc_id, text in enumerate(documents):
+            row = _tokenize(tokenizer, text, doc_id, seq_len)
+            if row.ids:
+                yield row
+        return
+    window = Row([], [], [], [])
+    for doc_id, text in enumerate(documents):
+        row = _tokenize(tokenizer, text, doc_id, None)
+        for field in dataclasses.fields(Row):
+            getattr(window, field.name).extend(getattr(row, field.name))
+        while len(window.ids) >= seq_len:
+            yield Row(*(getattr(window, f.name)[:seq_len] for f in dataclasses.fields(Row)))
+            window = Row(*(getattr(window, f.name)[seq_len:] for f in dataclasses.fields(Row)))
+    if window.ids:
+        yield window
+
+
+def collate(batch: list[Row], pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Right-padded model inputs and the per-token annotations of a list of rows."""
+    width = max(len(row.ids) for row in batch)
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+
+    inputs = {"input_ids": pad([r.ids for r in batch], pad_id),
+              "attention_mask": pad([[1] * len(r.ids) for r in batch], 0)}
+    annotations = {"doc_id": pad([r.doc_id for r in batch], -1),
+                   "char_start": pad([r.char_start for r in batch], -1),
+                   "char_end": pad([r.char_end for r in batch], -1)}
+    return inputs, annotations
