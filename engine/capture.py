@@ -143,7 +143,8 @@ class CaptureEngine:
                 self._counters.tokens_committed = full_chunks * config.chunk_tokens
                 self._counters.chunks_committed = full_chunks
                 arrays = self._sink.point_arrays()
-                stats = rebuild(arrays, full_chunks * config.chunk_tokens, config.chunk_tokens, config.dtype)
+                stats = rebuild(arrays, self._sink.flags_array(), full_chunks * config.chunk_tokens,
+                                config.chunk_tokens, config.dtype)
                 start_row = point.rows
                 writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,

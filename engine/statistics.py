@@ -4,7 +4,9 @@ Per array: count of finite rows, mean vector, mean squared L2 norm (SAELens-styl
 ``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), max norm, and the non-finite and float16
 overflow counts. Each chunk's moments are computed in float64 accumulation and merged with Chan et al.'s
 pairwise update, so the result does not depend on which writer thread commits which chunk first.
-Rows holding any non-finite value are counted but left out of the moments.
+Rows holding any non-finite value are counted but left out of the moments, and so are BOS rows (flag
+``bos``): attention-sink tokens have norms orders of magnitude above the rest (SmolLM2's layer-15 residual:
+24,630 at BOS) and SAE trainers exclude them, so norm scaling must too. ``bos_rows`` counts them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import threading
 
 import numpy as np
 import torch
+
+from .layout import FLAG_BOS
 
 
 def point_stats(rows: torch.Tensor, float16_storage: bool) -> dict:
@@ -41,6 +45,7 @@ class RunningMoments:
         self.max_norm = 0.0
         self.nonfinite = 0
         self.fp16_overflow = 0
+        self.bos_rows = 0
 
     def merge(self, count: int, mean: np.ndarray, mean_squared_norm: float, max_norm: float) -> None:
         total = self.count + count
@@ -56,6 +61,7 @@ class RunningMoments:
         dim = self.mean.shape[0]
         return {"count": self.count, "mean": self.mean.tolist(), "mean_squared_norm": self.mean_squared_norm,
                 "max_norm": self.max_norm, "nonfinite": self.nonfinite, "fp16_overflow": self.fp16_overflow,
+                "bos_rows": self.bos_rows,
                 "norm_scaling_factor": (math.sqrt(dim / self.mean_squared_norm)
                                         if self.mean_squared_norm > 0 else None)}
 
@@ -89,13 +95,17 @@ class Statistics:
         self._lock = threading.Lock()
         self.arrays = {key: RunningMoments(dim) for key, dim in dims.items()}
 
-    def add(self, key: str, rows: torch.Tensor, nonfinite: int, fp16_overflow: int) -> None:
-        moments = chunk_moments(rows, nonfinite > 0)
+    def add(self, key: str, rows: torch.Tensor, flags: torch.Tensor, nonfinite: int, fp16_overflow: int) -> None:
+        """Merge one chunk's rows (``flags``: their tokens/flags, for leaving BOS rows out)."""
+        bos = (flags & FLAG_BOS) != 0
+        bos_rows = int(bos.sum())
+        moments = chunk_moments(rows[~bos] if bos_rows else rows, nonfinite > 0)
         with self._lock:
             entry = self.arrays[key]
             entry.merge(*moments)
             entry.nonfinite += nonfinite
             entry.fp16_overflow += fp16_overflow
+            entry.bos_rows += bos_rows
 
     def to_json(self) -> dict:
         with self._lock:
@@ -108,12 +118,14 @@ def decode(rows: np.ndarray, dtype: str) -> torch.Tensor:
     return tensor.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def rebuild(arrays: dict, rows: int, chunk_tokens: int, dtype: str) -> Statistics:
+def rebuild(arrays: dict, flags, rows: int, chunk_tokens: int, dtype: str) -> Statistics:
     """Statistics of rows [0, rows) of stored arrays (resume: one read of the kept whole chunks)."""
     stats = Statistics({key: array.shape[1] for key, array in arrays.items()})
     for start in range(0, rows, chunk_tokens):
+        stop = min(start + chunk_tokens, rows)
+        chunk_flags = torch.from_numpy(flags[start:stop])
         for key, array in arrays.items():
-            chunk = decode(array[start:min(start + chunk_tokens, rows)], dtype)
+            chunk = decode(array[start:stop], dtype)
             entry = point_stats(chunk, dtype == "float16")
-            stats.add(key, chunk, entry["nonfinite"], entry["fp16_overflow"])
+            stats.add(key, chunk, chunk_flags, entry["nonfinite"], entry["fp16_overflow"])
     return stats

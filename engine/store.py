@@ -257,6 +257,9 @@ class ZarrSink:
     def manifest(self) -> dict:
         return dict(self._manifest)
 
+    def flags_array(self) -> zarr.Array:
+        return self._arrays["tokens/flags"]
+
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
         return {key: array for key, array in self._arrays.items() if not key.startswith("tokens/")}

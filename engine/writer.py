@@ -299,7 +299,7 @@ class WriterPool:
         float16 = self._dtype == torch.float16
         stats = {key: point_stats(arrays[key], float16) for key in self._dims}
         for key, entry in stats.items():
-            self.statistics.add(key, arrays[key], entry["nonfinite"], entry["fp16_overflow"])
+            self.statistics.add(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"], entry["fp16_overflow"])
             if entry["nonfinite"]:
                 self._on_nonfinite(key, entry["nonfinite"])
         return {
