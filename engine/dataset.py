@@ -36,7 +36,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         seed: base seed; the order depends on (seed, epoch).
         drop_last: drop each iterator's final short batch.
         exclude: flags whose rows are skipped: any of ``bos``, ``special``, ``first``, ``last`` (``pad``
-            rows are never stored).
+            rows are never stored). Default: attention sinks, i.e. BOS and each sequence's first token,
+            the rows the manifest statistics leave out too.
         dtype: dtype of the yielded tensors (stored float16 / bfloat16 / float32 is converted).
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
         buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of this array.
@@ -51,7 +52,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, store: str | os.PathLike | CaptureStore, key: str, batch_size: int = 4096,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, exclude: Sequence[str] = ("bos",),
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 exclude: Sequence[str] = ("bos", "first"),
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
                  buffer_chunks: int = 4, return_tokens: bool = False):
         opened = store if isinstance(store, CaptureStore) else open_store(store)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
-from engine.layout import FLAG_BOS
+from engine.layout import FLAG_BOS, FLAG_FIRST
 
 from conftest import ragged_batch, tiny_model
 
@@ -96,10 +96,10 @@ def test_bad_arguments(store_path):
 def test_statistics_equal_numpy(store_path):
     store = open_store(store_path)
     stats = store.manifest["statistics"][KEY]
-    bos = (store["tokens/flags"][:] & FLAG_BOS) != 0
-    rows = store[KEY][:].astype(np.float64)[~bos]
+    sink = (store["tokens/flags"][:] & (FLAG_BOS | FLAG_FIRST)) != 0
+    rows = store[KEY][:].astype(np.float64)[~sink]
     norms = np.linalg.norm(rows, axis=1)
-    assert stats["count"] == len(rows) and stats["bos_rows"] == bos.sum() > 0 and stats["nonfinite"] == 0
+    assert stats["count"] == len(rows) and stats["sink_rows"] == sink.sum() > 0 and stats["nonfinite"] == 0
     np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(stats["mean_squared_norm"], (norms ** 2).mean(), rtol=1e-9)
     np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-9)
@@ -116,7 +116,7 @@ def test_statistics_survive_resume(tmp_path):
             for seed in part:
                 model(**ragged_batch(3, 7, seed=seed))
     store = open_store(cfg.output_dir)
-    rows = store["layer_0/residual"][:].astype(np.float64)[(store["tokens/flags"][:] & FLAG_BOS) == 0]
+    rows = store["layer_0/residual"][:].astype(np.float64)[(store["tokens/flags"][:] & (FLAG_BOS | FLAG_FIRST)) == 0]
     stats = store.manifest["statistics"]["layer_0/residual"]
     assert stats["count"] == len(rows)
     np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
