@@ -10,6 +10,7 @@ import engine
 from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, captured_tensor, family_of
 
 from conftest import D_MLP, D_MODEL, N_LAYERS, VOCAB, tiny_model
+from helpers import hook_all
 
 POINTS = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
 
@@ -37,18 +38,12 @@ def _input_ids(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:
 def _run_with_hooks(model, hook_points, input_ids):
     """Plain forward hooks / pre-hooks of our own: {key: tensor}, and the model output."""
     captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for hp in hook_points:
-        def keep(tensor, key=hp.key):
-            assert key not in captured, f"{key} fired twice in one forward"
-            captured[key] = tensor.detach().clone()
 
-        if hp.capture == "input":
-            handles.append(hp.module.register_forward_pre_hook(
-                lambda module, args, hp=hp, keep=keep: keep(captured_tensor(hp, args, None))))
-        else:
-            handles.append(hp.module.register_forward_hook(
-                lambda module, args, output, hp=hp, keep=keep: keep(captured_tensor(hp, args, output))))
+    def keep(key, tensor):
+        assert key not in captured, f"{key} fired twice in one forward"
+        captured[key] = tensor.detach().clone()
+
+    handles = hook_all(hook_points, keep)
     try:
         with torch.no_grad():
             output = model(input_ids=input_ids, output_hidden_states=True)
