@@ -2,8 +2,9 @@
 
 Per array: count of finite rows, mean vector, mean squared L2 norm (SAELens-style norm scaling:
 ``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), max norm, and the non-finite and float16
-overflow counts. Each chunk's moments are computed in float64 accumulation and merged with Chan et al.'s
-pairwise update, so the result does not depend on which writer thread commits which chunk first.
+overflow counts. Each chunk's moments (float32 within small blocks, float64 across them) are merged with
+Chan et al.'s pairwise update in float64, so the result does not depend on which writer thread commits
+which chunk first.
 Rows holding any non-finite value are counted but left out of the moments, and so are attention-sink rows:
 the first token of each sequence and any BOS (flags ``first`` / ``bos``). Their norms are orders of magnitude
 above the rest (SmolLM2-135M's layer-15 residual: ~22,000 at position 0, median 173), SAE trainers exclude
@@ -69,23 +70,28 @@ class RunningMoments:
                                         if self.mean_squared_norm > 0 else None)}
 
 
-BLOCK_BYTES = 1 << 20  # float64 temporaries are made block by block: host memory stays bounded
+BLOCK_BYTES = 1 << 20  # float32 temporaries are made block by block: bounded memory, L2-sized blocks
 
 
 def chunk_moments(rows: torch.Tensor, has_nonfinite: bool) -> tuple[int, np.ndarray, float, float]:
-    """(count, mean, mean squared norm, max norm) of one chunk's finite rows, float64 accumulation."""
+    """(count, mean, mean squared norm, max norm) of one chunk's finite rows.
+
+    Sums run in float32 within blocks of at most BLOCK_BYTES (tens of rows; torch sums pairwise) and in
+    float64 across blocks and chunks: within ~1e-6 relative of float64 throughout, at a fifth of the cost of
+    float64 blocks (which made statistics the writers' bottleneck: 0.3 GB/s per thread).
+    """
     if has_nonfinite:
         rows = rows[torch.isfinite(rows).all(dim=1)]
     count, dim = rows.shape
     total = torch.zeros(dim, dtype=torch.float64)
     squared_norm_sum, max_norm = 0.0, 0.0
-    step = max(1, BLOCK_BYTES // (8 * dim))
+    step = max(1, BLOCK_BYTES // (4 * dim))
     for start in range(0, count, step):
-        block = rows[start:start + step].to(torch.float64)
+        block = rows[start:start + step].to(torch.float32)
         total += block.sum(dim=0)
-        squared = block.square_().sum(dim=1)
-        squared_norm_sum += float(squared.sum())
-        max_norm = max(max_norm, float(squared.max()) ** 0.5)
+        norms = torch.linalg.vector_norm(block, dim=1)
+        squared_norm_sum += float(norms.square_().sum(dtype=torch.float64))
+        max_norm = max(max_norm, float(norms.max()) ** 0.5)
     if count == 0:
         return 0, total.numpy(), 0.0, 0.0
     return count, (total / count).numpy(), squared_norm_sum / count, max_norm

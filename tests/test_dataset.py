@@ -100,10 +100,11 @@ def test_statistics_equal_numpy(store_path):
     rows = store[KEY][:].astype(np.float64)[~sink]
     norms = np.linalg.norm(rows, axis=1)
     assert stats["count"] == len(rows) and stats["sink_rows"] == sink.sum() > 0 and stats["nonfinite"] == 0
-    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats["mean_squared_norm"], (norms ** 2).mean(), rtol=1e-9)
-    np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-9)
-    np.testing.assert_allclose(stats["norm_scaling_factor"], np.sqrt(64 / (norms ** 2).mean()), rtol=1e-9)
+    scale = np.abs(rows).max()  # float32 within small blocks, float64 across: ~1e-6 relative to the data
+    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(stats["mean_squared_norm"], (norms ** 2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-6)
+    np.testing.assert_allclose(stats["norm_scaling_factor"], np.sqrt(64 / (norms ** 2).mean()), rtol=1e-6)
 
 
 def test_statistics_survive_resume(tmp_path):
@@ -119,4 +120,4 @@ def test_statistics_survive_resume(tmp_path):
     rows = store["layer_0/residual"][:].astype(np.float64)[(store["tokens/flags"][:] & (FLAG_BOS | FLAG_FIRST)) == 0]
     stats = store.manifest["statistics"]["layer_0/residual"]
     assert stats["count"] == len(rows)
-    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-6, atol=1e-6 * np.abs(rows).max())
