@@ -34,4 +34,5 @@ gate b32_null --batch-size 32 --seq-len 512 --sink null
 gate b32_zarr --batch-size 32 --seq-len 512 --sink zarr
 gate b32_zarr_early --batch-size 32 --seq-len 512 --sink zarr --early-stop
 gate b32_resid_zarr --batch-size 32 --seq-len 512 --sink zarr --hooks residual
+gate b32_zarr_nostats --batch-size 32 --seq-len 512 --sink zarr --no-statistics
 echo "results in $OUT" | tee -a "$log"

@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=8192)
     p.add_argument("--num-writers", type=int, default=2)
     p.add_argument("--pinned-slots", type=int, default=4)
+    p.add_argument("--no-statistics", action="store_true", help="skip the manifest's running statistics")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--max-overhead", type=float, default=GATE_MAX_OVERHEAD_PERCENT)
     p.add_argument("--json", default=None, help="write the result summary here")
@@ -156,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
                                                                       "attn_out")}
     cfg = CaptureConfig(store, layer_indices=layers, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                         num_writers=args.num_writers, pinned_slots=args.pinned_slots, overwrite=True,
-                        sink=args.sink, early_stop=args.early_stop, model_name=args.model, **hook_flags)
+                        sink=args.sink, early_stop=args.early_stop, model_name=args.model,
+                        statistics=not args.no_statistics, **hook_flags)
     print(f"[hooks] Attaching capture hooks to layers {layers}...")
     engine = CaptureEngine(model, cfg)
     try:

@@ -144,13 +144,14 @@ class CaptureEngine:
                 self._counters.chunks_committed = full_chunks
                 arrays = self._sink.point_arrays()
                 stats = rebuild(arrays, self._sink.flags_array(), full_chunks * config.chunk_tokens,
-                                config.chunk_tokens, config.dtype)
+                                config.chunk_tokens, config.dtype) if config.statistics else None
                 start_row = point.rows
                 writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
             self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
                                        self._note_nonfinite, layout.token_arrays(config.annotations),
-                                       start_row, writer_resume)
+                                       start_row=start_row, resumed=writer_resume,
+                                       statistics=config.statistics, single_threaded=device.type == "cuda")
             undo.callback(self._writers.abort)
             undo.callback(self._remove_hooks)
             self._attach()

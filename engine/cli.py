@@ -52,7 +52,8 @@ def _capture(args: argparse.Namespace) -> int:
                         capture_attn_out="attn_out" in args.hooks, dtype=args.dtype,
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
                         pinned_slots=args.pinned_slots, resume=args.resume, overwrite=args.overwrite,
-                        early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS)
+                        early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS,
+                        statistics=not args.no_statistics)
 
     def corpus():
         taken = 0
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-early-stop", action="store_true", help="run the whole model (default: stop after "
                      "the last hooked layer; later layers and the LM head never run)")
     cap.add_argument("--no-progress", action="store_true")
+    cap.add_argument("--no-statistics", action="store_true", help="skip the manifest's running statistics")
     cap.set_defaults(run=_capture)
 
     ins = commands.add_parser("inspect", help="describe a store")

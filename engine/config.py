@@ -43,6 +43,8 @@ class CaptureConfig:
         annotations: ``{name: "int32"|"int64"}`` per-token values the driver passes with
             ``CaptureEngine.annotate(name=(batch, seq) tensor)`` before each forward; stored at
             ``tokens/<name>`` (e.g. document ids and character offsets).
+        statistics: running statistics in the manifest (one extra pass over each chunk in the writers;
+            turn off when host CPU is the bottleneck).
 
     Thread safety: immutable.
     """
@@ -65,6 +67,7 @@ class CaptureConfig:
     model_name: str | None = None
     early_stop: bool = False
     annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):

@@ -88,7 +88,7 @@ def chunk_moments(rows: torch.Tensor, excluded: torch.Tensor,
     squared_norm_sum, max_norm, kept = 0.0, 0.0, 0
     step = max(1, BLOCK_BYTES // (4 * dim))
     for start in range(0, count, step):
-        block = rows[start:start + step].to(torch.float32)
+        block = rows[start:start + step].to(torch.float32, copy=True)  # never a view of the stored rows
         drop = excluded[start:start + step]
         if has_nonfinite:
             drop = drop | ~torch.isfinite(block).all(dim=1)

@@ -92,7 +92,7 @@ class WriterPool:
     def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
                  bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
                  counters: Counters, on_nonfinite: Callable[[str, int], None], token_arrays: dict[str, np.dtype],
-                 start_row: int = 0,
+                 start_row: int = 0, statistics: bool = True, single_threaded: bool = False,
                  resumed: tuple[dict[str, int], dict[str, np.ndarray], Statistics] | None = None):
         self._sink = sink
         self._pool = pool
@@ -105,6 +105,8 @@ class WriterPool:
         self._counters = counters
         self._dims: dict[str, int] | None = None
         self._token_arrays = token_arrays
+        self._want_statistics = statistics
+        self._single_threaded = single_threaded
         self._queue: queue.Queue = queue.Queue(maxsize=len(pool.slots) + num_writers)
         self._order_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
@@ -178,6 +180,11 @@ class WriterPool:
 
     # ---- writer threads ------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._single_threaded:
+            # CUDA models: without this each writer's torch ops start an OpenMP team as wide as the machine
+            # and starve the thread that launches the model's kernels (H100 run 3: 3x slower forwards).
+            # In PyTorch this setting also becomes the default of threads created later (documented).
+            torch.set_num_threads(1)
         try:
             while (job := self._next_job()) is not None:
                 self._fill(job)
@@ -205,7 +212,7 @@ class WriterPool:
             keep = flat_mask.nonzero().squeeze(1)
             if self._dims is None:
                 self._dims = dict(slot.dims)
-                self.statistics = Statistics(self._dims)
+                self.statistics = Statistics(self._dims) if self._want_statistics else None
                 self._on_first_batch(self._dims)
             elif slot.dims != self._dims:
                 raise ConfigError(f"the model produced widths {slot.dims} but the store holds {self._dims}: "
@@ -299,7 +306,9 @@ class WriterPool:
         float16 = self._dtype == torch.float16
         stats = {key: point_stats(arrays[key], float16) for key in self._dims}
         for key, entry in stats.items():
-            self.statistics.add(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"], entry["fp16_overflow"])
+            if self.statistics is not None:
+                self.statistics.add(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"],
+                                    entry["fp16_overflow"])
             if entry["nonfinite"]:
                 self._on_nonfinite(key, entry["nonfinite"])
         return {

@@ -121,3 +121,12 @@ def test_statistics_survive_resume(tmp_path):
     stats = store.manifest["statistics"]["layer_0/residual"]
     assert stats["count"] == len(rows)
     np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-6, atol=1e-6 * np.abs(rows).max())
+
+
+def test_statistics_can_be_turned_off(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, statistics=False)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 7))
+    store = open_store(cfg.output_dir)
+    assert store.manifest["statistics"] == {} and store.num_tokens > 0
