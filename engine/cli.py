@@ -88,7 +88,7 @@ def _capture(args: argparse.Namespace) -> int:
                                          f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
             progress.close()
     except KeyboardInterrupt:
-        print(f"[capture] interrupted: committed chunks are kept; continue with the same command plus --resume",
+        print("[capture] interrupted: committed chunks are kept; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
     s = cap.stats
