@@ -289,6 +289,7 @@ class CaptureEngine:
         annotations, self._pending_annotations = self._pending_annotations, {}
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
+            self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
         self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._pool.acquire(self._check_writers)
@@ -369,6 +370,8 @@ class CaptureEngine:
             raise BatchError(f"annotations for this forward are {sorted(values)} but the config declares "
                              f"{sorted(declared)}: call engine.annotate(...) with exactly those before each forward")
         for name, tensor in values.items():
+            if tensor.is_floating_point() or tensor.is_complex():
+                raise BatchError(f"annotation {name!r} is {tensor.dtype}: pass integer values")
             if tuple(tensor.shape) != (batch_size, seq_len):
                 raise BatchError(f"annotation {name!r} has shape {tuple(tensor.shape)}; expected "
                                  f"({batch_size}, {seq_len}) like input_ids")

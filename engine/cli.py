@@ -74,7 +74,13 @@ def _capture(args: argparse.Namespace) -> int:
     try:
         with CaptureEngine(model, cfg, tokenizer=tokenizer) as cap, torch.no_grad():
             stream = corpus()
-            done = sum(len(next(stream).ids) for _ in range(cap.resume_sequences))
+            skipped = [row for _, row in zip(range(cap.resume_sequences), stream)]
+            if len(skipped) < cap.resume_sequences:
+                print(f"error: the store holds {cap.resume_sequences} sequences but this corpus has only "
+                      f"{len(skipped)} with these options: resume with the same --data, --seq-len, --pack and "
+                      "--max-tokens", file=sys.stderr)
+                return 2
+            done = sum(len(row.ids) for row in skipped)
             if cap.resume_sequences:
                 print(f"[capture] resuming after {cap.resume_sequences} sequences ({done:,} tokens)")
             progress = _progress(total, done, args.no_progress)
@@ -125,14 +131,16 @@ def _du(path: Path) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
     import zarr
 
+    from .layout import FLAG_LAST
     from .reader import open_store
     from .store import find_resume_point
 
     store = open_store(args.store)
     m = store.manifest
-    sequences = len(set(store["tokens/sequence"][:].tolist())) if store.num_tokens else 0
+    sequences = int(np.count_nonzero(store["tokens/flags"][:] & FLAG_LAST))
     print(f"store      {store.path}")
     print(f"status     {store.status}   format {m['format']} v{m['format_version']}")
     print(f"model      {m['model']['name']} ({m['model']['architecture']})   tokenizer {m.get('tokenizer')}")
@@ -148,7 +156,7 @@ def _inspect(args: argparse.Namespace) -> int:
             nonfinite = sum(c["stats"][key]["nonfinite"] for c in store.chunks)
             line += f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} fp16_overflow {overflow}"
             stats = m.get("statistics", {}).get(key)
-            if stats and stats.get("count"):
+            if stats and stats.get("count") and stats.get("norm_scaling_factor") is not None:
                 line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
                          f"norm_scale {stats['norm_scaling_factor']:.4g}")
         print(line)
@@ -182,10 +190,13 @@ def _align(args: argparse.Namespace) -> int:
     doc_id = store["tokens/doc_id"][:]
     start, end = store["tokens/char_start"][:], store["tokens/char_end"][:]
     out = np.full(store.num_tokens, -1, dtype=np.int32)
-    for doc in np.unique(doc_id):
-        rows = np.flatnonzero((doc_id == doc) & (end > start))  # special tokens cover no character
-        for s, e, label in spans.get(int(doc), []):
-            hit = rows[(start[rows] >= s) & (start[rows] < e)]  # a token belongs to the span of its 1st char
+    order = np.argsort(doc_id, kind="stable")  # one sort, then each aligned document is a slice
+    sorted_ids = doc_id[order]
+    for doc, doc_spans in spans.items():
+        rows = order[np.searchsorted(sorted_ids, doc, "left"):np.searchsorted(sorted_ids, doc, "right")]
+        rows = rows[end[rows] > start[rows]]  # special tokens cover no character
+        for s, e, label in doc_spans:
+            hit = rows[(start[rows] >= s) & (start[rows] < e)]  # the span holding the token's 1st character
             out[hit] = labels[label]
     group = zarr.open_group(str(store.path), mode="r+")
     chunk = store.manifest["chunk_tokens"]

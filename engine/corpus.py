@@ -3,13 +3,15 @@
 A row is one input sequence: by default one document (truncated to ``seq_len``), or with ``pack`` a full
 window of ``seq_len`` tokens cut from the concatenated documents. Rows come in a deterministic order, so a
 resumed job skips exactly ``resume_sequences`` of them. Each token carries its document id (0-based index of
-the document in the input) and its character span in that document (``end == start`` for special tokens).
+the document in the input) and its character span in that document starting at its first non-whitespace character (byte-level BPE
+tokens include the space before a word); ``end == start`` for special tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -53,15 +55,21 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     if any(not line.strip() for line in lines[:-1]):
-        yield from (p.strip() for p in text.split("\n\n") if p.strip())
+        yield from (p.strip() for p in re.split(r"\n\s*\n", text) if p.strip())
     else:
         yield from (line for line in lines if line.strip())
+
+
+def _first_visible(text: str, start: int, end: int) -> int:
+    """The token's first non-whitespace character (byte-level BPE tokens carry their leading space)."""
+    stripped = len(text[start:end]) - len(text[start:end].lstrip())
+    return start + stripped if start + stripped < end else start
 
 
 def _tokenize(tokenizer, text: str, doc_id: int, max_length: int | None) -> Row:
     encoded = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None,
                         max_length=max_length)
-    starts = [int(a) for a, _ in encoded["offset_mapping"]]
+    starts = [_first_visible(text, int(a), int(b)) for a, b in encoded["offset_mapping"]]
     ends = [int(b) for _, b in encoded["offset_mapping"]]
     return Row(list(encoded["input_ids"]), [doc_id] * len(starts), starts, ends)
 
@@ -74,14 +82,17 @@ def rows(documents: Iterator[str], tokenizer, seq_len: int, pack: bool) -> Itera
             if row.ids:
                 yield row
         return
+    fields = [f.name for f in dataclasses.fields(Row)]
     window = Row([], [], [], [])
     for doc_id, text in enumerate(documents):
         row = _tokenize(tokenizer, text, doc_id, None)
-        for field in dataclasses.fields(Row):
-            getattr(window, field.name).extend(getattr(row, field.name))
-        while len(window.ids) >= seq_len:
-            yield Row(*(getattr(window, f.name)[:seq_len] for f in dataclasses.fields(Row)))
-            window = Row(*(getattr(window, f.name)[seq_len:] for f in dataclasses.fields(Row)))
+        for name in fields:
+            getattr(window, name).extend(getattr(row, name))
+        cut = 0  # emit full windows by offset, trim once per document: linear in document length
+        while len(window.ids) - cut >= seq_len:
+            yield Row(*(getattr(window, name)[cut:cut + seq_len] for name in fields))
+            cut += seq_len
+        window = Row(*(getattr(window, name)[cut:] for name in fields))
     if window.ids:
         yield window
 

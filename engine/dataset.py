@@ -134,7 +134,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, self.rank, worker])
                                                       .integers(2**62)))
         # One buffer reused for the whole pass: chunks are read straight into it, batches gathered out of it.
-        limit = self.buffer_chunks * self.chunk_rows
+        limit = max(self.buffer_chunks * self.chunk_rows, self.batch_size)  # a batch must fit the buffer
         rows = torch.empty(limit + self.chunk_rows, self.dim, dtype=_BUFFER_DTYPES[self.storage_dtype])
         ids = torch.empty(limit + self.chunk_rows, dtype=torch.int32) if self.return_tokens else None
         filled = 0

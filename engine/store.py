@@ -106,6 +106,11 @@ def delete_key(store: zarr.abc.store.Store, key: str) -> None:
     sync(store.delete(key))
 
 
+def delete_array(store: zarr.abc.store.Store, key: str) -> None:
+    """Remove an array node and its chunks."""
+    sync(store.delete_dir(key))
+
+
 def _is_our_store(path: Path) -> bool:
     try:
         return read_manifest(path).get("format") == layout.FORMAT_NAME
@@ -237,8 +242,14 @@ class ZarrSink:
         if existing:
             self._group = zarr.open_group(self._store, mode="r+")
             self._stored_manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
-            self._manifest = {**self._stored_manifest, **manifest}
-            for key in (*self._manifest["arrays"], *self._manifest["token_arrays"]):
+            own = layout.token_arrays(self._stored_manifest.get("annotations", {}))
+            # Arrays added after capture (align's tokens/label) would go stale as rows are added: drop them.
+            for key in set(self._stored_manifest["token_arrays"]) - set(own):
+                if key in self._group:
+                    delete_array(self._store, key)
+            self._manifest = {**self._stored_manifest, "token_arrays": {k: str(v) for k, v in own.items()},
+                              **manifest}
+            for key in (*self._manifest["arrays"], *own):
                 if key in self._group:
                     self._arrays[key] = self._group[key]
             # A crash can land between two arrays' resizes: the smallest is what every array has.

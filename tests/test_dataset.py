@@ -130,3 +130,10 @@ def test_statistics_can_be_turned_off(tmp_path):
         model(**ragged_batch(3, 7))
     store = open_store(cfg.output_dir)
     assert store.manifest["statistics"] == {} and store.num_tokens > 0
+
+
+def test_batch_larger_than_the_mixing_buffer(store_path):
+    ds = ActivationDataset(store_path, KEY, batch_size=100, buffer_chunks=1, exclude=())
+    batches = list(ds)
+    assert all(b.shape[0] == 100 for b in batches[:-1])
+    np.testing.assert_array_equal(rows_of(batches), stored_rows(store_path))
