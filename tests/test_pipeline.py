@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -98,9 +99,9 @@ def test_on_disk_contract_and_manifest(tmp_path):
     records = [group[f"commits/{name}"].attrs for name in sorted(group["commits"].group_keys())]
     assert [r["chunk_index"] for r in records] == list(range(len(records)))
     assert sum(r["token_count"] for r in records) == n
-    for field in ("key", "shape", "dtype", "num_sequences", "max_seq_len", "token_count", "row_start",
+    for field in ("keys", "shape", "dtype", "num_sequences", "max_seq_len", "token_count", "row_start",
                   "row_stop", "stats"):
-        assert field in records[0] or field == "key" and "keys" in records[0]
+        assert field in records[0]
     assert records[0]["stats"]["layer_0/residual"]["nonfinite"] == 0
 
 
@@ -247,7 +248,6 @@ def test_existing_store_needs_overwrite(tmp_path):
     with pytest.raises(engine.StoreExistsError, match="overwrite=True"):
         CaptureEngine(model, cfg)
     assert open_store(cfg.output_dir).status == "complete", "nothing was touched"
-    import dataclasses
 
     run_capture(model, dataclasses.replace(cfg, overwrite=True), [ragged_batch(1, 3)])
     assert open_store(cfg.output_dir).num_tokens <= 3
@@ -272,7 +272,7 @@ def test_config_errors_say_what_to_change(kwargs, match, tmp_path):
 
 def test_config_is_frozen(tmp_path):
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.chunk_tokens = 3
 
 
