@@ -77,6 +77,11 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _statistics_on_device(device: torch.device) -> bool:
+    """Whether the hooks compute statistics (on a GPU: yes, so the writers stay light; see statistics.py)."""
+    return device.type == "cuda"
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
@@ -127,12 +132,13 @@ class CaptureEngine:
         with contextlib.ExitStack() as undo:
             self._sink, resumed = self._open_sink(model, tokenizer)
             self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
-            self._stager = Stager(device, self._dtype)
             model_config = getattr(model, "config", None)  # plain torch modules have none
             special = sorted({*_token_ids(model_config, "bos_token_id"),
                               *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
                               *(getattr(tokenizer, "all_special_ids", None) or [])})
             bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+            device_statistics = config.statistics and _statistics_on_device(device)
+            self._stager = Stager(device, self._dtype, bos[0], device_statistics)
             start_row, writer_resume = 0, None
             if resumed is not None:
                 point, tail = resumed
@@ -150,7 +156,8 @@ class CaptureEngine:
                                        self._dtype, bos[0], special, self._create_arrays, self._counters,
                                        self._note_nonfinite, layout.token_arrays(config.annotations),
                                        start_row=start_row, resumed=writer_resume,
-                                       statistics=config.statistics, single_threaded=device.type == "cuda")
+                                       statistics=config.statistics, device_statistics=device_statistics,
+                                       single_threaded=device.type == "cuda")
             undo.callback(self._writers.abort)
             undo.callback(self._remove_hooks)
             self._attach()

@@ -7,6 +7,9 @@ host slot; ``record_stream`` keeps the snapshot's memory alive until that copy i
 last hook an event is recorded on the copy stream; writers ``event.synchronize()`` before touching a slot
 (peers that skip this read half-copied buffers). Nothing in a hook synchronizes the device.
 
+On CUDA the hooks also compute each batch's statistics on the device from the snapshot (see
+statistics.py) and copy the small result along with the rows.
+
 On CPU the same calls copy synchronously into plain (unpinned) host slots.
 
 The pool of slots is the memory bound: ``count`` slots, each sized for the largest batch seen.
@@ -20,6 +23,8 @@ import time
 from typing import Callable
 
 import torch
+
+from .statistics import MOMENTS_HEAD, attention_sinks, batch_moments
 
 
 @dataclasses.dataclass
@@ -47,6 +52,7 @@ class Slot:
         self._mask = torch.empty(0, dtype=torch.int64)
         self._annotations: dict[str, torch.Tensor] = {}
         self._points: dict[str, torch.Tensor] = {}
+        self._moments: dict[str, torch.Tensor] = {}
         self.dims: dict[str, int] = {}
         self.batch: BatchInfo | None = None
         self.captured: set[str] = set()
@@ -81,6 +87,13 @@ class Slot:
         """(batch * seq, dim) view of a captured point, for the writers."""
         dim = self.dims[key]
         return self._points[key][: self.batch.batch_size * self.batch.seq_len * dim].view(-1, dim)
+
+    def moments_buffer(self, key: str) -> torch.Tensor:
+        """One point's batch moments (layout: statistics.MOMENTS_HEAD), when computed on the device."""
+        buffer = self._moments.get(key)
+        if buffer is None:
+            buffer = self._moments[key] = self._alloc(MOMENTS_HEAD + self.dims[key], torch.float64)
+        return buffer
 
     def token_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, seq) views of the input ids and attention mask."""
@@ -140,22 +153,36 @@ class Stager:
     """Copies a batch's tensors into a slot: async on a side CUDA stream, or synchronously on CPU.
 
     Thread safety: call from the thread that runs the forward pass.
+
+    Args:
+        device: the model's device.
+        dtype: storage dtype of activations.
+        bos_id: BOS token id or None (for the device statistics' attention sinks).
+        device_statistics: compute each batch's moments in the hooks (``Slot.moments_buffer``).
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtype: torch.dtype, bos_id: int | None = None,
+                 device_statistics: bool = False):
         self.dtype = dtype
         self.cuda = device.type == "cuda"
+        self.device_statistics = device_statistics
+        self._device = device
+        self._bos_id = bos_id
         self._stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self._excluded: tuple[torch.Tensor, torch.Tensor] | None = None  # this batch's, for batch_moments
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, snapshot: bool = True) -> torch.Tensor:
+        """Copy ``src`` into ``dst``; returns the tensor holding the copied values on ``src``'s device."""
         if not self.cuda or not src.is_cuda:
             dst.copy_(src)
-            return
-        snapshot = src.to(self.dtype, copy=True) if src.is_floating_point() else src
+            return dst
+        if snapshot and src.is_floating_point():
+            src = src.to(self.dtype, copy=True)
         self._stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(self._stream):
-            dst.copy_(snapshot, non_blocking=True)
-        snapshot.record_stream(self._stream)
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self._stream)
+        return src
 
     def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      annotations: dict[str, torch.Tensor]) -> None:
@@ -170,9 +197,16 @@ class Stager:
             mask.fill_(1)  # no mask: every token is real
         else:
             self._copy(mask, attention_mask)
+        if self.device_statistics:
+            self._excluded = attention_sinks(input_ids, attention_mask, self._bos_id, tuple(ids.shape),
+                                             self._device)
 
     def stage_point(self, slot: Slot, key: str, tensor: torch.Tensor) -> None:
-        self._copy(slot.point_buffer(key, tensor.shape[-1]), tensor)
+        dim = tensor.shape[-1]
+        staged = self._copy(slot.point_buffer(key, dim), tensor)
+        if self.device_statistics:
+            moments = batch_moments(staged.reshape(-1, dim), *self._excluded)
+            self._copy(slot.moments_buffer(key), moments, snapshot=False)  # a fresh tensor nothing modifies
         slot.captured.add(key)
 
     def finish(self, slot: Slot) -> None:

@@ -1,4 +1,10 @@
-"""Running statistics of captured arrays, computed by the writers while capturing.
+"""Running statistics of captured arrays, computed while capturing.
+
+On CPU the writers compute each chunk's moments (``chunk_moments``). On CUDA every hook computes its
+batch's moments on the device (``batch_moments``, a few reduction kernels, no synchronization) and they
+travel with the rows: CPU writers next to a GPU must stay nearly idle, because their GIL and memory traffic
+slow the thread that launches the model's kernels (H100 run 4: 2x slower 4x512 forwards with writer-side
+statistics, 21% with none).
 
 Per array: count of finite rows, mean vector, mean squared L2 norm (SAELens-style norm scaling:
 ``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), max norm, and the non-finite and float16
@@ -104,6 +110,35 @@ def chunk_moments(rows: torch.Tensor, excluded: torch.Tensor,
     return kept, (total / kept).numpy(), squared_norm_sum / kept, max_norm
 
 
+def attention_sinks(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, bos_id: int | None,
+                    shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows left out of the moments: pad rows and attention sinks, flat bool; count of sink rows), on the
+    inputs' device. Sinks are the rows the writers flag ``first`` or ``bos``."""
+    real = (attention_mask != 0 if attention_mask is not None
+            else torch.ones(shape, dtype=torch.bool, device=device))
+    sink = real & (real.cumsum(1) == 1)
+    if bos_id is not None and input_ids is not None:
+        sink |= real & (input_ids == bos_id)
+    return (~real | sink).reshape(-1), sink.sum()
+
+
+MOMENTS_HEAD = 4  # batch_moments' layout: count, squared-norm sum, max norm, sink rows, then the sum vector
+
+
+def batch_moments(rows: torch.Tensor, excluded: torch.Tensor, sink_rows: torch.Tensor) -> torch.Tensor:
+    """One batch's moments as a float64 vector (layout: MOMENTS_HEAD), computed on the rows' device without
+    synchronizing it. Rows whose float32 norm is not finite are left out, as ``chunk_moments`` leaves out
+    rows holding non-finite values (the two differ only for finite rows with norms above ~1e38)."""
+    if rows.shape[0] == 0:
+        return torch.zeros(MOMENTS_HEAD + rows.shape[1], dtype=torch.float64, device=rows.device)
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    keep = ~excluded & torch.isfinite(norms)
+    kept_norms = torch.where(keep, norms, 0.0)
+    total = torch.where(keep[:, None], rows, 0).sum(0, dtype=torch.float32)
+    head = [keep.sum(), kept_norms.double().square().sum(), kept_norms.max(), sink_rows]
+    return torch.cat([torch.stack([value.double() for value in head]), total.double()])
+
+
 class Statistics:
     """Moments of every activation array of a run. Thread safety: ``add`` from any writer thread."""
 
@@ -111,17 +146,29 @@ class Statistics:
         self._lock = threading.Lock()
         self.arrays = {key: RunningMoments(dim) for key, dim in dims.items()}
 
-    def add(self, key: str, rows: torch.Tensor, flags: torch.Tensor, nonfinite: int, fp16_overflow: int) -> None:
-        """Merge one chunk's rows (``flags``: their tokens/flags, for leaving attention-sink rows out)."""
+    def add_rows(self, key: str, rows: torch.Tensor, flags: torch.Tensor, has_nonfinite: bool) -> None:
+        """Merge the moments of stored rows (``flags``: their tokens/flags, for leaving attention sinks out)."""
         sink = (flags & SINK_FLAGS) != 0
         sink_rows = int(sink.sum())
-        moments = chunk_moments(rows, sink, nonfinite > 0)
+        moments = chunk_moments(rows, sink, has_nonfinite)
         with self._lock:
-            entry = self.arrays[key]
-            entry.merge(*moments)
-            entry.nonfinite += nonfinite
-            entry.fp16_overflow += fp16_overflow
-            entry.sink_rows += sink_rows
+            self.arrays[key].merge(*moments)
+            self.arrays[key].sink_rows += sink_rows
+
+    def add_batch(self, key: str, moments: torch.Tensor) -> None:
+        """Merge a batch's moments computed by ``batch_moments`` (a host tensor)."""
+        values = moments.numpy()
+        count = int(values[0])
+        mean = values[MOMENTS_HEAD:] / max(count, 1)
+        with self._lock:
+            self.arrays[key].merge(count, mean, float(values[1]) / max(count, 1), float(values[2]))
+            self.arrays[key].sink_rows += int(values[3])
+
+    def add_counts(self, key: str, nonfinite: int, fp16_overflow: int) -> None:
+        """Count one chunk's non-finite values and float16 overflows."""
+        with self._lock:
+            self.arrays[key].nonfinite += nonfinite
+            self.arrays[key].fp16_overflow += fp16_overflow
 
     def to_json(self) -> dict:
         with self._lock:
@@ -143,5 +190,6 @@ def rebuild(arrays: dict, flags, rows: int, chunk_tokens: int, dtype: str) -> St
         for key, array in arrays.items():
             chunk = decode(array[start:stop], dtype)
             entry = point_stats(chunk, dtype == "float16")
-            stats.add(key, chunk, chunk_flags, entry["nonfinite"], entry["fp16_overflow"])
+            stats.add_rows(key, chunk, chunk_flags, entry["nonfinite"] > 0)
+            stats.add_counts(key, entry["nonfinite"], entry["fp16_overflow"])
     return stats

@@ -85,6 +85,11 @@ class WriterPool:
         on_first_batch: called once, under the ordering lock, with {key: dim} before rows are written.
         counters: shared run counters.
         on_nonfinite: called (from a writer thread) with (key, count) when a chunk holds non-finite values.
+        token_arrays: name -> numpy dtype of the per-token arrays (layout.token_arrays).
+        start_row: first row of this run (resume).
+        statistics: keep running statistics; device_statistics: from the slots' batch moments, not chunks.
+        single_threaded: one intra-op thread per writer (CUDA models).
+        resumed: (widths, kept rows of the cut chunk, statistics of the whole chunks kept) on resume.
 
     Thread safety: ``submit``/``check`` from the producer thread; ``close`` from one thread.
     """
@@ -92,7 +97,8 @@ class WriterPool:
     def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
                  bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
                  counters: Counters, on_nonfinite: Callable[[str, int], None], token_arrays: dict[str, np.dtype],
-                 start_row: int = 0, statistics: bool = True, single_threaded: bool = False,
+                 start_row: int = 0, statistics: bool = True, device_statistics: bool = False,
+                 single_threaded: bool = False,
                  resumed: tuple[dict[str, int], dict[str, np.ndarray], Statistics] | None = None):
         self._sink = sink
         self._pool = pool
@@ -106,6 +112,7 @@ class WriterPool:
         self._dims: dict[str, int] | None = None
         self._token_arrays = token_arrays
         self._want_statistics = statistics
+        self._device_statistics = device_statistics  # the hooks computed each batch's moments
         self._single_threaded = single_threaded
         self._queue: queue.Queue = queue.Queue(maxsize=len(pool.slots) + num_writers)
         self._order_lock = threading.Lock()
@@ -140,6 +147,9 @@ class WriterPool:
             for key, rows in tail.items():
                 target = chunk.arrays[key][:kept]
                 target.copy_(decode(rows, "bfloat16" if target.dtype == torch.bfloat16 else str(rows.dtype)))
+            if statistics is not None and self._device_statistics:  # no batch brings these rows' moments
+                for key in dims:
+                    statistics.add_rows(key, chunk.arrays[key][:kept], chunk.arrays["tokens/flags"][:kept], True)
 
     # ---- producer side -------------------------------------------------------------------------
     def check(self, delivered: bool = True) -> None:
@@ -274,6 +284,9 @@ class WriterPool:
                     torch.index_select(source, 0, job.keep[first:last], out=chunk.arrays[key][span])
             for key, values in tokens.items():
                 chunk.arrays[key][span].copy_(values[first:last])
+        if self._device_statistics and self.statistics is not None:
+            for key in self._dims:
+                self.statistics.add_batch(key, slot.moments_buffer(key))
         self._pool.release(slot)
         full = []
         with self._chunk_lock:
@@ -307,8 +320,9 @@ class WriterPool:
         stats = {key: point_stats(arrays[key], float16) for key in self._dims}
         for key, entry in stats.items():
             if self.statistics is not None:
-                self.statistics.add(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"],
-                                    entry["fp16_overflow"])
+                if not self._device_statistics:
+                    self.statistics.add_rows(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"] > 0)
+                self.statistics.add_counts(key, entry["nonfinite"], entry["fp16_overflow"])
             if entry["nonfinite"]:
                 self._on_nonfinite(key, entry["nonfinite"])
         return {

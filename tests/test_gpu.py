@@ -9,7 +9,7 @@ import torch
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
-from helpers import expected_rows, reference_capture
+from helpers import assert_statistics_match, expected_rows, reference_capture
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -31,6 +31,9 @@ def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
     assert all(t.is_pinned() for slot in cap._pool.slots for t in slot._points.values())
+    assert cap._stager.device_statistics  # computed by the hooks on the GPU
+    for key in ref:
+        assert_statistics_match(cfg.output_dir, key, store[key].shape[1])
 
 
 def test_hooks_never_synchronize_the_device(tmp_path):
