@@ -46,7 +46,7 @@ def build_store(root: Path, args) -> Path:
     with CaptureEngine(model, cfg):
         for _ in range(-(-args.rows // (batch * seq))):
             model(input_ids=ids)
-    return cfg.path
+    return cfg.location.local
 
 
 def time_dataset(ds: ActivationDataset, epoch: int) -> tuple[float, int]:

@@ -18,6 +18,7 @@ from . import layout
 from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
 from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
+from .parts import StoreParts
 from .staging import BatchInfo, SlotPool, Stager
 from .statistics import rebuild
 from .store import NullSink, ZarrSink, prepare_location, read_manifest
@@ -65,6 +66,9 @@ def _resume_fields(stored: dict, new: dict):
     yield "architecture", stored["model"]["architecture"], new["model"]["architecture"]
     for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor", "annotations"):
         yield field, stored.get(field), new.get(field)
+    yield "first_sequence", stored.get("first_sequence", 0), new["first_sequence"]
+    # A multi-process store's root is resumed by rank 0 (parts.py); a single process must not take it over.
+    yield "world_size (processes writing parts; resume with torchrun)", stored.get("world_size"), None
     yield ("hooked modules", {k: v["module_path"] for k, v in stored["arrays"].items()},
            {k: v["module_path"] for k, v in new["arrays"].items()})
 
@@ -116,7 +120,8 @@ class CaptureEngine:
         self._closed = False
         self._current = None            # slot of the forward pass in progress
         self._skip_forward = False      # the forward in progress has no tokens
-        self._next_sequence = 0
+        self._next_sequence = config.first_sequence
+        self._parts: StoreParts | None = None  # distributed: this rank's share of the store
         self._handles: list = []
         self._wrapped_forward = None  # what _wrap_forward replaced, while it is installed
         self._pending_annotations: dict[str, torch.Tensor] = {}
@@ -128,7 +133,8 @@ class CaptureEngine:
         self._dtype = _TORCH_DTYPES[config.dtype]
         self._max_positions = _max_positions(model)
         device = _model_device(model)
-        self.resume_sequences = 0   # input sequences already fully stored (resume): feed from this index
+        # Resume: this process's input sequences already fully stored; feed its sequences from this index on.
+        self.resume_sequences = 0
         with contextlib.ExitStack() as undo:
             self._sink, resumed = self._open_sink(model, tokenizer)
             self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
@@ -142,8 +148,8 @@ class CaptureEngine:
             start_row, writer_resume = 0, None
             if resumed is not None:
                 point, tail = resumed
-                self.resume_sequences = point.sequences
-                self._next_sequence = point.sequences
+                self.resume_sequences = max(point.sequences - config.first_sequence, 0)
+                self._next_sequence = config.first_sequence + self.resume_sequences
                 full_chunks = point.rows // config.chunk_tokens
                 self._counters.tokens_committed = full_chunks * config.chunk_tokens
                 self._counters.chunks_committed = full_chunks
@@ -193,9 +199,10 @@ class CaptureEngine:
             "dtype": cfg.dtype,
             "chunk_tokens": cfg.chunk_tokens,
             "compressor": cfg.compressor,
+            "first_sequence": cfg.first_sequence,
             "committed_tokens": 0,
             "committed_chunks": 0,
-            "sequences": 0,
+            "sequences": cfg.first_sequence,
         }
 
     def _open_sink(self, model, tokenizer):
@@ -204,21 +211,27 @@ class CaptureEngine:
         if cfg.sink == "null":
             return NullSink(), None
         manifest = self._manifest(model, tokenizer)
-        if not prepare_location(cfg.path, cfg.overwrite, cfg.resume):
-            return ZarrSink(cfg.path, cfg.chunk_tokens, cfg.compressor, manifest), None
-        stored = read_manifest(cfg.path)
+        location = cfg.location
+        if cfg.distributed:
+            self._parts = StoreParts(location, manifest, cfg.overwrite, cfg.resume)
+            location = self._parts.part
+            manifest["part"] = {"rank": self._parts.rank, "world_size": self._parts.world_size}
+        if not prepare_location(location, cfg.overwrite, cfg.resume):
+            return ZarrSink(location, cfg.chunk_tokens, cfg.compressor, manifest), None
+        stored = read_manifest(location)
         mismatches = [f"{field}: the store has {old!r}, this run has {new!r}"
                       for field, old, new in _resume_fields(stored, manifest) if old != new]
         if mismatches:
-            raise ResumeMismatchError(f"cannot resume {cfg.path}: " + "; ".join(mismatches)
+            raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
                                       + ". Resume with the same model and CaptureConfig, or write a new store")
         resumes = stored.get("resumes", []) + [{"at": manifest["created"], "status_before": stored.get("status")}]
-        sink = ZarrSink(cfg.path, cfg.chunk_tokens, cfg.compressor,
+        sink = ZarrSink(location, cfg.chunk_tokens, cfg.compressor,
                         {"status": layout.STATUS_OPEN, "resumes": resumes, "error": None}, existing=True)
         point, tail = sink.repair()
         resumes[-1].update(rows=point.rows, sequences=point.sequences, dropped_rows=point.committed_rows - point.rows)
         sink.update_manifest({"resumes": resumes})
-        if not sink.point_arrays():  # crashed before its first batch: nothing to continue
+        if point.committed_rows == 0:  # crashed before its first commit, maybe while creating arrays
+            sink.start_over()
             return sink, None
         return sink, (point, tail)
 
@@ -417,6 +430,20 @@ class CaptureEngine:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._close_part(failed)
+        except BaseException as error:
+            if self._parts is not None:
+                try:
+                    self._parts.publish()  # the other ranks are waiting for this one
+                except BaseException as publish_error:
+                    error.add_note(f"publishing the top manifest failed too: {publish_error!r}")
+            raise
+        if self._parts is not None:
+            self._parts.publish()
+
+    def _close_part(self, failed: bool) -> None:
+        """Close this process's store (the whole store, unless distributed)."""
         self._remove_hooks()  # producer first
         self._abandon_current()
         error = None
@@ -451,7 +478,7 @@ class CaptureEngine:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close(failed=exc_type is not None)
         if exc_type is KeyboardInterrupt and self.config.sink == "zarr":
-            warnings.warn(f"capture interrupted: committed chunks in {self.config.path} are intact. Continue "
+            warnings.warn(f"capture interrupted: committed chunks in {self.config.location} are intact. Continue "
                           "with CaptureConfig(..., resume=True) and feed input sequences from "
                           "engine.resume_sequences on", stacklevel=2)
         return False

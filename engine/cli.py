@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from .registry import find_model, list_models
 
@@ -31,15 +32,33 @@ def _widths(config) -> tuple[int, int]:
     return hidden, mlp
 
 
+def _join_process_group(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the default process
+    group (nccl on GPUs, gloo on CPU) and takes the GPU of its LOCAL_RANK."""
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
 def _capture(args: argparse.Namespace) -> int:
     import torch
 
     from .capture import CaptureEngine
     from .config import CaptureConfig
-    from .corpus import collate, read_documents, rows
+    from .corpus import collate, read_documents, rows, shares
     from .loading import load_model, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, device = _join_process_group(device)
+    tag = f"[capture rank {rank}]" if world_size > 1 else "[capture]"
     model = load_model(args.model, device=device, dtype=args.model_dtype, weights=args.weights)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if not getattr(tokenizer, "is_fast", False):
@@ -53,7 +72,7 @@ def _capture(args: argparse.Namespace) -> int:
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
                         pinned_slots=args.pinned_slots, resume=args.resume, overwrite=args.overwrite,
                         early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS,
-                        statistics=not args.no_statistics)
+                        statistics=not args.no_statistics, distributed=world_size > 1)
 
     def corpus():
         taken = 0
@@ -63,17 +82,20 @@ def _capture(args: argparse.Namespace) -> int:
             taken += len(row.ids)
             yield row
 
-    total = sum(len(row.ids) for row in corpus())
+    lengths = [len(row.ids) for row in corpus()]
+    first, stop = shares(lengths, world_size)[rank]  # this process's rows; sequence numbers stay global
+    cfg = dataclasses.replace(cfg, first_sequence=first)
+    total = sum(lengths[first:stop])
     hidden, mlp = _widths(model.config)
     row_bytes = len(layers) * sum(mlp if h == "mlp_hidden" else hidden for h in args.hooks) * (
         4 if args.dtype == "float32" else 2) + 17 + 16
-    print(f"[capture] {args.model} layers {layers} {args.hooks} -> {args.out}: {total:,} tokens, "
-          f"expected store size {total * row_bytes / 1e9:.3f} GB")
+    print(f"{tag} {args.model} layers {layers} {args.hooks} -> {args.out}: {total:,} tokens "
+          f"(sequences {first:,}..{stop - 1:,}), expected store size {total * row_bytes / 1e9:.3f} GB")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     started = time.perf_counter()
     try:
         with CaptureEngine(model, cfg, tokenizer=tokenizer) as cap, torch.no_grad():
-            stream = corpus()
+            stream = itertools.islice(corpus(), first, stop)
             skipped = [row for _, row in zip(range(cap.resume_sequences), stream)]
             if len(skipped) < cap.resume_sequences:
                 print(f"error: the store holds {cap.resume_sequences} sequences but this corpus has only "
@@ -82,8 +104,8 @@ def _capture(args: argparse.Namespace) -> int:
                 return 2
             done = sum(len(row.ids) for row in skipped)
             if cap.resume_sequences:
-                print(f"[capture] resuming after {cap.resume_sequences} sequences ({done:,} tokens)")
-            progress = _progress(total, done, args.no_progress)
+                print(f"{tag} resuming after {cap.resume_sequences} sequences ({done:,} tokens)")
+            progress = _progress(total, done, args.no_progress or rank > 0)
             while batch := [row for _, row in zip(range(args.batch_size), stream)]:
                 inputs, annotations = collate(batch, pad_id)
                 cap.annotate(**annotations)
@@ -94,12 +116,15 @@ def _capture(args: argparse.Namespace) -> int:
                                          f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
             progress.close()
     except KeyboardInterrupt:
-        print("[capture] interrupted: committed chunks are kept; continue with the same command plus --resume",
+        print(f"{tag} interrupted: committed chunks are kept; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
     s = cap.stats
     elapsed = time.perf_counter() - started
-    print(f"[capture] done: {s.tokens:,} tokens in {elapsed:.1f} s ({s.tokens_staged / elapsed:,.0f} tokens/s "
+    print(f"{tag} done: {s.tokens:,} tokens in {elapsed:.1f} s ({s.tokens_staged / elapsed:,.0f} tokens/s "
           f"through the model), {s.bytes_written / 1e9:.3f} GB written, stalled {s.stall_seconds:.2f} s, "
           f"queue high-water {s.queue_high_water}")
     return 0
@@ -126,15 +151,16 @@ def _progress(total: int, initial: int, disabled: bool):
     return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _size(store) -> str:
+    if store.location.local is None:
+        return "(object store)"
+    return f"{sum(f.stat().st_size for f in store.location.local.rglob('*') if f.is_file()) / 1e6:.1f} MB"
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
-    import zarr
 
-    from .layout import FLAG_LAST
+    from .layout import FLAG_LAST, MANIFEST_ATTR
     from .reader import open_store
     from .store import find_resume_point
 
@@ -146,7 +172,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"model      {m['model']['name']} ({m['model']['architecture']})   tokenizer {m.get('tokenizer')}")
     print(f"tokens     {store.num_tokens:,} committed in {len(store.chunks)} chunks of {m['chunk_tokens']}   "
           f"sequences stored {sequences:,} (fed {m.get('sequences', 0):,})")
-    print(f"on disk    {_du(store.path) / 1e6:.1f} MB   dtype {m['dtype']}   compressor {m['compressor']}")
+    print(f"on disk    {_size(store)}   dtype {m['dtype']}   compressor {m['compressor']}")
+    for entry, part in zip(m.get("parts", []), store.parts):
+        print(f"  part {entry['path']:22s} {entry['status']:9s} {part.num_tokens:,} tokens from sequence "
+              f"{entry.get('first_sequence', 0):,}")
     for key in store.keys():
         array = store[key]
         info = m["arrays"].get(key, {})
@@ -161,15 +190,37 @@ def _inspect(args: argparse.Namespace) -> int:
                          f"norm_scale {stats['norm_scaling_factor']:.4g}")
         print(line)
     if store.status != "complete":
-        point = find_resume_point(zarr.open_group(str(store.path), mode="r"), store.chunks, m)
-        print(f"resume     --resume continues after {point.sequences:,} sequences ({point.rows:,} rows kept, "
-              f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
+        for part in store.parts:
+            name = "" if len(store.parts) == 1 else f"{part.location.url.rsplit('/', 1)[-1]}: "
+            if part.group is None:
+                print(f"resume     {name}not started")
+                continue
+            manifest = dict(part.group.attrs[MANIFEST_ATTR])
+            point = find_resume_point(part.group, part.chunks, manifest)
+            done = max(point.sequences - manifest.get("first_sequence", 0), 0) if point.rows else 0
+            print(f"resume     {name}--resume continues after {done:,} sequences ({point.rows:,} rows kept, "
+                  f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
     return 0
+
+
+def _add_token_array(location, key: str, values, attributes: dict) -> None:
+    """Write a per-token int32 array (None: only list it, in a multi-process store's top manifest)."""
+    import zarr
+
+    from .layout import MANIFEST_ATTR
+
+    group = zarr.open_group(location.zarr_store(), mode="r+")
+    manifest = dict(group.attrs[MANIFEST_ATTR])
+    if values is not None:
+        array = group.create_array(key, shape=values.shape, chunks=(manifest["chunk_tokens"],), dtype="int32",
+                                   fill_value=-1, compressors=None, overwrite=True, attributes=attributes)
+        array[:] = values
+    manifest["token_arrays"] = {**manifest["token_arrays"], key: "int32"}
+    group.update_attributes({MANIFEST_ATTR: manifest})
 
 
 def _align(args: argparse.Namespace) -> int:
     import numpy as np
-    import zarr
 
     from .reader import open_store
 
@@ -198,16 +249,15 @@ def _align(args: argparse.Namespace) -> int:
         for s, e, label in doc_spans:
             hit = rows[(start[rows] >= s) & (start[rows] < e)]  # the span holding the token's 1st character
             out[hit] = labels[label]
-    group = zarr.open_group(str(store.path), mode="r+")
-    chunk = store.manifest["chunk_tokens"]
-    array = group.create_array("tokens/label", shape=out.shape, chunks=(chunk,), dtype="int32", fill_value=-1,
-                               compressors=None, overwrite=True,
-                               attributes={"labels": list(labels), "source": os.path.basename(args.alignment),
-                                           "rule": "label of the span covering the token's first character"})
-    array[:] = out
-    manifest = dict(store.manifest)
-    manifest["token_arrays"] = {**manifest["token_arrays"], "tokens/label": "int32"}
-    group.update_attributes({"manifest": manifest})
+    attributes = {"labels": list(labels), "source": os.path.basename(args.alignment),
+                  "rule": "label of the span covering the token's first character"}
+    offset = 0
+    for part in store.parts:  # each part gets the labels of its own rows
+        if part.group is not None:
+            _add_token_array(part.location, "tokens/label", out[offset:offset + part.num_tokens], attributes)
+        offset += part.num_tokens
+    if len(store.parts) > 1:
+        _add_token_array(store.location, "tokens/label", None, attributes)
     print(f"[align] {int((out >= 0).sum()):,} of {len(out):,} tokens labelled with {len(labels)} labels "
           f"-> tokens/label")
     return 0
@@ -221,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap = commands.add_parser("capture", help="capture layers of a model over a corpus into a store")
     cap.add_argument("--model", required=True, help="registry name or local model folder")
     cap.add_argument("--data", required=True, help=".txt, .jsonl or a saved datasets folder")
-    cap.add_argument("--out", required=True, help="store folder")
+    cap.add_argument("--out", required=True, help="store folder or object-store URL (s3://bucket/prefix)")
     cap.add_argument("--layers", type=int, nargs="+", help="default: the model's probe layer")
     cap.add_argument("--hooks", nargs="+", default=["residual", "mlp_hidden"],
                      choices=["residual", "mlp_hidden", "mlp_out", "attn_out"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import ConfigError
 from .layout import ANNOTATION_DTYPES, STORAGE_DTYPES, TOKEN_ARRAYS
+from .location import Location
 
 SINKS = ("zarr", "null")
 COMPRESSORS = (None, "zstd", "blosc")
@@ -21,7 +21,8 @@ class CaptureConfig:
     """What to capture and how to store it. Validated on construction; errors say what to change.
 
     Args:
-        output_dir: the zarr store to write (a local folder).
+        output_dir: the zarr store to write: a local folder or an object-store URL such as
+            ``s3://bucket/prefix`` (any fsspec protocol; see ``engine.location``).
         layer_indices: layers whose canonical points are captured.
         capture_residual / capture_mlp_hidden / capture_mlp_out / capture_attn_out: canonical points
             (see ``engine.hookpoints``).
@@ -45,6 +46,14 @@ class CaptureConfig:
             ``tokens/<name>`` (e.g. document ids and character offsets).
         statistics: running statistics in the manifest (one extra pass over each chunk in the writers;
             turn off when host CPU is the bottleneck).
+        storage_options: options of the fsspec filesystem of a URL ``output_dir`` (e.g. s3fs's
+            ``endpoint_url``, ``key``, ``secret``); default: the usual environment variables.
+        distributed: this process writes its own part of one store shared by every rank of the initialized
+            ``torch.distributed`` process group (gloo or nccl); rank 0 prepares the store and, after a
+            barrier in ``close()``, writes the top manifest. Every rank must construct and close its engine.
+        first_sequence: global index of this process's first input sequence (``tokens/sequence`` counts
+            from it): with ``distributed``, the start of this rank's share of the corpus, so sequence
+            numbers are those of a single-process run.
 
     Thread safety: immutable.
     """
@@ -68,6 +77,9 @@ class CaptureConfig:
     early_stop: bool = False
     annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     statistics: bool = True
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    distributed: bool = False
+    first_sequence: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):
@@ -75,6 +87,7 @@ class CaptureConfig:
         object.__setattr__(self, "layer_indices", tuple(self.layer_indices))
         object.__setattr__(self, "extra_modules", dict(self.extra_modules))
         object.__setattr__(self, "annotations", dict(self.annotations))
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
         for name, dtype in self.annotations.items():
             if not isinstance(name, str) or not name.isidentifier() or f"tokens/{name}" in TOKEN_ARRAYS:
                 raise ConfigError(f"annotation {name!r}: use an identifier other than "
@@ -112,6 +125,11 @@ class CaptureConfig:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:
             raise ConfigError(f"sink {self.sink!r}: use 'zarr' or 'null' (null discards rows; for benchmarks)")
+        if isinstance(self.first_sequence, bool) or not isinstance(self.first_sequence, int) \
+                or self.first_sequence < 0:
+            raise ConfigError(f"first_sequence must be a non-negative int, got {self.first_sequence!r}")
+        if self.distributed and self.sink != "zarr":
+            raise ConfigError("distributed=True writes parts of one store: use sink='zarr'")
         if self.compressor not in COMPRESSORS:
             raise ConfigError(f"compressor {self.compressor!r}: use None, 'zstd' or 'blosc'")
 
@@ -123,6 +141,6 @@ class CaptureConfig:
         return tuple(name for name, enabled in flags if enabled)
 
     @property
-    def path(self) -> Path:
-        """The store location as a Path."""
-        return Path(self.output_dir).expanduser()
+    def location(self) -> Location:
+        """Where the store is (a local folder or a URL)."""
+        return Location.of(self.output_dir, self.storage_options)

@@ -9,6 +9,7 @@ tokens include the space before a word); ``end == start`` for special tokens.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -95,6 +96,21 @@ def rows(documents: Iterator[str], tokenizer, seq_len: int, pack: bool) -> Itera
         window = Row(*(getattr(window, name)[cut:] for name in fields))
     if window.ids:
         yield window
+
+
+def shares(lengths: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous, token-balanced shares of rows for ``parts`` processes: share r is rows [start, stop).
+
+    Deterministic (a function of the row lengths only), so every rank computes the same split, and a
+    resumed run the same one again. Share r starts at the first row beginning at or after r/parts of the
+    tokens; a share may be empty when there are fewer rows than processes.
+    """
+    starts, total = [], 0
+    for length in lengths:
+        starts.append(total)
+        total += length
+    cuts = [bisect.bisect_left(starts, total * r // parts) if r else 0 for r in range(parts)] + [len(lengths)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def collate(batch: list[Row], pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

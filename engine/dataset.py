@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -29,7 +28,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     Chunks are split disjointly across DDP ranks, then across DataLoader workers.
 
     Args:
-        store: a path or an open CaptureStore (only its committed chunks are read, as of construction).
+        store: a path, URL or open CaptureStore (only its committed chunks are read, as of construction;
+            a multi-process store's parts are read as one).
         key: array path, e.g. ``layer_6/residual``.
         batch_size: rows per batch.
         shuffle: random chunk order and row mixing; False reads rows in store order.
@@ -42,6 +42,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
         buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of this array.
         return_tokens: also yield the rows' token ids: ``(activations, input_ids)``.
+        storage_options: fsspec options when ``store`` is a URL.
 
     Returns (iterating): ``(batch_size, dim)`` tensors (the last may be shorter unless ``drop_last``).
 
@@ -55,8 +56,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  exclude: Sequence[str] = ("bos", "first"),
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
-                 buffer_chunks: int = 4, return_tokens: bool = False):
-        opened = store if isinstance(store, CaptureStore) else open_store(store)
+                 buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None):
+        opened = store if isinstance(store, CaptureStore) else open_store(store, storage_options)
         if key not in opened.keys() or key.startswith("tokens/"):
             raise ConfigError(f"{key!r} is not an activation array of {opened.path}: choose one of "
                               f"{', '.join(k for k in opened.keys() if not k.startswith('tokens/'))}")
@@ -71,23 +72,26 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             world_size = torch.distributed.get_world_size() if initialized else 1
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-        self.path = Path(opened.path)
+        self.path = opened.path
+        self.parts = [part.location for part in opened.parts]
         self.key = key
         self.dim = opened[key].shape[1]
         self.storage_dtype = opened.manifest.get("dtype", "float16")
-        self.chunks = [(c["row_start"], c["row_stop"]) for c in opened.chunks]
-        self.chunk_rows = max((stop - start for start, stop in self.chunks), default=1)
+        # (part, chunk index within the part, rows) of every committed chunk
+        self.chunks = [(number, index, record["token_count"]) for number, part in enumerate(opened.parts)
+                       for index, record in enumerate(part.chunks)]
+        self.chunk_rows = max((rows for _, _, rows in self.chunks), default=1)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.exclude_mask = sum(_EXCLUDABLE[name] for name in exclude)
         self.dtype, self.rank, self.world_size = dtype, rank, world_size
         self.buffer_chunks, self.return_tokens = buffer_chunks, return_tokens
         self.epoch = 0
         self._epoch_set = False
-        self._handles: tuple[zarr.Array, zarr.Array, zarr.Array] | None = None
+        self._handles: dict[int, tuple[zarr.Array, zarr.Array, zarr.Array]] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = None  # reopened lazily in each worker process
+        state["_handles"] = {}  # reopened lazily in each worker process
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,24 +105,24 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
         return order[self.rank::self.world_size][worker::num_workers].tolist()
 
-    def _arrays(self) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
-        if self._handles is None:  # each lookup reads metadata: once per process
-            group = zarr.open_group(str(self.path), mode="r")
-            self._handles = (group[self.key], group["tokens/input_ids"], group["tokens/flags"])
-        return self._handles
+    def _arrays(self, part: int) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        if part not in self._handles:  # each lookup reads metadata: once per part and process
+            group = zarr.open_group(self.parts[part].zarr_store(read_only=True), mode="r")
+            self._handles[part] = (group[self.key], group["tokens/input_ids"], group["tokens/flags"])
+        return self._handles[part]
 
     def _load(self, index: int, rows: torch.Tensor, ids: torch.Tensor | None, at: int) -> int:
         """Read one chunk's rows into ``rows[at:]`` (and ids), drop excluded ones; returns rows kept."""
-        values, token_ids, flags = self._arrays()
-        start, stop = self.chunks[index]
-        count = stop - start
-        read_chunk_rows(self.path, self.key, values, index, rows[at:at + count].numpy())
+        part, chunk, count = self.chunks[index]
+        values, token_ids, flags = self._arrays(part)
+        root = self.parts[part].local  # None for object stores: read through zarr
+        read_chunk_rows(root, self.key, values, chunk, rows[at:at + count].numpy())
         if ids is not None:
-            read_chunk_rows(self.path, "tokens/input_ids", token_ids, index, ids[at:at + count].numpy())
+            read_chunk_rows(root, "tokens/input_ids", token_ids, chunk, ids[at:at + count].numpy())
         if not self.exclude_mask:
             return count
         chunk_flags = np.empty(count, dtype=np.uint8)
-        read_chunk_rows(self.path, "tokens/flags", flags, index, chunk_flags)
+        read_chunk_rows(root, "tokens/flags", flags, chunk, chunk_flags)
         keep = torch.from_numpy(np.flatnonzero((chunk_flags & self.exclude_mask) == 0))
         rows[at:at + keep.numel()] = rows[at:at + count].index_select(0, keep)
         if ids is not None:

@@ -10,6 +10,15 @@ A store is one zarr v3 group:
   commits/chunk_{k:012d}/zarr.json  its attributes are the chunk's commit record (written last, one PUT)
 
 All arrays share the row chunking ``chunk_tokens``: chunk k is rows [k*chunk_tokens, (k+1)*chunk_tokens).
+
+A multi-process store (one process per GPU, ``CaptureConfig(distributed=True)``) is a root group whose
+manifest lists its parts; each part is a complete store as above, written by one rank only:
+
+  zarr.json                         root group; manifest with "parts" (written by rank 0 only)
+  parts/zarr.json                   group (rank 0)
+  parts/rank_{r:05d}/...            rank r's store: its own manifest, arrays and commit records
+
+Rows of the whole store are the parts' committed rows in rank order.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ FORMAT_NAME = "actcap"
 FORMAT_VERSION = 1
 MANIFEST_ATTR = "manifest"
 COMMITS_GROUP = "commits"
+PARTS_GROUP = "parts"
 
 # Per-token metadata arrays and their on-disk dtypes.
 TOKEN_ARRAYS: dict[str, np.dtype] = {
@@ -86,3 +96,7 @@ def chunk_index_of(commit_name: str) -> int | None:
     digits = commit_name[len("chunk_"):]
     return int(digits) if digits.isdigit() else None
 
+
+def part_path(rank: int) -> str:
+    """Path of one rank's part in a multi-process store."""
+    return f"{PARTS_GROUP}/rank_{rank:05d}"

@@ -67,6 +67,15 @@ class RunningMoments:
         self.max_norm = max(self.max_norm, max_norm)
         self.count = total
 
+    @classmethod
+    def from_json(cls, entry: dict) -> RunningMoments:
+        moments = cls(len(entry["mean"]))
+        moments.count, moments.mean = entry["count"], np.asarray(entry["mean"], dtype=np.float64)
+        moments.mean_squared_norm, moments.max_norm = entry["mean_squared_norm"], entry["max_norm"]
+        moments.nonfinite, moments.fp16_overflow = entry["nonfinite"], entry["fp16_overflow"]
+        moments.sink_rows = entry["sink_rows"]
+        return moments
+
     def to_json(self) -> dict:
         dim = self.mean.shape[0]
         return {"count": self.count, "mean": self.mean.tolist(), "mean_squared_norm": self.mean_squared_norm,
@@ -173,6 +182,20 @@ class Statistics:
     def to_json(self) -> dict:
         with self._lock:
             return {key: moments.to_json() for key, moments in self.arrays.items()}
+
+
+def merge_statistics(entries: list[dict]) -> dict:
+    """Manifest statistics of several parts (``Statistics.to_json`` dicts) merged into one."""
+    merged: dict[str, RunningMoments] = {}
+    for stats in entries:
+        for key, entry in stats.items():
+            part = RunningMoments.from_json(entry)
+            total = merged.setdefault(key, RunningMoments(len(part.mean)))
+            total.merge(part.count, part.mean, part.mean_squared_norm, part.max_norm)
+            total.nonfinite += part.nonfinite
+            total.fp16_overflow += part.fp16_overflow
+            total.sink_rows += part.sink_rows
+    return {key: moments.to_json() for key, moments in merged.items()}
 
 
 def decode(rows: np.ndarray, dtype: str) -> torch.Tensor:

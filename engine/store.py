@@ -24,6 +24,7 @@ from zarr.core.sync import sync
 
 from . import layout
 from .errors import StoreExistsError, StorePathError
+from .location import Location
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -111,29 +112,44 @@ def delete_array(store: zarr.abc.store.Store, key: str) -> None:
     sync(store.delete_dir(key))
 
 
-def _is_our_store(path: Path) -> bool:
+def _is_our_store(location: Location) -> bool:
     try:
-        return read_manifest(path).get("format") == layout.FORMAT_NAME
-    except (OSError, ValueError, KeyError, AttributeError):
+        return read_manifest(location).get("format") == layout.FORMAT_NAME
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of a local store, read without opening arrays."""
-    return json.loads((path / "zarr.json").read_text())["attributes"][layout.MANIFEST_ATTR]
+def read_manifest(location: Location) -> dict:
+    """The manifest of a store, read without opening arrays (KeyError when there is none)."""
+    doc = sync(_get_many(location.zarr_store(read_only=True), ["zarr.json"]))[0]
+    if doc is None:
+        raise KeyError(f"no zarr.json at {location}")
+    return doc["attributes"][layout.MANIFEST_ATTR]
 
 
-def prepare_location(path: Path, overwrite: bool, resume: bool) -> bool:
-    """Check the output path; remove an old store when ``overwrite``. Returns True if a store exists."""
+def _check_existing(location: Location, exists: bool, overwrite: bool, resume: bool) -> None:
+    if exists and not _is_our_store(location):
+        raise StoreExistsError(f"output_dir {location} is not empty and not a capture store: choose a new or "
+                               "empty location (nothing there was changed)")
+    if exists and not (overwrite or resume):
+        raise StoreExistsError(f"a capture store already exists at {location}: pass overwrite=True to replace "
+                               "it or resume=True to continue it")
+
+
+def prepare_location(location: Location, overwrite: bool, resume: bool) -> bool:
+    """Check the output location; remove an old store when ``overwrite``. Returns True if a store exists."""
+    path = location.local
+    if path is None:
+        store = location.zarr_store()
+        exists = not sync(store.is_empty(""))
+        _check_existing(location, exists, overwrite, resume)
+        if exists and overwrite:
+            sync(store.delete_dir(""))
+        return exists and not overwrite
     if path.exists() and not path.is_dir():
         raise StorePathError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
     exists = path.is_dir() and any(path.iterdir())
-    if exists and not _is_our_store(path):
-        raise StoreExistsError(f"output_dir {path} is a non-empty folder that is not a capture store: "
-                               "choose a new or empty folder (nothing there was changed)")
-    if exists and not (overwrite or resume):
-        raise StoreExistsError(f"a capture store already exists at {path}: pass overwrite=True to replace it "
-                               "or resume=True to continue it")
+    _check_existing(location, exists, overwrite, resume)
     if exists and overwrite:
         shutil.rmtree(path)
         exists = False
@@ -172,10 +188,10 @@ def chunk_path(root: Path, key: str, array: zarr.Array, chunk_index: int) -> Pat
     return root / key / array.metadata.encode_chunk_key((chunk_index,) + (0,) * (array.ndim - 1))
 
 
-def read_chunk_rows(root: Path, key: str, array: zarr.Array, chunk_index: int, out: np.ndarray) -> None:
-    """The first ``len(out)`` rows of chunk ``chunk_index`` into ``out``: one readinto for plain chunks
-    (no temporary), zarr otherwise."""
-    if _plain_bytes(array) and out.flags.c_contiguous:
+def read_chunk_rows(root: Path | None, key: str, array: zarr.Array, chunk_index: int, out: np.ndarray) -> None:
+    """The first ``len(out)`` rows of chunk ``chunk_index`` into ``out``: one readinto for plain chunks of a
+    local store (``root``: its folder; no temporary), zarr otherwise."""
+    if root is not None and _plain_bytes(array) and out.flags.c_contiguous:
         target = memoryview(out.reshape(-1).view(np.uint8))
         try:
             with open(chunk_path(root, key, array, chunk_index), "rb", buffering=0) as f:
@@ -217,7 +233,7 @@ class ZarrSink:
     """Writes chunks and commit records into one zarr v3 group.
 
     Args:
-        path: the store folder (created).
+        location: where the store is (created).
         chunk_tokens: rows per chunk for every array.
         compressor: None, "zstd" or "blosc".
         manifest: initial manifest (status open).
@@ -225,20 +241,21 @@ class ZarrSink:
     Thread safety: ``write_chunk`` from several threads for distinct chunks; the rest from one thread.
     """
 
-    def __init__(self, path: Path, chunk_tokens: int, compressor: str | None, manifest: dict,
+    def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, manifest: dict,
                  existing: bool = False):
         token_arrays = {key: np.dtype(dtype) for key, dtype in manifest.get("token_arrays", {}).items()}
         self.chunk_tokens = chunk_tokens
         self._compressors = _compressors(compressor)
-        self._root = path
+        self._root = location.local
         # Whole uncompressed chunks are plain little-endian C-order bytes (zarr's bytes codec): write them as
         # files directly, skipping zarr's Python codec pipeline and event loop, whose GIL use slowed the
-        # forward thread (H100 run 1). Partial chunks, compressed arrays and metadata still go through zarr.
-        self._direct = compressor is None and sys.byteorder == "little"
-        self._store = zarr.storage.LocalStore(str(path))
+        # forward thread (H100 run 1). Partial chunks, compressed arrays, metadata and every write to an
+        # object store still go through zarr (one PUT per chunk object).
+        self._direct = self._root is not None and compressor is None and sys.byteorder == "little"
+        self._store = location.zarr_store()
         self._lock = threading.Lock()
         self._arrays: dict[str, zarr.Array] = {}
-        self._reserve = _reserve_space(path)
+        self._reserve = _reserve_space(self._root) if self._root is not None else None
         if existing:
             self._group = zarr.open_group(self._store, mode="r+")
             self._stored_manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
@@ -253,7 +270,7 @@ class ZarrSink:
                 if key in self._group:
                     self._arrays[key] = self._group[key]
             # A crash can land between two arrays' resizes: the smallest is what every array has.
-            self._capacity = min(array.shape[0] for array in self._arrays.values())
+            self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
             return
         self._capacity = 0
@@ -287,11 +304,22 @@ class ZarrSink:
         for index in sorted(records, reverse=True):
             if index >= cut_chunk:
                 delete_key(self._store, layout.commit_record_key(index))
-        for leftover in self._root.rglob("*.partial"):
+        for leftover in self._root.rglob("*.partial") if self._root is not None else ():
             leftover.unlink()
         start = cut_chunk * self.chunk_tokens
         tail = {key: array[start:point.rows] for key, array in self._arrays.items()} if kept else {}
         return point, tail
+
+    def start_over(self) -> None:
+        """Nothing was committed: drop the activation arrays (a crash may have left only some of them; they
+        are created again on the first batch) and create any token array a crash kept from being created."""
+        with self._lock:
+            for key in list(self.point_arrays()):
+                delete_array(self._store, key)
+                del self._arrays[key]
+            for key, dtype in layout.token_arrays(self._manifest.get("annotations", {})).items():
+                if key not in self._arrays:
+                    self._create(key, (), dtype, {})
 
     def _create(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, attributes: dict) -> None:
         self._arrays[key] = self._group.create_array(
@@ -335,7 +363,8 @@ class ZarrSink:
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
         """Trim arrays to the committed rows (clean close) and publish the manifest, last. The reserve file
         goes first, so a full disk still has room to say ``failed``."""
-        self._reserve.unlink(missing_ok=True)
+        if self._reserve is not None:
+            self._reserve.unlink(missing_ok=True)
         with self._lock:
             if trim:
                 self._capacity = rows

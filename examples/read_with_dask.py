@@ -1,6 +1,10 @@
 """Read a capture store with dask and zarr alone (no engine code): the on-disk contract in practice.
 
     python examples/read_with_dask.py /tmp/gpt2_acts.zarr layer_6/residual
+    python examples/read_with_dask.py s3://bucket/acts.zarr layer_15/residual   # AWS_* variables set
+
+A store written by several processes (torchrun) lists its parts in the manifest; each part is a store of its
+own, and the whole store is the parts' committed rows in rank order.
 """
 
 import sys
@@ -9,11 +13,18 @@ import dask.array as da
 import zarr
 
 path, key = sys.argv[1], sys.argv[2]
-group = zarr.open_group(path, mode="r")
-manifest = group.attrs["manifest"]
+manifest = zarr.open_group(path, mode="r").attrs["manifest"]
 print("status", manifest["status"], "committed tokens", manifest["committed_tokens"])
-acts = da.from_zarr(path, component=key)[: manifest["committed_tokens"]]  # trust committed rows only
-flags = da.from_zarr(path, component="tokens/flags")[: manifest["committed_tokens"]]
+parts = manifest.get("parts") or [{"path": "", "committed_tokens": manifest["committed_tokens"]}]
+
+
+def load(name: str) -> da.Array:
+    """One array over every part, committed rows only."""
+    return da.concatenate([da.from_zarr(path, component=f"{part['path']}/{name}".lstrip("/"))
+                           [: part["committed_tokens"]] for part in parts if part["committed_tokens"]])
+
+
+acts, flags = load(key), load("tokens/flags")
 not_bos = (flags & manifest["flag_bits"]["bos"]) == 0
-print(key, acts.shape, acts.dtype, "chunks", acts.chunksize)
+print(key, acts.shape, acts.dtype, "chunks", acts.chunksize, "parts", len(parts))
 print("mean norm (BOS excluded):", float(da.linalg.norm(acts[not_bos.compute()].astype("float32"), axis=1).mean()))

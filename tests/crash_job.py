@@ -1,5 +1,7 @@
 """A capture job for crash tests: deterministic sequences, resumable. Run as a subprocess; prints "ready" once
-capturing, then one line per batch. Usage: python crash_job.py STORE N_SEQUENCES [--resume]"""
+capturing, then one line per batch. Usage: python crash_job.py STORE N_SEQUENCES [--resume] [--distributed]
+(--distributed: under torchrun, each rank captures its share of the sequences into its part of STORE).
+STORE may be an s3:// URL (endpoint and credentials from the environment)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import VOCAB, tiny_model  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
+from engine.corpus import shares  # noqa: E402
 
 BATCH, SEQ, CHUNK = 3, 12, 16
 PACE_S = 0.04  # per batch, standing in for a real model's forward time so kills land mid-run
@@ -34,20 +37,27 @@ def batch_of(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def main(store: str, count: int, resume: bool) -> None:
+def main(store: str, count: int, resume: bool, distributed: bool) -> None:
     torch.set_num_threads(1)
     model = tiny_model("gpt2")
-    cfg = CaptureConfig(store, layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2, pinned_slots=2,
-                        resume=resume)
     seqs = sequences(count)
+    first, stop = 0, count
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+        first, stop = shares([len(s) for s in seqs], torch.distributed.get_world_size())[
+            torch.distributed.get_rank()]
+    cfg = CaptureConfig(store, layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2, pinned_slots=2,
+                        resume=resume, distributed=distributed, first_sequence=first)
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
         print("ready", cap.resume_sequences, flush=True)
-        for start in range(cap.resume_sequences, count, BATCH):
-            model(**batch_of(seqs[start:start + BATCH]))
+        for start in range(first + cap.resume_sequences, stop, BATCH):
+            model(**batch_of(seqs[start:min(start + BATCH, stop)]))
             print("batch", start, flush=True)
             time.sleep(PACE_S)
+    if distributed:
+        torch.distributed.destroy_process_group()
     print("done", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv)
+    main(sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv, "--distributed" in sys.argv)

@@ -76,3 +76,30 @@ def test_cuda_early_stop_matches_full_forward(tmp_path):
         stores[early] = open_store(cfg.output_dir)
     for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/position"):
         np.testing.assert_array_equal(stores[True][key][:], stores[False][key][:])
+
+
+def test_nccl_process_group_writes_a_parts_store(tmp_path):
+    """distributed=True over nccl (one rank: this machine has one GPU): the collectives of parts.py run on
+    the GPU backend and the parts store holds exactly the model's rows."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = tiny_model("gpt2").cuda()
+        batches = [{k: v.cuda() for k, v in ragged_batch(4, 32, seed=s).items()} for s in range(6)]
+        cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=64, distributed=True)
+        with reference_capture(model, [0], list(cfg.points)) as ref:
+            with CaptureEngine(model, cfg), torch.no_grad():
+                for batch in batches:
+                    model(**batch)
+    finally:
+        torch.distributed.destroy_process_group()
+    store = open_store(cfg.output_dir)
+    assert store.manifest["world_size"] == 1 and store.status == "complete" and len(store.parts) == 1
+    masks = [b["attention_mask"].cpu() for b in batches]
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,28 +19,7 @@ import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
-
-JOB = Path(__file__).resolve().parent / "crash_job.py"
-N_SEQUENCES = 90
-ARRAYS = ["layer_0/residual", "layer_0/mlp_hidden", "layer_1/residual", "layer_1/mlp_hidden"]
-TOKENS = ["tokens/input_ids", "tokens/sequence", "tokens/position", "tokens/flags"]
-
-
-def run_job(store: Path, resume: bool, kill_after: float | None = None) -> str:
-    """Run the job; with kill_after, SIGKILL it that many seconds after it starts capturing."""
-    args = [sys.executable, str(JOB), str(store), str(N_SEQUENCES)] + (["--resume"] if resume else [])
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if kill_after is None:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        return out
-    line = proc.stdout.readline()
-    assert line.startswith("ready"), proc.stderr.read()
-    time.sleep(kill_after)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    return line
-
+from helpers import JOB, N_SEQUENCES, assert_same_store, crash_and_resume, run_job
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -48,36 +28,16 @@ def reference(tmp_path_factory):
     return open_store(store)
 
 
-def assert_same_store(store, reference):
-    assert store.status == "complete"
-    for key in TOKENS:
-        np.testing.assert_array_equal(store[key][:], reference[key][:], err_msg=key)
-    for key in ARRAYS:
-        np.testing.assert_allclose(store[key][:].astype(np.float32), reference[key][:].astype(np.float32),
-                                   rtol=1e-3, atol=1e-3, err_msg=key)
-    pairs = set(zip(store["tokens/sequence"][:].tolist(), store["tokens/position"][:].tolist()))
-    assert len(pairs) == store.num_tokens, "no duplicate (sequence, position)"
-
-
-def crash_and_resume(tmp_path, rng, kills: int):
-    store = tmp_path / "s.zarr"
-    for attempt in range(kills):
-        run_job(store, resume=attempt > 0, kill_after=rng.uniform(0.0, 0.9))
-        assert open_store(store).status == "open", "the kill landed mid-run"
-    run_job(store, resume=store.exists())
-    return open_store(store)
-
-
 @pytest.mark.parametrize("trial", range(5))
 def test_kill_9_then_resume_equals_uninterrupted_run(trial, tmp_path, reference):
-    store = crash_and_resume(tmp_path, random.Random(trial), kills=1 + trial % 2)
+    store = crash_and_resume(tmp_path / "s.zarr", random.Random(trial), kills=1 + trial % 2)
     assert_same_store(store, reference)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(5, 45))
 def test_kill_9_many_trials(trial, tmp_path, reference):
-    store = crash_and_resume(tmp_path, random.Random(trial), kills=1 + trial % 3)
+    store = crash_and_resume(tmp_path / "s.zarr", random.Random(trial), kills=1 + trial % 3)
     assert_same_store(store, reference)
 
 
@@ -273,3 +233,28 @@ def test_use_after_close_is_an_error(tmp_path):
     with pytest.raises(engine.CaptureClosedError):
         with cap.detached():
             pass
+
+
+def test_resume_after_a_crash_between_array_creations(tmp_path):
+    """kill -9 can land while the first batch creates the arrays (a window of seconds on object storage):
+    nothing is committed yet and some arrays are missing. Resume starts over instead of refusing the widths."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=1024)  # the first batches fill no chunk: nothing commits
+    crashed = CaptureEngine(model, cfg)
+    with torch.no_grad():
+        model(**ragged_batch(3, 7, seed=0))
+    crashed.flush()
+    crashed._remove_hooks()  # the process "dies" here: no close, no manifest update
+    shutil.rmtree(tmp_path / "s.zarr" / "layer_0" / "mlp_hidden")
+    stores = {}
+    for name, resume in (("resumed", True), ("fresh", False)):
+        path = tmp_path / "s.zarr" if resume else tmp_path / "fresh.zarr"
+        with CaptureEngine(model, dataclasses.replace(cfg, output_dir=path, resume=resume)) as cap, \
+                torch.no_grad():
+            assert cap.resume_sequences == 0
+            for seed in range(3):
+                model(**ragged_batch(3, 7, seed=seed))
+        stores[name] = open_store(path)
+    assert stores["resumed"].status == "complete"
+    for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/sequence"):
+        np.testing.assert_array_equal(stores["resumed"][key][:], stores["fresh"][key][:])

@@ -1,0 +1,126 @@
+"""Multi-process capture into one store: each rank writes its own part, rank 0 owns the root.
+
+torchrun starts one process per GPU (and per node). No two processes ever write the same zarr metadata:
+rank 0 alone prepares the location (overwrite and resume checks) and writes the root group, its manifest
+and ``parts/zarr.json``; each rank writes only under ``parts/rank_{r:05d}`` (``layout.part_path``), a complete
+store with its own arrays and commit records, so commit, crash and resume work per rank exactly as with one
+process. ``CaptureEngine.close()`` meets the other ranks at a barrier, then rank 0 publishes the top manifest
+(status, row counts, merged statistics) read from the parts' manifests.
+
+Every collective step runs on all ranks; rank 0's failures are broadcast, so no rank waits on a dead one.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable
+
+import torch.distributed as dist
+
+from . import layout
+from .errors import ConfigError, ResumeMismatchError
+from .location import Location
+from .statistics import merge_statistics
+from .store import prepare_location, put_json, read_manifest
+
+# Manifest fields that describe one part, not the whole store.
+_PART_FIELDS = ("part", "first_sequence", "resumes")
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialized default process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("distributed=True needs torch.distributed initialized: call "
+                          "torch.distributed.init_process_group('gloo' or 'nccl') first (under torchrun it reads "
+                          "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _on_rank0(step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0; every rank then raises rank 0's exception if it failed (also a barrier)."""
+    outcome: list[BaseException | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            step()
+        except Exception as exc:
+            outcome = [exc]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _group_doc(manifest: dict | None) -> dict:
+    attributes = {layout.MANIFEST_ATTR: manifest} if manifest is not None else {}
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+def _prepare_root(root: Location, manifest: dict, world_size: int, overwrite: bool, resume: bool) -> None:
+    store = root.zarr_store()
+    if prepare_location(root, overwrite, resume):
+        stored = read_manifest(root)
+        if stored.get("world_size") != world_size:
+            raise ResumeMismatchError(
+                f"cannot resume {root}: it was written by {stored.get('world_size', 1)} process(es), this run "
+                f"has {world_size}: resume with the same number of processes (torchrun --nproc_per_node, --nnodes)")
+        # Arrays added after capture (align's tokens/label) are dropped from the parts on resume: here too.
+        put_json(store, "zarr.json", _group_doc({**stored, "status": layout.STATUS_OPEN,
+                                                 "token_arrays": manifest["token_arrays"]}))
+        return
+    top = {key: value for key, value in manifest.items() if key not in _PART_FIELDS}
+    top.update(world_size=world_size, parts=[{"path": layout.part_path(rank), "status": layout.STATUS_OPEN,
+                                              "committed_tokens": 0} for rank in range(world_size)])
+    put_json(store, "zarr.json", _group_doc(top))
+    put_json(store, f"{layout.PARTS_GROUP}/zarr.json", _group_doc(None))
+
+
+def _part_manifest(part: Location) -> dict:
+    try:
+        return read_manifest(part)
+    except KeyError:  # that rank never created its part (it failed first)
+        return {"status": layout.STATUS_FAILED, "committed_tokens": 0, "committed_chunks": 0, "statistics": {}}
+
+
+def _publish(root: Location, world_size: int) -> None:
+    parts = [_part_manifest(root.child(layout.part_path(rank))) for rank in range(world_size)]
+    statuses = {part["status"] for part in parts}
+    status = (layout.STATUS_FAILED if layout.STATUS_FAILED in statuses
+              else layout.STATUS_COMPLETE if statuses == {layout.STATUS_COMPLETE} else layout.STATUS_OPEN)
+    top = read_manifest(root)
+    top.update(
+        status=status,
+        committed_tokens=sum(part["committed_tokens"] for part in parts),
+        committed_chunks=sum(part["committed_chunks"] for part in parts),
+        sequences=max(part.get("sequences", 0) for part in parts),
+        statistics=merge_statistics([part.get("statistics", {}) for part in parts]),
+        parts=[{"path": layout.part_path(rank), "status": part["status"],
+                "committed_tokens": part["committed_tokens"], "first_sequence": part.get("first_sequence", 0),
+                "sequences": part.get("sequences", 0)} for rank, part in enumerate(parts)],
+        closed=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    put_json(root.zarr_store(), "zarr.json", _group_doc(top))
+
+
+class StoreParts:
+    """This process's share of a multi-process store.
+
+    Args:
+        root: the whole store's location.
+        manifest: this run's manifest (rank 0 makes the root's from it).
+        overwrite, resume: as in CaptureConfig; rank 0 applies them to the whole store.
+
+    Attributes:
+        rank, world_size: from the default process group.
+        part: where this rank writes (``layout.part_path(rank)`` under the root).
+
+    Thread safety: construct and ``publish`` on every rank, from the thread that runs the model.
+    """
+
+    def __init__(self, root: Location, manifest: dict, overwrite: bool, resume: bool):
+        self.rank, self.world_size = process_group()
+        self.root = root
+        self.part = root.child(layout.part_path(self.rank))
+        _on_rank0(lambda: _prepare_root(root, manifest, self.world_size, overwrite, resume))
+
+    def publish(self) -> None:
+        """After every rank closed its part: rank 0 writes the top manifest; every rank returns after it."""
+        dist.barrier()
+        _on_rank0(lambda: _publish(self.root, self.world_size))

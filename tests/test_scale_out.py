@@ -1,0 +1,217 @@
+"""Scale out: torchrun processes (gloo on CPU) writing parts of one store, and stores on a real S3-compatible
+server (moto's ThreadedMotoServer on 127.0.0.1), including kill -9 and resume against it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
+from engine.corpus import shares
+from engine.errors import ResumeMismatchError
+
+from conftest import ragged_batch, tiny_model
+from helpers import assert_same_store, assert_statistics_match, cli, crash_and_resume, run_job
+
+KEYS = ("layer_1/residual", "layer_1/mlp_hidden")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def capture_args(model_dir, corpus, out):
+    return ["capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1, "--seq-len", 24,
+            "--batch-size", 1, "--chunk-tokens", 32, "--no-progress"]
+
+
+def rows_by_token(store, key) -> dict[tuple[int, int], bytes]:
+    """{(sequence, position): the row's bytes} of one array."""
+    pairs = zip(store["tokens/sequence"][:].tolist(), store["tokens/position"][:].tolist())
+    rows = store[key][:]
+    table = {pair: rows[i].tobytes() for i, pair in enumerate(pairs)}
+    assert len(table) == store.num_tokens, "no duplicate (sequence, position)"
+    return table
+
+
+def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
+    single, parts = tmp_path / "single.zarr", tmp_path / "parts.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker: the same float results
+    subprocess.run([sys.executable, "-m", "engine", *map(str, capture_args(model_dir, corpus, single))],
+                   check=True, capture_output=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "engine", *map(str, capture_args(model_dir, corpus, parts))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[capture rank 0] done" in done.stdout and "[capture rank 1] done" in done.stdout
+
+    reference, store = open_store(single), open_store(parts)
+    manifest = store.manifest
+    assert manifest["status"] == "complete" and manifest["world_size"] == 2
+    assert [p.num_tokens > 0 for p in store.parts] == [True, True]
+    assert manifest["committed_tokens"] == store.num_tokens == reference.num_tokens
+    # Each process wrote only its own part; rank 0 only the root and parts/ group documents.
+    assert sorted(os.listdir(parts)) == ["parts", "zarr.json"]
+    assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00001", "zarr.json"]
+    sequences = [set(open_store(part.location)["tokens/sequence"][:].tolist()) for part in store.parts]
+    assert not sequences[0] & sequences[1]
+
+    for key in (*KEYS, "tokens/input_ids", "tokens/flags", "tokens/doc_id"):  # the must-show: as sets of rows
+        assert rows_by_token(store, key) == rows_by_token(reference, key), key
+    for key in KEYS:  # contiguous shares: the parts in rank order are the single run, row for row
+        np.testing.assert_array_equal(store[key][:], reference[key][:])
+        batches = ActivationDataset(parts, key, batch_size=8, shuffle=False, exclude=())
+        np.testing.assert_array_equal(torch.cat(list(batches)).numpy(), reference[key][:].astype(np.float32))
+        assert_statistics_match(parts, key, store[key].shape[1])
+        assert manifest["statistics"][key]["count"] == reference.manifest["statistics"][key]["count"]
+    report = cli("inspect", parts)
+    assert "parts/rank_00001" in report and f"{store.num_tokens:,} committed" in report
+    assert f"({store.num_tokens}, 64) float16" in read_with_dask(parts, KEYS[0])
+
+
+def read_with_dask(store, key) -> str:
+    """examples/read_with_dask.py: dask and zarr alone, no engine code."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / "read_with_dask.py"), str(store), key],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_shares_are_contiguous_balanced_and_deterministic():
+    lengths = [5, 1, 9, 3, 3, 7, 2, 8, 4, 6]
+    for parts in (1, 2, 3, 4, 12):
+        cuts = shares(lengths, parts)
+        assert cuts == shares(list(lengths), parts) and len(cuts) == parts
+        assert cuts[0][0] == 0 and cuts[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    tokens = [sum(lengths[a:b]) for a, b in shares(lengths, 2)]
+    assert abs(tokens[0] - tokens[1]) <= max(lengths)
+
+
+@pytest.fixture
+def process_group_of_one():
+    """A real gloo process group with one process (what distributed=True needs), torn down after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_a_store_is_resumed_with_the_same_number_of_processes(tmp_path, process_group_of_one):
+    model = tiny_model("gpt2")
+    parted = CaptureConfig(tmp_path / "parted.zarr", layer_indices=[0], chunk_tokens=8, distributed=True)
+    plain = CaptureConfig(tmp_path / "plain.zarr", layer_indices=[0], chunk_tokens=8)
+    for cfg in (parted, plain):
+        with CaptureEngine(model, cfg), torch.no_grad():
+            model(**ragged_batch(3, 7))
+    assert open_store(parted.output_dir).manifest["world_size"] == 1
+    with pytest.raises(ResumeMismatchError, match="world_size .*the store has 1, this run has None"):
+        CaptureEngine(model, dataclasses.replace(parted, distributed=False, resume=True))
+    with pytest.raises(ResumeMismatchError, match="written by 1 process"):
+        CaptureEngine(model, dataclasses.replace(plain, distributed=True, resume=True))
+
+
+def test_distributed_needs_a_process_group(tmp_path):
+    with pytest.raises(Exception, match="init_process_group"):
+        CaptureEngine(tiny_model("gpt2"), CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], distributed=True))
+
+
+# ---- object storage ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch):
+    """A new bucket; endpoint and credentials in the usual environment variables (subprocesses inherit them)."""
+    import s3fs
+
+    for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    name = f"actcap-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
+    import dask.array as da
+
+    model = tiny_model("llama")
+    batches = [ragged_batch(5, 10, seed=seed) for seed in range(6)]
+    stores = {}
+    for name, where in (("local", tmp_path / "s.zarr"), ("s3", f"{bucket}/runs/s.zarr")):
+        cfg = CaptureConfig(where, layer_indices=[1], chunk_tokens=16, num_writers=3)
+        with CaptureEngine(model, cfg), torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        stores[name] = open_store(where)
+    local, remote = stores["local"], stores["s3"]
+    assert remote.status == "complete" and remote.num_tokens == local.num_tokens > 0
+    for key in (*KEYS, "tokens/sequence", "tokens/position", "tokens/flags"):
+        np.testing.assert_array_equal(remote[key][:], local[key][:])
+    assert_statistics_match(f"{bucket}/runs/s.zarr", KEYS[0], 64)
+
+    rows = torch.cat(list(ActivationDataset(f"{bucket}/runs/s.zarr", KEYS[0], batch_size=7, exclude=())))
+    expected = local[KEYS[0]][:].astype(np.float32)
+    np.testing.assert_array_equal(np.sort(rows.numpy(), axis=0), np.sort(expected, axis=0))
+    loader = torch.utils.data.DataLoader(ActivationDataset(f"{bucket}/runs/s.zarr", KEYS[0], batch_size=7,
+                                                           exclude=()), batch_size=None, num_workers=2,
+                                         multiprocessing_context="spawn")
+    np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), np.sort(expected, axis=0))
+
+    committed = remote.manifest["committed_tokens"]  # dask reads the zarr arrays alone, no engine code
+    acts = da.from_zarr(f"{bucket}/runs/s.zarr", component=KEYS[0])[:committed]
+    np.testing.assert_array_equal(acts.compute(), local[KEYS[0]][:])
+    assert f"({committed}, 64) float16" in read_with_dask(f"{bucket}/runs/s.zarr", KEYS[0])
+
+
+def test_s3_overwrite_and_exists_checks(bucket):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(f"{bucket}/s.zarr", layer_indices=[0], chunk_tokens=8)
+    for kwargs in ({}, {"overwrite": True}):
+        with CaptureEngine(model, dataclasses.replace(cfg, **kwargs)), torch.no_grad():
+            model(**ragged_batch(3, 7))
+    with pytest.raises(Exception, match="already exists"):
+        CaptureEngine(model, cfg)
+    assert open_store(cfg.output_dir).num_tokens == open_store(cfg.output_dir).manifest["committed_tokens"] > 0
+
+
+SEQUENCES = 180  # ~2.4 s of paced batches: a kill within the first 0.9 s lands mid-run, also after a resume
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    store = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    run_job(store, resume=False, count=SEQUENCES)
+    return open_store(store)
+
+
+def test_kill_9_then_resume_against_s3(bucket, reference):
+    store = crash_and_resume(f"{bucket}/s.zarr", random.Random(3), kills=2, count=SEQUENCES)
+    assert_same_store(store, reference)
+
+
+def test_torchrun_kill_9_then_resume_per_rank_against_s3(bucket, reference):
+    store = crash_and_resume(f"{bucket}/parts.zarr", random.Random(5), kills=1, ranks=2, count=SEQUENCES)
+    assert store.manifest["world_size"] == 2 and all(p.num_tokens for p in store.parts)
+    assert_same_store(store, reference)  # tokens equal, activations within float16 rounding, no duplicates
