@@ -18,6 +18,7 @@ from . import layout
 from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
 from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
+from .location import Location
 from .parts import StoreParts
 from .staging import BatchInfo, SlotPool, Stager
 from .statistics import rebuild
@@ -121,55 +122,70 @@ class CaptureEngine:
         self._current = None            # slot of the forward pass in progress
         self._skip_forward = False      # the forward in progress has no tokens
         self._next_sequence = config.first_sequence
-        self._parts: StoreParts | None = None  # distributed: this rank's share of the store
         self._handles: list = []
         self._wrapped_forward = None  # what _wrap_forward replaced, while it is installed
         self._pending_annotations: dict[str, torch.Tensor] = {}
         self._counters = Counters()
         self._warned_nonfinite = False
         self._nonfinite_lock = threading.Lock()
-        self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
-                                                           config.extra_modules)
+        # Distributed: join first (collective), then each setup phase succeeds or fails on every rank alike.
+        self._parts = StoreParts() if config.distributed else None
+        with self._on_every_rank():
+            self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
+                                                               config.extra_modules)
+            manifest = self._manifest(model, tokenizer) if config.sink == "zarr" else None
+        location = stored = None
+        with self._on_every_rank():  # checked on every rank before any rank repairs or writes its part
+            if config.sink == "zarr":
+                location, stored = self._check_location(manifest)
         self._dtype = _TORCH_DTYPES[config.dtype]
         self._max_positions = _max_positions(model)
         device = _model_device(model)
         # Resume: this process's input sequences already fully stored; feed its sequences from this index on.
         self.resume_sequences = 0
         with contextlib.ExitStack() as undo:
-            self._sink, resumed = self._open_sink(model, tokenizer)
-            self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
-            model_config = getattr(model, "config", None)  # plain torch modules have none
-            special = sorted({*_token_ids(model_config, "bos_token_id"),
-                              *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
-                              *(getattr(tokenizer, "all_special_ids", None) or [])})
-            bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
-            device_statistics = config.statistics and _statistics_on_device(device)
-            self._stager = Stager(device, self._dtype, bos[0], device_statistics)
-            start_row, writer_resume = 0, None
-            if resumed is not None:
-                point, tail = resumed
-                self.resume_sequences = max(point.sequences - config.first_sequence, 0)
-                self._next_sequence = config.first_sequence + self.resume_sequences
-                full_chunks = point.rows // config.chunk_tokens
-                self._counters.tokens_committed = full_chunks * config.chunk_tokens
-                self._counters.chunks_committed = full_chunks
-                arrays = self._sink.point_arrays()
-                stats = rebuild(arrays, self._sink.flags_array(), full_chunks * config.chunk_tokens,
-                                config.chunk_tokens, config.dtype) if config.statistics else None
-                start_row = point.rows
-                writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
-            self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
-                                       self._dtype, bos[0], special, self._create_arrays, self._counters,
-                                       self._note_nonfinite, layout.token_arrays(config.annotations),
-                                       start_row=start_row, resumed=writer_resume,
-                                       statistics=config.statistics, device_statistics=device_statistics,
-                                       single_threaded=device.type == "cuda")
-            undo.callback(self._writers.abort)
-            undo.callback(self._remove_hooks)
-            self._attach()
+            with self._on_every_rank():  # a rank that failed here fails every rank; undo cleans up
+                self._build_pipeline(model, tokenizer, (manifest, location, stored), device, undo)
             undo.pop_all()
 
     # ---- setup ---------------------------------------------------------------------------------
+    def _build_pipeline(self, model: torch.nn.Module, tokenizer: Any, store: tuple, device: torch.device,
+                        undo: contextlib.ExitStack) -> None:
+        """Sink (new or resumed; ``store``: _open_sink's arguments), slots, stager, writers, hooks; ``undo``
+        takes what must be torn down."""
+        config = self.config
+        self._sink, resumed = self._open_sink(*store)
+        self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
+        model_config = getattr(model, "config", None)  # plain torch modules have none
+        special = sorted({*_token_ids(model_config, "bos_token_id"),
+                          *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
+                          *(getattr(tokenizer, "all_special_ids", None) or [])})
+        bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+        device_statistics = config.statistics and _statistics_on_device(device)
+        self._stager = Stager(device, self._dtype, bos[0], device_statistics)
+        start_row, writer_resume = 0, None
+        if resumed is not None:
+            point, tail = resumed
+            self.resume_sequences = max(point.sequences - config.first_sequence, 0)
+            self._next_sequence = config.first_sequence + self.resume_sequences
+            full_chunks = point.rows // config.chunk_tokens
+            self._counters.tokens_committed = full_chunks * config.chunk_tokens
+            self._counters.chunks_committed = full_chunks
+            arrays = self._sink.point_arrays()
+            stats = rebuild(arrays, self._sink.flags_array(), full_chunks * config.chunk_tokens,
+                            config.chunk_tokens, config.dtype) if config.statistics else None
+            start_row = point.rows
+            writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
+        self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
+                                   self._dtype, bos[0], special, self._create_arrays, self._counters,
+                                   self._note_nonfinite, layout.token_arrays(config.annotations),
+                                   start_row=start_row, resumed=writer_resume,
+                                   statistics=config.statistics, device_statistics=device_statistics,
+                                   single_threaded=device.type == "cuda")
+        undo.callback(self._writers.abort)
+        undo.callback(self._remove_hooks)
+        self._attach()
+
     def _manifest(self, model: torch.nn.Module, tokenizer: Any) -> dict:
         from . import __version__
         from .registry import find_model
@@ -205,25 +221,45 @@ class CaptureEngine:
             "sequences": cfg.first_sequence,
         }
 
-    def _open_sink(self, model, tokenizer):
-        """The sink, and (resume point, kept rows of the cut chunk) when continuing an existing store."""
+    @contextlib.contextmanager
+    def _on_every_rank(self):
+        """Distributed: a setup phase that fails on one rank fails on all (``StoreParts.agree``), so no rank
+        waits in a collective for one that gave up. A no-op for a single process."""
+        try:
+            yield
+        except BaseException as error:
+            if self._parts is not None:
+                self._parts.agree(error)
+            raise
+        if self._parts is not None:
+            self._parts.agree(None)
+
+    def _check_location(self, manifest: dict) -> tuple[Location, dict | None]:
+        """Where this process writes, and the stored manifest when it continues a store (checked against this
+        run). Changes nothing there but an overwrite (and, distributed, rank 0's root documents)."""
         cfg = self.config
-        if cfg.sink == "null":
-            return NullSink(), None
-        manifest = self._manifest(model, tokenizer)
         location = cfg.location
-        if cfg.distributed:
-            self._parts = StoreParts(location, manifest, cfg.overwrite, cfg.resume)
+        if self._parts is not None:
+            self._parts.prepare(location, manifest, cfg.overwrite, cfg.resume)
             location = self._parts.part
             manifest["part"] = {"rank": self._parts.rank, "world_size": self._parts.world_size}
         if not prepare_location(location, cfg.overwrite, cfg.resume):
-            return ZarrSink(location, cfg.chunk_tokens, cfg.compressor, manifest), None
+            return location, None
         stored = read_manifest(location)
         mismatches = [f"{field}: the store has {old!r}, this run has {new!r}"
                       for field, old, new in _resume_fields(stored, manifest) if old != new]
         if mismatches:
             raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
                                       + ". Resume with the same model and CaptureConfig, or write a new store")
+        return location, stored
+
+    def _open_sink(self, manifest: dict | None, location: Location | None, stored: dict | None):
+        """The sink, and (resume point, kept rows of the cut chunk) when continuing an existing store."""
+        cfg = self.config
+        if cfg.sink == "null":
+            return NullSink(), None
+        if stored is None:
+            return ZarrSink(location, cfg.chunk_tokens, cfg.compressor, manifest), None
         resumes = stored.get("resumes", []) + [{"at": manifest["created"], "status_before": stored.get("status")}]
         sink = ZarrSink(location, cfg.chunk_tokens, cfg.compressor,
                         {"status": layout.STATUS_OPEN, "resumes": resumes, "error": None}, existing=True)

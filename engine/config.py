@@ -96,6 +96,7 @@ class CaptureConfig:
                 raise ConfigError(f"annotation {name!r} dtype {dtype!r}: use one of {', '.join(ANNOTATION_DTYPES)}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ConfigError("output_dir must be a non-empty path to the zarr store to write")
+        Location.of(self.output_dir)  # a URL must name a prefix inside its bucket
         for layer in self.layer_indices:
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
                 raise ConfigError(f"layer_indices must be non-negative ints, got {layer!r}")

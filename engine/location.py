@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import zarr
 
+from .errors import StorePathError
+
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -46,7 +48,11 @@ class Location:
         if text.startswith("file://"):
             text = text[len("file://"):]
         if _URL.match(text):
-            return cls(text.rstrip("/"), dict(storage_options or {}))
+            url = text.rstrip("/")
+            if "/" not in url.split("://", 1)[1]:
+                raise StorePathError(f"{text} is a bucket's root: name a prefix inside it, e.g. {url}/acts.zarr "
+                                     "(a store at the root would own, and on overwrite delete, the whole bucket)")
+            return cls(url, dict(storage_options or {}))
         return cls(str(Path(text).expanduser().absolute()))
 
     @property

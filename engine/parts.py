@@ -7,24 +7,32 @@ store with its own arrays and commit records, so commit, crash and resume work p
 process. ``CaptureEngine.close()`` meets the other ranks at a barrier, then rank 0 publishes the top manifest
 (status, row counts, merged statistics) read from the parts' manifests.
 
-Every collective step runs on all ranks; rank 0's failures are broadcast, so no rank waits on a dead one.
+Every collective step runs on all ranks in the same order; a setup failure on any rank fails every rank
+(``agree``) and rank 0's failures are broadcast, so no rank waits on one that gave up.
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 from typing import Callable
 
 import torch.distributed as dist
 
 from . import layout
-from .errors import ConfigError, ResumeMismatchError
+from .errors import CaptureError, ConfigError, ResumeMismatchError
 from .location import Location
 from .statistics import merge_statistics
 from .store import prepare_location, put_json, read_manifest
 
 # Manifest fields that describe one part, not the whole store.
 _PART_FIELDS = ("part", "first_sequence", "resumes")
+
+
+# Collectives here wait for the slowest rank's whole share (a resumed rank whose part was complete waits at
+# close for the others to finish theirs): a dedicated gloo group with a long timeout, not the default one's
+# 10-30 minutes. A dead peer still fails them at once (its socket closes; torchrun stops the others).
+COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 
 
 def process_group() -> tuple[int, int]:
@@ -36,17 +44,13 @@ def process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _on_rank0(step: Callable[[], None]) -> None:
-    """Run ``step`` on rank 0; every rank then raises rank 0's exception if it failed (also a barrier)."""
-    outcome: list[BaseException | None] = [None]
-    if dist.get_rank() == 0:
-        try:
-            step()
-        except Exception as exc:
-            outcome = [exc]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise outcome[0]
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it can cross to other ranks (pickle), else a CaptureError with its text."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return CaptureError(f"{type(error).__name__}: {error}")
 
 
 def _group_doc(manifest: dict | None) -> dict:
@@ -76,7 +80,7 @@ def _prepare_root(root: Location, manifest: dict, world_size: int, overwrite: bo
 def _part_manifest(part: Location) -> dict:
     try:
         return read_manifest(part)
-    except KeyError:  # that rank never created its part (it failed first)
+    except (KeyError, FileNotFoundError):  # that rank never created its part (it failed first)
         return {"status": layout.STATUS_FAILED, "committed_tokens": 0, "committed_chunks": 0, "statistics": {}}
 
 
@@ -100,27 +104,57 @@ def _publish(root: Location, world_size: int) -> None:
 
 
 class StoreParts:
-    """This process's share of a multi-process store.
+    """This process's share of a multi-process store, and the collective steps around it.
 
-    Args:
-        root: the whole store's location.
-        manifest: this run's manifest (rank 0 makes the root's from it).
-        overwrite, resume: as in CaptureConfig; rank 0 applies them to the whole store.
+    Every rank calls the same steps in the same order: construct (joins a gloo group), ``agree`` after each
+    setup phase, ``prepare``, ``agree``, then ``publish`` at close.
 
     Attributes:
         rank, world_size: from the default process group.
-        part: where this rank writes (``layout.part_path(rank)`` under the root).
+        part: where this rank writes (``layout.part_path(rank)`` under the root), set by ``prepare``.
 
-    Thread safety: construct and ``publish`` on every rank, from the thread that runs the model.
+    Thread safety: call from the thread that runs the model, on every rank.
     """
 
-    def __init__(self, root: Location, manifest: dict, overwrite: bool, resume: bool):
+    def __init__(self):
         self.rank, self.world_size = process_group()
+        self._group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        self.root: Location | None = None
+        self.part: Location | None = None
+
+    def _on_rank0(self, step: Callable[[], None]) -> None:
+        """Run ``step`` on rank 0; every rank then raises rank 0's exception if it failed (also a barrier)."""
+        outcome: list[BaseException | None] = [None]
+        error = None
+        if self.rank == 0:
+            try:
+                step()
+            except BaseException as exc:
+                error, outcome = exc, [_portable(exc)]
+        dist.broadcast_object_list(outcome, src=0, group=self._group)
+        if error is not None:
+            raise error
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def agree(self, error: BaseException | None) -> None:
+        """Collective: every rank learns whether any rank failed its setup. A rank without an error of its
+        own raises CaptureError naming the failed ranks; a failed rank goes on to raise its own error."""
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                               group=self._group)
+        failed = [f"rank {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
+        if failed and error is None:
+            raise CaptureError("capture could not start on every rank, so this rank stops too: " + "; ".join(failed))
+
+    def prepare(self, root: Location, manifest: dict, overwrite: bool, resume: bool) -> None:
+        """Rank 0 prepares the whole store (overwrite, resume checks, root documents); every rank learns
+        where its part is."""
         self.root = root
         self.part = root.child(layout.part_path(self.rank))
-        _on_rank0(lambda: _prepare_root(root, manifest, self.world_size, overwrite, resume))
+        self._on_rank0(lambda: _prepare_root(root, manifest, self.world_size, overwrite, resume))
 
     def publish(self) -> None:
         """After every rank closed its part: rank 0 writes the top manifest; every rank returns after it."""
-        dist.barrier()
-        _on_rank0(lambda: _publish(self.root, self.world_size))
+        dist.barrier(group=self._group)
+        self._on_rank0(lambda: _publish(self.root, self.world_size))

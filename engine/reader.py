@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 
@@ -51,26 +52,23 @@ class CommittedArray:
             if not -self.shape[0] <= first < self.shape[0]:
                 raise IndexError(f"row {first} is outside the {self.shape[0]} committed rows")
             row = int(first) % self.shape[0]
-            return self._rows(row, row + 1, rest)[0]
+            return self._rows(range(row, row + 1), rest)[0]
         if not isinstance(first, slice):
             raise TypeError("index rows with an int or a slice (use .zarr or .pieces for other selections)")
-        start, stop, step = first.indices(self.shape[0])
-        if step == 1:
-            return self._rows(start, max(start, stop), rest)
-        rows = np.arange(start, stop, step)
-        if rows.size == 0:
-            return self._rows(0, 0, rest)
-        low = int(rows.min())
-        return self._rows(low, int(rows.max()) + 1, rest)[rows - low]
+        rows = range(*first.indices(self.shape[0]))
+        if rows.step > 0:
+            return self._rows(rows, rest)
+        return self._rows(rows[::-1], rest)[::-1]  # a negative step: the same rows read forwards
 
-    def _rows(self, start: int, stop: int, rest: tuple) -> np.ndarray:
-        """Rows [start, stop) across the pieces."""
+    def _rows(self, rows: range, rest: tuple) -> np.ndarray:
+        """The rows of a forward range, piece by piece: each piece reads only its selected rows (zarr fetches
+        only the chunks holding them)."""
         out, offset = [], 0
-        for array, rows in self.pieces:
-            low, high = max(start, offset), min(stop, offset + rows)
-            if low < high:
-                out.append(array[(slice(low - offset, high - offset), *rest)])
-            offset += rows
+        for array, count in self.pieces:
+            local = rows[bisect.bisect_left(rows, offset):bisect.bisect_left(rows, offset + count)]
+            if len(local):
+                out.append(array[(slice(local.start - offset, local.stop - offset, local.step), *rest)])
+            offset += count
         if not out:
             return self.pieces[0][0][(slice(0, 0), *rest)]
         return out[0] if len(out) == 1 else np.concatenate(out)
@@ -154,8 +152,9 @@ class CaptureStore:
 
     def keys(self) -> list[str]:
         """Array paths: activation arrays first (as captured), then ``tokens/*``."""
-        keys = [key for key in self.manifest.get("arrays", {}) if key in self._existing()]
-        return keys + list(self.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
+        existing = self._existing()
+        listed = (*self.manifest.get("arrays", {}), *self.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
+        return [key for key in listed if key in existing]
 
     def _existing(self) -> set[str]:
         found = set()

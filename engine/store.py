@@ -275,7 +275,9 @@ class ZarrSink:
             return
         self._capacity = 0
         self._manifest = manifest
-        self._group = zarr.open_group(self._store, mode="w", attributes={layout.MANIFEST_ATTR: manifest})
+        # "w-", not "w": prepare_location already checked and cleared the location, and "w" would delete
+        # everything under the store's root first (for an object store, a whole prefix).
+        self._group = zarr.open_group(self._store, mode="w-", attributes={layout.MANIFEST_ATTR: manifest})
         self._group.create_group(layout.COMMITS_GROUP, attributes={
             "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
         for key, dtype in token_arrays.items():

@@ -4,7 +4,9 @@
     python examples/read_with_dask.py s3://bucket/acts.zarr layer_15/residual   # AWS_* variables set
 
 A store written by several processes (torchrun) lists its parts in the manifest; each part is a store of its
-own, and the whole store is the parts' committed rows in rank order.
+own, and the whole store is the parts' committed rows in rank order. The manifest's row counts are exact once
+the store is complete; while it is written, or after a crash, they lag the commit records: read such a store
+with engine.open_store, which trusts the commit records.
 """
 
 import sys
@@ -15,13 +17,18 @@ import zarr
 path, key = sys.argv[1], sys.argv[2]
 manifest = zarr.open_group(path, mode="r").attrs["manifest"]
 print("status", manifest["status"], "committed tokens", manifest["committed_tokens"])
+if manifest["status"] != "complete":
+    print("warning: not complete: the row counts below may lag the commit records (use engine.open_store)")
 parts = manifest.get("parts") or [{"path": "", "committed_tokens": manifest["committed_tokens"]}]
 
 
 def load(name: str) -> da.Array:
     """One array over every part, committed rows only."""
-    return da.concatenate([da.from_zarr(path, component=f"{part['path']}/{name}".lstrip("/"))
-                           [: part["committed_tokens"]] for part in parts if part["committed_tokens"]])
+    pieces = [da.from_zarr(path, component=f"{part['path']}/{name}".lstrip("/"))[: part["committed_tokens"]]
+              for part in parts if part["committed_tokens"]]
+    if not pieces:
+        sys.exit("no committed rows yet")
+    return da.concatenate(pieces)
 
 
 acts, flags = load(key), load("tokens/flags")

@@ -4,6 +4,7 @@ server (moto's ThreadedMotoServer on 127.0.0.1), including kill -9 and resume ag
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import random
 import socket
@@ -18,7 +19,8 @@ import torch
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
 from engine.corpus import shares
-from engine.errors import ResumeMismatchError
+from engine.errors import ResumeMismatchError, StorePathError
+from engine.reader import CommittedArray
 
 from conftest import ragged_batch, tiny_model
 from helpers import assert_same_store, assert_statistics_match, cli, crash_and_resume, run_job
@@ -120,6 +122,50 @@ def test_a_store_is_resumed_with_the_same_number_of_processes(tmp_path, process_
         CaptureEngine(model, dataclasses.replace(plain, distributed=True, resume=True))
 
 
+@pytest.mark.parametrize("mode", ["hooks", "resume"])
+def test_a_rank_that_cannot_start_stops_every_rank(mode, tmp_path):
+    """No rank waits in a collective for one that gave up: rank 1 fails its setup (a bad layer before the store
+    is prepared, or a resume mismatch on its part after), and both ranks fail with a message naming it."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).resolve().parent / "setup_failure_job.py"), str(tmp_path / "s.zarr"),
+                           mode], capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "rank 0 failed: CaptureError: capture could not start on every rank" in done.stdout, done.stdout
+    assert "rank 1: " + ("HookPointError" if mode == "hooks" else "ResumeMismatchError") in done.stdout
+    assert f"rank 1 failed: {'HookPointError' if mode == 'hooks' else 'ResumeMismatchError'}" in done.stdout
+    assert "captured" not in done.stdout
+    if mode == "resume":  # no rank touched its part: each still holds exactly the first run's rows, complete
+        store = open_store(tmp_path / "s.zarr")
+        for rank, part in enumerate(store.parts):
+            assert part.num_tokens == int(ragged_batch(3, 7, seed=rank)["attention_mask"].sum())
+            assert part.group.attrs["manifest"]["status"] == "complete"
+
+
+def test_rows_across_parts_read_like_one_array():
+    import zarr
+
+    data = np.arange(100 * 3).reshape(100, 3)
+    pieces, cuts = [], [0, 37, 37, 80, 100]
+    for start, stop in zip(cuts, cuts[1:]):  # arrays longer than their committed rows, one part empty
+        array = zarr.create_array(zarr.storage.MemoryStore(), shape=(stop - start + 5, 3), chunks=(8, 3),
+                                  dtype=data.dtype)
+        array[: stop - start] = data[start:stop]
+        pieces.append((array, stop - start))
+    rows = CommittedArray(pieces)
+    bounds = [None, -120, -1, 0, 5, 37, 38, 80, 99, 100, 150]
+    for start, stop, step in itertools.product(bounds, bounds, [None, 2, 7, -1, -3]):
+        np.testing.assert_array_equal(rows[start:stop:step], data[start:stop:step])
+        np.testing.assert_array_equal(rows[start:stop:step, 1], data[start:stop:step, 1])
+    for row in (-100, -1, 0, 36, 37, 80, 99):
+        np.testing.assert_array_equal(rows[row], data[row])
+
+
+def test_a_bucket_root_is_refused():
+    for url in ("s3://bucket", "s3://bucket/", "gs://b"):
+        with pytest.raises(StorePathError, match="bucket's root"):
+            CaptureConfig(url, layer_indices=[0])
+
+
 def test_distributed_needs_a_process_group(tmp_path):
     with pytest.raises(Exception, match="init_process_group"):
         CaptureEngine(tiny_model("gpt2"), CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], distributed=True))
@@ -186,6 +232,10 @@ def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
 
 
 def test_s3_overwrite_and_exists_checks(bucket):
+    import s3fs
+
+    neighbour = f"{bucket}/s.zarr2/keep.txt"  # shares the prefix's leading characters: must survive overwrite
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe(neighbour, b"keep")
     model = tiny_model("gpt2")
     cfg = CaptureConfig(f"{bucket}/s.zarr", layer_indices=[0], chunk_tokens=8)
     for kwargs in ({}, {"overwrite": True}):
@@ -194,6 +244,7 @@ def test_s3_overwrite_and_exists_checks(bucket):
     with pytest.raises(Exception, match="already exists"):
         CaptureEngine(model, cfg)
     assert open_store(cfg.output_dir).num_tokens == open_store(cfg.output_dir).manifest["committed_tokens"] > 0
+    assert s3fs.S3FileSystem(skip_instance_cache=True).cat(neighbour) == b"keep"
 
 
 SEQUENCES = 180  # ~2.4 s of paced batches: a kill within the first 0.9 s lands mid-run, also after a resume
