@@ -88,6 +88,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._epoch_set = False
         self._handles: dict[int, tuple[zarr.Array, zarr.Array, zarr.Array]] = {}
+        self._handles_pid = os.getpid()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -106,6 +107,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return order[self.rank::self.world_size][worker::num_workers].tolist()
 
     def _arrays(self, part: int) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        if self._handles_pid != os.getpid():  # a forked worker (not pickled) must not use the parent's handles
+            self._handles, self._handles_pid = {}, os.getpid()
         if part not in self._handles:  # each lookup reads metadata: once per part and process
             group = zarr.open_group(self.parts[part].zarr_store(read_only=True), mode="r")
             self._handles[part] = (group[self.key], group["tokens/input_ids"], group["tokens/flags"])

@@ -217,13 +217,13 @@ def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
         np.testing.assert_array_equal(remote[key][:], local[key][:])
     assert_statistics_match(f"{bucket}/runs/s.zarr", KEYS[0], 64)
 
-    rows = torch.cat(list(ActivationDataset(f"{bucket}/runs/s.zarr", KEYS[0], batch_size=7, exclude=())))
-    expected = local[KEYS[0]][:].astype(np.float32)
-    np.testing.assert_array_equal(np.sort(rows.numpy(), axis=0), np.sort(expected, axis=0))
-    loader = torch.utils.data.DataLoader(ActivationDataset(f"{bucket}/runs/s.zarr", KEYS[0], batch_size=7,
-                                                           exclude=()), batch_size=None, num_workers=2,
-                                         multiprocessing_context="spawn")
-    np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), np.sort(expected, axis=0))
+    dataset = ActivationDataset(f"{bucket}/runs/s.zarr", KEYS[0], batch_size=7, exclude=())
+    expected = np.sort(local[KEYS[0]][:].astype(np.float32), axis=0)
+    np.testing.assert_array_equal(np.sort(torch.cat(list(dataset)).numpy(), axis=0), expected)
+    for start in ("fork", "spawn"):  # forked workers after the parent read: they must not reuse its handles
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                             multiprocessing_context=start, timeout=120)
+        np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), expected, err_msg=start)
 
     committed = remote.manifest["committed_tokens"]  # dask reads the zarr arrays alone, no engine code
     acts = da.from_zarr(f"{bucket}/runs/s.zarr", component=KEYS[0])[:committed]
