@@ -145,16 +145,16 @@ class CaptureEngine:
         self.resume_sequences = 0
         with contextlib.ExitStack() as undo:
             with self._on_every_rank():  # a rank that failed here fails every rank; undo cleans up
-                self._build_pipeline(model, tokenizer, (manifest, location, stored), device, undo)
+                self._sink, resumed = self._open_sink(manifest, location, stored)
+                self._build_pipeline(model, tokenizer, resumed, device, undo)
             undo.pop_all()
 
     # ---- setup ---------------------------------------------------------------------------------
-    def _build_pipeline(self, model: torch.nn.Module, tokenizer: Any, store: tuple, device: torch.device,
-                        undo: contextlib.ExitStack) -> None:
-        """Sink (new or resumed; ``store``: _open_sink's arguments), slots, stager, writers, hooks; ``undo``
-        takes what must be torn down."""
+    def _build_pipeline(self, model: torch.nn.Module, tokenizer: Any, resumed: tuple | None,
+                        device: torch.device, undo: contextlib.ExitStack) -> None:
+        """Slots, stager, writers (continuing ``resumed``, _open_sink's resume point and rows), hooks;
+        ``undo`` takes what must be torn down."""
         config = self.config
-        self._sink, resumed = self._open_sink(*store)
         self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
         model_config = getattr(model, "config", None)  # plain torch modules have none
         special = sorted({*_token_ids(model_config, "bos_token_id"),
