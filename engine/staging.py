@@ -110,7 +110,8 @@ class Slot:
 
     @property
     def nbytes(self) -> int:
-        buffers = (self._ids, self._mask, *self._points.values(), *self._annotations.values())
+        buffers = (self._ids, self._mask, *self._points.values(), *self._annotations.values(),
+                   *self._moments.values())
         return sum(t.numel() * t.element_size() for t in buffers)
 
 
