@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -23,29 +24,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import engine.capture  # noqa: E402
 import engine.statistics  # noqa: E402
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
 from engine.store import ZarrSink  # noqa: E402
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
+SINK_MB_S_ENV = "ACTCAP_BENCH_SINK_MB_S"
 
-def throttled_sink(mb_per_s: float):
-    """The one fake: a ZarrSink whose chunk writes take at least bytes / mb_per_s seconds in total."""
-    lock = threading.Lock()
-    state = {"next_free": 0.0}
 
-    class ThrottledSink(ZarrSink):
-        def write_chunk(self, chunk_index, arrays, record):
-            nbytes = sum(a.nbytes for a in arrays.values())
-            with lock:  # one shared "disk": writes queue behind each other at the throttled rate
-                start = max(time.perf_counter(), state["next_free"])
-                state["next_free"] = start + nbytes / (mb_per_s * 1e6)
-                wait = state["next_free"] - time.perf_counter()
-            time.sleep(max(0.0, wait))
-            super().write_chunk(chunk_index, arrays, record)
+class ThrottledSink(ZarrSink):
+    """The one fake: a ZarrSink whose chunk writes take at least bytes / $ACTCAP_BENCH_SINK_MB_S seconds in
+    total (it runs in the writer process, which reads the rate from the environment it inherits)."""
 
-    return ThrottledSink
+    _lock = threading.Lock()
+    _next_free = 0.0
+
+    def write_chunk(self, chunk_index, arrays, record):
+        nbytes = sum(a.nbytes for a in arrays.values())
+        rate = float(os.environ[SINK_MB_S_ENV]) * 1e6
+        with ThrottledSink._lock:  # one shared "disk": writes queue behind each other at the throttled rate
+            start = max(time.perf_counter(), ThrottledSink._next_free)
+            ThrottledSink._next_free = start + nbytes / rate
+            wait = ThrottledSink._next_free - time.perf_counter()
+        time.sleep(max(0.0, wait))
+        super().write_chunk(chunk_index, arrays, record)
+
+
+def _memory(processes: list[psutil.Process]) -> int:
+    """Proportional set size of the processes together: pages they share (the slots) count once."""
+    return sum(process.memory_full_info().pss for process in processes)
 
 
 def parse_args(argv=None):
@@ -70,22 +77,26 @@ def run(args) -> dict:
     batch_bytes = batch_tokens * 2 * sum(args.dims)
     model = SyntheticModel(dims, args.batch_size, args.seq_len, batch_bytes / (args.produce_mb_s * 1e6))
     if args.sink_mb_s > 0:
-        engine.capture.ZarrSink = throttled_sink(args.sink_mb_s)
+        os.environ[SINK_MB_S_ENV] = str(args.sink_mb_s)
+        CaptureEngine.sink_factory = {**CaptureEngine.sink_factory, "zarr": "backpressure:ThrottledSink"}
     tmp = tempfile.TemporaryDirectory(prefix="actcap_bp_")
     cfg = CaptureConfig(Path(tmp.name) / "bp.zarr", capture_residual=False, capture_mlp_hidden=False,
                         extra_modules={n: f"points.{n}" for n in dims}, chunk_tokens=args.chunk_tokens,
                         num_writers=args.num_writers, pinned_slots=args.pinned_slots)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
     process = psutil.Process()
-    rss0 = process.memory_info().rss
-    timeline, rss_peak = [], rss0
-    start = time.perf_counter()
+    before = _memory([process])
     with CaptureEngine(model, cfg) as cap:
+        cap.flush()  # the writer process is up: its interpreter and imports are not capture memory
+        processes = [process, psutil.Process(cap.writer_pid)]
+        writer_idle = _memory(processes[1:])
+        timeline, peak = [], _memory(processes)
+        start = time.perf_counter()
         for _ in range(args.num_batches):
             model(input_ids=ids)
             s = cap.stats
             timeline.append((time.perf_counter() - start, s.queue_depth, s.bytes_written))
-            rss_peak = max(rss_peak, process.memory_info().rss)
+            peak = max(peak, _memory(processes))
         producing = time.perf_counter() - start  # stalls can only happen while the producer runs
     elapsed = time.perf_counter() - start
     stats = cap.stats
@@ -94,11 +105,10 @@ def run(args) -> dict:
     lost = args.num_batches * batch_tokens - rows
     values_ok = bool(np.array_equal(store["extra/p0"][:][:, 0], row_values(rows, batch_tokens)))
     tmp.cleanup()
-    engine.capture.ZarrSink = ZarrSink
     chunk_bytes = args.chunk_tokens * (2 * sum(args.dims) + 17)
     open_chunks = args.num_writers + 1 + -(-args.pinned_slots * batch_tokens // args.chunk_tokens)
-    # slots + chunk buffers + per-writer float64 statistics blocks (block + its square) + zarr's copy of
-    # the partial last chunk
+    # shared slots + the writer process's chunk buffers + per-writer float32 statistics blocks (block + row
+    # norms) + zarr's copy of the partial last chunk
     budget = (stats.slot_bytes + chunk_bytes * (open_chunks + 1)
               + args.num_writers * 2 * engine.statistics.BLOCK_BYTES)
     expected = max(0.0, 1 - args.sink_mb_s / args.produce_mb_s) if args.sink_mb_s > 0 else 0.0
@@ -107,7 +117,7 @@ def run(args) -> dict:
             "stall_seconds": stats.stall_seconds, "stall_fraction": stats.stall_seconds / producing,
             "expected_stall_fraction": expected, "queue_high_water": stats.queue_high_water,
             "rows_expected": args.num_batches * batch_tokens, "rows_stored": rows, "rows_lost": lost,
-            "values_ok": values_ok, "host_rss_delta_mb": (rss_peak - rss0) / 2**20,
+            "values_ok": values_ok, "host_memory_delta_mb": (peak - before - writer_idle) / 2**20,
             "memory_budget_mb": budget / 2**20, "timeline": timeline}
 
 
@@ -140,8 +150,9 @@ def main(argv=None) -> int:
     print(f"[backpressure] stalled {result['stall_seconds']:.2f}s of {result['producing_s']:.2f}s producing = "
           f"{result['stall_fraction']:.2f} (expected {result['expected_stall_fraction']:.2f}), queue high-water "
           f"{result['queue_high_water']}")
-    print(f"[backpressure] host RSS delta {result['host_rss_delta_mb']:.1f} MB, budget "
-          f"{result['memory_budget_mb']:.1f} MB (slots + chunk buffers + statistics blocks)")
+    print(f"[backpressure] host memory delta {result['host_memory_delta_mb']:.1f} MB (PSS of both processes, "
+          f"shared slots once; the idle writer process left out), budget {result['memory_budget_mb']:.1f} MB "
+          "(slots + chunk buffers + statistics blocks)")
     print(f"[backpressure] rows stored {result['rows_stored']} of {result['rows_expected']}, lost "
           f"{result['rows_lost']}, values {'ok' if result['values_ok'] else 'WRONG'}")
     if args.plot:

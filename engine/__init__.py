@@ -1,21 +1,40 @@
-"""Activation-capture engine: hooks on HuggingFace models -> pinned host slots -> writer pool -> zarr."""
+"""Activation-capture engine: hooks on HuggingFace models -> shared host slots -> writer process -> zarr.
 
-from .capture import ActivationCapture, CaptureEngine, CaptureStats, create_gpt2_capture
-from .config import CaptureConfig
-from .dataset import ActivationDataset
-from .errors import (BatchError, CaptureClosedError, CaptureError, ConfigError, EngineError, HookPointError,
-                     ResumeMismatchError, StoreExistsError, StorePathError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
-from .hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, resolve_hook_points
-from .loading import load_model, random_model
-from .reader import CaptureStore, CommittedArray, open_store
-from .registry import ModelSpec, get_model, list_models
+Public names are imported on first use (PEP 562), so that ``import engine.<module>`` of the torch-free modules
+(the writer process, the store format, the reader) does not import torch.
+"""
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "ADAPTERS", "ActivationCapture", "ActivationDataset", "BatchError", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
-    "CaptureError", "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "EngineError",
-    "HookPoint", "HookPointError", "ModelSpec", "ResumeMismatchError", "StorePathError", "StoreExistsError", "StoreFormatError", "UnknownModelError",
-    "WeightsNotFoundError", "create_gpt2_capture", "get_model", "list_models", "load_model", "open_store",
-    "random_model", "resolve_hook_points",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "ActivationCapture": "capture", "CaptureEngine": "capture", "CaptureStats": "capture",
+    "create_gpt2_capture": "capture",
+    "CaptureConfig": "config",
+    "ActivationDataset": "dataset",
+    "BatchError": "errors", "CaptureClosedError": "errors", "CaptureError": "errors", "ConfigError": "errors",
+    "EngineError": "errors", "HookPointError": "errors", "ResumeMismatchError": "errors",
+    "StoreExistsError": "errors", "StoreFormatError": "errors", "StoreLockedError": "errors",
+    "StorePathError": "errors", "UnknownModelError": "errors", "WeightsNotFoundError": "errors",
+    "ADAPTERS": "hookpoints", "CANONICAL_POINTS": "hookpoints", "HookPoint": "hookpoints",
+    "resolve_hook_points": "hookpoints",
+    "load_model": "loading", "random_model": "loading",
+    "CaptureStore": "reader", "CommittedArray": "reader", "open_store": "reader",
+    "ModelSpec": "registry", "get_model": "registry", "list_models": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,35 +1,50 @@
-"""CaptureEngine: forward hooks -> staging slots -> writer pool -> committed zarr chunks."""
+"""CaptureEngine: the public API and the hook handlers; the pieces it drives live beside it.
+
+Call order (who calls what, and when):
+
+  ``CaptureEngine(model, config)``
+    1. ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
+    2. ``manifest.build_manifest``: what the store will say about this run.
+    3. ``opening.check_destination``: location checked, store locked (one writer per store), a resume
+       compared with the stored run. ``opening.open_destination``: the store created, or repaired up to the
+       last whole sequence (``resume_sequences`` tells the driver where to continue).
+    4. ``handoff.WriterProcess``: the writer process started with one ``writer.WriterSpec``.
+    5. ``hooks.ModelHooks.attach``: the root pre-hook, one hook per point, early stop.
+  each ``model(...)``
+    6. ``_on_forward`` (root pre-hook): takes in what the writer process sent (free slots, errors), takes a
+       free slot (waiting here is backpressure), ``staging.Stager.stage_tokens``.
+    7. ``_on_point`` per point: ``Stager.stage_point``; after the last one ``Stager.finish`` and
+       ``WriterProcess.submit`` hand the slot over (then ``StopForward`` when early stop is on).
+  ``flush()``: ``WriterProcess.flush``.
+  ``close()``
+    8. hooks removed (the producer stops first), ``WriterProcess.close``: the writer process drains, commits
+       the tail, publishes the manifest and exits (the shutdown protocol in ``engine.writer``); the store's
+       lock is released; distributed: ``parts.StoreParts.publish``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import functools
 import os
-import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from . import layout
 from .config import CaptureConfig
-from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
-from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
-from .location import Location
+from .errors import BatchError, CaptureClosedError, HookPointError
+from .handoff import WriterProcess
+from .hookpoints import HookPoint, family_of, resolve_hook_points
+from .hooks import ModelHooks, StopForward
+from .manifest import build_manifest, point_attributes
+from .opening import check_destination, open_destination
 from .parts import StoreParts
 from .staging import BatchInfo, SlotPool, Stager
-from .statistics import rebuild
-from .store import NullSink, ZarrSink, prepare_location, read_manifest
-from .writer import Counters, WriterPool
-
-class StopForward(Exception):
-    """Raised by the last hook of a forward pass when early_stop is on; the root forward returns None."""
-
-
-_NO_INSTANCE_FORWARD = object()
+from .store import ResumePoint, mark_failed, release_reserve
+from .writer import WriterSpec
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,14 +59,21 @@ class CaptureStats:
     bytes_written: int
     chunks_committed: int
     stall_seconds: float      # time the forward pass waited for a free slot (backpressure)
-    queue_high_water: int
+    queue_high_water: int     # most batches handed to the writer process and not yet copied out
     queue_depth: int
     slot_bytes: int           # host memory held by staging slots
     elapsed_seconds: float
 
     @property
     def mb_per_s(self) -> float:
+        """Committed megabytes per second since the engine started."""
         return self.bytes_written / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.tokens:,} tokens committed ({self.tokens_staged:,} staged in {self.batches:,} batches), "
+                f"{self.bytes_written / 1e6:,.1f} MB in {self.chunks_committed:,} chunks, {self.mb_per_s:,.1f} MB/s, "
+                f"stalled {self.stall_seconds:.2f} s, queue high-water {self.queue_high_water}, "
+                f"slots {self.slot_bytes / 1e6:,.1f} MB")
 
 
 def _token_ids(config, name: str) -> list[int]:
@@ -59,19 +81,6 @@ def _token_ids(config, name: str) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _resume_fields(stored: dict, new: dict):
-    """(field, stored value, this run's value) for everything a resumed store must share with the run."""
-    yield "model", stored["model"]["name"], new["model"]["name"]
-    yield "architecture", stored["model"]["architecture"], new["model"]["architecture"]
-    for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor", "annotations"):
-        yield field, stored.get(field), new.get(field)
-    yield "first_sequence", stored.get("first_sequence", 0), new["first_sequence"]
-    # A multi-process store's root is resumed by rank 0 (parts.py); a single process must not take it over.
-    yield "world_size (processes writing parts; resume with torchrun)", stored.get("world_size"), None
-    yield ("hooked modules", {k: v["module_path"] for k, v in stored["arrays"].items()},
-           {k: v["module_path"] for k, v in new["arrays"].items()})
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -82,15 +91,16 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _statistics_on_device(device: torch.device) -> bool:
-    """Whether the hooks compute statistics (on a GPU: yes, so the writers stay light; see statistics.py)."""
-    return device.type == "cuda"
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
+    """The model's one compute device; a model spread over several GPUs is refused (one copy stream and one
+    event per batch cover one device only)."""
+    devices = {tensor.device for tensor in (*model.parameters(), *model.buffers())}
+    gpus = sorted({str(device) for device in devices if device.type == "cuda"})
+    if len(gpus) > 1:
+        raise HookPointError(f"the model is spread over {', '.join(gpus)}: capture supports a model on one device "
+                             "(load it with device_map=None on one GPU, or capture each device's layers in a "
+                             "process of its own)")
+    return torch.device(gpus[0]) if gpus else next(iter(devices), torch.device("cpu"))
 
 
 class CaptureEngine:
@@ -98,7 +108,8 @@ class CaptureEngine:
 
     Hooks are attached on construction; every ``model(...)`` call (keyword ``input_ids`` /
     ``attention_mask`` as produced by a tokenizer) is captured until ``close()``. Pad tokens (mask 0) are
-    dropped; a call without a mask keeps every token.
+    dropped; a call without a mask keeps every token. Rows are written by a writer process of its own (see
+    the call order above), so the model's process only stages copies.
 
     Args:
         model: a transformers causal LM or base model (any of ``engine.hookpoints.ADAPTERS``'s families
@@ -106,8 +117,12 @@ class CaptureEngine:
         config: what to capture and where.
         tokenizer: optional; its special ids are flagged in ``tokens/flags`` and its name is recorded.
 
-    Thread safety: run the model's forward passes from one thread at a time. ``stats`` may be read from
-    any thread. Not re-entrant: one engine per model at a time.
+    Attributes:
+        resume_sequences: input sequences this process had already stored (resume: feed from there on).
+        points: the resolved hook points.
+
+    Thread safety: run the model's forward passes, ``flush`` and ``close`` from one thread. ``stats`` may be
+    read from any thread. One engine per model at a time.
 
     Example:
         >>> with CaptureEngine(model, CaptureConfig("acts.zarr", layer_indices=[6])) as cap:
@@ -115,111 +130,80 @@ class CaptureEngine:
         ...         model(**batch)
     """
 
+    # Sink class the writer process builds, per ``config.sink`` (tests and benchmarks name slow or failing
+    # sinks of their own here; they must be importable in the writer process).
+    sink_factory: ClassVar[dict[str, str]] = {"zarr": "engine.store:ZarrSink", "null": "engine.store:NullSink"}
+
     def __init__(self, model: torch.nn.Module, config: CaptureConfig, tokenizer: Any = None):
         self.config = config
         self._model = model
         self._closed = False
-        self._current = None            # slot of the forward pass in progress
-        self._skip_forward = False      # the forward in progress has no tokens
-        self._next_sequence = config.first_sequence
-        self._handles: list = []
-        self._wrapped_forward = None  # what _wrap_forward replaced, while it is installed
+        self._current = None              # slot of the forward pass in progress
+        self._skip_forward = False        # the forward in progress has no tokens
         self._pending_annotations: dict[str, torch.Tensor] = {}
-        self._counters = Counters()
-        self._warned_nonfinite = False
-        self._nonfinite_lock = threading.Lock()
-        # Distributed: join first (collective), then each setup phase succeeds or fails on every rank alike.
-        self._parts = StoreParts() if config.distributed else None
-        with self._on_every_rank():
-            self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
-                                                               config.extra_modules)
-            manifest = self._manifest(model, tokenizer) if config.sink == "zarr" else None
-        location = stored = None
-        with self._on_every_rank():  # checked on every rank before any rank repairs or writes its part
-            if config.sink == "zarr":
-                location, stored = self._check_location(manifest)
-        self._dtype = _TORCH_DTYPES[config.dtype]
-        self._max_positions = _max_positions(model)
-        device = _model_device(model)
-        # Resume: this process's input sequences already fully stored; feed its sequences from this index on.
+        self._dims: dict[str, int] = {}   # point widths, known after the first batch
+        self._batches = 0
+        self._tokens_staged = 0
+        self._stall_seconds = 0.0
+        self._detached_depth = 0
+        self._started = time.perf_counter()
         self.resume_sequences = 0
+        self._next_sequence = config.first_sequence
+        self._destination = None
+        self._parts = StoreParts() if config.distributed else None  # joins first: a collective
         with contextlib.ExitStack() as undo:
+            if self._parts is not None:
+                undo.callback(self._parts.release)
+            with self._on_every_rank():
+                self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
+                                                                   config.extra_modules)
+                self._device = _model_device(model)
+                self._max_positions = _max_positions(model)
+                manifest = build_manifest(model, config, self.points, tokenizer) if config.sink == "zarr" else None
+            with self._on_every_rank():  # every rank's checks pass before any rank repairs or writes its part
+                if manifest is not None:
+                    self._destination = check_destination(config, manifest, self._parts)
+                    undo.callback(self._destination.release)
             with self._on_every_rank():  # a rank that failed here fails every rank; undo cleans up
-                self._sink, resumed = self._open_sink(manifest, location, stored)
-                self._build_pipeline(model, tokenizer, resumed, device, undo)
+                resume = None
+                if self._destination is not None:
+                    resume = open_destination(self._destination, manifest)
+                    undo.callback(release_reserve, self._destination.location)
+                self._start_pipeline(model, tokenizer, resume, undo)
             undo.pop_all()
 
     # ---- setup ---------------------------------------------------------------------------------
-    def _build_pipeline(self, model: torch.nn.Module, tokenizer: Any, resumed: tuple | None,
-                        device: torch.device, undo: contextlib.ExitStack) -> None:
-        """Slots, stager, writers (continuing ``resumed``, _open_sink's resume point and rows), hooks;
-        ``undo`` takes what must be torn down."""
+    def _start_pipeline(self, model: torch.nn.Module, tokenizer: Any, resume: ResumePoint | None,
+                        undo: contextlib.ExitStack) -> None:
         config = self.config
-        self._pool = SlotPool(config.pinned_slots, pin=device.type == "cuda", dtype=self._dtype)
-        model_config = getattr(model, "config", None)  # plain torch modules have none
-        special = sorted({*_token_ids(model_config, "bos_token_id"),
-                          *_token_ids(model_config, "eos_token_id"), *_token_ids(model_config, "pad_token_id"),
-                          *(getattr(tokenizer, "all_special_ids", None) or [])})
-        bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
-        device_statistics = config.statistics and _statistics_on_device(device)
-        self._stager = Stager(device, self._dtype, bos[0], device_statistics)
-        start_row, writer_resume = 0, None
-        if resumed is not None:
-            point, tail = resumed
-            self.resume_sequences = max(point.sequences - config.first_sequence, 0)
+        dtype = _TORCH_DTYPES[config.dtype]
+        self._pool = SlotPool(config.pinned_slots, self._device.type == "cuda", dtype, tuple(config.annotations))
+        undo.callback(self._pool.release)
+        self._stager = Stager(self._device, dtype)
+        if resume is not None:
+            self.resume_sequences = max(resume.sequences - config.first_sequence, 0)
             self._next_sequence = config.first_sequence + self.resume_sequences
-            full_chunks = point.rows // config.chunk_tokens
-            self._counters.tokens_committed = full_chunks * config.chunk_tokens
-            self._counters.chunks_committed = full_chunks
-            arrays = self._sink.point_arrays()
-            stats = rebuild(arrays, self._sink.flags_array(), full_chunks * config.chunk_tokens,
-                            config.chunk_tokens, config.dtype) if config.statistics else None
-            start_row = point.rows
-            writer_resume = ({key: a.shape[1] for key, a in arrays.items()}, tail, stats)
-        self._writers = WriterPool(self._sink, self._pool, config.num_writers, config.chunk_tokens,
-                                   self._dtype, bos[0], special, self._create_arrays, self._counters,
-                                   self._note_nonfinite, layout.token_arrays(config.annotations),
-                                   start_row=start_row, resumed=writer_resume,
-                                   statistics=config.statistics, device_statistics=device_statistics,
-                                   single_threaded=device.type == "cuda")
-        undo.callback(self._writers.abort)
-        undo.callback(self._remove_hooks)
-        self._attach()
+        self._writer = WriterProcess(self._writer_spec(model, tokenizer, resume), self._pool, self._stager.cuda,
+                                     self._destination.lock.fd if self._destination and self._destination.lock
+                                     else None)
+        undo.callback(self._writer.abort)
+        self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_point, config.early_stop)
+        self._hooks.attach()
 
-    def _manifest(self, model: torch.nn.Module, tokenizer: Any) -> dict:
-        from . import __version__
-        from .registry import find_model
-
-        cfg = self.config
-        config = getattr(model, "config", None)
-        name = cfg.model_name or getattr(config, "name_or_path", None) or type(model).__name__
-        spec = find_model(name)
-        return {
-            "format": layout.FORMAT_NAME,
-            "format_version": layout.FORMAT_VERSION,
-            "engine_version": __version__,
-            "status": layout.STATUS_OPEN,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "model": {"name": name, "hf_repo_id": spec.hf_repo_id if spec else None,
-                      "architecture": getattr(config, "model_type", None), "class": type(model).__name__,
-                      "revision": getattr(config, "_commit_hash", None)},
-            "tokenizer": getattr(tokenizer, "name_or_path", None),
-            "layers": list(cfg.layer_indices),
-            "points": list(cfg.points),
-            "extra_modules": dict(cfg.extra_modules),
-            "arrays": {p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
-                               "layer": p.layer, "point": p.point} for p in self.points},
-            "token_arrays": {key: str(dtype) for key, dtype in layout.token_arrays(cfg.annotations).items()},
-            "annotations": dict(cfg.annotations),
-            "flag_bits": layout.FLAG_BITS,
-            "dtype": cfg.dtype,
-            "chunk_tokens": cfg.chunk_tokens,
-            "compressor": cfg.compressor,
-            "first_sequence": cfg.first_sequence,
-            "committed_tokens": 0,
-            "committed_chunks": 0,
-            "sequences": cfg.first_sequence,
-        }
+    def _writer_spec(self, model: torch.nn.Module, tokenizer: Any, resume: ResumePoint | None) -> WriterSpec:
+        config = self.config
+        model_config = getattr(model, "config", None)  # plain torch modules have none
+        special = {*_token_ids(model_config, "bos_token_id"), *_token_ids(model_config, "eos_token_id"),
+                   *_token_ids(model_config, "pad_token_id"), *(getattr(tokenizer, "all_special_ids", None) or [])}
+        bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+        return WriterSpec(
+            sink=self.sink_factory[config.sink], location=self._destination.location if self._destination else None,
+            chunk_tokens=config.chunk_tokens, compressor=config.compressor, dtype=config.dtype,
+            point_attributes=point_attributes(self.points, config.dtype),
+            token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
+            annotations=tuple(config.annotations), bos_id=bos[0], special_ids=tuple(sorted(special)),
+            num_writers=config.num_writers, statistics=config.statistics,
+            start_row=resume.rows if resume is not None else 0, durable=config.durable, parent_pid=os.getpid())
 
     @contextlib.contextmanager
     def _on_every_rank(self):
@@ -234,142 +218,61 @@ class CaptureEngine:
         if self._parts is not None:
             self._parts.agree(None)
 
-    def _check_location(self, manifest: dict) -> tuple[Location, dict | None]:
-        """Where this process writes, and the stored manifest when it continues a store (checked against this
-        run). Changes nothing there but an overwrite (and, distributed, rank 0's root documents)."""
-        cfg = self.config
-        location = cfg.location
-        if self._parts is not None:
-            self._parts.prepare(location, manifest, cfg.overwrite, cfg.resume)
-            location = self._parts.part
-            manifest["part"] = {"rank": self._parts.rank, "world_size": self._parts.world_size}
-        if not prepare_location(location, cfg.overwrite, cfg.resume):
-            return location, None
-        stored = read_manifest(location)
-        mismatches = [f"{field}: the store has {old!r}, this run has {new!r}"
-                      for field, old, new in _resume_fields(stored, manifest) if old != new]
-        if mismatches:
-            raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
-                                      + ". Resume with the same model and CaptureConfig, or write a new store")
-        return location, stored
-
-    def _open_sink(self, manifest: dict | None, location: Location | None, stored: dict | None):
-        """The sink, and (resume point, kept rows of the cut chunk) when continuing an existing store."""
-        cfg = self.config
-        if cfg.sink == "null":
-            return NullSink(), None
-        if stored is None:
-            return ZarrSink(location, cfg.chunk_tokens, cfg.compressor, manifest), None
-        resumes = stored.get("resumes", []) + [{"at": manifest["created"], "status_before": stored.get("status")}]
-        sink = ZarrSink(location, cfg.chunk_tokens, cfg.compressor,
-                        {"status": layout.STATUS_OPEN, "resumes": resumes, "error": None}, existing=True)
-        point, tail = sink.repair()
-        resumes[-1].update(rows=point.rows, sequences=point.sequences, dropped_rows=point.committed_rows - point.rows)
-        sink.update_manifest({"resumes": resumes})
-        if point.committed_rows == 0:  # crashed before its first commit, maybe while creating arrays
-            sink.start_over()
-            return sink, None
-        return sink, (point, tail)
-
-    def _create_arrays(self, dims: dict[str, int]) -> None:
-        """First batch: the widths are known now; create one array per captured point."""
-        disk_dtype = layout.STORAGE_DTYPES[self.config.dtype]
-        specs = {}
-        for point in self.points:
-            attributes = {"module_path": point.module_path, "tl_name": point.tl_name, "layer": point.layer,
-                          "point": point.point, "capture": point.capture, "dtype": self.config.dtype}
-            if self.config.dtype == "bfloat16":
-                attributes["encoding"] = layout.BFLOAT16_ENCODING
-            specs[point.key] = (dims[point.key], disk_dtype, attributes)
-        self._sink.create_point_arrays(specs)
-
-    def _attach(self) -> None:
-        if self.config.early_stop:
-            self._wrap_forward()
-        self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        for point in self.points:
-            if point.capture == "input":
-                hook = point.module.register_forward_pre_hook(self._point_hook(point))
-            else:
-                hook = point.module.register_forward_hook(self._point_hook(point))
-            self._handles.append(hook)
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._wrapped_forward is not None:  # undo _wrap_forward, restoring exactly what was there
-            previous = self._wrapped_forward
-            self._wrapped_forward = None
-            if previous is _NO_INSTANCE_FORWARD:
-                self._model.__dict__.pop("forward", None)
-            else:
-                self._model.forward = previous
-
-    def _wrap_forward(self) -> None:
-        """Early stop: the root forward returns None once every point is captured; later layers never run.
-        Wraps the forward in place now (an instance-level one, e.g. accelerate's, included)."""
-        self._wrapped_forward = self._model.__dict__.get("forward", _NO_INSTANCE_FORWARD)
-        original = self._model.forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            try:
-                return original(*args, **kwargs)
-            except StopForward:
-                return None
-
-        self._model.forward = forward
-
     # ---- hooks (forward thread) ------------------------------------------------------------------
-    def _check_writers(self) -> None:
+    def _poll_writer(self) -> None:
         try:
-            self._writers.check()
+            self._writer.poll()
         except BaseException:
-            self._remove_hooks()  # a failed engine must not keep intercepting the model
+            self._hooks.remove()  # a failed engine must not keep intercepting the model
             raise
 
     def _on_forward(self, module, args, kwargs) -> None:
-        self._check_writers()
+        self._poll_writer()
         self._abandon_current()
+        if self._stager.cuda and torch.cuda.is_current_stream_capturing():
+            raise HookPointError("capture cannot run inside CUDA graph capture (the hooks hand slots to another "
+                                 "process on every forward): capture the graph inside engine.detached() and "
+                                 "run the captured model eagerly")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reference is None:
             raise HookPointError("the model was called without input_ids or inputs_embeds: capture needs "
                                  "one of them as a keyword or first argument")
         batch_size, seq_len = reference.shape[0], reference.shape[1] if reference.dim() > 1 else 1
-        if self._max_positions is not None and seq_len > self._max_positions:
-            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
-                             f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
+        self._check_batch(batch_size, seq_len, attention_mask)
         annotations, self._pending_annotations = self._pending_annotations, {}
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
             self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
         self._check_annotations(annotations, batch_size, seq_len)
-        slot, waited = self._pool.acquire(self._check_writers)
-        batch = BatchInfo(self._counters.batches, batch_size, seq_len, self._next_sequence)
+        slot, waited = self._writer.acquire()
+        slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
+                               attention_mask is not None), self._dims)
         self._next_sequence += batch_size
-        slot.reserve(batch)
         self._current = slot
-        self._stager.stage_tokens(slot, input_ids, kwargs.get("attention_mask"), annotations)
-        with self._counters.lock:
-            self._counters.stall_seconds += waited
+        self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
+        self._stall_seconds += waited
+
+    def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> None:
+        if self._max_positions is not None and seq_len > self._max_positions:
+            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
+                             f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
+            raise BatchError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                             f"{(batch_size, seq_len)}: pass one mask value per token")
 
     def _abandon_current(self) -> None:
         """Release the slot of a forward that raised before its last point, once its copies have landed."""
-        if self._current is None:
+        slot, self._current = self._current, None
+        if slot is None:
             return
-        self._stager.finish(self._current)
-        if self._current.event is not None:
-            self._current.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
-        self._pool.release(self._current)
-        self._current = None
-
-    def _point_hook(self, point: HookPoint):
-        if point.capture == "input":
-            return lambda module, args: self._on_point(point, captured_tensor(point, args, None))
-        return lambda module, args, output: self._on_point(point, captured_tensor(point, args, output))
+        if self._stager.cuda:
+            self._stager.finish(slot)
+            slot.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
+        slot.snapshots.clear()
+        self._pool.give_back(slot.index)
 
     def _on_point(self, point: HookPoint, tensor: torch.Tensor) -> None:
         slot = self._current
@@ -378,39 +281,37 @@ class CaptureEngine:
                 return
             raise HookPointError(f"{point.module_path} ran outside a forward pass of the captured model: "
                                  "call the model passed to CaptureEngine, not one of its submodules")
-        if tuple(tensor.shape[:2]) != (slot.batch.batch_size, slot.batch.seq_len) or tensor.dim() != 3:
+        if tensor.dim() != 3 or tuple(tensor.shape[:2]) != (slot.batch.batch_size, slot.batch.seq_len):
             raise HookPointError(f"{point.module_path} produced shape {tuple(tensor.shape)}; expected "
                                  f"({slot.batch.batch_size}, {slot.batch.seq_len}, dim) like input_ids")
-        self._stager.stage_point(slot, point.key, tensor.detach())
+        self._stager.stage_point(slot, point.key, tensor)
         if len(slot.captured) == len(self.points):
-            tokens = slot.batch.batch_size * slot.batch.seq_len  # read before a writer may recycle the slot
-            self._stager.finish(slot)
-            self._current = None
-            self._writers.submit(slot)
-            with self._counters.lock:
-                self._counters.batches += 1
-                self._counters.tokens_staged += tokens
+            self._submit(slot)
             if self.config.early_stop:
                 raise StopForward  # caught by the wrapper around the root forward
 
-    def _note_nonfinite(self, key: str, count: int) -> None:
-        with self._nonfinite_lock:
-            if self._warned_nonfinite:
-                return
-            self._warned_nonfinite = True
-        warnings.warn(f"{key}: {count} non-finite values in one chunk (stored as they are, counted per chunk "
-                      "in the commit records); if this is float16 overflow, capture with dtype='float32' or "
-                      "'bfloat16'", RuntimeWarning, stacklevel=2)
+    def _submit(self, slot) -> None:
+        self._stager.finish(slot)
+        self._current = None
+        if not self._dims:  # the first batch told the widths: size every slot now, before the second forward
+            self._dims = dict(slot.dims)
+            self._pool.allocate_all(slot)
+            for other in self._pool.slots:
+                self._writer.announce(other)
+        self._writer.announce(slot)
+        self._batches += 1
+        self._tokens_staged += slot.batch.batch_size * slot.batch.seq_len
+        self._writer.submit(slot)
 
     # ---- public --------------------------------------------------------------------------------
     @property
     def stats(self) -> CaptureStats:
         """Counters so far: tokens, bytes, stall seconds, queue high-water, MB/s."""
-        c = self._counters
-        with c.lock:
-            return CaptureStats(c.batches, c.tokens_staged, c.tokens_committed, c.bytes_committed,
-                                c.chunks_committed, c.stall_seconds, c.queue_high_water,
-                                self._writers.queue_depth(), self._pool.nbytes, time.perf_counter() - c.started)
+        progress = self._writer.progress
+        return CaptureStats(self._batches, self._tokens_staged, progress.tokens_committed,
+                            progress.bytes_committed, progress.chunks_committed, self._stall_seconds,
+                            progress.in_flight_high_water, self._pool.in_flight, self._pool.nbytes,
+                            time.perf_counter() - self._started)
 
     def annotate(self, **values: torch.Tensor) -> None:
         """Per-token values for the next forward pass: one ``(batch, seq)`` integer tensor per name declared
@@ -436,32 +337,40 @@ class CaptureEngine:
         last chunk waits for more rows or close()).
 
         Raises:
-            CaptureError: a writer failed.
+            CaptureError: the writer process failed or died.
         """
-        self._writers.wait_written()
+        self._writer.flush()
 
     @contextlib.contextmanager
     def detached(self):
-        """Run the model without capture inside this block (hooks come back after it)."""
+        """Run the model without capture inside this block (hooks come back after it; nests)."""
         if self._closed:
             raise CaptureClosedError("this CaptureEngine is closed")
-        self._remove_hooks()
+        self._detached_depth += 1
+        self._hooks.remove()
         try:
             yield self
         finally:
-            if not self._closed:
-                self._attach()
+            self._detached_depth -= 1
+            if not self._closed and self._detached_depth == 0:
+                self._hooks.attach()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def writer_pid(self) -> int:
+        """The writer process's pid (it exits at ``close()``, or by itself if this process dies)."""
+        return self._writer.pid
+
     def close(self, failed: bool = False) -> None:
-        """Flush, unhook, and publish the manifest (``complete``, or ``failed`` if ``failed`` or a writer
-        failed). Follows the shutdown protocol in ``engine.writer``. Idempotent.
+        """Flush, unhook, and publish the manifest (``complete``, or ``failed`` if ``failed`` or the writer
+        process failed). Follows the shutdown protocol in ``engine.writer``. Idempotent.
 
         Raises:
-            CaptureError: a writer failed (original exception chained); committed chunks stay readable.
+            CaptureError: the writer process failed or died (original exception chained); committed chunks
+                stay readable.
         """
         if self._closed:
             return
@@ -480,31 +389,18 @@ class CaptureEngine:
 
     def _close_part(self, failed: bool) -> None:
         """Close this process's store (the whole store, unless distributed)."""
-        self._remove_hooks()  # producer first
+        self._hooks.remove()  # the producer stops first
         self._abandon_current()
-        error = None
         try:
-            rows = self._writers.close(commit_tail=not failed)
-        except BaseException as exc:
-            error, rows = exc, None
-        failed = failed or self._writers.error is not None
-        status = layout.STATUS_FAILED if failed or error is not None else layout.STATUS_COMPLETE
-        c = self._counters
-        cause = self._writers.error or (error.__cause__ if error is not None else None) or error
-        try:
-            self._sink.finalize(c.tokens_committed, {
-                "status": status, "committed_tokens": c.tokens_committed, "committed_chunks": c.chunks_committed,
-                "sequences": self._next_sequence,
-                "statistics": self._writers.statistics.to_json() if self._writers.statistics else {},
-                "error": repr(cause) if cause is not None else None,
-                "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            }, trim=status == layout.STATUS_COMPLETE and rows == c.tokens_committed)
-        except BaseException as finalize_error:
-            if error is not None:
-                raise error from finalize_error  # the writer's failure stays the headline
-            raise
-        if error is not None:
-            raise error
+            self._writer.close(failed, self._next_sequence)
+        finally:
+            self._pool.release()
+            if self._destination is not None:
+                try:
+                    if not self._writer.finalized:
+                        mark_failed(self._destination.location, repr(self._writer.error))
+                finally:
+                    self._destination.release()  # the writer process has exited: the lock is free
 
     def __enter__(self) -> "CaptureEngine":
         if self._closed:

@@ -31,7 +31,7 @@ class CaptureConfig:
         dtype: storage dtype: ``float16`` (default), ``float32``, or ``bfloat16`` (stored as uint16 bits).
         chunk_tokens: rows per zarr chunk and per commit. Replaces the original design's
             ``max_activations_per_file``: memory is bounded by slots and chunks, never by a batch count.
-        num_writers: writer threads.
+        num_writers: writer threads (in the writer process).
         pinned_slots: host staging slots (each holds one batch of every captured point); when all are in
             use the forward pass waits (backpressure).
         overwrite: replace an existing store.
@@ -54,6 +54,9 @@ class CaptureConfig:
         first_sequence: global index of this process's first input sequence (``tokens/sequence`` counts
             from it): with ``distributed``, the start of this rank's share of the corpus, so sequence
             numbers are those of a single-process run.
+        durable: each chunk's files reach the disk (fsync) before its commit record, and the record before
+            the next; off for scratch stores, where a power loss may then lose committed chunks (a crash of
+            the process never does).
 
     Thread safety: immutable.
     """
@@ -80,6 +83,7 @@ class CaptureConfig:
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     distributed: bool = False
     first_sequence: int = 0
+    durable: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):

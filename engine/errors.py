@@ -32,6 +32,10 @@ class ResumeMismatchError(ConfigError):
     """resume=True on a store captured with a different model or configuration; the message lists each field."""
 
 
+class StoreLockedError(EngineError, BlockingIOError):
+    """Another process is writing this store (one writer per store); the message names the holder."""
+
+
 class StorePathError(EngineError, OSError):
     """The output path cannot hold a store (a file, read-only, not writable); nothing was written."""
 
@@ -45,7 +49,8 @@ class StoreFormatError(EngineError, ValueError):
 
 
 class CaptureError(EngineError, RuntimeError):
-    """A background thread (writer, staging) failed; the original exception is chained as __cause__."""
+    """The writer process failed or died; the original exception (when it could cross the process boundary)
+    is chained as __cause__ and the writer's traceback is in the message."""
 
 
 class CaptureClosedError(EngineError, RuntimeError):

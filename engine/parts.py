@@ -22,8 +22,9 @@ import torch.distributed as dist
 from . import layout
 from .errors import CaptureError, ConfigError, ResumeMismatchError
 from .location import Location
+from .opening import claim
 from .statistics import merge_statistics
-from .store import prepare_location, put_json, read_manifest
+from .store import put_json, read_manifest
 
 # Manifest fields that describe one part, not the whole store.
 _PART_FIELDS = ("part", "first_sequence", "resumes")
@@ -58,9 +59,9 @@ def _group_doc(manifest: dict | None) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
-def _prepare_root(root: Location, manifest: dict, world_size: int, overwrite: bool, resume: bool) -> None:
+def _prepare_root(root: Location, manifest: dict, world_size: int, exists: bool) -> None:
     store = root.zarr_store()
-    if prepare_location(root, overwrite, resume):
+    if exists:
         stored = read_manifest(root)
         if stored.get("world_size") != world_size:
             raise ResumeMismatchError(
@@ -121,6 +122,7 @@ class StoreParts:
         self._group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
         self.root: Location | None = None
         self.part: Location | None = None
+        self._root_lock = None  # rank 0 holds the root's lock for the run
 
     def _on_rank0(self, step: Callable[[], None]) -> None:
         """Run ``step`` on rank 0; every rank then raises rank 0's exception if it failed (also a barrier)."""
@@ -152,9 +154,26 @@ class StoreParts:
         where its part is."""
         self.root = root
         self.part = root.child(layout.part_path(self.rank))
-        self._on_rank0(lambda: _prepare_root(root, manifest, self.world_size, overwrite, resume))
+        self._on_rank0(lambda: self._claim_root(manifest, overwrite, resume))
+
+    def _claim_root(self, manifest: dict, overwrite: bool, resume: bool) -> None:
+        exists, self._root_lock = claim(self.root, overwrite, resume)
+        try:
+            _prepare_root(self.root, manifest, self.world_size, exists)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the root's lock (rank 0; a no-op elsewhere). Idempotent."""
+        if self._root_lock is not None:
+            self._root_lock.release()
+            self._root_lock = None
 
     def publish(self) -> None:
         """After every rank closed its part: rank 0 writes the top manifest; every rank returns after it."""
         dist.barrier(group=self._group)
-        self._on_rank0(lambda: _publish(self.root, self.world_size))
+        try:
+            self._on_rank0(lambda: _publish(self.root, self.world_size))
+        finally:
+            self.release()

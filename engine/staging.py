@@ -1,217 +1,322 @@
-"""Staging: device activations -> host slots, without making the compute stream wait.
+"""Staging: device activations -> host slots in shared memory, without making the compute stream wait.
 
-On CUDA every hook snapshots its tensor on the compute stream (cast to the storage dtype, or a copy when
-the dtype already matches, so later in-place ops of the model cannot race the transfer), then a dedicated
-copy stream waits on the compute stream and copies the snapshot with ``non_blocking=True`` into a pinned
-host slot; ``record_stream`` keeps the snapshot's memory alive until that copy is done. After the batch's
-last hook an event is recorded on the copy stream; writers ``event.synchronize()`` before touching a slot
-(peers that skip this read half-copied buffers). Nothing in a hook synchronizes the device.
+A slot holds one batch: its token ids and attention mask (packed in one ``(2, batch, seq)`` buffer), its
+annotations and one buffer per captured point. Every buffer is an anonymous shared-memory file (memfd) mapped
+here and, once its descriptor has been handed over, in the writer process: the writer reads the rows where the
+hooks put them, with no copy in between.
 
-On CUDA the hooks also compute each batch's statistics on the device from the snapshot (see
-statistics.py) and copy the small result along with the rows.
+On CUDA the buffers are registered with the driver (``cudaHostRegister``: pinned), so ``non_blocking`` copies
+are true DMA. Every hook snapshots its tensor on the compute stream (the cast to the storage dtype, or a copy
+when the dtype already matches, so later in-place ops of the model cannot race the transfer); a dedicated copy
+stream waits on the compute stream and copies the snapshot into the slot. The token ids and mask are
+snapshotted the same way, packed into one tensor, so a caller that reuses its input tensors in place (static
+buffers, CUDA graphs) cannot change what is stored. The snapshots are kept in the slot until the batch's event
+(recorded on the copy stream after its last copy) has completed. Nothing here synchronizes the device. On CPU
+the same calls copy synchronously.
 
-On CPU the same calls copy synchronously into plain (unpinned) host slots.
+Work on the forward thread, in dispatched torch ops (counted by ``tests/test_pipeline.py`` with a
+``TorchDispatchMode``; the fewer, the less a launch-bound forward feels us):
 
-The pool of slots is the memory bound: ``count`` slots, each sized for the largest batch seen.
+  =======================  ======  ====================================================
+  per                       CPU     CUDA
+  =======================  ======  ====================================================
+  batch: ids + mask         2       2 (one ``stack`` snapshot, one copy)
+  batch: each annotation    1       1 (host tensors) or 2 (device tensors)
+  hooked point              1       2 (one cast snapshot, one copy)
+  =======================  ======  ====================================================
+
+Views into the buffers are cached per batch shape, so a steady run adds no view ops.
+
+Memory is bounded by ``count`` slots, each sized for the largest batch seen (grown by 25%, never shrunk); all
+slots are allocated as soon as the first batch has told the widths of its points, before the second forward.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import queue
-import time
-from typing import Callable
+import mmap
+import os
+import tempfile
 
 import torch
 
-from .statistics import MOMENTS_HEAD, attention_sinks, batch_moments
+from .errors import HookPointError
+from .writer import BatchInfo
+
+PAGE = mmap.PAGESIZE
 
 
-@dataclasses.dataclass
-class BatchInfo:
-    """Host-side facts of one forward pass, known without touching device data."""
+def _anonymous_file(nbytes: int) -> int:
+    """A descriptor of ``nbytes`` of memory with no name on any filesystem (freed when the last user closes)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("actcap-slot", os.MFD_CLOEXEC)
+    else:  # macOS and others: a temporary file that is already unlinked
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    os.ftruncate(fd, nbytes)
+    return fd
 
-    index: int            # forward-pass number in this run
-    batch_size: int
-    seq_len: int
-    first_sequence: int   # global sequence index of row 0
+
+class SharedBuffer:
+    """Host memory shared with the writer process (and pinned for DMA when ``pin``).
+
+    Args:
+        nbytes: size (rounded up to whole pages).
+        pin: register with CUDA so device-to-host copies into it are asynchronous DMA.
+
+    Thread safety: the owner allocates and releases it; its bytes belong to whoever holds the slot.
+    """
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        self.fd = _anonymous_file(self.nbytes)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault pages in now, not in a hook
+        self._map = mmap.mmap(self.fd, self.nbytes, flags=flags)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.pinned = pin
+        if pin:
+            error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
+            if error:
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed (cudaError "
+                                   f"{error}): lower pinned_slots or the batch size")
+
+    def typed(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The first ``count`` elements as a flat tensor of ``dtype``."""
+        return self.bytes[: count * dtype.itemsize].view(dtype)
+
+    def release(self) -> None:
+        """Unpin and close; the memory is freed once the writer has dropped its mapping too."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+            self.pinned = False
+        self.bytes = None
+        os.close(self.fd)
+
+
+TOKENS = "tokens"
+
+
+def annotation_buffer_name(name: str) -> str:
+    return f"annotation/{name}"
+
+
+def point_buffer_name(key: str) -> str:
+    return f"point/{key}"
 
 
 class Slot:
-    """Host buffers for one batch: token ids, attention mask and every captured point.
+    """Shared host buffers for one batch.
 
-    Thread safety: owned by one thread at a time (the producer until enqueued, then one writer).
+    Thread safety: owned by one side at a time: the forward process from ``SlotPool.take`` until it is handed
+    to the writer process, which hands it back when its rows are copied out.
     """
 
-    def __init__(self, index: int, pin: bool, dtype: torch.dtype):
+    def __init__(self, index: int, pin: bool, dtype: torch.dtype, annotations: tuple[str, ...]):
         self.index = index
         self._pin = pin
         self._dtype = dtype
+        self._annotations = annotations
         self.capacity = 0
-        self._ids = torch.empty(0, dtype=torch.int64)
-        self._mask = torch.empty(0, dtype=torch.int64)
-        self._annotations: dict[str, torch.Tensor] = {}
-        self._points: dict[str, torch.Tensor] = {}
-        self._moments: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, SharedBuffer] = {}
+        self.unannounced: list[str] = []   # buffers the writer process has not been sent yet
         self.dims: dict[str, int] = {}
         self.batch: BatchInfo | None = None
         self.captured: set[str] = set()
-        self.event: torch.cuda.Event | None = None
+        self.event = None
+        self.snapshots: list[torch.Tensor] = []  # CUDA: device tensors the copy stream still reads
+        self._views: dict[tuple, torch.Tensor] = {}
 
-    def _alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, pin_memory=self._pin)
+    def _allocate(self, name: str, nbytes: int) -> None:
+        old = self.buffers.pop(name, None)
+        if old is not None:
+            old.release()
+        self.buffers[name] = SharedBuffer(nbytes, self._pin)
+        self.unannounced.append(name)
+        self._views.clear()
 
-    def reserve(self, batch: BatchInfo) -> None:
-        """Start a batch: size token buffers for it (grown with 25% headroom, never shrunk)."""
+    def grow(self, tokens: int, dims: dict[str, int]) -> None:
+        """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far)."""
+        self.capacity = tokens
+        self._allocate(TOKENS, 2 * tokens * 8)
+        for name in self._annotations:
+            self._allocate(annotation_buffer_name(name), tokens * 8)
+        for key, dim in dims.items():
+            self._allocate(point_buffer_name(key), tokens * dim * self._dtype.itemsize)
+        self.dims = dict(dims)
+
+    def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
+        """Start a batch: grow the buffers if it is larger than any before (by 25% at least)."""
         tokens = batch.batch_size * batch.seq_len
         if tokens > self.capacity:
-            self.capacity = max(tokens, self.capacity + self.capacity // 4)
-            self._ids = self._alloc(self.capacity, torch.int64)
-            self._mask = self._alloc(self.capacity, torch.int64)
-            self._annotations = {}
-            self._points = {}  # reallocated at the new capacity on each point's next capture
+            self.grow(max(tokens, self.capacity + self.capacity // 4), dims)
         self.batch = batch
         self.captured = set()
         self.event = None
 
-    def point_buffer(self, key: str, dim: int) -> torch.Tensor:
-        """(batch, seq, dim) view of one point's buffer, allocated on the point's first capture."""
-        buffer = self._points.get(key)
-        if buffer is None or buffer.numel() < self.capacity * dim:
-            buffer = self._points[key] = self._alloc(self.capacity * dim, self._dtype)
-        self.dims[key] = dim
-        b = self.batch
-        return buffer[: b.batch_size * b.seq_len * dim].view(b.batch_size, b.seq_len, dim)
+    def _cached(self, key: tuple, make) -> torch.Tensor:
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = make()
+        return view
 
-    def point_rows(self, key: str) -> torch.Tensor:
-        """(batch * seq, dim) view of a captured point, for the writers."""
-        dim = self.dims[key]
-        return self._points[key][: self.batch.batch_size * self.batch.seq_len * dim].view(-1, dim)
+    def _typed_view(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = 1
+        for size in shape:
+            count *= size
+        return self.buffers[name].typed(dtype, count).view(shape)
 
-    def moments_buffer(self, key: str) -> torch.Tensor:
-        """One point's batch moments (layout: statistics.MOMENTS_HEAD), when computed on the device."""
-        buffer = self._moments.get(key)
-        if buffer is None:
-            buffer = self._moments[key] = self._alloc(MOMENTS_HEAD + self.dims[key], torch.float64)
-        return buffer
+    def tokens_view(self) -> torch.Tensor:
+        """(2, batch, seq) int64: the input ids, then the attention mask."""
+        shape = (2, self.batch.batch_size, self.batch.seq_len)
+        return self._cached((TOKENS, shape), lambda: self._typed_view(TOKENS, torch.int64, shape))
 
-    def token_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, seq) views of the input ids and attention mask."""
-        n = self.batch.batch_size * self.batch.seq_len
+    def ids_view(self) -> torch.Tensor:
+        return self._cached(("ids", self.batch.batch_size, self.batch.seq_len), lambda: self.tokens_view()[0])
+
+    def mask_view(self) -> torch.Tensor:
+        return self._cached(("mask", self.batch.batch_size, self.batch.seq_len), lambda: self.tokens_view()[1])
+
+    def annotation_view(self, name: str) -> torch.Tensor:
         shape = (self.batch.batch_size, self.batch.seq_len)
-        return self._ids[:n].view(shape), self._mask[:n].view(shape)
+        buffer = annotation_buffer_name(name)
+        return self._cached((buffer, shape), lambda: self._typed_view(buffer, torch.int64, shape))
 
-    def annotation_buffer(self, name: str) -> torch.Tensor:
-        """(batch, seq) int64 view of one per-token annotation."""
-        if name not in self._annotations:
-            self._annotations[name] = self._alloc(self.capacity, torch.int64)
-        n = self.batch.batch_size * self.batch.seq_len
-        return self._annotations[name][:n].view(self.batch.batch_size, self.batch.seq_len)
+    def point_view(self, key: str, dim: int) -> torch.Tensor:
+        """(batch, seq, dim) view of one point's buffer (allocated on the first batch, when ``dim`` is known)."""
+        buffer = point_buffer_name(key)
+        if buffer not in self.buffers:
+            self._allocate(buffer, self.capacity * dim * self._dtype.itemsize)
+            self.dims[key] = dim
+        shape = (self.batch.batch_size, self.batch.seq_len, dim)
+        return self._cached((buffer, shape), lambda: self._typed_view(buffer, self._dtype, shape))
+
+    def make_views(self, batch: BatchInfo) -> None:
+        """Cache every view a batch of ``batch``'s shape uses."""
+        current, self.batch = self.batch, batch
+        self.ids_view(), self.mask_view()
+        for name in self._annotations:
+            self.annotation_view(name)
+        for key, dim in self.dims.items():
+            self.point_view(key, dim)
+        self.batch = current
 
     @property
     def nbytes(self) -> int:
-        buffers = (self._ids, self._mask, *self._points.values(), *self._annotations.values(),
-                   *self._moments.values())
-        return sum(t.numel() * t.element_size() for t in buffers)
+        """Host memory this slot holds (whole pages, as mapped)."""
+        return sum(buffer.nbytes for buffer in self.buffers.values())
+
+    def release(self) -> None:
+        self._views.clear()
+        self.snapshots.clear()
+        for buffer in self.buffers.values():
+            buffer.release()
+        self.buffers.clear()
 
 
 class SlotPool:
-    """A fixed number of slots; ``acquire`` blocks while all are in use (that wait is backpressure).
+    """A fixed number of slots and the indices of the free ones (the writer process returns them).
 
-    Thread safety: acquire/release from any thread.
+    Thread safety: from the forward thread only.
     """
 
-    def __init__(self, count: int, pin: bool, dtype: torch.dtype):
-        self.slots = [Slot(i, pin, dtype) for i in range(count)]
-        self._free: queue.Queue[Slot] = queue.Queue(maxsize=count)
+    def __init__(self, count: int, pin: bool, dtype: torch.dtype, annotations: tuple[str, ...]):
+        self.slots = [Slot(i, pin, dtype, annotations) for i in range(count)]
+        self._free = list(range(count - 1, -1, -1))
+
+    def take(self) -> Slot | None:
+        return self.slots[self._free.pop()] if self._free else None
+
+    def give_back(self, index: int) -> None:
+        self.slots[index].batch = None
+        self._free.append(index)
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    def allocate_all(self, like: Slot) -> None:
+        """Size every other slot like ``like`` and make its views for ``like``'s batch shape (after the first
+        batch: no allocation, and for batches of that shape no view op, during later forwards)."""
         for slot in self.slots:
-            self._free.put_nowait(slot)
-
-    def acquire(self, check: Callable[[], None]) -> tuple[Slot, float]:
-        """A free slot and the seconds waited for it; ``check`` runs while waiting and may raise."""
-        try:
-            return self._free.get_nowait(), 0.0
-        except queue.Empty:
-            pass
-        start = time.perf_counter()
-        while True:
-            check()  # a dead writer pool must not leave the forward pass waiting forever
-            try:
-                return self._free.get(timeout=0.05), time.perf_counter() - start
-            except queue.Empty:
-                continue
-
-    def release(self, slot: Slot) -> None:
-        slot.batch = None
-        self._free.put_nowait(slot)
+            if slot is not like and slot.capacity < like.capacity:
+                slot.grow(like.capacity, like.dims)
+            slot.make_views(like.batch)
 
     @property
     def nbytes(self) -> int:
         return sum(slot.nbytes for slot in self.slots)
 
+    def release(self) -> None:
+        for slot in self.slots:
+            slot.release()
+
 
 class Stager:
-    """Copies a batch's tensors into a slot: async on a side CUDA stream, or synchronously on CPU.
-
-    Thread safety: call from the thread that runs the forward pass.
+    """Copies a batch's tensors into its slot: asynchronously on a side CUDA stream, or synchronously on CPU.
 
     Args:
-        device: the model's device.
+        device: the model's device (CUDA: every hooked tensor must be on it).
         dtype: storage dtype of activations.
-        bos_id: BOS token id or None (for the device statistics' attention sinks).
-        device_statistics: compute each batch's moments in the hooks (``Slot.moments_buffer``).
+
+    Thread safety: call from the thread that runs the forward pass.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, bos_id: int | None = None,
-                 device_statistics: bool = False):
+    def __init__(self, device: torch.device, dtype: torch.dtype):
         self.dtype = dtype
+        self.device = device
         self.cuda = device.type == "cuda"
-        self.device_statistics = device_statistics
-        self._device = device
-        self._bos_id = bos_id
         self._stream = torch.cuda.Stream(device=device) if self.cuda else None
-        self._excluded: tuple[torch.Tensor, torch.Tensor] | None = None  # this batch's, for batch_moments
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, snapshot: bool = True) -> torch.Tensor:
-        """Copy ``src`` into ``dst``; returns the tensor holding the copied values on ``src``'s device."""
-        if not self.cuda or not src.is_cuda:
-            dst.copy_(src)
-            return dst
-        if snapshot and src.is_floating_point():
-            src = src.to(self.dtype, copy=True)
-        self._stream.wait_stream(torch.cuda.current_stream(src.device))
+    def _copy_async(self, slot: Slot, destination: torch.Tensor, snapshot: torch.Tensor) -> None:
+        """Copy a fresh device tensor (nothing else writes it) into pinned memory on the copy stream."""
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=True)
-        src.record_stream(self._stream)
-        return src
+            destination.copy_(snapshot, non_blocking=True)
+        slot.snapshots.append(snapshot)  # freed once the batch's event has completed
 
     def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      annotations: dict[str, torch.Tensor]) -> None:
-        for name, values in annotations.items():
-            self._copy(slot.annotation_buffer(name), values)
-        ids, mask = slot.token_buffers()
-        if input_ids is None:
-            ids.fill_(-1)  # inputs_embeds forward: no token ids to record
-        else:
-            self._copy(ids, input_ids)
-        if attention_mask is None:
-            mask.fill_(1)  # no mask: every token is real
-        else:
-            self._copy(mask, attention_mask)
-        if self.device_statistics:
-            self._excluded = attention_sinks(input_ids, attention_mask, self._bos_id, tuple(ids.shape),
-                                             self._device)
+        with torch.no_grad():
+            for name, values in annotations.items():
+                if values.is_cuda:
+                    self._copy_async(slot, slot.annotation_view(name), values.to(torch.int64, copy=True))
+                else:
+                    slot.annotation_view(name).copy_(values)
+            if input_ids is None and attention_mask is None:
+                return
+            if not self.cuda or not (input_ids if input_ids is not None else attention_mask).is_cuda:
+                if input_ids is not None:
+                    slot.ids_view().copy_(input_ids)
+                if attention_mask is not None:
+                    slot.mask_view().copy_(attention_mask)
+                return
+            if input_ids is not None and attention_mask is not None:
+                if attention_mask.dtype != input_ids.dtype:
+                    attention_mask = attention_mask.to(input_ids.dtype)
+                self._copy_async(slot, slot.tokens_view(), torch.stack((input_ids, attention_mask)))
+            elif input_ids is not None:
+                self._copy_async(slot, slot.ids_view(), input_ids.to(torch.int64, copy=True))
+            else:
+                self._copy_async(slot, slot.mask_view(), attention_mask.to(torch.int64, copy=True))
 
     def stage_point(self, slot: Slot, key: str, tensor: torch.Tensor) -> None:
-        dim = tensor.shape[-1]
-        staged = self._copy(slot.point_buffer(key, dim), tensor)
-        if self.device_statistics:
-            moments = batch_moments(staged.reshape(-1, dim), *self._excluded)
-            self._copy(slot.moments_buffer(key), moments, snapshot=False)  # a fresh tensor nothing modifies
+        if self.cuda and tensor.device != self.device:
+            raise HookPointError(f"{key} is on {tensor.device} but the model's first parameters are on "
+                                 f"{self.device}: capture needs a model on one device (for a model spread over "
+                                 "GPUs, capture each device's layers with their own engine)")
+        destination = slot.point_view(key, tensor.shape[-1])
+        with torch.no_grad():
+            if self.cuda:
+                self._copy_async(slot, destination, tensor.to(self.dtype, copy=True))
+            else:
+                destination.copy_(tensor)
         slot.captured.add(key)
 
     def finish(self, slot: Slot) -> None:
-        """Mark the batch's copies; writers wait on this event before reading the slot."""
+        """After the batch's last copy: record the event the handoff waits on before the writer reads."""
         if self.cuda:
             slot.event = torch.cuda.Event()
             slot.event.record(self._stream)

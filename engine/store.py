@@ -136,23 +136,17 @@ def _check_existing(location: Location, exists: bool, overwrite: bool, resume: b
                                "it or resume=True to continue it")
 
 
-def prepare_location(location: Location, overwrite: bool, resume: bool) -> bool:
-    """Check the output location; remove an old store when ``overwrite``. Returns True if a store exists."""
+def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
+    """Whether a store exists at ``location``; raises (changing nothing) when it cannot be written as asked."""
     path = location.local
     if path is None:
-        store = location.zarr_store()
-        exists = not sync(store.is_empty(""))
+        exists = not sync(location.zarr_store().is_empty(""))
         _check_existing(location, exists, overwrite, resume)
-        if exists and overwrite:
-            sync(store.delete_dir(""))
-        return exists and not overwrite
+        return exists
     if path.exists() and not path.is_dir():
         raise StorePathError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
     exists = path.is_dir() and any(path.iterdir())
     _check_existing(location, exists, overwrite, resume)
-    if exists and overwrite:
-        shutil.rmtree(path)
-        exists = False
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -164,15 +158,38 @@ def prepare_location(location: Location, overwrite: bool, resume: bool) -> bool:
     return exists
 
 
-def _write_file_atomic(path: Path, data) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does); the write and
-    rename release the GIL, which the forward thread needs more than we do."""
+def clear_location(location: Location) -> None:
+    """Delete the store at ``location`` (overwrite; the caller holds its lock)."""
+    if location.local is None:
+        sync(location.zarr_store().delete_dir(""))
+    else:
+        shutil.rmtree(location.local)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
+    """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does). ``size``: the file's
+    length, when longer than ``data`` (the rest is a hole: no disk blocks, reads as zeros). ``durable``: the
+    data reaches the disk before the rename, and the rename before this returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         with open(partial, "wb") as f:
             f.write(data)
+            if size is not None and size > f.tell():
+                f.truncate(size)
+            if durable:
+                os.fsync(f.fileno())
         os.replace(partial, path)
+        if durable:
+            _fsync_folder(path.parent)
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk gets its space back
         raise
@@ -212,13 +229,24 @@ def read_chunk_rows(root: Path | None, key: str, array: zarr.Array, chunk_index:
 RESERVE_BYTES = 128 * 1024
 
 
-def _reserve_space(path: Path) -> Path:
-    """Hold back space beside the store (``<store>.reserve``) for the final manifest if the disk fills."""
-    reserve = path.with_name(path.name + ".reserve")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(reserve, "wb") as f:
-        f.write(b"\0" * RESERVE_BYTES)
-    return reserve
+def reserve_path(location: Location) -> Path | None:
+    """``<store>.reserve`` beside a local store: space held back for the final manifest if the disk fills."""
+    root = location.local
+    return None if root is None else root.with_name(root.name + ".reserve")
+
+
+def _reserve_space(location: Location) -> None:
+    reserve = reserve_path(location)
+    if reserve is not None:
+        with open(reserve, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+
+
+def release_reserve(location: Location) -> None:
+    """Remove the reserve file (before the final manifest, or when a run stops before its writer started)."""
+    reserve = reserve_path(location)
+    if reserve is not None:
+        reserve.unlink(missing_ok=True)
 
 
 def _compressors(name: str | None):
@@ -229,63 +257,111 @@ def _compressors(name: str | None):
     return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
 
 
+def _create_array(group: zarr.Group, key: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype,
+                  chunk_tokens: int, compressor: str | None, attributes: dict) -> zarr.Array:
+    return group.create_array(key, shape=(rows, *row_shape), chunks=(chunk_tokens, *row_shape), dtype=dtype,
+                              fill_value=0, compressors=_compressors(compressor), attributes=attributes,
+                              config=_ARRAY_CONFIG)
+
+
+def create_store(location: Location, manifest: dict) -> None:
+    """A new, empty store: the root group with its manifest, the commits group and the per-token arrays (the
+    activation arrays come with the first batch, when their widths are known)."""
+    # "w-", not "w": prepare_location already checked and cleared the location, and "w" would delete
+    # everything under the store's root first (for an object store, a whole prefix).
+    group = zarr.open_group(location.zarr_store(), mode="w-", attributes={layout.MANIFEST_ATTR: manifest})
+    group.create_group(layout.COMMITS_GROUP, attributes={
+        "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
+    for key, dtype in manifest["token_arrays"].items():
+        _create_array(group, key, 0, (), np.dtype(dtype), manifest["chunk_tokens"], manifest["compressor"], {})
+    _reserve_space(location)
+
+
+def continue_store(location: Location, updates: dict) -> ResumePoint:
+    """Make a crashed or closed store continuable and return where to continue.
+
+    Keeps rows up to the resume point and drops the commit records of the chunk holding it and of every later
+    chunk (highest first, so the committed prefix is valid after every step); the writer process starts that
+    chunk with its kept rows and commits it again, whole. A crash before then only moves the next resume point
+    back; no record ever describes rows it does not hold. Also drops temp files and arrays added after capture
+    (align's ``tokens/label`` would go stale as rows are added), and when nothing was committed (a crash while
+    the first batch created the arrays) the activation arrays, which the first batch creates again.
+    """
+    store = location.zarr_store()
+    group = zarr.open_group(store, mode="r+")
+    stored = dict(group.attrs[layout.MANIFEST_ATTR])
+    chunk_tokens = stored["chunk_tokens"]
+    records = read_commit_records(store)
+    point = find_resume_point(group, committed_prefix(records), stored)
+    cut_chunk = point.rows // chunk_tokens
+    for index in sorted(records, reverse=True):
+        if index >= cut_chunk:
+            delete_key(store, layout.commit_record_key(index))
+    for leftover in location.local.rglob("*.partial") if location.local is not None else ():
+        leftover.unlink()
+    own = layout.token_arrays(stored.get("annotations", {}))
+    for key in set(stored["token_arrays"]) - set(own):
+        if key in group:
+            delete_array(store, key)
+    for key in stored["arrays"] if point.committed_rows == 0 else ():
+        if key in group:
+            delete_array(store, key)
+    for key, dtype in own.items():
+        if key not in group:  # a crash kept it from being created
+            _create_array(group, key, 0, (), dtype, chunk_tokens, stored["compressor"], {})
+    resumes = stored.get("resumes", []) + [{**updates["resume"], "status_before": stored.get("status"),
+                                            "rows": point.rows, "sequences": point.sequences,
+                                            "dropped_rows": point.committed_rows - point.rows}]
+    manifest = {**stored, "token_arrays": {key: str(dtype) for key, dtype in own.items()}, "resumes": resumes,
+                "status": layout.STATUS_OPEN, "error": None,
+                **{key: value for key, value in updates.items() if key != "resume"}}
+    group.update_attributes({layout.MANIFEST_ATTR: manifest})
+    _reserve_space(location)
+    return point if point.committed_rows else ResumePoint(0, 0, 0)
+
+
+def mark_failed(location: Location, error: str) -> None:
+    """Publish ``failed`` for a store whose writer process died (it can no longer publish anything)."""
+    release_reserve(location)
+    group = zarr.open_group(location.zarr_store(), mode="r+")
+    manifest = dict(group.attrs[layout.MANIFEST_ATTR])
+    group.update_attributes({layout.MANIFEST_ATTR: {**manifest, "status": layout.STATUS_FAILED, "error": error}})
+
+
 class ZarrSink:
-    """Writes chunks and commit records into one zarr v3 group.
+    """Writes chunks and commit records into a store made by ``create_store`` or ``continue_store``; opened
+    by the writer process, which owns every metadata change from then on.
 
     Args:
-        location: where the store is (created).
-        chunk_tokens: rows per chunk for every array.
-        compressor: None, "zstd" or "blosc".
-        manifest: initial manifest (status open).
+        spec: the writer process's ``WriterSpec`` (location, chunk_tokens, compressor, durable).
 
-    Thread safety: ``write_chunk`` from several threads for distinct chunks; the rest from one thread.
+    Thread safety: ``write_chunk`` from several threads for distinct chunks; every metadata change (array
+    creation, capacity growth, trim, manifest) under one lock here, because zarr's resize rewrites
+    ``zarr.json`` from the in-memory shape without a lock of its own.
     """
 
-    def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, manifest: dict,
-                 existing: bool = False):
-        token_arrays = {key: np.dtype(dtype) for key, dtype in manifest.get("token_arrays", {}).items()}
+    def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool):
         self.chunk_tokens = chunk_tokens
-        self._compressors = _compressors(compressor)
+        self._location = location
+        self._compressor = compressor
+        self._durable = durable
         self._root = location.local
-        # Whole uncompressed chunks are plain little-endian C-order bytes (zarr's bytes codec): write them as
-        # files directly, skipping zarr's Python codec pipeline and event loop, whose GIL use slowed the
-        # forward thread (H100 run 1). Partial chunks, compressed arrays, metadata and every write to an
-        # object store still go through zarr (one PUT per chunk object).
+        # Uncompressed chunks are plain little-endian C-order bytes (zarr's bytes codec): local ones are written
+        # as files directly, skipping zarr's codec pipeline. Compressed arrays, metadata and every write to an
+        # object store go through zarr (one PUT per chunk object).
         self._direct = self._root is not None and compressor is None and sys.byteorder == "little"
         self._store = location.zarr_store()
         self._lock = threading.Lock()
-        self._arrays: dict[str, zarr.Array] = {}
-        self._reserve = _reserve_space(self._root) if self._root is not None else None
-        if existing:
-            self._group = zarr.open_group(self._store, mode="r+")
-            self._stored_manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
-            own = layout.token_arrays(self._stored_manifest.get("annotations", {}))
-            # Arrays added after capture (align's tokens/label) would go stale as rows are added: drop them.
-            for key in set(self._stored_manifest["token_arrays"]) - set(own):
-                if key in self._group:
-                    delete_array(self._store, key)
-            self._manifest = {**self._stored_manifest, "token_arrays": {k: str(v) for k, v in own.items()},
-                              **manifest}
-            for key in (*self._manifest["arrays"], *own):
-                if key in self._group:
-                    self._arrays[key] = self._group[key]
-            # A crash can land between two arrays' resizes: the smallest is what every array has.
-            self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
-            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
-            return
-        self._capacity = 0
-        self._manifest = manifest
-        # "w-", not "w": prepare_location already checked and cleared the location, and "w" would delete
-        # everything under the store's root first (for an object store, a whole prefix).
-        self._group = zarr.open_group(self._store, mode="w-", attributes={layout.MANIFEST_ATTR: manifest})
-        self._group.create_group(layout.COMMITS_GROUP, attributes={
-            "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
-        for key, dtype in token_arrays.items():
-            self._create(key, (), dtype, {})
+        self._group = zarr.open_group(self._store, mode="r+")
+        self._manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
+        self._arrays = {key: self._group[key] for key in (*self._manifest["arrays"], *self._manifest["token_arrays"])
+                        if key in self._group}
+        # A crash can land between two arrays' resizes: the smallest is what every array has.
+        self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
 
-    @property
-    def manifest(self) -> dict:
-        return dict(self._manifest)
+    @classmethod
+    def open(cls, spec) -> "ZarrSink":
+        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable)
 
     def flags_array(self) -> zarr.Array:
         return self._arrays["tokens/flags"]
@@ -294,45 +370,15 @@ class ZarrSink:
         """The activation arrays that exist (a resumed store's)."""
         return {key: array for key, array in self._arrays.items() if not key.startswith("tokens/")}
 
-    def repair(self) -> tuple[ResumePoint, dict[str, np.ndarray]]:
-        """Make a crashed or closed store continuable: keep rows up to the resume point, drop the commit
-        records of the chunk holding it and of every later chunk (highest first, so the committed prefix is
-        valid after every step), delete temp files. Returns the point and the kept rows of the cut chunk:
-        the writers start that chunk with them and commit it again, whole. A crash before then only moves
-        the next resume point back; no record ever describes rows it does not hold."""
-        records = read_commit_records(self._store)
-        point = find_resume_point(self._group, committed_prefix(records), self._stored_manifest)
-        cut_chunk, kept = divmod(point.rows, self.chunk_tokens)
-        for index in sorted(records, reverse=True):
-            if index >= cut_chunk:
-                delete_key(self._store, layout.commit_record_key(index))
-        for leftover in self._root.rglob("*.partial") if self._root is not None else ():
-            leftover.unlink()
-        start = cut_chunk * self.chunk_tokens
-        tail = {key: array[start:point.rows] for key, array in self._arrays.items()} if kept else {}
-        return point, tail
-
-    def start_over(self) -> None:
-        """Nothing was committed: drop the activation arrays (a crash may have left only some of them; they
-        are created again on the first batch) and create any token array a crash kept from being created."""
-        with self._lock:
-            for key in list(self.point_arrays()):
-                delete_array(self._store, key)
-                del self._arrays[key]
-            for key, dtype in layout.token_arrays(self._manifest.get("annotations", {})).items():
-                if key not in self._arrays:
-                    self._create(key, (), dtype, {})
-
-    def _create(self, key: str, row_shape: tuple[int, ...], dtype: np.dtype, attributes: dict) -> None:
-        self._arrays[key] = self._group.create_array(
-            key, shape=(self._capacity, *row_shape), chunks=(self.chunk_tokens, *row_shape), dtype=dtype,
-            fill_value=0, compressors=self._compressors, attributes=attributes, config=_ARRAY_CONFIG)
+    def all_arrays(self) -> dict[str, zarr.Array]:
+        return dict(self._arrays)
 
     def create_point_arrays(self, specs: dict[str, tuple[int, np.dtype, dict]]) -> None:
         """Create the activation arrays: key -> (dim, on-disk dtype, attributes)."""
         with self._lock:
             for key, (dim, dtype, attributes) in specs.items():
-                self._create(key, (dim,), dtype, attributes)
+                self._arrays[key] = _create_array(self._group, key, self._capacity, (dim,), dtype,
+                                                  self.chunk_tokens, self._compressor, attributes)
 
     def _ensure_capacity(self, rows: int) -> None:
         with self._lock:
@@ -348,39 +394,54 @@ class ZarrSink:
             array.resize((rows, *array.shape[1:]))
 
     def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Write one chunk's rows of every array, then its commit record (which makes it visible)."""
+        """Write one chunk's rows of every array, then its commit record (which makes it visible). A partial
+        chunk (the last one, at close) is written at its real length plus a hole up to the chunk's size, so
+        it takes no more disk blocks than its rows."""
         start = chunk_index * self.chunk_tokens
         stop = start + record["token_count"]
         self._ensure_capacity(stop)
-        whole = record["token_count"] == self.chunk_tokens
         for key, data in arrays.items():
             array = self._arrays[key]
-            if whole and self._direct:
-                _write_file_atomic(chunk_path(self._root, key, array, chunk_index), data)
+            if self._direct:
+                full = self.chunk_tokens * data.itemsize * (data.size // max(len(data), 1))
+                write_file_atomic(chunk_path(self._root, key, array, chunk_index), data, self._durable, full)
             else:
                 array[start:stop] = data
-        put_json(self._store, layout.commit_record_key(chunk_index),
-                 {"zarr_format": 3, "node_type": "group", "attributes": record})
+                if self._durable and self._root is not None:
+                    _fsync_file(chunk_path(self._root, key, array, chunk_index))
+        self._put_record(chunk_index, record)
+
+    def _put_record(self, chunk_index: int, record: dict) -> None:
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": record}
+        if self._root is None:
+            put_json(self._store, layout.commit_record_key(chunk_index), doc)
+        else:
+            write_file_atomic(self._root / layout.commit_record_key(chunk_index),
+                              json.dumps(doc, sort_keys=True).encode(), self._durable)
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
         """Trim arrays to the committed rows (clean close) and publish the manifest, last. The reserve file
         goes first, so a full disk still has room to say ``failed``."""
-        if self._reserve is not None:
-            self._reserve.unlink(missing_ok=True)
+        release_reserve(self._location)
         with self._lock:
             if trim:
                 self._capacity = rows
                 self._resize_all(rows)
-        self.update_manifest(manifest_updates)
-
-    def update_manifest(self, updates: dict) -> None:
-        with self._lock:
-            self._manifest = {**self._manifest, **updates}
+            self._manifest = {**self._manifest, **manifest_updates}
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 class NullSink:
     """Runs the whole pipeline but discards rows: separates our overhead from the disk's."""
+
+    @classmethod
+    def open(cls, spec) -> "NullSink":
+        return cls()
 
     def create_point_arrays(self, specs) -> None:
         pass
@@ -390,4 +451,3 @@ class NullSink:
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
         pass
-

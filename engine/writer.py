@@ -1,206 +1,276 @@
-"""Writer pool: staged slots -> compacted rows in chunk buffers -> whole chunks to the sink -> commit.
+"""The writer process: staged slots -> compacted rows in chunk buffers -> whole chunks to the sink -> commit.
 
-Shutdown protocol (cited by CaptureEngine.close; keep both in step):
-  1. The producer stops first: hooks are removed, so nothing more is submitted.
-  2. One sentinel per writer goes into the FIFO queue behind every staged batch; a writer exits on its
-     sentinel, so every batch submitted before close is written.
-  3. A writer that fails records its exception and sets the stop event: the others exit at their next
-     queue poll, the producer's blocked ``acquire``/``submit`` re-raise it within 50 ms, and ``close``
-     joins threads with a timeout loop, so nothing waits forever on a dead thread.
-  4. After the join, on a clean close only, the partial last chunk is committed by the closing thread.
+It runs in its own interpreter (``python -m engine.writer``, started by ``engine.handoff``), so its work never
+takes the GIL of the process that runs the model: a launch-bound forward pass feels every GIL hand-off to a
+writer thread. It imports no torch (numpy and zarr only), so it starts in a fraction of a second.
 
-Ordering: writers take batches from the queue one at a time under ``_order_lock``, wait on the batch's
-copy event, and reserve its row range there, so rows land in forward order whatever the thread timing.
-The copying and the chunk writes run outside the lock, in parallel. A chunk is written by the thread that
-fills its last row. Commit records can land out of order; readers trust the gap-free prefix only.
+Messages (``engine.channel``), capturing process -> writer process:
+  WriterSpec                                   first message: what to write and where
+  ("buffer", slot, name, nbytes) + 1 fd        a slot buffer was (re)allocated: map it
+  ("batch", slot, BatchInfo, dims)             a staged batch whose copies have landed
+  ("flush", n, request)                        answer ("flushed", request) once n batches are done
+  ("close", failed, sequences)                 drain, commit the tail (unless failed), publish the manifest
+writer process -> capturing process:
+  ("free", slot)                               the slot's rows are copied out: reuse it
+  ("progress", tokens, bytes, chunks)          committed totals
+  ("flushed", n), ("nonfinite", key, count), ("closed", summary)
+  ("error", exception or None, traceback)      a failure; the capturing process raises CaptureError
+
+Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close; keep all three in step):
+  1. The producer stops first: hooks are removed, so nothing more is submitted; on CUDA the handoff thread
+     forwards every batch it holds, then the close message.
+  2. The close message comes behind every batch (one FIFO channel); the main thread puts one sentinel per
+     writer thread behind the batches in the queue, so every batch submitted before close is written.
+  3. A writer thread that fails records its exception, sends it, and sets the stop event: the others exit at
+     their next queue poll; the capturing process raises it at its next forward, flush or close.
+  4. After the threads are joined, on a clean close only, the partial last chunk is committed, then the
+     manifest is published (status ``complete`` or ``failed``), ``closed`` is sent and the process exits.
+  5. If the capturing process dies (its end of the channel closes, or this process is re-parented), this one
+     exits at once, mid-write if need be: no orphan keeps writing into a store that a resume may be repairing
+     (it also holds the store's lock until it exits, see ``engine.lock``).
+
+Ordering: writers take batches from the queue one at a time under ``_order_lock`` and reserve their row range
+there, so rows land in forward order whatever the thread timing. The copying and the chunk writes run outside
+the lock, in parallel. A chunk is written by the thread that fills its last row. Commit records can land out
+of order; readers trust the gap-free prefix only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib
+import mmap
+import os
+import pickle
 import queue
+import signal
+import socket
+import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Any
 
 import numpy as np
-import torch
 
 from . import layout
-from .errors import CaptureError, ConfigError
-from .staging import Slot, SlotPool
-from .statistics import Statistics, decode, point_stats
+from .channel import Channel, ChannelClosed
+from .errors import ConfigError
+from .location import Location
+from .statistics import Statistics, chunk_summary, rebuild
 
 _SENTINEL = object()
 _POLL_S = 0.05
+_PARENT_CHECK_S = 0.25
+EXIT_ORPHANED = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterSpec:
+    """Everything the writer process needs, sent as its first message.
+
+    Args:
+        sink: ``module:Class`` of the sink (``engine.store:ZarrSink`` or ``engine.store:NullSink``; tests and
+            benchmarks name slow or failing sinks of their own).
+        location: the store (already created, or repaired for a resume, by the capturing process).
+        chunk_tokens: rows per chunk; compressor: None, ``zstd`` or ``blosc``; dtype: storage dtype name.
+        point_attributes: activation array key -> its zarr attributes (arrays are created on the first batch,
+            when the widths are known).
+        token_arrays: per-token array key -> numpy dtype name (``layout.token_arrays``).
+        annotations: names of the per-token annotations (slot buffers ``annotation/<name>``).
+        bos_id, special_ids: token ids flagged ``bos`` / ``special``.
+        num_writers: writer threads.
+        statistics: keep the manifest's running statistics.
+        start_row: rows already in the store (a resume continues after them).
+        durable: fsync chunk files before their commit record.
+        parent_pid: the capturing process (this process exits when it is gone).
+    """
+
+    sink: str
+    location: Location | None
+    chunk_tokens: int
+    compressor: str | None
+    dtype: str
+    point_attributes: dict[str, dict]
+    token_arrays: dict[str, str]
+    annotations: tuple[str, ...]
+    bos_id: int | None
+    special_ids: tuple[int, ...]
+    num_writers: int
+    statistics: bool
+    start_row: int
+    durable: bool
+    parent_pid: int
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return layout.STORAGE_DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """Host-side facts of one forward pass, known without touching device data (sent with each batch)."""
+
+    index: int            # forward-pass number in this run
+    batch_size: int
+    seq_len: int
+    first_sequence: int   # global sequence index of row 0
+    has_ids: bool         # False for an inputs_embeds forward: ids are stored as -1
+    has_mask: bool        # False: every token is real
 
 
 @dataclasses.dataclass
 class _Chunk:
     index: int
-    arrays: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]
     filled: int = 0
 
 
 @dataclasses.dataclass
 class _Job:
-    slot: Slot
-    keep: torch.Tensor          # flat indices of the batch's non-pad tokens
-    dense: bool                 # no padding: rows are copied as slices
-    pieces: list[tuple[_Chunk, int, int, int]]  # (chunk, offset in chunk, first, last) over keep
+    slot: int
+    batch: BatchInfo
+    ids: np.ndarray | None        # (batch, seq) token ids in shared memory (None: an inputs_embeds forward)
+    mask: np.ndarray | None       # (batch, seq) attention mask (None: every token is real)
+    keep: np.ndarray | None       # flat indices of the batch's non-pad tokens (None: every token)
+    pieces: list[tuple[_Chunk, int, int, int]]  # (chunk, offset in chunk, first, last) over the kept rows
+
+
+class SlotMemory:
+    """The capturing process's slot buffers, mapped here. Thread safety: ``map`` from the main thread;
+    ``views`` of a slot from the writer thread that holds it."""
+
+    def __init__(self, spec: WriterSpec):
+        self._spec = spec
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def map(self, slot: int, name: str, nbytes: int, fd: int) -> None:
+        try:
+            self._maps[(slot, name)] = np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
+        finally:
+            os.close(fd)
+
+    def _typed(self, slot: int, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        count = int(np.prod(shape))
+        return self._maps[(slot, name)][: count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def token_views(self, slot: int, batch: BatchInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(ids, mask) as (batch, seq) int64, None where the batch had none."""
+        tokens = self._typed(slot, "tokens", np.dtype(np.int64), (2, batch.batch_size, batch.seq_len))
+        return (tokens[0] if batch.has_ids else None), (tokens[1] if batch.has_mask else None)
+
+    def annotation_view(self, slot: int, name: str, batch: BatchInfo) -> np.ndarray:
+        return self._typed(slot, f"annotation/{name}", np.dtype(np.int64), (batch.batch_size * batch.seq_len,))
+
+    def point_rows(self, slot: int, key: str, dim: int, batch: BatchInfo) -> np.ndarray:
+        return self._typed(slot, f"point/{key}", self._spec.storage_dtype, (batch.batch_size * batch.seq_len, dim))
 
 
 class Counters:
-    """Run counters shared by the producer and the writers. Thread safety: update under ``lock``."""
+    """Committed totals. Thread safety: update under ``lock``."""
 
-    def __init__(self):
+    def __init__(self, chunks: int = 0, tokens: int = 0):
         self.lock = threading.Lock()
-        self.batches = 0
-        self.tokens_staged = 0
-        self.tokens_committed = 0
-        self.bytes_committed = 0
-        self.chunks_committed = 0
-        self.stall_seconds = 0.0
-        self.queue_high_water = 0
-        self.started = time.perf_counter()
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:  # no numpy bfloat16: hand zarr the raw bits
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
+        self.tokens = tokens
+        self.bytes = 0
+        self.chunks = chunks
 
 
 class WriterPool:
-    """Threads that turn staged slots into committed chunks.
+    """Threads that turn staged batches into committed chunks.
 
     Args:
-        sink: ZarrSink or NullSink.
-        pool: the slot pool (slots go back to it once their rows are copied out).
-        num_writers: threads.
-        chunk_tokens: rows per chunk.
-        dtype: storage torch dtype of activations.
-        bos_id: BOS token id or None; special_ids: ids flagged special.
-        on_first_batch: called once, under the ordering lock, with {key: dim} before rows are written.
-        counters: shared run counters.
-        on_nonfinite: called (from a writer thread) with (key, count) when a chunk holds non-finite values.
-        token_arrays: name -> numpy dtype of the per-token arrays (layout.token_arrays).
-        start_row: first row of this run (resume).
-        statistics: keep running statistics; device_statistics: from the slots' batch moments, not chunks.
-        single_threaded: one intra-op thread per writer (CUDA models).
-        resumed: (widths, kept rows of the cut chunk, statistics of the whole chunks kept) on resume.
+        spec: the run.
+        sink: where chunks go (``write_chunk``, ``create_point_arrays``).
+        memory: the mapped slot buffers.
+        send: sends a message to the capturing process (thread-safe).
 
-    Thread safety: ``submit``/``check`` from the producer thread; ``close`` from one thread.
+    Thread safety: ``submit``/``request_flush``/``close`` from the main thread; the rest runs in the threads.
     """
 
-    def __init__(self, sink, pool: SlotPool, num_writers: int, chunk_tokens: int, dtype: torch.dtype,
-                 bos_id: int | None, special_ids: list[int], on_first_batch: Callable[[dict[str, int]], None],
-                 counters: Counters, on_nonfinite: Callable[[str, int], None], token_arrays: dict[str, np.dtype],
-                 start_row: int = 0, statistics: bool = True, device_statistics: bool = False,
-                 single_threaded: bool = False,
-                 resumed: tuple[dict[str, int], dict[str, np.ndarray], Statistics] | None = None):
+    def __init__(self, spec: WriterSpec, sink, memory: SlotMemory, send):
+        self._spec = spec
         self._sink = sink
-        self._pool = pool
-        self._chunk_tokens = chunk_tokens
-        self._dtype = dtype
-        self._bos_id = bos_id
-        self._special_ids = torch.tensor(sorted(set(special_ids)), dtype=torch.int64)
-        self._on_first_batch = on_first_batch
-        self._on_nonfinite = on_nonfinite
-        self._counters = counters
-        self._dims: dict[str, int] | None = None
-        self._token_arrays = token_arrays
-        self._want_statistics = statistics
-        self._device_statistics = device_statistics  # the hooks computed each batch's moments
-        self._single_threaded = single_threaded
-        self._queue: queue.Queue = queue.Queue(maxsize=len(pool.slots) + num_writers)
+        self._memory = memory
+        self._send = send
+        self._chunk_tokens = spec.chunk_tokens
+        self._special_ids = np.array(sorted(spec.special_ids), dtype=np.int64)
+        self._queue: queue.Queue = queue.Queue()
         self._order_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
+        self._progress = threading.Lock()
         self._open: dict[int, _Chunk] = {}
-        self._spare: list[dict[str, torch.Tensor]] = []
-        self._next_row = start_row
+        self._spare: list[dict[str, np.ndarray]] = []
+        self._dims: dict[str, int] | None = None
+        self._next_row = spec.start_row
         self.statistics: Statistics | None = None
-        if resumed is not None:
-            self._resume(start_row, *resumed)
-        self._stop = threading.Event()
-        self._progress = threading.Condition()
-        self._submitted = 0
+        full_chunks = spec.start_row // spec.chunk_tokens
+        self.counters = Counters(full_chunks, full_chunks * spec.chunk_tokens)
+        self._warned_nonfinite = False
         self._done = 0
-        self._error: BaseException | None = None
-        self._error_text = ""
-        self.error_delivered = False  # close() does not raise a failure the caller already received
+        self._flush_targets: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        if spec.start_row:
+            self._resume()
         self._threads = [threading.Thread(target=self._run, name=f"actcap-writer-{i}", daemon=True)
-                         for i in range(num_writers)]
+                         for i in range(spec.num_writers)]
         for thread in self._threads:
             thread.start()
 
-    def _resume(self, start_row: int, dims: dict[str, int], tail: dict[str, np.ndarray],
-                statistics: Statistics) -> None:
-        """Continue a store: widths are fixed by its arrays, statistics cover the whole chunks kept, and the
-        kept rows of the cut chunk come first."""
-        self._dims = dims
-        self.statistics = statistics
-        index, kept = divmod(start_row, self._chunk_tokens)
+    def _resume(self) -> None:
+        """Continue a store: widths are fixed by its arrays, statistics cover the whole chunks kept (read once),
+        and the kept rows of the cut chunk come first."""
+        arrays = self._sink.point_arrays()
+        self._dims = {key: array.shape[1] for key, array in arrays.items()}
+        whole = self.counters.tokens
+        if self._spec.statistics:
+            self.statistics = rebuild(arrays, self._sink.flags_array(), whole, self._chunk_tokens,
+                                      self._spec.dtype)
+        index, kept = divmod(self._spec.start_row, self._chunk_tokens)
         if kept:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
-            for key, rows in tail.items():
-                target = chunk.arrays[key][:kept]
-                target.copy_(decode(rows, "bfloat16" if target.dtype == torch.bfloat16 else str(rows.dtype)))
-            if statistics is not None and self._device_statistics:  # no batch brings these rows' moments
-                for key in dims:
-                    statistics.add_rows(key, chunk.arrays[key][:kept], chunk.arrays["tokens/flags"][:kept], True)
+            for key, array in self._sink.all_arrays().items():
+                chunk.arrays[key][:kept] = array[whole:whole + kept]
 
-    # ---- producer side -------------------------------------------------------------------------
-    def check(self, delivered: bool = True) -> None:
-        """Re-raise a writer failure in the calling thread, with the writer's traceback. ``delivered``
-        records that the caller has now seen it (close() does not raise it a second time)."""
-        if self._error is not None:
-            self.error_delivered = self.error_delivered or delivered
-            raise CaptureError(f"capture writer failed: {self._error!r}\n"
-                               f"--- traceback in writer thread ---\n{self._error_text}") from self._error
+    # ---- main thread ---------------------------------------------------------------------------
+    def submit(self, slot: int, batch: BatchInfo, dims: dict[str, int]) -> None:
+        self._queue.put((slot, batch, dims))
 
-    def submit(self, slot: Slot) -> None:
-        """Hand a fully staged slot to the writers (never blocks long: the queue holds every slot)."""
-        self._put(slot)
-        self._submitted += 1  # after the put: an interrupted put must not leave flush() waiting forever
-        depth = self._queue.qsize()
-        with self._counters.lock:
-            self._counters.queue_high_water = max(self._counters.queue_high_water, depth)
-
-    def _put(self, item, delivered: bool = True) -> None:
-        while True:
-            self.check(delivered)
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-
-    def wait_written(self) -> None:
-        """Block until every submitted batch is in chunk buffers and every full chunk is committed."""
+    def request_flush(self, target: int, request: int) -> None:
+        """Send ("flushed", request) once ``target`` batches are done (now, if they are)."""
         with self._progress:
-            while self._done < self._submitted:
-                self.check()
-                self._progress.wait(timeout=_POLL_S)
-        self.check()
+            if self._done < target:
+                self._flush_targets.append((target, request))
+                return
+        self._send(("flushed", request))
 
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
+    def close(self, commit_tail: bool) -> int:
+        """Drain and stop the threads (see the protocol above). Returns the rows assigned so far."""
+        for _ in self._threads:
+            self._queue.put(_SENTINEL)
+        for thread in self._threads:
+            thread.join()
+        if commit_tail and self.error is None:
+            for index in sorted(self._open):
+                self._commit(self._open.pop(index))
+        return self._next_row
+
+    def abort(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     # ---- writer threads ------------------------------------------------------------------------
     def _run(self) -> None:
-        if self._single_threaded:
-            # CUDA models: without this each writer's torch ops start an OpenMP team as wide as the machine
-            # and starve the thread that launches the model's kernels (H100 run 3: 3x slower forwards).
-            # In PyTorch this setting also becomes the default of threads created later (documented).
-            torch.set_num_threads(1)
         try:
             while (job := self._next_job()) is not None:
                 self._fill(job)
-        except BaseException as exc:  # every failure reaches the caller through check()
-            self._error_text = "".join(traceback.format_exception(exc))
-            self._error = exc
+        except BaseException as exc:  # every failure reaches the capturing process
+            if self.error is None:
+                self.error = exc
+                send_error(self._send, exc)
             self._stop.set()
 
     def _next_job(self) -> _Job | None:
@@ -209,27 +279,30 @@ class WriterPool:
                 if self._stop.is_set():
                     return None
                 try:
-                    slot = self._queue.get(timeout=_POLL_S)
+                    item = self._queue.get(timeout=_POLL_S)
                     break
                 except queue.Empty:
                     continue
-            if slot is _SENTINEL:
+            if item is _SENTINEL:
                 return None
-            if slot.event is not None:
-                slot.event.synchronize()
-            _, mask = slot.token_buffers()
-            flat_mask = mask.reshape(-1) != 0
-            keep = flat_mask.nonzero().squeeze(1)
+            slot, batch, dims = item
             if self._dims is None:
-                self._dims = dict(slot.dims)
-                self.statistics = Statistics(self._dims) if self._want_statistics else None
-                self._on_first_batch(self._dims)
-            elif slot.dims != self._dims:
-                raise ConfigError(f"the model produced widths {slot.dims} but the store holds {self._dims}: "
-                                  "resume with the model and hook points the store was captured with")
-            start, count = self._next_row, keep.numel()
+                self._dims = dict(dims)
+                if self._spec.statistics:
+                    self.statistics = Statistics(self._dims)
+                self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
+                                                for key, dim in self._dims.items()})
+            elif dims != self._dims:
+                raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: resume "
+                                  "with the model and hook points the store was captured with")
+            ids, mask = self._memory.token_views(slot, batch)
+            keep = None if mask is None else np.flatnonzero(mask.reshape(-1))
+            if keep is not None and keep.size == mask.size:
+                keep = None  # no padding: rows are copied as slices
+            count = batch.batch_size * batch.seq_len if keep is None else keep.size
+            start = self._next_row
             self._next_row += count
-            return _Job(slot, keep, count == flat_mask.numel(), self._plan(start, count))
+            return _Job(slot, batch, ids, mask, keep, self._plan(start, count))
 
     def _plan(self, start: int, count: int) -> list[tuple[_Chunk, int, int, int]]:
         pieces, done = [], 0
@@ -243,51 +316,49 @@ class WriterPool:
             done += take
         return pieces
 
-    def _chunk_buffers(self) -> dict[str, torch.Tensor]:
-        if self._spare:
-            return self._spare.pop()
+    def _chunk_buffers(self) -> dict[str, np.ndarray]:
+        with self._chunk_lock:
+            if self._spare:
+                return self._spare.pop()
         rows = self._chunk_tokens
-        buffers = {key: torch.empty(rows, dim, dtype=self._dtype) for key, dim in self._dims.items()}
-        for key, dtype in self._token_arrays.items():
-            buffers[key] = torch.from_numpy(np.empty(rows, dtype=dtype))
+        buffers = {key: np.empty((rows, dim), dtype=self._spec.storage_dtype) for key, dim in self._dims.items()}
+        for key, dtype in self._spec.token_arrays.items():
+            buffers[key] = np.empty(rows, dtype=dtype)
         return buffers
 
-    def _token_rows(self, slot: Slot, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        ids, mask = slot.token_buffers()
-        real = mask != 0
-        positions = (real.cumsum(1) - 1).reshape(-1)[keep]
-        rows_of = keep // slot.batch.seq_len
-        lengths = real.sum(1)[rows_of]
-        token_ids = ids.reshape(-1)[keep]
-        flags = (torch.where(positions == 0, layout.FLAG_FIRST, 0)
-                 | torch.where(positions == lengths - 1, layout.FLAG_LAST, 0)
-                 | torch.where(torch.isin(token_ids, self._special_ids), layout.FLAG_SPECIAL, 0))
-        if self._bos_id is not None:
-            flags |= torch.where(token_ids == self._bos_id, layout.FLAG_BOS, 0)
-        values = {"tokens/input_ids": token_ids, "tokens/sequence": rows_of + slot.batch.first_sequence,
+    def _token_rows(self, slot: int, batch: BatchInfo, ids, mask, keep) -> dict[str, np.ndarray]:
+        """The kept tokens' ids, sequence numbers, positions, flags and annotations."""
+        shape = (batch.batch_size, batch.seq_len)
+        real = np.ones(shape, dtype=bool) if mask is None else mask != 0
+        flat = slice(None) if keep is None else keep
+        positions = (np.cumsum(real, axis=1) - 1).reshape(-1)[flat]
+        rows_of = (np.arange(real.size) // batch.seq_len)[flat]
+        lengths = real.sum(axis=1)[rows_of]
+        token_ids = np.full(len(positions), -1, dtype=np.int64) if ids is None else ids.reshape(-1)[flat]
+        flags = (np.where(positions == 0, layout.FLAG_FIRST, 0)
+                 | np.where(positions == lengths - 1, layout.FLAG_LAST, 0)
+                 | np.where(np.isin(token_ids, self._special_ids), layout.FLAG_SPECIAL, 0))
+        if self._spec.bos_id is not None:
+            flags |= np.where(token_ids == self._spec.bos_id, layout.FLAG_BOS, 0)
+        values = {"tokens/input_ids": token_ids, "tokens/sequence": rows_of + batch.first_sequence,
                   "tokens/position": positions, "tokens/flags": flags}
-        for key in self._token_arrays:
-            if key not in values:
-                values[key] = slot.annotation_buffer(key.split("/", 1)[1]).reshape(-1)[keep]
+        for name in self._spec.annotations:
+            values[f"tokens/{name}"] = self._memory.annotation_view(slot, name, batch)[flat]
         return values
 
     def _fill(self, job: _Job) -> None:
-        slot = job.slot
-        tokens = self._token_rows(slot, job.keep)
-        points = {key: slot.point_rows(key) for key in self._dims}
+        tokens = self._token_rows(job.slot, job.batch, job.ids, job.mask, job.keep)
+        rows = {key: self._memory.point_rows(job.slot, key, dim, job.batch) for key, dim in self._dims.items()}
         for chunk, offset, first, last in job.pieces:
             span = slice(offset, offset + last - first)
-            for key, source in points.items():
-                if job.dense:
-                    chunk.arrays[key][span].copy_(source[first:last])
+            for key, source in rows.items():
+                if job.keep is None:
+                    chunk.arrays[key][span] = source[first:last]
                 else:
-                    torch.index_select(source, 0, job.keep[first:last], out=chunk.arrays[key][span])
+                    np.take(source, job.keep[first:last], axis=0, out=chunk.arrays[key][span])
             for key, values in tokens.items():
-                chunk.arrays[key][span].copy_(values[first:last])
-        if self._device_statistics and self.statistics is not None:
-            for key in self._dims:
-                self.statistics.add_batch(key, slot.moments_buffer(key))
-        self._pool.release(slot)
+                chunk.arrays[key][span] = values[first:last]
+        self._send(("free", job.slot))
         full = []
         with self._chunk_lock:
             for chunk, _, first, last in job.pieces:
@@ -298,75 +369,189 @@ class WriterPool:
             self._commit(chunk)
         with self._progress:
             self._done += 1
-            self._progress.notify_all()
+            reached = [request for target, request in self._flush_targets if target <= self._done]
+            self._flush_targets = [(target, request) for target, request in self._flush_targets
+                                   if target > self._done]
+        for request in reached:
+            self._send(("flushed", request))
 
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
-        arrays = {key: tensor[:rows] for key, tensor in chunk.arrays.items()}
-        record = self._record(chunk.index, arrays)
-        self._sink.write_chunk(chunk.index, {k: _to_numpy(v) for k, v in arrays.items()}, record)
-        nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
-        with self._counters.lock:
-            self._counters.tokens_committed += rows
-            self._counters.bytes_committed += nbytes
-            self._counters.chunks_committed += 1
+        arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
+        record, moments = self._record(chunk.index, arrays)
+        self._sink.write_chunk(chunk.index, arrays, record)
+        if self.statistics is not None:  # only now: statistics cover committed chunks only
+            for key, entry in moments.items():
+                self.statistics.add(key, entry, record["stats"][key])
+        nbytes = sum(array.nbytes for array in arrays.values())
+        with self.counters.lock:
+            self.counters.tokens += rows
+            self.counters.bytes += nbytes
+            self.counters.chunks += 1
+            progress = ("progress", self.counters.tokens, self.counters.bytes, self.counters.chunks)
+        self._send(progress)
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
-    def _record(self, index: int, arrays: dict[str, torch.Tensor]) -> dict:
-        rows = arrays["tokens/sequence"].shape[0]
+    def _record(self, index: int, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """The chunk's commit record, and its moments per array (when statistics are kept)."""
         sequence = arrays["tokens/sequence"]
-        float16 = self._dtype == torch.float16
-        stats = {key: point_stats(arrays[key], float16) for key in self._dims}
-        for key, entry in stats.items():
-            if self.statistics is not None:
-                if not self._device_statistics:
-                    self.statistics.add_rows(key, arrays[key], arrays["tokens/flags"], entry["nonfinite"] > 0)
-                self.statistics.add_counts(key, entry["nonfinite"], entry["fp16_overflow"])
-            if entry["nonfinite"]:
-                self._on_nonfinite(key, entry["nonfinite"])
-        return {
+        flags = arrays["tokens/flags"]
+        rows = sequence.shape[0]
+        stats, moments = {}, {}
+        for key in self._dims:
+            stats[key], entry = chunk_summary(arrays[key], self._spec.dtype, flags,
+                                              moments=self.statistics is not None)
+            if entry is not None:
+                moments[key] = entry
+            if stats[key]["nonfinite"]:
+                self._note_nonfinite(key, stats[key]["nonfinite"])
+        record = {
             "chunk_index": index,
             "row_start": index * self._chunk_tokens,
             "row_stop": index * self._chunk_tokens + rows,
             "token_count": rows,
             "keys": sorted(self._dims),
             "shape": {key: [rows, dim] for key, dim in self._dims.items()},
-            "dtype": str(self._dtype).replace("torch.", ""),
+            "dtype": self._spec.dtype,
             "first_sequence": int(sequence[0]),
             "last_sequence": int(sequence[-1]),
-            "num_sequences": int((sequence[1:] != sequence[:-1]).sum()) + 1,
+            "num_sequences": int(np.count_nonzero(sequence[1:] != sequence[:-1])) + 1,
             "max_seq_len": int(arrays["tokens/position"].max()) + 1,
             "stats": stats,
             "committed_at": time.time(),
         }
+        return record, moments
 
-    # ---- shutdown ------------------------------------------------------------------------------
-    def close(self, commit_tail: bool) -> int:
-        """Drain and stop the writers (see the protocol above). Returns rows assigned so far."""
-        if self._error is None:
-            for _ in self._threads:
-                try:
-                    self._put(_SENTINEL, delivered=False)
-                except CaptureError:
-                    break  # a writer died meanwhile: the others exit on the stop event
-        for thread in self._threads:
-            while thread.is_alive():
-                thread.join(timeout=_POLL_S)
-        if commit_tail and self._error is None:
-            for index in sorted(self._open):
-                self._commit(self._open.pop(index))
-        if not self.error_delivered:
-            self.check()
-        return self._next_row
+    def _note_nonfinite(self, key: str, count: int) -> None:
+        with self._progress:
+            if self._warned_nonfinite:
+                return
+            self._warned_nonfinite = True
+        self._send(("nonfinite", key, count))
 
-    @property
-    def error(self) -> BaseException | None:
-        """The first writer failure, if any."""
-        return self._error
 
-    def abort(self) -> None:
-        """Stop without draining (failed construction or an unrecoverable error)."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
+def send_error(send, exc: BaseException) -> None:
+    """Send a failure with its traceback; the exception itself only if it survives a pickle round trip."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        portable = pickle.loads(pickle.dumps(exc))
+    except Exception:
+        portable = None
+    try:
+        send(("error", portable, text))
+    except OSError:
+        pass  # the capturing process is gone
+
+
+def _load(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Server:
+    """The writer process's main thread: reads messages and runs the pool until close.
+
+    Thread safety: runs on the main thread; sends go through the channel's lock.
+    """
+
+    def __init__(self, spec: WriterSpec, channel: Channel):
+        self._spec = spec
+        self._channel = channel
+        self._memory = SlotMemory(spec)
+        self._sink = _load(spec.sink).open(spec)
+        self._pool = WriterPool(spec, self._sink, self._memory, channel.send)
+
+    def serve(self, messages: list) -> None:
+        """Handle ``messages`` (already received), then every later one, until close."""
+        while True:
+            for message in messages:
+                if self._handle(message):
+                    return
+            try:
+                messages = self._channel.receive(timeout=_PARENT_CHECK_S)
+            except ChannelClosed:
+                os._exit(EXIT_ORPHANED)  # protocol step 5
+            if os.getppid() != self._spec.parent_pid:
+                os._exit(EXIT_ORPHANED)
+
+    def _handle(self, message: tuple) -> bool:
+        kind = message[0]
+        if kind == "buffer":
+            _, slot, name, nbytes = message
+            self._memory.map(slot, name, nbytes, self._channel.take_fds(1)[0])
+        elif kind == "batch":
+            _, slot, batch, dims = message
+            if self._pool.error is None:
+                self._pool.submit(slot, batch, dims)
+            else:
+                self._channel.send(("free", slot))
+        elif kind == "flush":
+            self._pool.request_flush(message[1], message[2])
+        elif kind == "close":
+            self._close(failed=message[1], sequences=message[2])
+            return True
+        return False
+
+    def _close(self, failed: bool, sequences: int) -> None:
+        """Protocol step 4; always answers ``closed`` (``finalized`` False: the manifest was not published)."""
+        pool = self._pool
+        status, finalized = layout.STATUS_FAILED, False
+        try:
+            rows = pool.close(commit_tail=not failed)
+            if not failed and pool.error is None:
+                status = layout.STATUS_COMPLETE
+            counters = pool.counters
+            self._sink.finalize(counters.tokens, {
+                "status": status, "committed_tokens": counters.tokens, "committed_chunks": counters.chunks,
+                "sequences": sequences,
+                "statistics": pool.statistics.to_json() if pool.statistics is not None else {},
+                "error": repr(pool.error) if pool.error is not None else None,
+                "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            }, trim=status == layout.STATUS_COMPLETE and rows == counters.tokens)
+            finalized = True
+        except BaseException as exc:
+            status = layout.STATUS_FAILED
+            if pool.error is None:
+                send_error(self._channel.send, exc)
+        self._channel.send(("closed", {"status": status, "finalized": finalized}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.writer FD``: serve the capturing process over the socket ``FD``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the capturing process's to handle (it closes us)
+    channel = Channel(socket.socket(fileno=int((argv or sys.argv)[1])))
+    try:
+        messages = []
+        while not messages:
+            messages = channel.receive(timeout=None)
+        spec, *messages = messages
+        Server(spec, channel).serve(messages)
+        return 0
+    except ChannelClosed:
+        return EXIT_ORPHANED
+    except BaseException as exc:
+        send_error(channel.send, exc)
+        _wait_for_close(channel)
+        return 1
+
+
+def _wait_for_close(channel: Channel) -> None:
+    """After a failure to start: answer the close message so the capturing process can finish its own way."""
+    while True:
+        try:
+            messages = channel.receive(timeout=_PARENT_CHECK_S)
+        except ChannelClosed:
+            return
+        for message in messages:
+            if message[0] == "buffer":
+                channel.take_fds(1)
+            elif message[0] == "batch":
+                channel.send(("free", message[1]))
+            elif message[0] == "close":
+                channel.send(("closed", {"status": layout.STATUS_FAILED, "finalized": False}))
+                return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,13 @@
-"""A capture job for crash tests: deterministic sequences, resumable. Run as a subprocess; prints "ready" once
-capturing, then one line per batch. Usage: python crash_job.py STORE N_SEQUENCES [--resume] [--distributed]
+"""A capture job for crash tests: deterministic sequences, resumable. Run as a subprocess. Usage:
+python crash_job.py STORE N_SEQUENCES [--resume] [--distributed]
 (--distributed: under torchrun, each rank captures its share of the sequences into its part of STORE).
-STORE may be an s3:// URL (endpoint and credentials from the environment)."""
+STORE may be an s3:// URL (endpoint and credentials from the environment).
+
+Progress lines, which crash tests time their kills by (so a kill lands where the test meant it to, on a
+machine of any speed): "ready RANK BATCHES WRITER_PID" once the engine is built (BATCHES: batches still to
+run), "batch RANK I" after the I-th forward (from 1), "closing RANK" before close, "done RANK" after it.
+After each progress line but "done" the job sleeps PACE_S, so a kill within PACE_S of a line lands before the
+next step whatever the machine's speed."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from engine import CaptureConfig, CaptureEngine  # noqa: E402
 from engine.corpus import shares  # noqa: E402
 
 BATCH, SEQ, CHUNK = 3, 12, 16
-PACE_S = 0.04  # per batch, standing in for a real model's forward time so kills land mid-run
+PACE_S = 0.05  # after each progress line: a kill within this delay lands before the job's next step
 
 
 def sequences(count: int, seed: int = 7) -> list[torch.Tensor]:
@@ -48,15 +54,22 @@ def main(store: str, count: int, resume: bool, distributed: bool) -> None:
             torch.distributed.get_rank()]
     cfg = CaptureConfig(store, layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2, pinned_slots=2,
                         resume=resume, distributed=distributed, first_sequence=first)
+    rank = torch.distributed.get_rank() if distributed else 0
+
+    def progress(*words) -> None:
+        print(*words, flush=True)
+        time.sleep(PACE_S)
+
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
-        print("ready", cap.resume_sequences, flush=True)
-        for start in range(first + cap.resume_sequences, stop, BATCH):
+        starts = range(first + cap.resume_sequences, stop, BATCH)
+        progress("ready", rank, len(starts), cap.writer_pid)
+        for number, start in enumerate(starts, 1):
             model(**batch_of(seqs[start:min(start + BATCH, stop)]))
-            print("batch", start, flush=True)
-            time.sleep(PACE_S)
+            progress("batch", rank, number)
+        progress("closing", rank)
     if distributed:
         torch.distributed.destroy_process_group()
-    print("done", flush=True)
+    print("done", rank, flush=True)
 
 
 if __name__ == "__main__":

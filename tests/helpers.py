@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crash_job import PACE_S
 from engine import open_store
 from engine.hookpoints import captured_tensor, resolve_hook_points
 from engine.layout import FLAG_BOS, FLAG_FIRST
@@ -76,24 +78,78 @@ JOB = Path(__file__).resolve().parent / "crash_job.py"
 N_SEQUENCES = 90
 
 
-def run_job(store, resume: bool, kill_after: float | None = None, ranks: int = 1, count: int = N_SEQUENCES) -> str:
-    """Run crash_job.py (under torchrun, one process per rank, when ``ranks`` > 1). With ``kill_after``,
-    SIGKILL every process of the job (launcher and workers) that many seconds after it starts capturing."""
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    """Where a crash test kills a job, chosen from the job's own progress lines (see crash_job.py): after the
+    line at ``fraction`` of the way from "ready" (0) to "closing" (1), plus ``delay`` seconds (less than the
+    job's pause after each line, so the kill lands before its next step on any machine). ``orphan``: kill
+    only the capturing process, not its writer process (which must then exit by itself)."""
+
+    fraction: float
+    delay: float
+    orphan: bool = False
+
+    @classmethod
+    def random(cls, rng, orphan: bool = False) -> "Kill":
+        # A third of the kills at "ready" (the first batch: array creation), a sixth at "closing".
+        fraction = rng.choice([0.0, 0.0, rng.random(), rng.random(), rng.random(), 1.0])
+        return cls(fraction, rng.uniform(0.0, 0.8 * PACE_S), orphan)
+
+    def line(self, batches: int) -> int:
+        """Progress lines to read before the kill: 1 is "ready", 2 the first batch, ``batches + 2`` "closing"."""
+        return 1 + round(self.fraction * (batches + 1))
+
+
+def _launch(store, resume: bool, ranks: int, count: int) -> subprocess.Popen:
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     args = [*launcher, str(JOB), str(store), str(count)] + (["--resume"] if resume else []) + (
         ["--distributed"] if ranks > 1 else [])
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    if kill_after is None:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count: int = N_SEQUENCES) -> list[str]:
+    """Run crash_job.py (under torchrun, one process per rank, when ``ranks`` > 1); returns rank 0's progress
+    lines read. With ``kill``, SIGKILL the job at that point: every process of it (launcher, ranks and their
+    writer processes), or with ``kill.orphan`` the capturing process alone, whose writer process must then
+    exit by itself."""
+    proc = _launch(store, resume, ranks, count)
+    if kill is None:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        return out
-    line = proc.stdout.readline()
-    assert line.startswith("ready"), proc.stderr.read()
-    time.sleep(kill_after)
-    os.killpg(proc.pid, signal.SIGKILL)
+        return out.splitlines()
+    lines, target = [], None
+    while target is None or len(lines) < target:
+        line = proc.stdout.readline()
+        assert line, f"the job ended before the kill point: {lines} {proc.stderr.read()}"
+        if line.split()[1:2] != ["0"]:
+            continue  # follow rank 0
+        lines.append(line)
+        if line.startswith("ready"):
+            _, _, batches, writer_pid = line.split()
+            target = kill.line(int(batches))
+            writer = int(writer_pid)
+    time.sleep(kill.delay)
+    if kill.orphan:
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _exits(writer, timeout=5), "the writer process outlived its capturing process"
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    return line
+    return lines
+
+
+def _exits(pid: int, timeout: float) -> bool:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
 
 
 ARRAYS = ["layer_0/residual", "layer_0/mlp_hidden", "layer_1/residual", "layer_1/mlp_hidden"]
@@ -111,10 +167,14 @@ def assert_same_store(store, reference):
     assert len(pairs) == store.num_tokens, "no duplicate (sequence, position)"
 
 
-def crash_and_resume(store, rng, kills: int, ranks: int = 1, count: int = N_SEQUENCES):
-    """Kill -9 the job ``kills`` times at random moments, resuming each time, then let it finish."""
+def crash_and_resume(store, rng, kills: int, ranks: int = 1, count: int = N_SEQUENCES, orphan: bool = False):
+    """Kill -9 the job ``kills`` times at points chosen from its progress, resuming each time, then let it
+    finish. A kill before "closing" must find the store open; one at "closing" may land before or after the
+    manifest is published."""
     for attempt in range(kills):
-        run_job(store, resume=attempt > 0, kill_after=rng.uniform(0.0, 0.9), ranks=ranks, count=count)
-        assert open_store(store).status == "open", "the kill landed mid-run"
+        kill = Kill.random(rng, orphan)
+        lines = run_job(store, resume=attempt > 0, kill=kill, ranks=ranks, count=count)
+        status = open_store(store).status
+        assert status == "open" or (lines[-1].startswith("closing") and status == "complete"), (kill, status)
     run_job(store, resume=True, ranks=ranks, count=count)
     return open_store(store)

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
 from engine.layout import FLAG_BOS
 
 from conftest import ragged_batch, tiny_model
+from fakes import use_sink
 from helpers import assert_statistics_match
 
 KEY = "layer_1/residual"
@@ -98,26 +101,34 @@ def test_statistics_equal_numpy(store_path):
     assert_statistics_match(store_path, KEY, 64)
 
 
-@pytest.fixture(params=["writers", "hooks"])
-def statistics_in(request, monkeypatch):
-    """Where statistics are computed: by the writers per chunk (CPU), or by the hooks per batch on the model's
-    device (CUDA; forced here on CPU, the same code on CPU tensors)."""
-    monkeypatch.setattr("engine.capture._statistics_on_device", lambda device: request.param == "hooks")
-    return request.param
-
-
-def test_statistics_where_computed_equal_numpy(tmp_path, statistics_in):
+def test_statistics_of_every_array_equal_numpy(tmp_path):
     model = tiny_model("llama")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], chunk_tokens=16, num_writers=3)
-    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+    with CaptureEngine(model, cfg), torch.no_grad():
         for seed in range(6):
             model(**ragged_batch(5, 10, seed=seed))
-    assert cap._stager.device_statistics == (statistics_in == "hooks")
     for key, dim in ((KEY, 64), ("layer_1/mlp_hidden", 160)):
         assert_statistics_match(cfg.output_dir, key, dim)
 
 
-def test_statistics_survive_resume(tmp_path, statistics_in):
+def test_statistics_cover_only_committed_rows_after_a_failure(tmp_path, monkeypatch):
+    """The writer fails on the second chunk: the failed store's statistics are those of its one committed chunk,
+    never of rows that were staged but not committed."""
+    use_sink(monkeypatch, "FailingSink")
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=16)
+    cap = CaptureEngine(model, cfg)
+    with pytest.raises(engine.CaptureError), torch.no_grad():
+        for seed in range(20):
+            model(**ragged_batch(4, 10, seed=seed))
+        cap.close()
+    cap.close()
+    store = open_store(cfg.output_dir)
+    assert store.status == "failed" and store.num_tokens == 16
+    assert_statistics_match(cfg.output_dir, "layer_0/residual", 64)
+
+
+def test_statistics_survive_resume(tmp_path):
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=8)
     import dataclasses

@@ -1,4 +1,5 @@
-"""The CUDA path: side-stream copies into pinned slots, event-synchronized writers. Skipped without a GPU."""
+"""The CUDA path: side-stream copies into pinned shared slots, event-synchronized handoff. Skipped without a GPU
+(run with ``python -m pytest -m gpu`` on a CUDA machine; ``benchmarks/gpu_check.sh`` does)."""
 
 from __future__ import annotations
 
@@ -6,55 +7,82 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
 from helpers import assert_statistics_match, expected_rows, reference_capture
+from test_pipeline import dispatched_ops
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def cuda_batch(batch: dict) -> dict:
+    return {k: v.cuda() for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16])
 def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
     model = tiny_model(family, dtype=model_dtype).cuda()
-    batches = [{k: v.cuda() for k, v in ragged_batch(8, 96, seed=s).items()} for s in range(40)]
+    batches = [cuda_batch(ragged_batch(8, 96, seed=s)) for s in range(40)]
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], capture_attn_out=True, chunk_tokens=256,
                         num_writers=4, pinned_slots=3)
     with reference_capture(model, [0, 1], list(cfg.points)) as ref:
         with CaptureEngine(model, cfg) as cap, torch.no_grad():
             for batch in batches:
                 model(**batch)
+            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots for buffer in slot.buffers.values()]
+    assert pinned and all(pinned), "every shared slot buffer is registered with CUDA (true DMA)"
     masks = [b["attention_mask"].cpu() for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
-    assert all(t.is_pinned() for slot in cap._pool.slots for t in slot._points.values())
-    assert cap._stager.device_statistics  # computed by the hooks on the GPU
-    for key in ref:
         assert_statistics_match(cfg.output_dir, key, store[key].shape[1])
+
+
+def test_inputs_reused_in_place_after_the_forward_store_what_the_model_saw(tmp_path):
+    """Static input buffers (CUDA graphs, a reused batch): the caller overwrites ids and mask right after the
+    forward, while the copies may still be in flight; the store keeps what the model saw."""
+    model = tiny_model("gpt2").cuda()
+    batches = [cuda_batch(ragged_batch(8, 64, seed=s)) for s in range(12)]
+    ids = torch.empty_like(batches[0]["input_ids"])
+    mask = torch.empty_like(batches[0]["attention_mask"])
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=128, pinned_slots=2)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for batch in batches:
+            ids.copy_(batch["input_ids"])
+            mask.copy_(batch["attention_mask"])
+            model(input_ids=ids, attention_mask=mask)
+            ids.fill_(7)
+            mask.fill_(1)
+    stored = open_store(cfg.output_dir)["tokens/input_ids"][:]
+    expected = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).cpu().numpy()
+    np.testing.assert_array_equal(stored, expected)
 
 
 def test_hooks_never_synchronize_the_device(tmp_path):
     model = tiny_model("gpt2").cuda()
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=64, pinned_slots=2)
-    batch = {k: v.cuda() for k, v in ragged_batch(4, 32, seed=0).items()}
+    batch = cuda_batch(ragged_batch(4, 32, seed=0))
     with reference_capture(model, [0, 1], list(cfg.points)) as ref, torch.no_grad():
         model(**batch)
     cap = CaptureEngine(model, cfg)
     outputs = {point.key: ref[point.key][0].cuda() for point in cap.points}
-    cap._on_forward(model, (), batch)  # warm-up: allocates pinned slots (allocation may synchronize)
-    for point in cap.points:
-        cap._on_point(point, outputs[point.key])
+
+    def forward():
+        cap._on_forward(model, (), batch)
+        for point in cap.points:
+            cap._on_point(point, outputs[point.key])
+
+    forward()  # warm-up: allocates and registers every slot (registration may synchronize)
     cap.flush()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
     try:
         for _ in range(3):
-            cap._on_forward(model, (), batch)
-            for point in cap.points:
-                cap._on_point(point, outputs[point.key])
+            forward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     cap.close()
@@ -64,9 +92,40 @@ def test_hooks_never_synchronize_the_device(tmp_path):
                                       expected_rows(ref[point.key] * 4, [mask] * 4))
 
 
+def test_cuda_hooks_dispatch_few_ops_per_point(tmp_path):
+    """staging.py's table on CUDA: 2 ops per batch (stack snapshot + copy), 2 per point (cast snapshot + copy)."""
+    model = tiny_model("gpt2").cuda()
+    batch = cuda_batch(ragged_batch(3, 8))
+    base = dispatched_ops(model, batch)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=16)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batch)
+        hooked = dispatched_ops(model, batch)
+    assert (hooked - base) / 3 == 2 + 2 * len(cap.points) <= 4 * len(cap.points)
+
+
+def test_cuda_graph_capture_is_refused(tmp_path):
+    model = tiny_model("gpt2").cuda()
+    batch = cuda_batch(ragged_batch(2, 16))
+    with CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])), torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), pytest.raises(engine.HookPointError, match="CUDA graph"):
+            with torch.cuda.graph(graph):
+                model(**batch)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_two_gpus_is_refused_at_attach(tmp_path):
+    model = tiny_model("gpt2").cuda(0)
+    model.transformer.h[1].to("cuda:1")
+    with pytest.raises(engine.HookPointError, match="cuda:0, cuda:1"):
+        CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0]))
+
+
 def test_cuda_early_stop_matches_full_forward(tmp_path):
     model = tiny_model("llama").cuda()
-    batches = [{k: v.cuda() for k, v in ragged_batch(4, 16, seed=s).items()} for s in range(5)]
+    batches = [cuda_batch(ragged_batch(4, 16, seed=s)) for s in range(5)]
     stores = {}
     for early in (False, True):
         cfg = CaptureConfig(tmp_path / f"{early}.zarr", layer_indices=[0], chunk_tokens=32, early_stop=early)
@@ -79,7 +138,7 @@ def test_cuda_early_stop_matches_full_forward(tmp_path):
 
 
 def test_nccl_process_group_writes_a_parts_store(tmp_path):
-    """distributed=True over nccl (one rank: this machine has one GPU): the collectives of parts.py run on
+    """distributed=True over nccl (one rank: the machine may have one GPU): the collectives of parts.py run on
     the GPU backend and the parts store holds exactly the model's rows."""
     import socket
 
@@ -90,7 +149,7 @@ def test_nccl_process_group_writes_a_parts_store(tmp_path):
     torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         model = tiny_model("gpt2").cuda()
-        batches = [{k: v.cuda() for k, v in ragged_batch(4, 32, seed=s).items()} for s in range(6)]
+        batches = [cuda_batch(ragged_batch(4, 32, seed=s)) for s in range(6)]
         cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=64, distributed=True)
         with reference_capture(model, [0], list(cfg.points)) as ref:
             with CaptureEngine(model, cfg), torch.no_grad():

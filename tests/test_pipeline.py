@@ -13,9 +13,8 @@ import torch
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 from engine.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
-from engine.store import ZarrSink
-
 from conftest import D_MLP, D_MODEL, ragged_batch, tiny_model
+from fakes import GATE_ENV, use_sink
 from helpers import expected_rows, reference_capture
 
 ALL_POINTS = dict(capture_residual=True, capture_mlp_hidden=True, capture_mlp_out=True, capture_attn_out=True)
@@ -114,19 +113,10 @@ def test_dask_reads_the_store_without_engine_code(tmp_path):
     np.testing.assert_array_equal(array.compute(), open_store(cfg.output_dir)["layer_0/residual"][:])
 
 
-class GatedSink(ZarrSink):
-    """Edge fake: a sink whose chunk writes wait for the test (to look at the store mid-run)."""
-
-    gate = threading.Semaphore(0)
-
-    def write_chunk(self, chunk_index, arrays, record):
-        if chunk_index >= 2:
-            assert GatedSink.gate.acquire(timeout=30)
-        super().write_chunk(chunk_index, arrays, record)
-
-
 def test_reader_mid_run_sees_only_committed_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.capture, "ZarrSink", GatedSink)
+    gate = tmp_path / "gate"
+    monkeypatch.setenv(GATE_ENV, str(gate))
+    use_sink(monkeypatch, "GatedSink")
     model = tiny_model("gpt2")
     batches = [ragged_batch(4, 10, seed=s) for s in range(4)]
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=6, num_writers=2, pinned_slots=8)
@@ -142,8 +132,7 @@ def test_reader_mid_run_sees_only_committed_chunks(tmp_path, monkeypatch):
         assert mid.status == "open" and mid.num_tokens == 12 and len(mid.chunks) == 2
         expected = expected_rows(ref["layer_0/residual"], [b["attention_mask"] for b in batches])
         np.testing.assert_array_equal(mid["layer_0/residual"][:], expected[:12])
-        for _ in range(100):
-            GatedSink.gate.release()
+        gate.touch()
         cap.close()
     assert open_store(cfg.output_dir).num_tokens == len(expected)
 
@@ -161,17 +150,8 @@ def test_failure_in_with_block_keeps_committed_chunks(tmp_path):
     model(**ragged_batch(2, 4))  # hooks are gone: the model runs as before
 
 
-class FailingSink(ZarrSink):
-    """Edge fake: the disk fails on the second chunk."""
-
-    def write_chunk(self, chunk_index, arrays, record):
-        if chunk_index == 1:
-            raise OSError(28, "No space left on device (test)")
-        super().write_chunk(chunk_index, arrays, record)
-
-
 def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.capture, "ZarrSink", FailingSink)
+    use_sink(monkeypatch, "FailingSink")
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, pinned_slots=1)
     cap = CaptureEngine(model, cfg)
@@ -192,16 +172,8 @@ def test_null_sink_runs_pipeline_and_writes_nothing(tmp_path):
     assert cap.stats.tokens > 0 and not (tmp_path / "s.zarr").exists()
 
 
-class SlowSink(ZarrSink):
-    """Edge fake: a disk slower than the model."""
-
-    def write_chunk(self, chunk_index, arrays, record):
-        time.sleep(0.05)
-        super().write_chunk(chunk_index, arrays, record)
-
-
 def test_backpressure_stalls_without_losing_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.capture, "ZarrSink", SlowSink)
+    use_sink(monkeypatch, "SlowSink")
     model = tiny_model("gpt2")
     batches = [ragged_batch(2, 8, seed=s) for s in range(12)]
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, pinned_slots=1, num_writers=1)
@@ -296,7 +268,7 @@ def test_early_stop_skips_later_layers_and_stores_the_same_rows(tmp_path):
 
 
 def test_flush_waits_for_full_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.capture, "ZarrSink", SlowSink)
+    use_sink(monkeypatch, "SlowSink")
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, num_writers=2)
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
@@ -361,3 +333,75 @@ def test_annotations_are_stored_per_token(tmp_path):
     np.testing.assert_array_equal(store["tokens/char_start"][:],
                                   np.concatenate([torch.arange(18).view(3, 6)[m].numpy() for m in masks]))
     assert store["tokens/char_start"].dtype == np.int32 and "tokens/doc_id" in store.keys()
+
+
+def dispatched_ops(model, batch, runs: int = 3) -> int:
+    """Torch ops the forward thread dispatches over ``runs`` forwards (a TorchDispatchMode is thread-local, so
+    the writer process and any other thread are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count(), torch.no_grad():
+        for _ in range(runs):
+            model(**batch)
+    return Count.ops
+
+
+def test_hooks_dispatch_few_ops_per_point(tmp_path):
+    """The forward thread's whole cost of capture, in torch ops: at most 4 per hooked point, per-batch work
+    included (staging.py's table: on CPU, 2 per batch for ids and mask and 1 per point)."""
+    model = tiny_model("gpt2")
+    batch = ragged_batch(3, 8)
+    base = dispatched_ops(model, batch)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=16, **ALL_POINTS)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batch)  # the first batch allocates the slots and caches their views
+        hooked = dispatched_ops(model, batch)
+    points = len(cap.points)
+    assert (hooked - base) / 3 == 2 + points <= 4 * points
+
+
+def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
+    from engine import staging
+
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16, pinned_slots=3)
+    allocations = []
+    original = staging.SharedBuffer.__init__
+
+    def counting(self, nbytes, pin):
+        allocations.append(nbytes)
+        original(self, nbytes, pin)
+
+    monkeypatch.setattr(staging.SharedBuffer, "__init__", counting)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**ragged_batch(4, 8, seed=0))
+        after_first = len(allocations)
+        for seed in range(1, 8):
+            model(**ragged_batch(4, 8, seed=seed))
+        held = cap.stats.slot_bytes
+    assert after_first == 3 * 3 and len(allocations) == after_first, "tokens + 2 points per slot, all at once"
+    assert held == sum(-(-n // staging.PAGE) * staging.PAGE for n in allocations), "whole mapped pages"
+
+
+def test_torch_compile_captures_the_same_rows(tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
+    compiled = torch.compile(model, backend="aot_eager")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for batch in batches:
+            compiled(**batch)
+    masks = [b["attention_mask"] for b in batches]
+    store = open_store(cfg.output_dir)
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks), err_msg=key)

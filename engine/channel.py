@@ -1,0 +1,114 @@
+"""The capturing process and its writer process talk over one Unix stream socket: pickled messages, each
+behind a 4-byte length, and file descriptors (the shared-memory slot buffers) passed beside them.
+
+Every receive uses ``recvmsg`` so that no descriptor is dropped: descriptors queue in arrival order, and a
+message that carries ``n`` of them takes the next ``n`` (the kernel delivers them with the first byte of the
+message they were sent with, never later). Torch-free: the writer process imports it.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import pickle
+import select
+import socket
+import struct
+import threading
+from typing import Any
+
+_HEADER = struct.Struct("<I")
+_RECV_BYTES = 1 << 16
+_MAX_FDS = 64
+
+
+class ChannelClosed(EOFError):
+    """The other end of the channel is gone (its process exited or closed the socket)."""
+
+
+class Channel:
+    """Messages over a connected ``AF_UNIX`` stream socket.
+
+    Args:
+        sock: one end of ``socket.socketpair()``.
+
+    Thread safety: ``send`` from any thread (one lock); ``receive`` / ``take_fds`` from one thread at a time.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._pending = bytearray()
+        self._fds: collections.deque[int] = collections.deque()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, message: Any, fds: tuple[int, ...] = ()) -> None:
+        """Send one message (and descriptors, which the receiver takes with ``take_fds``)."""
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _HEADER.pack(len(payload)) + payload
+        with self._send_lock:
+            sent = socket.send_fds(self._sock, [frame], list(fds)) if fds else 0
+            self._sock.sendall(memoryview(frame)[sent:])
+
+    def receive(self, timeout: float | None = 0.0) -> list[Any]:
+        """Messages that have arrived, waiting up to ``timeout`` seconds (None: forever) for the first.
+
+        Raises:
+            ChannelClosed: the other end closed and every message it sent has been returned before.
+        """
+        messages = self._complete_messages()
+        if messages:
+            return messages
+        if timeout != 0.0 and not select.select([self._sock], [], [], timeout)[0]:
+            return []
+        while True:
+            try:
+                data, ancillary, _, _ = self._sock.recvmsg(_RECV_BYTES, socket.CMSG_SPACE(_MAX_FDS * 4),
+                                                           socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return self._complete_messages()
+            except ConnectionResetError:
+                data, ancillary = b"", []
+            if not data:
+                messages = self._complete_messages()
+                if messages:
+                    return messages  # the end comes at the next call, after what was sent before it
+                raise ChannelClosed("the other process closed the channel")
+            self._keep_fds(ancillary)
+            self._pending += data
+
+    def take_fds(self, count: int) -> list[int]:
+        """The next ``count`` received descriptors (owned by the caller from now on)."""
+        return [self._fds.popleft() for _ in range(count)]
+
+    def close(self) -> None:
+        while self._fds:
+            socket.close(self._fds.popleft())
+        self._sock.close()
+
+    def _keep_fds(self, ancillary) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+
+    def _complete_messages(self) -> list[Any]:
+        messages, start = [], 0
+        while len(self._pending) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._pending, start)
+            end = start + _HEADER.size + size
+            if end > len(self._pending):
+                break
+            messages.append(pickle.loads(self._pending[start + _HEADER.size:end]))
+            start = end
+        del self._pending[:start]
+        return messages
+
+
+def channel_pair() -> tuple[Channel, socket.socket]:
+    """This process's channel and the other end's socket (to pass to a child process)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return Channel(ours), theirs

@@ -1,0 +1,277 @@
+"""The handoff: staged slots go from the capturing process to its writer process, and come back free.
+
+``WriterProcess`` starts ``python -m engine.writer`` (a fresh interpreter: never a fork of a process that may
+have initialised CUDA, and it never imports the caller's ``__main__``), passes it one end of a socket and the
+store's lock, and sends it the ``WriterSpec``. See ``engine.writer`` for the messages and the shutdown protocol.
+
+On CPU the forward thread sends each batch itself once its last point is staged (the copies are
+synchronous). On CUDA a small handoff thread waits on each batch's event (``synchronize`` releases the GIL),
+drops the batch's device snapshots and sends it: the forward thread never waits for a copy. Control messages
+(flush, close) travel behind the batches, in order, the same way.
+
+The forward thread reads what comes back (free slots, committed totals, errors) without blocking, at every
+forward; it blocks only when every slot is in use (backpressure), and then at most ``_POLL_S`` at a time
+between checks that the writer process is alive: a dead writer process is reported within a second.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+from .channel import ChannelClosed, channel_pair
+from .errors import CaptureError
+from .staging import Slot, SlotPool
+from .writer import WriterSpec
+
+_POLL_S = 0.05
+_EXIT_WAIT_S = 30.0
+
+
+class Progress:
+    """What the writer process has reported. Thread safety: written by the thread that reads the channel,
+    read from any thread (each field is replaced whole)."""
+
+    def __init__(self, tokens: int = 0, chunks: int = 0):
+        self.tokens_committed = tokens
+        self.bytes_committed = 0
+        self.chunks_committed = chunks
+        self.submitted = 0
+        self.in_flight_high_water = 0
+
+
+def _child_environment() -> dict[str, str]:
+    """The parent's environment plus its import path, so the child imports the same ``engine`` (and the same
+    test or benchmark modules naming a sink)."""
+    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+class WriterProcess:
+    """The capturing process's end of the writer process.
+
+    Args:
+        spec: what the writer process writes.
+        pool: the slot pool (slots come back to it).
+        cuda: batches wait on their CUDA event in the handoff thread before they are sent.
+        lock_fd: the store lock's descriptor (the writer process holds the lock too), or None.
+
+    Thread safety: ``submit``, ``poll``, ``acquire``, ``flush`` and ``close`` from the forward thread;
+    ``progress`` may be read from any thread.
+    """
+
+    def __init__(self, spec: WriterSpec, pool: SlotPool, cuda: bool, lock_fd: int | None):
+        self._pool = pool
+        self._channel, theirs = channel_pair()
+        fds = (theirs.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "engine.writer", str(theirs.fileno())], pass_fds=fds,
+                stdin=subprocess.DEVNULL, env=_child_environment())
+        finally:
+            theirs.close()
+        full_chunks = spec.start_row // spec.chunk_tokens
+        self.progress = Progress(full_chunks * spec.chunk_tokens, full_chunks)
+        self._error: CaptureError | None = None
+        self.error_delivered = False
+        self._flush_requests = 0
+        self._flushed = 0
+        self._dead = False
+        self._closed_reply: dict | None = None
+        self._warned_nonfinite = False
+        self._handoff: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._channel.send(spec)
+        if cuda:
+            self._handoff = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff", daemon=True)
+            self._thread.start()
+
+    # ---- sending -------------------------------------------------------------------------------
+    def announce(self, slot: Slot) -> None:
+        """Hand the writer process the slot buffers it has not seen (new or grown)."""
+        for name in slot.unannounced:
+            buffer = slot.buffers[name]
+            self._send(("buffer", slot.index, name, buffer.nbytes), fds=(buffer.fd,))
+        slot.unannounced.clear()
+
+    def submit(self, slot: Slot) -> None:
+        """Hand over a fully staged slot (its buffers announced)."""
+        message = ("batch", slot.index, slot.batch, dict(slot.dims))
+        self.progress.submitted += 1
+        self.progress.in_flight_high_water = max(self.progress.in_flight_high_water, self._pool.in_flight)
+        if self._handoff is None:
+            self._send(message)
+        else:
+            self._handoff.put((slot, message))
+
+    def _send(self, message: tuple, fds: tuple[int, ...] = ()) -> None:
+        """Send now; a writer process that is gone is reported as its death (a CaptureError), not a pipe error."""
+        try:
+            self._channel.send(message, fds)
+        except OSError:
+            self._died()
+            self.check()
+            raise
+
+    def _send_in_order(self, message: tuple) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._send(message)
+        else:
+            self._handoff.put((None, message))
+
+    def _forward_batches(self) -> None:
+        """Handoff thread (CUDA): wait for each batch's copies, then send it; control messages in order."""
+        try:
+            while (item := self._handoff.get()) is not None:
+                slot, message = item
+                if slot is not None:
+                    slot.event.synchronize()
+                    slot.snapshots.clear()
+                self._channel.send(message)
+        except BaseException as exc:  # reported by the forward thread's next check
+            self._thread_error = exc
+
+    # ---- receiving -----------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Take in what the writer process sent, without waiting; raise its failure if it failed or died."""
+        self._receive(0.0)
+        self.check()
+
+    def check(self) -> None:
+        """Raise the writer process's failure (once it has been raised, ``close`` does not raise it again)."""
+        if self._error is None and self._thread_error is not None:
+            if isinstance(self._thread_error, OSError):
+                self._died()  # the handoff thread could not send: the writer process is gone
+            else:
+                self._error = CaptureError(f"the handoff thread failed: {self._thread_error!r}")
+                self._error.__cause__ = self._thread_error
+        if self._error is not None:
+            self.error_delivered = True
+            raise self._error
+
+    def _receive(self, timeout: float) -> None:
+        try:
+            messages = self._channel.receive(timeout)
+        except ChannelClosed:
+            self._died()
+            return
+        for message in messages:
+            self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "free":
+            self._pool.give_back(message[1])
+        elif kind == "progress":
+            _, self.progress.tokens_committed, self.progress.bytes_committed, self.progress.chunks_committed = \
+                message
+        elif kind == "flushed":
+            self._flushed = max(self._flushed, message[1])
+        elif kind == "nonfinite" and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"{message[1]}: {message[2]} non-finite values in one chunk (stored as they are, counted "
+                          "per chunk in the commit records); if this is float16 overflow, capture with "
+                          "dtype='float32' or 'bfloat16'", RuntimeWarning, stacklevel=4)
+        elif kind == "error" and self._error is None:
+            _, cause, text = message
+            self._error = CaptureError(f"capture writer failed: {cause!r}\n"
+                                       f"--- traceback in the writer process ---\n{text}")
+            self._error.__cause__ = cause
+        elif kind == "closed":
+            self._closed_reply = message[1]
+
+    def _died(self) -> None:
+        """The channel closed without a ``closed`` reply: the writer process is gone."""
+        self._dead = True
+        if self._error is not None or self._closed_reply is not None:
+            return
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        self._error = CaptureError(f"the writer process (pid {self._process.pid}) died ({how}): chunks committed "
+                                   "so far are kept; continue with resume=True")
+
+    def _wait(self, done) -> None:
+        """Read messages until ``done()``; raise if the writer process fails or dies meanwhile."""
+        while not done():
+            self.check()
+            self._receive(_POLL_S)
+        self.check()
+
+    def acquire(self) -> tuple[Slot, float]:
+        """A free slot, and the seconds waited for it (backpressure)."""
+        slot = self._pool.take()
+        if slot is not None:
+            return slot, 0.0
+        start = time.perf_counter()
+        self._wait(lambda: self._pool.free_count > 0)
+        return self._pool.take(), time.perf_counter() - start
+
+    def flush(self) -> None:
+        """Wait until every submitted batch is in chunk buffers and every full chunk is committed."""
+        self._flush_requests += 1
+        request = self._flush_requests
+        self._send_in_order(("flush", self.progress.submitted, request))
+        self._wait(lambda: self._flushed >= request)
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    def close(self, failed: bool, sequences: int) -> None:
+        """Protocol steps 2-4 (``engine.writer``); ``finalized`` tells whether the writer process published the
+        manifest. Raises the writer's failure unless it was raised before."""
+        try:
+            if not self._dead:
+                self._send_in_order(("close", failed, sequences))
+            while self._closed_reply is None and not self._dead:
+                self._receive(_POLL_S)
+        except CaptureError:
+            pass  # it was gone before the close message could be sent: raised below unless delivered
+        finally:
+            self._shut_down()
+        if self._error is not None and not self.error_delivered:
+            self.error_delivered = True
+            raise self._error
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def finalized(self) -> bool:
+        """The writer process published the final manifest."""
+        return bool(self._closed_reply and self._closed_reply.get("finalized"))
+
+    @property
+    def error(self) -> CaptureError | None:
+        return self._error
+
+    def _shut_down(self) -> None:
+        if self._thread is not None:
+            self._handoff.put(None)
+            self._thread.join(timeout=_EXIT_WAIT_S)
+        try:
+            self._process.wait(timeout=_EXIT_WAIT_S if self._closed_reply is not None else 1)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._channel.close()
+
+    def abort(self) -> None:
+        """Stop without draining (a failed construction): the writer process exits as its channel closes."""
+        if self._thread is not None:
+            self._handoff.put(None)
+            self._thread.join(timeout=_EXIT_WAIT_S)
+        self._channel.close()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()

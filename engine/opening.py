@@ -1,0 +1,93 @@
+"""Opening a store for a capture run: check the location, take its lock, then create it or repair it for a
+resume. Nothing in an existing store changes before the lock is held and every check has passed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .config import CaptureConfig
+from .errors import ResumeMismatchError
+from .location import Location
+from .lock import StoreLock
+from .manifest import now, resume_mismatches
+from .store import ResumePoint, check_location, clear_location, continue_store, create_store, read_manifest
+
+
+def claim(location: Location, overwrite: bool, resume: bool) -> tuple[bool, StoreLock | None]:
+    """Lock ``location`` for writing; delete an old store there when ``overwrite``. Returns whether a store
+    remains to continue, and the lock (None for object storage).
+
+    Raises:
+        StoreExistsError, StorePathError: the location cannot be written as asked (checked before the lock
+            file is created, so a refused location is left exactly as it was).
+        StoreLockedError: another process writes it.
+    """
+    check_location(location, overwrite, resume)
+    lock = StoreLock.acquire(location)
+    try:
+        exists = check_location(location, overwrite, resume)  # again: it may have changed before the lock
+        if exists and overwrite:
+            clear_location(location)
+            exists = False
+        return exists, lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+@dataclasses.dataclass
+class Destination:
+    """Where this process writes, checked and locked.
+
+    Attributes:
+        location: the store (a multi-process store: this rank's part).
+        stored: the stored manifest when the run continues a store, else None.
+        lock: held until the run's writer process has exited (None: object storage).
+    """
+
+    location: Location
+    stored: dict | None
+    lock: StoreLock | None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Destination:
+    """Claim the store (distributed: rank 0 prepares the root, each rank claims its part) and, for a resume,
+    check that the stored run matches this one. Changes nothing but an overwrite.
+
+    Raises:
+        ResumeMismatchError: the store was captured with another model or configuration (each field named).
+    """
+    location = config.location
+    if parts is not None:
+        parts.prepare(location, manifest, config.overwrite, config.resume)
+        location = parts.part
+        manifest["part"] = {"rank": parts.rank, "world_size": parts.world_size}
+    exists, lock = claim(location, config.overwrite, config.resume)
+    destination = Destination(location, None, lock)
+    if exists:
+        try:
+            destination.stored = read_manifest(location)
+            mismatches = resume_mismatches(destination.stored, manifest)
+            if mismatches:
+                raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
+                                          + ". Resume with the same model and CaptureConfig, or write a new store")
+        except BaseException:
+            destination.release()
+            raise
+    return destination
+
+
+def open_destination(destination: Destination, manifest: dict) -> ResumePoint | None:
+    """Create the store, or repair it for a resume; returns where the run continues (None: a new store)."""
+    writer = dict(destination.lock.owner) if destination.lock is not None else {"since": now()}
+    if destination.stored is None:
+        create_store(destination.location, {**manifest, "writers": [writer]})
+        return None
+    writers = destination.stored.get("writers", []) + [writer]
+    return continue_store(destination.location, {"resume": {"at": manifest["created"]}, "writers": writers})

@@ -1,0 +1,58 @@
+"""Edge fakes: sinks the writer process builds instead of ZarrSink, to force slowness and failures that a real
+disk cannot be made to show on demand. They run in the writer process (a separate interpreter), so they are
+configured by environment variables set before the engine starts; select one with ``use_sink``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from engine.store import ZarrSink
+
+GATE_ENV = "ACTCAP_TEST_GATE"
+
+
+def use_sink(monkeypatch, name: str) -> None:
+    """Make every CaptureEngine of the test write through ``fakes.<name>``."""
+    from engine import CaptureEngine
+
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", f"fakes:{name}")
+
+
+class SlowSink(ZarrSink):
+    """A disk slower than the model."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        time.sleep(0.05)
+        super().write_chunk(chunk_index, arrays, record)
+
+
+class GatedSink(ZarrSink):
+    """Chunk writes from the third on wait until the file named by $ACTCAP_TEST_GATE exists."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        gate = Path(os.environ[GATE_ENV])
+        deadline = time.monotonic() + 30
+        while chunk_index >= 2 and not gate.exists():
+            assert time.monotonic() < deadline, "the test never opened the gate"
+            time.sleep(0.01)
+        super().write_chunk(chunk_index, arrays, record)
+
+
+class FailingSink(ZarrSink):
+    """The disk fails on the second chunk."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index == 1:
+            raise OSError(28, "No space left on device (test)")
+        super().write_chunk(chunk_index, arrays, record)
+
+
+class FullDiskSink(ZarrSink):
+    """The disk fills on the third chunk (when no small filesystem can be mounted)."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index >= 2:
+            raise OSError(28, "No space left on device")
+        super().write_chunk(chunk_index, arrays, record)

@@ -1,0 +1,85 @@
+"""The writer process's lifecycle, with real processes: its failures and its death reach the caller, and it
+never outlives the engine or the process that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+import engine
+from engine import CaptureConfig, CaptureEngine, open_store
+
+from conftest import ragged_batch, tiny_model
+from helpers import expected_rows, reference_capture
+
+
+def _kill_writer(cap: CaptureEngine) -> None:
+    """SIGKILL the writer process and wait until it is dead (a zombie: its parent, the engine, reaps it)."""
+    os.kill(cap.writer_pid, signal.SIGKILL)
+    process = psutil.Process(cap.writer_pid)
+    deadline = time.monotonic() + 10
+    while process.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("next_call", ["forward", "flush", "close"])
+def test_a_killed_writer_process_is_reported_at_the_next_call(next_call, tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(4, 8, seed=s) for s in range(6)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        cap = CaptureEngine(model, cfg)
+        for batch in batches:
+            model(**batch)
+        cap.flush()
+        committed = cap.stats.tokens
+        _kill_writer(cap)
+        call = {"forward": lambda: model(**batches[0]), "flush": cap.flush, "close": cap.close}[next_call]
+        deadline = time.monotonic() + 1.0  # the promise: reported within a second
+        with pytest.raises(engine.CaptureError, match="writer process .* died .*signal 9"):
+            while time.monotonic() < deadline:
+                call()
+        cap.close()  # the failure was delivered once; close finishes quietly
+    assert not model._forward_pre_hooks and not model._forward_hooks, "hooks are gone"
+    store = open_store(cfg.output_dir)
+    assert store.status == "failed" and store.num_tokens == committed > 0
+    masks = [b["attention_mask"] for b in batches]
+    for key in ("layer_0/residual", "layer_0/mlp_hidden"):
+        np.testing.assert_array_equal(store[key][:].astype(np.float32),
+                                      expected_rows(ref[key][:len(batches)], masks)[:committed])
+    lock = tmp_path / "s.zarr.lock"
+    CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8,
+                                       resume=True)).close()  # the lock was released
+    assert lock.exists()
+
+
+def test_nothing_is_left_running_after_close(tmp_path):
+    model = tiny_model("gpt2")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)) as cap, \
+            torch.no_grad():
+        model(**ragged_batch(2, 6))
+        assert psutil.pid_exists(cap.writer_pid)
+    after = {child.pid for child in psutil.Process().children(recursive=True)}
+    assert after <= before and not psutil.pid_exists(cap.writer_pid)
+
+
+def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch):
+    """An error raised while the writer process starts (here: its sink cannot be imported) reaches the caller
+    with its traceback, and the store says failed."""
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store:NoSuchSink")
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    with pytest.raises(engine.CaptureError, match="NoSuchSink"):
+        with CaptureEngine(model, cfg), torch.no_grad():
+            for seed in range(20):
+                model(**ragged_batch(2, 6, seed=seed))
+    assert open_store(cfg.output_dir).status == "failed"
+    assert not (tmp_path / "s.zarr.reserve").exists()
