@@ -17,7 +17,7 @@ import torch
 from . import layout
 from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, HookPointError, ResumeMismatchError
-from .hookpoints import HookPoint, captured_tensor, family_of, resolve_hook_points
+from .hookpoints import HookPoint, family_of, resolve_hook_points
 from .location import Location
 from .parts import StoreParts
 from .staging import BatchInfo, SlotPool, Stager
@@ -288,11 +288,7 @@ class CaptureEngine:
             self._wrap_forward()
         self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for point in self.points:
-            if point.capture == "input":
-                hook = point.module.register_forward_pre_hook(self._point_hook(point))
-            else:
-                hook = point.module.register_forward_hook(self._point_hook(point))
-            self._handles.append(hook)
+            self._handles.append(point.attach(functools.partial(self._on_point, point)))
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -365,11 +361,6 @@ class CaptureEngine:
             self._current.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
         self._pool.release(self._current)
         self._current = None
-
-    def _point_hook(self, point: HookPoint):
-        if point.capture == "input":
-            return lambda module, args: self._on_point(point, captured_tensor(point, args, None))
-        return lambda module, args, output: self._on_point(point, captured_tensor(point, args, output))
 
     def _on_point(self, point: HookPoint, tensor: torch.Tensor) -> None:
         slot = self._current

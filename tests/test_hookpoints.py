@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 import engine
-from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, captured_tensor, family_of
+from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
 
-from conftest import D_MLP, D_MODEL, N_LAYERS, VOCAB, tiny_model
+from conftest import D_MLP, D_MODEL, FAMILIES, N_LAYERS, VOCAB, tiny_model
 from helpers import hook_all
 
 POINTS = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
+ALL_POINTS = list(CANONICAL_POINTS)
+INPUT_POINTS = {"mlp_hidden", "resid_pre", "resid_mid", "mlp_in"}
 
 # Whether output_hidden_states[-1] is taken AFTER the final norm (so it differs from the last block's output).
 # Found by running transformers 5.x: every supported family appends norm(last block output) as the last
@@ -27,7 +32,18 @@ LAST_HIDDEN_STATE_AFTER_FINAL_NORM = {
 }
 
 TL_SUFFIX = {"residual": "hook_resid_post", "mlp_hidden": "mlp.hook_post", "mlp_out": "hook_mlp_out",
-             "attn_out": "hook_attn_out"}
+             "attn_out": "hook_attn_out", "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
+             "mlp_in": "ln2.hook_normalized"}
+
+# Every family as the registry builds it, plus GPT-NeoX with sequential blocks (Pythia's are parallel).
+VARIANTS = {family: (family, {}) for family in FAMILIES}
+VARIANTS["gpt_neox_sequential"] = ("gpt_neox", {"use_parallel_residual": False})
+# Read from each family's transformers source, independently of ADAPTERS: whether attention and MLP both read
+# the block input, and the norm whose output the MLP receives.
+PARALLEL = {"gpt2": False, "gpt_neox": True, "gpt_neox_sequential": False, "llama": False, "gemma": False,
+            "phi": True}
+MLP_NORM = {"gpt2": "ln_2", "phi": "input_layernorm"} | {
+    variant: "post_attention_layernorm" for variant in ("gpt_neox", "gpt_neox_sequential", "llama", "gemma")}
 
 
 def _input_ids(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -35,8 +51,18 @@ def _input_ids(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=gen)
 
 
+def _variant_model(variant: str) -> torch.nn.Module:
+    family, overrides = VARIANTS[variant]
+    return tiny_model(family, **overrides)
+
+
+def _points_of(variant: str) -> list[str]:
+    """Every canonical point the variant has (parallel blocks have no resid_mid)."""
+    return [p for p in ALL_POINTS if not (p == "resid_mid" and PARALLEL[variant])]
+
+
 def _run_with_hooks(model, hook_points, input_ids):
-    """Plain forward hooks / pre-hooks of our own: {key: tensor}, and the model output."""
+    """Each point's own hook (HookPoint.attach): {key: tensor}, and the model output."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(key, tensor):
@@ -54,32 +80,41 @@ def _run_with_hooks(model, hook_points, input_ids):
     return captured, output
 
 
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def captured(family):
-    model = tiny_model(family)
-    hook_points = engine.resolve_hook_points(model, list(range(N_LAYERS)), POINTS, {})
+def captured(variant):
+    """Every point the variant has, at every layer, from one forward pass."""
+    model = _variant_model(variant)
+    hook_points = engine.resolve_hook_points(model, list(range(N_LAYERS)), _points_of(variant), {})
     values, output = _run_with_hooks(model, hook_points, _input_ids())
-    return model, hook_points, values, output.hidden_states
+    return types.SimpleNamespace(variant=variant, family=VARIANTS[variant][0], model=model,
+                                 blocks=engine.hookpoints.layer_modules(model), values=values,
+                                 hidden_states=output.hidden_states)
 
 
 def test_family_is_detected(family):
     assert family_of(tiny_model(family)) == family
 
 
-def test_resolved_points_metadata(family):
-    model = tiny_model(family)
-    hook_points = engine.resolve_hook_points(model, [0, 1], POINTS, {})
-    assert [(hp.layer, hp.point) for hp in hook_points] == [(layer, p) for layer in (0, 1) for p in POINTS]
+def test_resolved_points_metadata(variant):
+    model = _variant_model(variant)
+    points = _points_of(variant)
+    hook_points = engine.resolve_hook_points(model, [0, 1], points, {})
+    assert [(hp.layer, hp.point) for hp in hook_points] == [(layer, p) for layer in (0, 1) for p in points]
     modules = dict(model.named_modules())
     for hp in hook_points:
         assert hp.key == f"layer_{hp.layer}/{hp.point}"
         assert hp.module_path in modules
         assert modules[hp.module_path] is hp.module
         assert hp.tl_name == f"blocks.{hp.layer}.{TL_SUFFIX[hp.point]}"
-        assert hp.capture == ("input" if hp.point == "mlp_hidden" else "output")
+        assert hp.capture == ("input" if hp.point in INPUT_POINTS else "output")
     by_key = {hp.key: hp for hp in hook_points}
     assert by_key["layer_0/residual"].tl_name == "blocks.0.hook_resid_post"
-    adapter = ADAPTERS[family]
+    adapter = ADAPTERS[VARIANTS[variant][0]]
     prefix = f"{model.base_model_prefix}.{adapter.layers}"
     for layer in (0, 1):
         block = f"{prefix}.{layer}"
@@ -87,61 +122,174 @@ def test_resolved_points_metadata(family):
         assert by_key[f"layer_{layer}/mlp_hidden"].module_path == f"{block}.{adapter.down_proj}"
         assert by_key[f"layer_{layer}/mlp_out"].module_path == f"{block}.{adapter.mlp}"
         assert by_key[f"layer_{layer}/attn_out"].module_path == f"{block}.{adapter.attn}"
+        assert by_key[f"layer_{layer}/resid_pre"].module_path == block
+        assert by_key[f"layer_{layer}/mlp_in"].module_path == f"{block}.mlp"
+        if not PARALLEL[variant]:
+            assert by_key[f"layer_{layer}/resid_mid"].module_path == f"{block}.{MLP_NORM[variant]}"
     # Layers are distinct modules: layer 1's residual is not layer 0's.
     assert by_key["layer_0/residual"].module is not by_key["layer_1/residual"].module
 
 
-def test_residual_is_block_output_at_every_layer(family, captured):
-    model, _, values, hidden_states = captured
+def test_residual_is_block_output_at_every_layer(captured):
+    values, hidden_states = captured.values, captured.hidden_states
     assert len(hidden_states) == N_LAYERS + 1
-    final_norm = model.base_model.get_submodule(ADAPTERS[family].final_norm)
+    final_norm = captured.model.base_model.get_submodule(ADAPTERS[captured.family].final_norm)
     for layer in range(N_LAYERS):
         residual = values[f"layer_{layer}/residual"]
         assert residual.shape == (2, 7, D_MODEL)
         if layer < N_LAYERS - 1:
             torch.testing.assert_close(residual, hidden_states[layer + 1], atol=1e-5, rtol=1e-5)
-        elif LAST_HIDDEN_STATE_AFTER_FINAL_NORM[family]:
+        elif LAST_HIDDEN_STATE_AFTER_FINAL_NORM[captured.family]:
             assert not torch.allclose(residual, hidden_states[layer + 1], atol=1e-3)
             with torch.no_grad():
-                torch.testing.assert_close(final_norm(residual), hidden_states[layer + 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(final_norm(residual), hidden_states[layer + 1], atol=1e-5,
+                                           rtol=1e-5)
         else:
             torch.testing.assert_close(residual, hidden_states[layer + 1], atol=1e-5, rtol=1e-5)
 
 
-def test_residual_is_input_plus_attn_plus_mlp(family, captured):
-    """Every supported family (sequential or parallel) adds attention and MLP outputs to the block input,
-    so attn_out and mlp_out are exactly the two contributions to the residual stream."""
-    _, _, values, hidden_states = captured
+def test_resid_pre_is_embeddings_then_previous_residual(captured):
+    """resid_pre of layer 0 is the embedding output (hidden_states[0]); of layer i, residual of layer i-1."""
+    values = captured.values
+    assert values["layer_0/resid_pre"].shape == (2, 7, D_MODEL)
+    torch.testing.assert_close(values["layer_0/resid_pre"], captured.hidden_states[0], atol=0, rtol=0)
+    for layer in range(1, N_LAYERS):
+        assert torch.equal(values[f"layer_{layer}/resid_pre"], values[f"layer_{layer - 1}/residual"])
+    assert not torch.allclose(values["layer_1/resid_pre"], values["layer_1/residual"], atol=1e-3)
+
+
+def test_residual_is_resid_pre_plus_attn_plus_mlp(captured):
+    """Every supported block (sequential or parallel) adds attention and MLP outputs to its input, so attn_out
+    and mlp_out are exactly the two contributions to the residual stream."""
+    values = captured.values
     for layer in range(N_LAYERS):
-        block_input = hidden_states[layer]
-        total = block_input + values[f"layer_{layer}/attn_out"] + values[f"layer_{layer}/mlp_out"]
+        total = values[f"layer_{layer}/resid_pre"] + values[f"layer_{layer}/attn_out"] + \
+            values[f"layer_{layer}/mlp_out"]
         torch.testing.assert_close(values[f"layer_{layer}/residual"], total, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[f"layer_{layer}/resid_pre"], captured.hidden_states[layer],
+                                   atol=1e-5, rtol=1e-5)
 
 
-def test_mlp_hidden_feeds_down_projection_to_mlp_out(family, captured):
-    model, hook_points, values, _ = captured
-    blocks = engine.hookpoints.layer_modules(model)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not PARALLEL[v]])
+def test_resid_mid_sits_between_attention_and_mlp(captured):
+    """Sequential blocks: resid_mid = resid_pre + attn_out, and the MLP branch adds mlp_out to it."""
+    values = captured.values
+    for layer in range(N_LAYERS):
+        resid_pre, attn_out, resid_mid, mlp_out, residual = (values[f"layer_{layer}/{point}"] for point in (
+            "resid_pre", "attn_out", "resid_mid", "mlp_out", "residual"))
+        assert resid_mid.shape == (2, 7, D_MODEL)
+        torch.testing.assert_close(resid_mid, resid_pre + attn_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(resid_mid + mlp_out, residual, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(resid_mid, residual, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if PARALLEL[v]])
+def test_parallel_blocks_refuse_resid_mid(variant):
+    model = _variant_model(variant)
+    with pytest.raises(engine.HookPointError) as info:
+        engine.resolve_hook_points(model, [0], ["residual", "resid_mid"], {})
+    message = str(info.value)
+    assert "resid_mid does not exist" in message and "parallel" in message
+    assert all(name in message for name in ("resid_pre", "attn_out", "mlp_out", "mlp_in"))
+    if VARIANTS[variant][0] == "gpt_neox":
+        assert "use_parallel_residual=True" in message
+
+
+def test_mlp_in_is_the_normed_input_the_mlp_turns_into_mlp_out(captured):
+    """mlp_in is what the MLP module receives: its norm applied to resid_mid (sequential) or resid_pre
+    (parallel), and the MLP maps it to mlp_out."""
+    values = captured.values
+    for layer in range(N_LAYERS):
+        block = captured.blocks[layer]
+        mlp_in = values[f"layer_{layer}/mlp_in"]
+        mlp_out = values[f"layer_{layer}/mlp_out"]
+        assert mlp_in.shape == (2, 7, D_MODEL)
+        normed_source = values[f"layer_{layer}/{'resid_pre' if PARALLEL[captured.variant] else 'resid_mid'}"]
+        with torch.no_grad():
+            torch.testing.assert_close(block.get_submodule(MLP_NORM[captured.variant])(normed_source), mlp_in,
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(block.mlp(mlp_in), mlp_out, atol=1e-5, rtol=1e-5)
+            # Wrong layer's MLP does not reproduce it (the check can fail).
+            assert not torch.allclose(captured.blocks[1 - layer].mlp(mlp_in), mlp_out, atol=1e-3)
+
+
+def test_mlp_hidden_feeds_down_projection_to_mlp_out(captured):
+    values, blocks = captured.values, captured.blocks
+    down_projs = [block.get_submodule(ADAPTERS[captured.family].down_proj) for block in blocks]
     for layer in range(N_LAYERS):
         hidden = values[f"layer_{layer}/mlp_hidden"]
         mlp_out = values[f"layer_{layer}/mlp_out"]
         assert hidden.shape == (2, 7, D_MLP)
         assert mlp_out.shape == (2, 7, D_MODEL)
-        down_proj = blocks[layer].get_submodule(ADAPTERS[family].down_proj)
         with torch.no_grad():
-            torch.testing.assert_close(down_proj(hidden), mlp_out, atol=1e-5, rtol=1e-5)
-        # Wrong layer's down projection does not reproduce it (the check can fail).
-        other = blocks[1 - layer].get_submodule(ADAPTERS[family].down_proj)
-        with torch.no_grad():
-            assert not torch.allclose(other(hidden), mlp_out, atol=1e-3)
+            torch.testing.assert_close(down_projs[layer](hidden), mlp_out, atol=1e-5, rtol=1e-5)
+            # Wrong layer's down projection does not reproduce it (the check can fail).
+            assert not torch.allclose(down_projs[1 - layer](hidden), mlp_out, atol=1e-3)
 
 
-def test_attn_out_width(family, captured):
-    _, _, values, _ = captured
+def test_attn_out_width(captured):
     for layer in range(N_LAYERS):
-        attn = values[f"layer_{layer}/attn_out"]
+        attn = captured.values[f"layer_{layer}/attn_out"]
         assert attn.shape == (2, 7, D_MODEL)
         assert torch.isfinite(attn).all()
         assert attn.abs().sum() > 0
+
+
+def _as_keywords(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The same call with every argument passed by keyword."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    keywords = {}
+    for name, value in bound.arguments.items():
+        is_var_keyword = bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+        keywords.update(value if is_var_keyword else {name: value})
+    return keywords
+
+
+def test_input_points_see_their_tensor_passed_positionally_or_by_keyword(variant):
+    """transformers passes block and MLP inputs positionally today; a keyword call must capture the same."""
+    model = _variant_model(variant)
+    input_points = [p for p in _points_of(variant) if p in INPUT_POINTS]
+    hook_points = engine.resolve_hook_points(model, [1], input_points, {})
+    calls = {}
+
+    def record_call(module, args, kwargs):
+        calls[module] = (args, kwargs)
+
+    recorders = [hp.module.register_forward_pre_hook(record_call, with_kwargs=True) for hp in hook_points]
+    with torch.no_grad():
+        model(input_ids=_input_ids())
+    for recorder in recorders:
+        recorder.remove()
+    for hp in hook_points:
+        args, kwargs = calls[hp.module]
+        assert args, f"{hp.key}: transformers now passes the input by keyword; the keyword path is real"
+        seen = []
+        handle = hp.attach(seen.append)
+        try:
+            with torch.no_grad():
+                positional = hp.module(*args, **kwargs)
+                by_keyword = hp.module(**_as_keywords(hp.module, args, kwargs))
+        finally:
+            handle.remove()
+        assert len(seen) == 2 and torch.equal(seen[0], args[0]) and torch.equal(seen[1], args[0]), hp.key
+        first = (lambda out: out[0] if isinstance(out, tuple) else out)
+        torch.testing.assert_close(first(by_keyword), first(positional), atol=0, rtol=0)
+
+
+def test_callback_return_values_never_replace_inputs_or_outputs(variant):
+    """A pre-hook that returns something replaces the module's inputs in PyTorch; attach() must not."""
+    model = _variant_model(variant)
+    with torch.no_grad():
+        expected = model(input_ids=_input_ids()).logits
+    hook_points = engine.resolve_hook_points(model, [0, 1], _points_of(variant), {})
+    handles = [hp.attach(lambda tensor: (tensor * 0, {})) for hp in hook_points]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=_input_ids()).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
 
 
 def test_extra_module_beside_canonical_points(family):
@@ -223,10 +371,33 @@ def test_nothing_selected():
         engine.resolve_hook_points(model, [0, 1], [], {})
 
 
-def test_captured_tensor_rejects_non_tensor():
-    model = tiny_model("gpt2")
-    hp = engine.resolve_hook_points(model, [0], ["residual"], {})[0]
-    with pytest.raises(engine.HookPointError, match="not a tensor"):
-        captured_tensor(hp, (), None)
+class _Returns(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, hidden_states=None):
+        return self.value
+
+
+@pytest.mark.parametrize("capture, call, verb", [
+    ("output", lambda module: module(torch.ones(1, 2, 3)), "returned str"),
+    ("input", lambda module: module(), "received NoneType"),
+])
+def test_attach_rejects_what_is_not_a_tensor(capture, call, verb):
+    hp = HookPoint("extra/x", "x", _Returns("text"), capture, None, "x", None)
+    handle = hp.attach(lambda tensor: None)
+    with pytest.raises(engine.HookPointError, match=f"x {verb}, not a tensor"):
+        call(hp.module)
+    handle.remove()
+
+
+def test_attach_takes_the_first_element_of_a_tuple_output():
     tensor = torch.ones(1, 2, 3)
-    assert captured_tensor(hp, (), (tensor, "attn weights")) is tensor
+    hp = HookPoint("extra/x", "x", _Returns((tensor, "attn weights")), "output", None, "x", None)
+    seen = []
+    handle = hp.attach(seen.append)
+    hp.module()
+    handle.remove()
+    assert seen == [tensor] and seen[0] is tensor
+
