@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 import engine
+from engine import CaptureConfig, CaptureEngine, open_store
 from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
 
-from conftest import D_MLP, D_MODEL, FAMILIES, N_LAYERS, VOCAB, tiny_model
-from helpers import hook_all
+from conftest import D_MLP, D_MODEL, FAMILIES, N_LAYERS, VOCAB, ragged_batch, tiny_model
+from helpers import expected_rows, hook_all, reference_capture
 
 POINTS = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
 ALL_POINTS = list(CANONICAL_POINTS)
@@ -400,4 +403,74 @@ def test_attach_takes_the_first_element_of_a_tuple_output():
     hp.module()
     handle.remove()
     assert seen == [tensor] and seen[0] is tensor
+
+
+# ---- CaptureConfig.points ---------------------------------------------------------------------------
+
+
+def _config(tmp_path, **kwargs) -> CaptureConfig:
+    return CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, points", [
+    (dict(), ("residual", "mlp_hidden")),  # the original defaults
+    (dict(capture_mlp_hidden=False, capture_attn_out=True), ("residual", "attn_out")),
+    (dict(points=["mlp_in", "resid_pre", "mlp_out"]), ("mlp_out", "resid_pre", "mlp_in")),  # canonical order
+    (dict(points="resid_mid"), ("resid_mid",)),
+    (dict(points=["mlp_in", "residual"], capture_residual=True, capture_mlp_out=False),
+     ("residual", "mlp_in")),
+    (dict(points=[], extra_modules={"x": "model.norm"}), ()),
+    (dict(points=ALL_POINTS), tuple(ALL_POINTS)),
+])
+def test_points_select_canonical_points(kwargs, points, tmp_path):
+    cfg = _config(tmp_path, **kwargs)
+    assert cfg.points == points
+    for point in ("residual", "mlp_hidden", "mlp_out", "attn_out"):
+        assert getattr(cfg, f"capture_{point}") is (point in points)
+    assert dataclasses.replace(cfg, first_sequence=5).points == points, "replace keeps the selection"
+    assert dataclasses.replace(cfg) == cfg
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(points=["mlp_in"], capture_residual=True),
+     r"capture_residual=True contradicts points=\['mlp_in'\].*add 'residual'"),
+    (dict(points=["residual"], capture_residual=False),
+     "capture_residual=False contradicts.*remove 'residual'"),
+    (dict(points=["resid_post"]),
+     "unknown hook point 'resid_post' in points: choose from " + ", ".join(ALL_POINTS)),
+    (dict(points=["mlp_in", "mlp_in"]), "duplicates"),
+    (dict(points=7), "points must be a list"),
+    (dict(points=[]), "no hook point selected"),
+    (dict(capture_residual=False, capture_mlp_hidden=False), "no hook point selected"),
+    (dict(capture_residual="yes"), "capture_residual must be True, False or None"),
+])
+def test_points_errors_say_what_to_change(kwargs, match, tmp_path):
+    with pytest.raises(engine.ConfigError, match=match):
+        _config(tmp_path, **kwargs)
+
+
+def test_points_is_frozen(tmp_path):
+    cfg = _config(tmp_path, points=["mlp_in"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.points = ("residual",)
+
+
+def test_new_points_through_the_engine(variant, tmp_path):
+    """Stored rows equal each point's own hook, and the manifest records the TransformerLens names."""
+    model = _variant_model(variant)
+    points = [p for p in _points_of(variant) if p not in POINTS]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], points=points, chunk_tokens=5)
+    batches = [ragged_batch(3, 6, seed=s) for s in range(2)]
+    with reference_capture(model, [0, 1], points) as ref:
+        with CaptureEngine(model, cfg), torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    store = open_store(cfg.output_dir)
+    assert store.manifest["points"] == points
+    for layer in (0, 1):
+        for point in points:
+            key = f"layer_{layer}/{point}"
+            np.testing.assert_array_equal(store[key][:].astype(np.float32),
+                                          expected_rows(ref[key], [b["attention_mask"] for b in batches]))
+            assert store.manifest["arrays"][key]["tl_name"] == f"blocks.{layer}.{TL_SUFFIX[point]}"
 
