@@ -12,7 +12,8 @@ The original four come first, so stores captured before the other three existed 
   resid_mid   residual after attention, before the MLP  d_model  MLP norm input         hook_resid_mid
   mlp_in      what the MLP receives (after its norm)    d_model  MLP input              ln2.hook_normalized
 plus any module path of the model (its output is captured), stored under ``extra/<name>``.
-Module paths per family are in ``ADAPTERS`` below.
+Module paths per family are in ``ADAPTERS`` below; ``python -m engine models --points NAME`` prints them,
+with widths, for every layer of a model.
 
 TransformerLens names are ``blocks.{i}.{suffix}``. For ``mlp_in`` we record ``ln2.hook_normalized``, not TL's
 ``hook_mlp_in``: TL's ``hook_mlp_in`` is the input of ln2, *before* the norm (resid_mid in sequential blocks).
@@ -252,3 +253,19 @@ def _extra_point(model: torch.nn.Module, name: str, path: str) -> HookPoint:
                              "names printed by model.named_modules()") from None
     return HookPoint(extra_array_key(name), path, module, "output", None, name, None)
 
+
+def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> dict[str, int]:
+    """Width (last dimension) of each point's tensor, ``{key: width}``, measured by one forward pass of one
+    token. On a model whose weights are on the ``meta`` device this computes shapes only (no memory, no time).
+    """
+    widths: dict[str, int] = {}
+    handles = [hp.attach(lambda tensor, key=hp.key: widths.update({key: tensor.shape[-1]}))
+               for hp in hook_points]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return widths

@@ -13,6 +13,7 @@ from transformers import BertConfig, BertModel
 
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
+from engine.cli import build_parser, main
 from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
 
 from conftest import D_MLP, D_MODEL, FAMILIES, N_LAYERS, VOCAB, ragged_batch, tiny_model
@@ -474,3 +475,56 @@ def test_new_points_through_the_engine(variant, tmp_path):
                                           expected_rows(ref[key], [b["attention_mask"] for b in batches]))
             assert store.manifest["arrays"][key]["tl_name"] == f"blocks.{layer}.{TL_SUFFIX[point]}"
 
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+def _points_table(capsys, name) -> tuple[list[list[str]], str]:
+    assert main(["models", "--points", str(name)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:] if line[0].isdigit()]
+    return rows, "\n".join(lines)
+
+
+def test_models_points_lists_every_point_of_a_full_size_model_without_weights(capsys):
+    rows, printed = _points_table(capsys, "llama-3-8b")
+    assert len(rows) == 32 * len(ALL_POINTS) and "not available" not in printed
+    by_key = {(row[0], row[1]): row[2:] for row in rows}
+    assert by_key[("16", "mlp_hidden")] == ["14336", "model.layers.16.mlp.down_proj", "(input)",
+                                            "blocks.16.mlp.hook_post"]
+    assert by_key[("16", "mlp_in")] == ["4096", "model.layers.16.mlp", "(input)",
+                                        "blocks.16.ln2.hook_normalized"]
+    assert by_key[("31", "resid_mid")] == ["4096", "model.layers.31.post_attention_layernorm", "(input)",
+                                           "blocks.31.hook_resid_mid"]
+    assert by_key[("0", "resid_pre")] == ["4096", "model.layers.0", "(input)", "blocks.0.hook_resid_pre"]
+
+
+def test_models_points_says_why_parallel_blocks_lack_resid_mid(capsys):
+    rows, printed = _points_table(capsys, "pythia-1.4b")
+    assert len(rows) == 24 * (len(ALL_POINTS) - 1) and not any(row[1] == "resid_mid" for row in rows)
+    assert "resid_mid: not available: resid_mid does not exist in gpt_neox blocks with " \
+        "use_parallel_residual=True" in printed
+    assert ["8192", "gpt_neox.layers.3.mlp.dense_4h_to_h", "(input)", "blocks.3.mlp.hook_post"] in \
+        [row[2:] for row in rows]
+
+
+def test_models_points_of_a_local_folder_and_unknown_names(model_dir, capsys):
+    rows, _ = _points_table(capsys, model_dir)
+    assert len(rows) == 3 * len(ALL_POINTS)  # the saved tiny llama has 3 layers
+    assert {row[2] for row in rows if row[1] == "mlp_hidden"} == {"160"}
+    assert main(["models", "--points", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_capture_hooks_take_every_canonical_point(model_dir, corpus, tmp_path):
+    required = ["capture", "--model", "m", "--data", "d", "--out", "o"]
+    assert build_parser().parse_args([*required, "--hooks", *ALL_POINTS]).hooks == ALL_POINTS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--hooks", "resid_post"])
+    out = tmp_path / "s.zarr"
+    assert main(["capture", "--model", str(model_dir), "--data", str(corpus), "--out", str(out),
+                 "--layers", "1", "--hooks", "mlp_in", "resid_pre", "--seq-len", "16", "--batch-size", "4",
+                 "--chunk-tokens", "32", "--no-progress"]) == 0
+    store = open_store(out)
+    assert store.manifest["points"] == ["resid_pre", "mlp_in"]
+    assert {"layer_1/resid_pre", "layer_1/mlp_in"} <= set(store.keys()) and store.num_tokens > 0
