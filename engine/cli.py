@@ -10,18 +10,55 @@ import os
 import sys
 import time
 
+from .hookpoints import CANONICAL_POINTS
 from .registry import find_model, list_models
 
 _ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
 
 
 def _models(args: argparse.Namespace) -> int:
-    header = ("name", "arch", "layers", "hidden", "mlp", "probe", "hf_repo_id")
-    rows = [(s.name, s.architecture, str(s.num_layers), str(s.hidden_dim), str(s.mlp_dim),
-             str(s.default_probe_layer), s.hf_repo_id) for s in list_models()]
+    if args.points is not None:
+        return _hook_points(args.points)
+    _print_table(("name", "arch", "layers", "hidden", "mlp", "probe", "hf_repo_id"),
+                 [(s.name, s.architecture, str(s.num_layers), str(s.hidden_dim), str(s.mlp_dim),
+                   str(s.default_probe_layer), s.hf_repo_id) for s in list_models()])
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _hook_points(name_or_path: str) -> int:
+    """Print every canonical hook point of a model, per layer, from its architecture config alone."""
+    from .errors import EngineError, HookPointError
+    from .hookpoints import family_of, layer_modules, measure_widths, resolve_hook_points
+    from .loading import meta_model
+
+    try:
+        model = meta_model(name_or_path)
+        layers = range(len(layer_modules(model)))
+    except EngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    points, missing = [], {}
+    for point in CANONICAL_POINTS:
+        try:
+            resolve_hook_points(model, [0], [point], {})
+            points.append(point)
+        except HookPointError as error:
+            missing[point] = str(error)
+    hook_points = resolve_hook_points(model, layers, points, {})
+    widths = measure_widths(model, hook_points)
+    print(f"{name_or_path}: {family_of(model)}, {len(layers)} layers, {len(points)} points per layer "
+          "(from the config on the meta device: no weights read)")
+    _print_table(("layer", "point", "width", "module (input or output)", "tl_name"),
+                 [(str(hp.layer), hp.point, str(widths[hp.key]), f"{hp.module_path} ({hp.capture})",
+                   hp.tl_name) for hp in hook_points])
+    for point, reason in missing.items():
+        print(f"{point}: not available: {reason}")
     return 0
 
 
@@ -66,9 +103,7 @@ def _capture(args: argparse.Namespace) -> int:
         return 2
     spec = find_model(args.model)
     layers = args.layers or [spec.default_probe_layer if spec else model.config.num_hidden_layers // 2]
-    cfg = CaptureConfig(args.out, layer_indices=layers, capture_residual="residual" in args.hooks,
-                        capture_mlp_hidden="mlp_hidden" in args.hooks, capture_mlp_out="mlp_out" in args.hooks,
-                        capture_attn_out="attn_out" in args.hooks, dtype=args.dtype,
+    cfg = CaptureConfig(args.out, layer_indices=layers, points=args.hooks, dtype=args.dtype,
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
                         pinned_slots=args.pinned_slots, resume=args.resume, overwrite=args.overwrite,
                         early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS,
@@ -266,15 +301,18 @@ def _align(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("models", help="list the model registry").set_defaults(run=_models)
+    mod = commands.add_parser("models", help="list the model registry, or one model's hook points")
+    mod.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its hook "
+                     "points per layer (module, width, TransformerLens name) from its config alone")
+    mod.set_defaults(run=_models)
 
     cap = commands.add_parser("capture", help="capture layers of a model over a corpus into a store")
     cap.add_argument("--model", required=True, help="registry name or local model folder")
     cap.add_argument("--data", required=True, help=".txt, .jsonl or a saved datasets folder")
     cap.add_argument("--out", required=True, help="store folder or object-store URL (s3://bucket/prefix)")
     cap.add_argument("--layers", type=int, nargs="+", help="default: the model's probe layer")
-    cap.add_argument("--hooks", nargs="+", default=["residual", "mlp_hidden"],
-                     choices=["residual", "mlp_hidden", "mlp_out", "attn_out"])
+    cap.add_argument("--hooks", nargs="+", default=["residual", "mlp_hidden"], choices=list(CANONICAL_POINTS),
+                     help="canonical points per layer (see `models --points MODEL` for a model's)")
     cap.add_argument("--seq-len", type=int, default=512)
     cap.add_argument("--batch-size", type=int, default=8)
     cap.add_argument("--max-tokens", type=int, default=None, help="stop before the row that would pass this")

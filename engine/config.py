@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
+from .hookpoints import CANONICAL_POINTS
 from .layout import ANNOTATION_DTYPES, STORAGE_DTYPES, TOKEN_ARRAYS
 from .location import Location
 
 SINKS = ("zarr", "null")
 COMPRESSORS = (None, "zstd", "blosc")
 _EXTRA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# The original per-point switches (capture_<point>) and what each means when neither it nor ``points`` is set.
+FLAG_DEFAULTS = {"residual": True, "mlp_hidden": True, "mlp_out": False, "attn_out": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +27,17 @@ class CaptureConfig:
         output_dir: the zarr store to write: a local folder or an object-store URL such as
             ``s3://bucket/prefix`` (any fsspec protocol; see ``engine.location``).
         layer_indices: layers whose canonical points are captured.
-        capture_residual / capture_mlp_hidden / capture_mlp_out / capture_attn_out: canonical points
-            (see ``engine.hookpoints``).
+        capture_residual / capture_mlp_hidden / capture_mlp_out / capture_attn_out: the original switches for
+            four canonical points; unset (None) they mean True, True, False, False unless ``points`` is given.
+        points: canonical points captured at every layer of ``layer_indices``, from
+            ``engine.hookpoints.CANONICAL_POINTS`` (residual, mlp_hidden, mlp_out, attn_out, resid_pre,
+            resid_mid, mlp_in; one name may be a string). The rule: given (even empty), ``points`` is the
+            whole selection and a capture_* switch may only agree with it (``capture_residual=True`` without
+            ``"residual"`` in ``points``, or ``False`` with it, is a ConfigError); None, the switches choose.
+            After construction ``points`` holds the selection in canonical order and every switch says whether
+            its point is in it, so ``dataclasses.replace`` keeps the selection. (Replacing ``points`` alone by
+            one that adds or drops a switch's point contradicts that switch: pass it too, or build a new
+            config.)
         extra_modules: ``{name: module_path}`` of further modules whose outputs are captured to
             ``extra/<name>``.
         dtype: storage dtype: ``float16`` (default), ``float32``, or ``bfloat16`` (stored as uint16 bits).
@@ -63,10 +75,11 @@ class CaptureConfig:
 
     output_dir: str | os.PathLike
     layer_indices: tuple[int, ...] = ()
-    capture_residual: bool = True
-    capture_mlp_hidden: bool = True
-    capture_mlp_out: bool = False
-    capture_attn_out: bool = False
+    capture_residual: bool | None = None
+    capture_mlp_hidden: bool | None = None
+    capture_mlp_out: bool | None = None
+    capture_attn_out: bool | None = None
+    points: Sequence[str] | None = None
     extra_modules: Mapping[str, str] = dataclasses.field(default_factory=dict)
     dtype: str = "float16"
     chunk_tokens: int = 8192
@@ -92,6 +105,7 @@ class CaptureConfig:
         object.__setattr__(self, "extra_modules", dict(self.extra_modules))
         object.__setattr__(self, "annotations", dict(self.annotations))
         object.__setattr__(self, "storage_options", dict(self.storage_options))
+        self._select_points()
         for name, dtype in self.annotations.items():
             if not isinstance(name, str) or not name.isidentifier() or f"tokens/{name}" in TOKEN_ARRAYS:
                 raise ConfigError(f"annotation {name!r}: use an identifier other than "
@@ -110,8 +124,8 @@ class CaptureConfig:
             raise ConfigError("layer_indices is empty but canonical hook points are enabled: name the layers "
                               "to capture, e.g. layer_indices=[6]")
         if not self.points and not self.extra_modules:
-            raise ConfigError("no hook point selected: set capture_residual / capture_mlp_hidden / "
-                              "capture_mlp_out / capture_attn_out to True or name extra_modules")
+            raise ConfigError("no hook point selected: name canonical points, e.g. points=['residual'], or "
+                              "modules in extra_modules")
         for name, path in self.extra_modules.items():
             if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str) or not path:
                 raise ConfigError(f"extra_modules entry {name!r}: names use letters, digits, '_', '.', '-' "
@@ -138,12 +152,41 @@ class CaptureConfig:
         if self.compressor not in COMPRESSORS:
             raise ConfigError(f"compressor {self.compressor!r}: use None, 'zstd' or 'blosc'")
 
-    @property
-    def points(self) -> tuple[str, ...]:
-        """Selected canonical hook points, in canonical order."""
-        flags = (("residual", self.capture_residual), ("mlp_hidden", self.capture_mlp_hidden),
-                 ("mlp_out", self.capture_mlp_out), ("attn_out", self.capture_attn_out))
-        return tuple(name for name, enabled in flags if enabled)
+    def _select_points(self) -> None:
+        """Apply the ``points`` rule (see the class docstring): store the selection in canonical order and
+        set every capture_* switch to whether its point is selected."""
+        flags = {point: getattr(self, f"capture_{point}") for point in FLAG_DEFAULTS}
+        for point, value in flags.items():
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"capture_{point} must be True, False or None (unset), got {value!r}")
+        if self.points is None:
+            selected = {point for point, value in flags.items()
+                        if (FLAG_DEFAULTS[point] if value is None else value)}
+        else:
+            names = self._named_points()
+            selected = set(names)
+            for point, value in flags.items():
+                if value is not None and value != (point in selected):
+                    raise ConfigError(
+                        f"capture_{point}={value} contradicts points={names}: when points is given it is "
+                        f"the whole selection; {'add' if value else 'remove'} {point!r} there, or leave "
+                        f"capture_{point} unset")
+        object.__setattr__(self, "points", tuple(point for point in CANONICAL_POINTS if point in selected))
+        for point in FLAG_DEFAULTS:
+            object.__setattr__(self, f"capture_{point}", point in selected)
+
+    def _named_points(self) -> list[str]:
+        """``points`` as given, checked: known names, each once."""
+        if not isinstance(self.points, (str, list, tuple)):
+            raise ConfigError(f"points must be a list of hook point names, got {self.points!r}")
+        names = [self.points] if isinstance(self.points, str) else list(self.points)
+        for name in names:
+            if not isinstance(name, str) or name not in CANONICAL_POINTS:
+                raise ConfigError(f"unknown hook point {name!r} in points: choose from "
+                                  f"{', '.join(CANONICAL_POINTS)}; capture other modules with extra_modules")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"points has duplicates: {names}; list each point once")
+        return names
 
     @property
     def location(self) -> Location:

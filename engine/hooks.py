@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import HookPointError
-from .hookpoints import HookPoint, captured_tensor
+from .hookpoints import HookPoint
 
 _OWNER_ATTR = "_actcap_engine"
 _NO_INSTANCE_FORWARD = object()
@@ -66,15 +66,7 @@ class ModelHooks:
             self._wrap_forward()
         self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for point in self._points:
-            self._handles.append(self._register(point))
-
-    def _register(self, point: HookPoint):
-        on_point = self._on_point
-        if point.capture == "input":
-            return point.module.register_forward_pre_hook(
-                lambda module, args: on_point(point, captured_tensor(point, args, None)))
-        return point.module.register_forward_hook(
-            lambda module, args, output: on_point(point, captured_tensor(point, args, output)))
+            self._handles.append(point.attach(functools.partial(self._on_point, point)))
 
     def remove(self) -> None:
         """Remove every hook and the early-stop wrapper, restoring exactly what was there. Idempotent."""

@@ -122,6 +122,25 @@ def random_model(spec: ModelSpec, dtype=None, seed: int = 0, **config_overrides)
     return model
 
 
+def meta_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
+    """The architecture of a registry model or local transformers folder with every tensor on the ``meta``
+    device: built from the config alone (no weights read, no memory; a second even for llama-3-8b). Module
+    paths and tensor shapes are real, values do not exist: for inspecting hook points, not for capture.
+
+    Raises:
+        UnknownModelError: neither a registry name nor a folder.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        config = get_model(str(name_or_path)).hf_config()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
                weights: WeightsMode = "auto", allow_download: bool = False) -> torch.nn.Module:
     """Load a causal LM for capture, in eval mode, on ``device``.

@@ -32,9 +32,10 @@ FAMILIES = tuple(TINY)
 D_MODEL, D_MLP, N_LAYERS, VOCAB = 64, 160, 2, 256
 
 
-def tiny_model(family: str, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **config_overrides) -> torch.nn.Module:
+    """A tiny random model of ``family``; ``config_overrides`` change its config further (e.g. a variant)."""
     name, overrides = TINY[family]
-    return random_model(get_model(name), dtype=dtype, seed=seed, **overrides).eval()
+    return random_model(get_model(name), dtype=dtype, seed=seed, **{**overrides, **config_overrides}).eval()
 
 
 @pytest.fixture(params=FAMILIES)

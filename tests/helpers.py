@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -16,21 +17,14 @@ import torch
 
 from crash_job import PACE_S
 from engine import open_store
-from engine.hookpoints import captured_tensor, resolve_hook_points
+from engine.hookpoints import resolve_hook_points
 from engine.layout import FLAG_BOS, FLAG_FIRST
 
 
 def hook_all(hook_points, record) -> list:
-    """Plain forward hooks / pre-hooks of our own: ``record(key, tensor)`` gets what each point captures."""
-    handles = []
-    for hp in hook_points:
-        if hp.capture == "input":
-            handles.append(hp.module.register_forward_pre_hook(
-                lambda module, args, hp=hp: record(hp.key, captured_tensor(hp, args, None))))
-        else:
-            handles.append(hp.module.register_forward_hook(
-                lambda module, args, output, hp=hp: record(hp.key, captured_tensor(hp, args, output))))
-    return handles
+    """Each point's own hook (``HookPoint.attach``), outside the engine: ``record(key, tensor)`` gets what
+    each point captures. Returns the handles to remove."""
+    return [hp.attach(functools.partial(record, hp.key)) for hp in hook_points]
 
 
 @contextlib.contextmanager

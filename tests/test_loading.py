@@ -9,7 +9,6 @@ import torch
 
 import engine
 from engine import loading
-from engine.hookpoints import captured_tensor
 
 from conftest import N_LAYERS, VOCAB, tiny_model
 
@@ -191,8 +190,7 @@ def test_smollm2_real_weights():
     input_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     hook_point = engine.resolve_hook_points(model, [15], ["residual"], {})[0]
     captured = []
-    handle = hook_point.module.register_forward_hook(
-        lambda module, args, output: captured.append(captured_tensor(hook_point, args, output).clone()))
+    handle = hook_point.attach(lambda tensor: captured.append(tensor.clone()))
     try:
         with torch.no_grad():
             output = model(input_ids=input_ids, output_hidden_states=True)
