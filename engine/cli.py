@@ -53,7 +53,7 @@ def _capture(args: argparse.Namespace) -> int:
 
     from .capture import CaptureEngine
     from .config import CaptureConfig
-    from .corpus import collate, read_documents, rows, shares
+    from .corpus import collate, open_corpus, rows, shares
     from .loading import load_model, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def _capture(args: argparse.Namespace) -> int:
 
     def corpus():
         taken = 0
-        for row in rows(read_documents(args.data, args.text_field), tokenizer, args.seq_len, args.pack):
+        for row in rows(open_corpus(args.data, args.text_field).documents(), tokenizer, args.seq_len, args.pack):
             if args.max_tokens is not None and taken + len(row.ids) > args.max_tokens:
                 return
             taken += len(row.ids)

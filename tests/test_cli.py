@@ -83,16 +83,3 @@ def test_max_tokens_pack_and_resume(model_dir, corpus, tmp_path):
     assert "tokens/label" not in open_store(split).keys(), "a stale label array is dropped on resume"
     for key in ("tokens/input_ids", "tokens/sequence", "tokens/doc_id", "layer_1/residual"):
         np.testing.assert_array_equal(open_store(split)[key][:], packed[key][:])
-
-
-def test_corpus_reading_rules(tmp_path):
-    from engine.corpus import _first_visible, read_documents
-
-    text = tmp_path / "c.txt"
-    text.write_text("first para\nstill first\n  \nsecond para\n\n\nthird\n")
-    assert list(read_documents(text)) == ["first para\nstill first", "second para", "third"]
-    lines = tmp_path / "l.txt"
-    lines.write_text("one\ntwo\nthree\n")
-    assert list(read_documents(lines)) == ["one", "two", "three"]
-    # byte-level BPE offsets include the space before a word: the stored start is the word's first letter
-    assert _first_visible("The capital Paris", 11, 17) == 12 and _first_visible("a  ", 1, 3) == 1
