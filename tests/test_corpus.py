@@ -5,6 +5,8 @@ bounded pieces."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -181,3 +183,18 @@ def test_long_documents_are_tokenized_in_bounded_pieces(tokenizer):
     assert spy.longest <= PIECE_CHARS
     assert row.ids == tokenizer(text, truncation=True, max_length=512)["input_ids"]
     assert row.dropped == len(whole["input_ids"]) + 1 - 512
+
+
+def test_a_50_mb_document_captures_in_bounded_memory(model_dir, tmp_path):
+    """The issue's case: 64 tokens of a 50 MB single-line document took 8.8 GB (tokenized whole, twice)."""
+    big = tmp_path / "big.txt"
+    big.write_text(" ".join(["the cat sat on the mat"] * (50_000_000 // 23)) + "\n")
+    script = ("import resource, sys; from engine.cli import main; code = main(sys.argv[1:]); "
+              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, "capture", "--model", model_dir, "--data", big,
+                           "--out", tmp_path / "s.zarr", "--layers", "1", "--seq-len", "32", "--max-tokens",
+                           "64", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "64 tokens in 2 rows" in done.stdout
+    peak_gb = int(done.stdout.split("maxrss_kb")[1]) / 1e6
+    assert peak_gb < 1.5, f"peak memory {peak_gb:.2f} GB"
