@@ -1,19 +1,44 @@
-"""Command line: ``python -m engine models | capture | inspect | align``."""
+"""Command line: ``python -m engine models | capture | inspect | align``.
+
+A user error (a bad option, a missing or unreadable corpus, a bad record, options the model cannot take, a
+store in the way) prints one line ``error: ...`` to stderr and exits with status 2; ``--debug`` shows the
+traceback instead. ``capture`` checks everything it can before it loads the model: the corpus (a local one is
+read whole, counting its rows), the model's config (positions, layers, hook points and extra modules, on a
+weightless copy), the tokenizer and the output store.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-from .hookpoints import CANONICAL_POINTS
-from .registry import find_model, list_models
+import numpy as np
+import torch
+import zarr
+
+from .capture import CaptureEngine
+from .config import CaptureConfig
+from .corpus import Corpus, Row, RowCounts, collate, open_corpus, rows, shares, take_tokens
+from .errors import (CaptureClosedError, CaptureError, ConfigError, CorpusError, EngineError, HookPointError,
+                     StoreExistsError)
+from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widths, resolve_hook_points
+from .layout import FLAG_LAST, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
+from .loading import architecture_config, load_model, load_tokenizer, meta_model
+from .location import Location
+from .reader import open_store
+from .registry import find_model, get_model, list_models
+from .store import check_location, find_resume_point
 
 _ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
+_BLOCK_BYTES = 4096  # filesystem block: what a file's last partial block costs on disk
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -33,16 +58,8 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def _hook_points(name_or_path: str) -> int:
     """Print every canonical hook point of a model, per layer, from its architecture config alone."""
-    from .errors import EngineError, HookPointError
-    from .hookpoints import family_of, layer_modules, measure_widths, resolve_hook_points
-    from .loading import meta_model
-
-    try:
-        model = meta_model(name_or_path)
-        layers = range(len(layer_modules(model)))
-    except EngineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = meta_model(architecture_config(name_or_path))
+    layers = range(len(layer_modules(model)))
     points, missing = [], {}
     for point in CANONICAL_POINTS:
         try:
@@ -62,18 +79,150 @@ def _hook_points(name_or_path: str) -> int:
     return 0
 
 
-def _widths(config) -> tuple[int, int]:
-    """(d_model, d_mlp) from a transformers config, for the size estimate."""
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    return hidden, mlp
+# ---- capture: checks before the model loads ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A capture job whose options were all checked before the model loads.
+
+    Attributes:
+        corpus: the documents.
+        config: the capture configuration (``first_sequence`` is set per rank later).
+        tokenizer: the model's fast tokenizer.
+        row_bytes: bytes per token of every array of the store, by key.
+        rows: a fresh pass over the job's rows (``--max-tokens`` applied).
+        lengths: every row's length (the counting pass), or None for a streamed corpus in one process.
+        counts: totals of the counting pass, or None when there was none.
+    """
+
+    corpus: Corpus
+    config: CaptureConfig
+    tokenizer: Any
+    row_bytes: dict[str, int]
+    rows: Callable[[], Iterator[Row]]
+    lengths: list[int] | None
+    counts: RowCounts | None
+
+
+def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
+    """Check the job's options, cheapest first, and count its rows; nothing is loaded but configs, the
+    tokenizer and the corpus."""
+    corpus = open_corpus(args.data, args.text_field, args.split)
+    if world_size > 1 and corpus.streamed and args.max_tokens is None:
+        raise ConfigError(f"{corpus.description} has no known length to share among {world_size} processes: "
+                          "pass --max-tokens (every process then reads that many tokens' rows of the stream "
+                          "to compute its share), or save the dataset locally")
+    resume = _continues_a_store(args)
+    model_config = architecture_config(args.model)
+    _check_seq_len(args.seq_len, model_config)
+    config = _capture_config(args, model_config, world_size, resume)
+    row_bytes = _row_bytes(_point_widths(model_config, config), config.dtype)
+    tokenizer = _tokenizer(args)
+
+    def job_rows() -> Iterator[Row]:
+        return take_tokens(rows(corpus.documents(), tokenizer, args.seq_len, args.pack), args.max_tokens)
+
+    print(f"{tag} data: {corpus.description}" if args.data is not None else
+          f"{tag} no --data given: capturing {corpus.description}; pass --data for your own corpus")
+    if corpus.streamed and world_size == 1:
+        return _Job(corpus, config, tokenizer, row_bytes, job_rows, None, None)
+    counts, lengths = _count_rows(job_rows())
+    if not lengths:
+        first = next(rows(corpus.documents(), tokenizer, args.seq_len, args.pack), None)
+        if first is None:
+            raise CorpusError(f"{corpus.description} holds no text: nothing to capture")
+        raise ConfigError(f"--max-tokens {args.max_tokens} is less than the first row's {len(first.ids)} "
+                          "tokens: nothing to capture; raise --max-tokens")
+    return _Job(corpus, config, tokenizer, row_bytes, job_rows, lengths, counts)
+
+
+def _count_rows(rows: Iterator[Row]) -> tuple[RowCounts, list[int]]:
+    """The counting pass: totals, and every row's length (what torchrun shares are cut from)."""
+    counts, lengths = RowCounts(), []
+    for row in rows:
+        counts.add(row)
+        lengths.append(len(row.ids))
+    return counts, lengths
+
+
+def _check_seq_len(seq_len: int, model_config) -> None:
+    for name in ("max_position_embeddings", "n_positions"):
+        positions = getattr(model_config, name, None)
+        if isinstance(positions, int) and seq_len > positions:
+            raise ConfigError(f"--seq-len {seq_len} exceeds the model's {positions} positions: pass "
+                              f"--seq-len {positions} or less")
+
+
+def _capture_config(args: argparse.Namespace, model_config, world_size: int, resume: bool) -> CaptureConfig:
+    spec = find_model(args.model)
+    layers = args.layers if args.layers is not None else [
+        spec.default_probe_layer if spec else model_config.num_hidden_layers // 2]
+    return CaptureConfig(args.out, layer_indices=layers, points=list(args.hooks), extra_modules=_extra_modules(args), dtype=args.dtype, chunk_tokens=args.chunk_tokens,
+                         num_writers=args.num_writers, pinned_slots=args.pinned_slots, resume=resume,
+                         overwrite=args.overwrite, early_stop=not args.no_early_stop, model_name=args.model,
+                         annotations=_ANNOTATIONS, statistics=not args.no_statistics,
+                         distributed=world_size > 1)
+
+
+def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
+    names = [name for name, _ in args.extra_modules]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--extra-modules names {', '.join(repeated)} more than once: give each module its "
+                          "own name")
+    return dict(args.extra_modules)
+
+
+def _continues_a_store(args: argparse.Namespace) -> bool:
+    """Whether this run resumes the store at --out. Checked before any process of a torchrun job has joined
+    (so before any could create a store): every process sees the same state."""
+    exists = check_location(Location.of(args.out), overwrite=False, resume=True)  # changes nothing
+    if args.resume and not exists:
+        raise ConfigError(f"--resume: there is no capture store at {args.out}: check the path, or pass "
+                          "--resume-or-start to start a new store when there is none")
+    if exists and not (args.resume or args.resume_or_start or args.overwrite):
+        raise StoreExistsError(f"a capture store already exists at {args.out}: pass --resume to continue it "
+                               "or --overwrite to replace it")
+    return exists and (args.resume or args.resume_or_start)
+
+
+def _point_widths(model_config, config: CaptureConfig) -> dict[str, int]:
+    """Width of every activation array, from a weightless copy of the model on the meta device: resolving its
+    hook points checks the architecture, layers and module paths as CaptureEngine will, and a forward pass of
+    shapes only gives each point's width (an extra module's included)."""
+    skeleton = meta_model(model_config)
+    return measure_widths(skeleton, resolve_hook_points(skeleton, config.layer_indices, config.points,
+                                                        config.extra_modules))
+
+
+def _row_bytes(widths: dict[str, int], dtype: str) -> dict[str, int]:
+    itemsize = STORAGE_DTYPES[dtype].itemsize
+    return {**{key: width * itemsize for key, width in widths.items()},
+            **{key: dt.itemsize for key, dt in token_arrays(_ANNOTATIONS).items()}}
+
+
+def _tokenizer(args: argparse.Namespace):
+    source = args.tokenizer or args.model
+    try:
+        tokenizer = load_tokenizer(source, allow_download=args.allow_download)
+    except EngineError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load a tokenizer from {source} ({error}): pass --tokenizer with a folder "
+                          "holding one") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"the tokenizer of {source} is not a fast one: character offsets need the "
+                          "tokenizers library's; pass --tokenizer with a folder holding a tokenizer.json")
+    return tokenizer
+
+
+# ---- capture: the run --------------------------------------------------------------------------------------
 
 
 def _join_process_group(device: str) -> tuple[int, int, str]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the default process
     group (nccl on GPUs, gloo on CPU) and takes the GPU of its LOCAL_RANK."""
-    import torch
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, device
@@ -86,83 +235,134 @@ def _join_process_group(device: str) -> tuple[int, int, str]:
 
 
 def _capture(args: argparse.Namespace) -> int:
-    import torch
-
-    from .capture import CaptureEngine
-    from .config import CaptureConfig
-    from .corpus import collate, read_documents, rows, shares
-    from .loading import load_model, load_tokenizer
-
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[capture rank {os.environ.get('RANK', '0')}]" if world_size > 1 else "[capture]"
+    job = _plan(args, world_size, tag)  # every process checks before any joins (and so before any writes)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, device = _join_process_group(device)
-    tag = f"[capture rank {rank}]" if world_size > 1 else "[capture]"
-    model = load_model(args.model, device=device, dtype=args.model_dtype, weights=args.weights)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if not getattr(tokenizer, "is_fast", False):
-        print("error: character offsets need a fast tokenizer (tokenizers library)", file=sys.stderr)
-        return 2
-    spec = find_model(args.model)
-    layers = args.layers or [spec.default_probe_layer if spec else model.config.num_hidden_layers // 2]
-    cfg = CaptureConfig(args.out, layer_indices=layers, points=args.hooks, dtype=args.dtype,
-                        chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
-                        pinned_slots=args.pinned_slots, resume=args.resume, overwrite=args.overwrite,
-                        early_stop=not args.no_early_stop, model_name=args.model, annotations=_ANNOTATIONS,
-                        statistics=not args.no_statistics, distributed=world_size > 1)
+    try:
+        return _run(args, job, rank, world_size, device, tag)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
 
-    def corpus():
-        taken = 0
-        for row in rows(read_documents(args.data, args.text_field), tokenizer, args.seq_len, args.pack):
-            if args.max_tokens is not None and taken + len(row.ids) > args.max_tokens:
-                return
-            taken += len(row.ids)
-            yield row
 
-    lengths = [len(row.ids) for row in corpus()]
-    first, stop = shares(lengths, world_size)[rank]  # this process's rows; sequence numbers stay global
-    cfg = dataclasses.replace(cfg, first_sequence=first)
-    total = sum(lengths[first:stop])
-    hidden, mlp = _widths(model.config)
-    row_bytes = len(layers) * sum(mlp if h == "mlp_hidden" else hidden for h in args.hooks) * (
-        4 if args.dtype == "float32" else 2) + 17 + 16
-    print(f"{tag} {args.model} layers {layers} {args.hooks} -> {args.out}: {total:,} tokens "
-          f"(sequences {first:,}..{stop - 1:,}), expected store size {total * row_bytes / 1e9:.3f} GB")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+def _run(args: argparse.Namespace, job: _Job, rank: int, world_size: int, device: str, tag: str) -> int:
+    first, stop = (0, None) if job.lengths is None else shares(job.lengths, world_size)[rank]
+    config = dataclasses.replace(job.config, first_sequence=first)  # this process's rows, numbered globally
+    model = load_model(args.model, device=device, dtype=args.model_dtype, weights=args.weights,
+                       allow_download=args.allow_download)
+    total = _print_plan(args, job, first, stop, tag)
     started = time.perf_counter()
     try:
-        with CaptureEngine(model, cfg, tokenizer=tokenizer) as cap, torch.no_grad():
-            stream = itertools.islice(corpus(), first, stop)
-            skipped = [row for _, row in zip(range(cap.resume_sequences), stream)]
-            if len(skipped) < cap.resume_sequences:
-                print(f"error: the store holds {cap.resume_sequences} sequences but this corpus has only "
-                      f"{len(skipped)} with these options: resume with the same --data, --seq-len, --pack and "
-                      "--max-tokens", file=sys.stderr)
-                return 2
-            done = sum(len(row.ids) for row in skipped)
+        with CaptureEngine(model, config, tokenizer=job.tokenizer) as cap, torch.no_grad():
+            stream = itertools.islice(job.rows(), first, stop)
+            done = _skip(stream, cap.resume_sequences)
             if cap.resume_sequences:
-                print(f"{tag} resuming after {cap.resume_sequences} sequences ({done:,} tokens)")
-            progress = _progress(total, done, args.no_progress or rank > 0)
-            while batch := [row for _, row in zip(range(args.batch_size), stream)]:
-                inputs, annotations = collate(batch, pad_id)
-                cap.annotate(**annotations)
-                model(**{k: v.to(device) for k, v in inputs.items()})
-                s = cap.stats
-                progress.update(sum(len(row.ids) for row in batch))
-                progress.set_postfix_str(f"{s.bytes_written / 1e9:.2f} GB, queue {s.queue_depth}, "
-                                         f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
-            progress.close()
+                print(f"{tag} resuming after {done.rows:,} sequences ({done.tokens:,} tokens)")
+            progress = _progress(total, done.tokens, args.no_progress or rank > 0)
+            fed = _feed(model, cap, stream, job.tokenizer, args.batch_size, device, progress)
     except KeyboardInterrupt:
         print(f"{tag} interrupted: committed chunks are kept; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
-    finally:
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
     s = cap.stats
     elapsed = time.perf_counter() - started
-    print(f"{tag} done: {s.tokens:,} tokens in {elapsed:.1f} s ({s.tokens_staged / elapsed:,.0f} tokens/s "
-          f"through the model), {s.bytes_written / 1e9:.3f} GB written, stalled {s.stall_seconds:.2f} s, "
-          f"queue high-water {s.queue_high_water}")
+    print(f"{tag} done: {fed.tokens:,} tokens stored by this run in {elapsed:.1f} s "
+          f"({fed.tokens / elapsed:,.0f} tokens/s stored; pad tokens not counted), the store holds "
+          f"{s.tokens:,}; {_size(s.bytes_written)} written, stalled {s.stall_seconds:.2f} s, queue "
+          f"high-water {s.queue_high_water}")
+    if not args.pack:
+        print(f"{tag} {_cut_report(fed, args.seq_len)}")
     return 0
+
+
+def _feed(model: torch.nn.Module, cap: CaptureEngine, stream: Iterator[Row], tokenizer: Any, batch_size: int,
+          device: str, progress) -> RowCounts:
+    """Run the model over the rows, ``batch_size`` at a time; returns what was fed (real tokens, no pads)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    fed = RowCounts()
+    while batch := list(itertools.islice(stream, batch_size)):
+        inputs, annotations = collate(batch, pad_id)
+        cap.annotate(**annotations)
+        model(**{key: value.to(device) for key, value in inputs.items()})
+        for row in batch:
+            fed.add(row)
+        s = cap.stats
+        progress.update(sum(len(row.ids) for row in batch))
+        progress.set_postfix_str(f"{s.bytes_written / 1e9:.2f} GB, queue {s.queue_depth}, "
+                                 f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
+    progress.close()
+    return fed
+
+
+def _skip(stream: Iterator[Row], count: int) -> RowCounts:
+    """Read past the ``count`` rows a resumed store already holds (without keeping them)."""
+    skipped = RowCounts()
+    for row in itertools.islice(stream, count):
+        skipped.add(row)
+    if skipped.rows < count:
+        raise ConfigError(f"the store holds {count:,} sequences but this corpus has only {skipped.rows:,} "
+                          "with these options: resume with the same --data, --seq-len, --pack/--no-pack and "
+                          "--max-tokens")
+    return skipped
+
+
+def _print_plan(args: argparse.Namespace, job: _Job, first: int, stop: int | None, tag: str) -> int | None:
+    """Print what the job will store and its expected size on disk; returns its tokens (None: unknown)."""
+    config = job.config
+    points = [*config.points, *(f"extra/{name}" for name in config.extra_modules)]
+    rows = (f"rows packed into {args.seq_len}-token windows (each document after a BOS/EOS separator)"
+            if args.pack else f"one document per row, cut at --seq-len {args.seq_len}")
+    print(f"{tag} {args.model} layers {list(config.layer_indices)} {points} -> {args.out}; {rows}")
+    per_token = sum(job.row_bytes.values())
+    if job.lengths is None:
+        bound = (f"at most {args.max_tokens:,} tokens, at most "
+                 f"{_size(_expected_store_bytes(args.max_tokens, job.row_bytes, config.chunk_tokens))}"
+                 if args.max_tokens is not None else "no total until it ends (--max-tokens bounds it)")
+        print(f"{tag} a streamed corpus is not counted first: {bound}; {per_token:,} bytes per token")
+        return args.max_tokens
+    tokens = sum(job.lengths[first:stop])
+    size = _expected_store_bytes(tokens, job.row_bytes, config.chunk_tokens)
+    print(f"{tag} {tokens:,} tokens in {stop - first:,} rows (sequences {first:,}..{stop - 1:,}), expected "
+          f"store size {_size(size)} on disk ({size:,} bytes: {per_token:,} per token plus chunk metadata)")
+    if not args.pack:
+        print(f"{tag} {_cut_report(job.counts, args.seq_len)}")
+    return tokens
+
+
+def _expected_store_bytes(tokens: int, row_bytes: dict[str, int], chunk_tokens: int) -> int:
+    """What a store of ``tokens`` rows takes on disk: each array's chunk files in whole filesystem blocks
+    (the last, partial chunk's file holds only its rows' blocks: it is sparse), plus per chunk its commit
+    record and the folders zarr makes (one for the record, one per chunk of each 2-D array), plus each
+    array's and each group's metadata document and folders."""
+    whole, tail = divmod(tokens, chunk_tokens)
+    data = sum(whole * _blocks(chunk_tokens * width) + _blocks(tail * width) for width in row_bytes.values())
+    chunks = whole + (tail > 0)
+    activation_arrays = sum(not key.startswith("tokens/") for key in row_bytes)
+    per_chunk = (2 + activation_arrays) * _BLOCK_BYTES
+    per_array = 3 * _BLOCK_BYTES  # zarr.json, the array's folder, its chunk folder
+    groups = len({key.split("/")[0] for key in row_bytes}) + 2  # layer_i, extra, tokens; commits; the root
+    return data + chunks * per_chunk + len(row_bytes) * per_array + groups * 2 * _BLOCK_BYTES
+
+
+def _blocks(nbytes: int) -> int:
+    return -(-nbytes // _BLOCK_BYTES) * _BLOCK_BYTES
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:,.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.1f} MB"
+
+
+def _cut_report(counts: RowCounts, seq_len: int) -> str:
+    """What --no-pack cut off: documents longer than --seq-len lose their tail."""
+    if not counts.cut_documents:
+        return f"--no-pack: no document was longer than --seq-len {seq_len}"
+    total = counts.tokens + counts.dropped_tokens
+    share = 100 * counts.dropped_tokens / total
+    return (f"--no-pack: {counts.cut_documents:,} of {counts.rows:,} documents were cut at --seq-len "
+            f"{seq_len}, dropping {counts.dropped_tokens:,} of {total:,} tokens ({share:.1f}%); packing (the "
+            "default) keeps every token")
 
 
 class _NoProgress:
@@ -176,7 +376,7 @@ class _NoProgress:
         pass
 
 
-def _progress(total: int, initial: int, disabled: bool):
+def _progress(total: int | None, initial: int, disabled: bool):
     if disabled:
         return _NoProgress()
     try:
@@ -186,19 +386,19 @@ def _progress(total: int, initial: int, disabled: bool):
     return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
-def _size(store) -> str:
-    if store.location.local is None:
+# ---- inspect, align ----------------------------------------------------------------------------------------
+
+
+def _allocated(store) -> str:
+    """Disk space the store takes: allocated blocks as ``du`` counts them (a sparse file's holes are free)."""
+    root = store.location.local
+    if root is None:
         return "(object store)"
-    return f"{sum(f.stat().st_size for f in store.location.local.rglob('*') if f.is_file()) / 1e6:.1f} MB"
+    nbytes = sum(os.lstat(path).st_blocks * 512 for path in (root, *root.rglob("*")))
+    return f"{_size(nbytes)} ({nbytes:,} bytes allocated)"
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .layout import FLAG_LAST, MANIFEST_ATTR
-    from .reader import open_store
-    from .store import find_resume_point
-
     store = open_store(args.store)
     m = store.manifest
     sequences = int(np.count_nonzero(store["tokens/flags"][:] & FLAG_LAST))
@@ -207,7 +407,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"model      {m['model']['name']} ({m['model']['architecture']})   tokenizer {m.get('tokenizer')}")
     print(f"tokens     {store.num_tokens:,} committed in {len(store.chunks)} chunks of {m['chunk_tokens']}   "
           f"sequences stored {sequences:,} (fed {m.get('sequences', 0):,})")
-    print(f"on disk    {_size(store)}   dtype {m['dtype']}   compressor {m['compressor']}")
+    print(f"on disk    {_allocated(store)}   dtype {m['dtype']}   compressor {m['compressor']}")
     for entry, part in zip(m.get("parts", []), store.parts):
         print(f"  part {entry['path']:22s} {entry['status']:9s} {part.num_tokens:,} tokens from sequence "
               f"{entry.get('first_sequence', 0):,}")
@@ -218,7 +418,8 @@ def _inspect(args: argparse.Namespace) -> int:
         if info:
             overflow = sum(c["stats"][key]["fp16_overflow"] for c in store.chunks)
             nonfinite = sum(c["stats"][key]["nonfinite"] for c in store.chunks)
-            line += f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} fp16_overflow {overflow}"
+            line += (f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} "
+                     f"fp16_overflow {overflow}")
             stats = m.get("statistics", {}).get(key)
             if stats and stats.get("count") and stats.get("norm_scaling_factor") is not None:
                 line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
@@ -240,10 +441,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _add_token_array(location, key: str, values, attributes: dict) -> None:
     """Write a per-token int32 array (None: only list it, in a multi-process store's top manifest)."""
-    import zarr
-
-    from .layout import MANIFEST_ATTR
-
     group = zarr.open_group(location.zarr_store(), mode="r+")
     manifest = dict(group.attrs[MANIFEST_ATTR])
     if values is not None:
@@ -255,15 +452,9 @@ def _add_token_array(location, key: str, values, attributes: dict) -> None:
 
 
 def _align(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .reader import open_store
-
     store = open_store(args.store)
     if "tokens/doc_id" not in store.keys():
-        print("error: this store has no tokens/doc_id (capture it with `python -m engine capture`)",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("this store has no tokens/doc_id (capture it with `python -m engine capture`)")
     spans: dict[int, list] = {}
     labels: dict[str, int] = {}
     with open(args.alignment, encoding="utf-8") as f:
@@ -298,47 +489,122 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    mod = commands.add_parser("models", help="list the model registry, or one model's hook points")
-    mod.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its hook "
-                     "points per layer (module, width, TransformerLens name) from its config alone")
-    mod.set_defaults(run=_models)
+# ---- parser and entry point --------------------------------------------------------------------------------
 
-    cap = commands.add_parser("capture", help="capture layers of a model over a corpus into a store")
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``error: ...`` (exit status 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of sizes: 0 or less would capture nothing (or, packing, never end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _module_entry(text: str) -> tuple[str, str]:
+    """argparse type of --extra-modules: ``name=module.path``."""
+    name, equals, path = text.partition("=")
+    if not (equals and name and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: write name=module.path, e.g. "
+                                         "q=model.layers.0.self_attn.q_proj")
+    return name, path
+
+
+def _closed_pipe_is_fine(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """For commands that only print: a reader that stops early (``inspect STORE | head``) ends the command
+    quietly with status 0, as Unix tools do, instead of a BrokenPipeError traceback."""
+
+    @functools.wraps(run)
+    def quiet(args: argparse.Namespace) -> int:
+        try:
+            code = run(args)
+            sys.stdout.flush()  # inside the try: a closed pipe shows on this flush
+            return code
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail as well.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    return quiet
+
+
+def _add_capture_parser(commands, common: argparse.ArgumentParser) -> None:
+    cap = commands.add_parser("capture", parents=[common],
+                              help="capture layers of a model over a corpus into a store")
     cap.add_argument("--model", required=True, help="registry name or local model folder")
-    cap.add_argument("--data", required=True, help=".txt, .jsonl or a saved datasets folder")
+    cap.add_argument("--data", default=None, help="FILE.txt|.jsonl|.parquet, a folder (of .parquet files, or "
+                     "saved by datasets), a glob, or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed; "
+                     "offline: the local hub cache). Default: Python's own documentation (a few hundred "
+                     "thousand tokens)")
+    cap.add_argument("--split", default="train", help="split of a dataset (hf: or a saved DatasetDict)")
+    cap.add_argument("--text-field", default="text", help="jsonl / parquet / dataset field holding the text")
     cap.add_argument("--out", required=True, help="store folder or object-store URL (s3://bucket/prefix)")
     cap.add_argument("--layers", type=int, nargs="+", help="default: the model's probe layer")
-    cap.add_argument("--hooks", nargs="+", default=["residual", "mlp_hidden"], choices=list(CANONICAL_POINTS),
-                     help="canonical points per layer (see `models --points MODEL` for a model's)")
-    cap.add_argument("--seq-len", type=int, default=512)
-    cap.add_argument("--batch-size", type=int, default=8)
-    cap.add_argument("--max-tokens", type=int, default=None, help="stop before the row that would pass this")
-    cap.add_argument("--pack", action="store_true", help="concatenate documents into full windows")
-    cap.add_argument("--text-field", default="text", help="jsonl / dataset field holding the text")
+    cap.add_argument("--hooks", nargs="*", default=["residual", "mlp_hidden"], choices=list(CANONICAL_POINTS),
+                     help="canonical points per layer (none: only --extra-modules; `models --points MODEL` "
+                     "lists a model's)")
+    cap.add_argument("--extra-modules", nargs="+", type=_module_entry, default=[], metavar="NAME=MODULE.PATH",
+                     help="also capture these modules' outputs, at extra/NAME (paths as in "
+                     "model.named_modules())")
+    cap.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row")
+    cap.add_argument("--batch-size", type=_positive_int, default=8)
+    cap.add_argument("--max-tokens", type=_positive_int, default=None,
+                     help="stop before the row that would pass this (needed for hf: data under torchrun)")
+    cap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                     help="join documents, each after the tokenizer's BOS (else EOS) token, into full "
+                     "--seq-len windows (default); --no-pack: one document per row, cut at --seq-len (the "
+                     "job reports what was cut)")
     cap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     cap.add_argument("--device", default=None)
-    cap.add_argument("--dtype", default="float16", help="storage dtype: float16, float32, bfloat16")
-    cap.add_argument("--model-dtype", default=None, help="weights dtype (default: the checkpoint's)")
+    cap.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
+                     help="storage dtype")
+    cap.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="weights dtype (default: the checkpoint's)")
     cap.add_argument("--weights", default="required", choices=["auto", "random", "required"])
-    cap.add_argument("--chunk-tokens", type=int, default=8192)
-    cap.add_argument("--num-writers", type=int, default=2)
-    cap.add_argument("--pinned-slots", type=int, default=4)
-    cap.add_argument("--resume", action="store_true", help="continue an interrupted store exactly")
-    cap.add_argument("--overwrite", action="store_true")
+    cap.add_argument("--allow-download", action="store_true",
+                     help="let the model and tokenizer come from the Hugging Face Hub (default: local only)")
+    cap.add_argument("--chunk-tokens", type=_positive_int, default=8192)
+    cap.add_argument("--num-writers", type=_positive_int, default=2)
+    cap.add_argument("--pinned-slots", type=_positive_int, default=4)
+    store = cap.add_mutually_exclusive_group()
+    store.add_argument("--resume", action="store_true", help="continue the interrupted store at --out "
+                       "exactly (an error when there is none)")
+    store.add_argument("--resume-or-start", action="store_true", help="continue the store at --out if there "
+                       "is one, else start it (for jobs that are requeued)")
+    store.add_argument("--overwrite", action="store_true", help="replace the store at --out")
     cap.add_argument("--no-early-stop", action="store_true", help="run the whole model (default: stop after "
                      "the last hooked layer; later layers and the LM head never run)")
     cap.add_argument("--no-progress", action="store_true")
     cap.add_argument("--no-statistics", action="store_true", help="skip the manifest's running statistics")
     cap.set_defaults(run=_capture)
 
-    ins = commands.add_parser("inspect", help="describe a store")
-    ins.add_argument("store")
-    ins.set_defaults(run=_inspect)
 
-    ali = commands.add_parser("align", help="join span labels to tokens: writes tokens/label")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (``python -m engine``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = _Parser(prog="python -m engine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{models,capture,inspect,align}")
+    models = commands.add_parser("models", parents=[common], help="list the model registry, or one model's "
+                                 "hook points")
+    models.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its hook "
+                        "points per layer (module, width, TransformerLens name) from its config alone")
+    models.set_defaults(run=_closed_pipe_is_fine(_models))
+    _add_capture_parser(commands, common)
+    ins = commands.add_parser("inspect", parents=[common], help="describe a store")
+    ins.add_argument("store")
+    ins.set_defaults(run=_closed_pipe_is_fine(_inspect))
+    ali = commands.add_parser("align", parents=[common],
+                              help="join span labels to tokens: writes tokens/label")
     ali.add_argument("store")
     ali.add_argument("alignment", help='jsonl of {"doc_id": int, "spans": [[char_start, char_end, "label"]]}')
     ali.set_defaults(run=_align)
@@ -346,8 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a user error, printed as one ``error:`` line)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CaptureError, CaptureClosedError):  # failures of a run, not of its options: the traceback helps
+        raise
+    except EngineError as error:
+        if args.debug:
+            raise
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()),
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ class ConfigError(EngineError, ValueError):
     """A CaptureConfig or argument is invalid; the message says what to change."""
 
 
+class CorpusError(ConfigError):
+    """A corpus cannot be read (missing, unreadable, not UTF-8, a bad record); the message names the file and
+    line or record, and the fix."""
+
+
 class UnknownModelError(EngineError, KeyError):
     """A model name is not in the registry and is not a local path."""
 

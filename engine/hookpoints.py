@@ -33,6 +33,7 @@ Everything is resolved once, when hooks are attached: unknown names fail there, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -259,8 +260,14 @@ def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> 
     token. On a model whose weights are on the ``meta`` device this computes shapes only (no memory, no time).
     """
     widths: dict[str, int] = {}
-    handles = [hp.attach(lambda tensor, key=hp.key: widths.update({key: tensor.shape[-1]}))
-               for hp in hook_points]
+
+    def record(point: HookPoint, tensor: torch.Tensor) -> None:
+        if tensor.dim() != 3:
+            raise HookPointError(f"{point.module_path} produces shape {tuple(tensor.shape)} for a (1, 1) batch: "
+                                 "only modules returning (batch, seq, dim) tensors can be captured")
+        widths[point.key] = int(tensor.shape[-1])
+
+    handles = [hp.attach(functools.partial(record, hp)) for hp in hook_points]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():

@@ -122,21 +122,34 @@ def random_model(spec: ModelSpec, dtype=None, seed: int = 0, **config_overrides)
     return model
 
 
-def meta_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
-    """The architecture of a registry model or local transformers folder with every tensor on the ``meta``
-    device: built from the config alone (no weights read, no memory; a second even for llama-3-8b). Module
-    paths and tensor shapes are real, values do not exist: for inspecting hook points, not for capture.
+def architecture_config(name_or_path: str | os.PathLike):
+    """The transformers config of a registry name or a local model folder, read without loading weights.
 
     Raises:
-        UnknownModelError: neither a registry name nor a folder.
+        UnknownModelError: neither a registry name nor a folder; ConfigError: a folder without a readable
+            config.json, or a file.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    else:
-        config = get_model(str(name_or_path)).hf_config()
+    if not path.is_dir():
+        if path.exists():
+            raise ConfigError(f"model {name_or_path} is a file: pass a registry name (python -m engine models) or "
+                              "a model folder")
+        return get_model(str(name_or_path)).hf_config()
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model {path} is not a model folder with a readable transformers config.json "
+                          f"({error})") from None
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The architecture of a transformers config with every tensor on the ``meta`` device (no weights, no
+    memory; a second even for llama-3-8b). Module paths and tensor shapes are real, values do not exist: for
+    checking hook points and measuring widths, not for capture."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
 

@@ -1,29 +1,59 @@
 """The capture command line end to end: a local model folder with a real (offline-trained) fast tokenizer,
-a jsonl corpus, then inspect, align and the reader."""
+a jsonl corpus, then inspect, align and the reader. Option checks run in process (``engine.cli.main``) with
+model loading forbidden; subprocesses only where the real command line matters (environment, pipes)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 from engine import ActivationDataset, open_store
+from engine.corpus import Corpus
+from engine.errors import CorpusError
 
 from conftest import documents
-from helpers import cli
 
 
-def capture(model_dir, corpus, out, *extra):
-    return cli("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
-               "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress", *extra)
+def run_main(*argv) -> tuple[int, str, str]:
+    """``engine.cli.main`` in this process: (exit status, stdout, stderr)."""
+    from engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in argv])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli(*argv) -> str:
+    """The output of a command that must succeed."""
+    code, out, err = run_main(*argv)
+    assert code == 0, err
+    return out
+
+
+def capture(model_dir, data, out, *extra) -> str:
+    data_args = [] if data is None else ["--data", data]
+    return cli("capture", "--model", model_dir, *data_args, "--out", out, "--layers", 1, "--seq-len", 24,
+               "--batch-size", 4, "--chunk-tokens", 32, "--no-progress", *extra)
 
 
 def test_capture_inspect_align_read(model_dir, corpus, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "s.zarr"
-    printed = capture(model_dir, corpus, out)
+    printed = capture(model_dir, corpus, out, "--no-pack")  # one document per row: rows are easy to predict
     assert "expected store size" in printed and "[capture] done" in printed
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = documents(30)
@@ -85,14 +115,222 @@ def test_max_tokens_pack_and_resume(model_dir, corpus, tmp_path):
         np.testing.assert_array_equal(open_store(split)[key][:], packed[key][:])
 
 
-def test_corpus_reading_rules(tmp_path):
-    from engine.corpus import _first_visible, read_documents
+@pytest.fixture
+def model_must_not_load(monkeypatch):
+    import engine.cli
 
-    text = tmp_path / "c.txt"
-    text.write_text("first para\nstill first\n  \nsecond para\n\n\nthird\n")
-    assert list(read_documents(text)) == ["first para\nstill first", "second para", "third"]
-    lines = tmp_path / "l.txt"
-    lines.write_text("one\ntwo\nthree\n")
-    assert list(read_documents(lines)) == ["one", "two", "three"]
-    # byte-level BPE offsets include the space before a word: the stored start is the word's first letter
-    assert _first_visible("The capital Paris", 11, 17) == 12 and _first_visible("a  ", 1, 3) == 1
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(engine.cli, "load_model", refuse)
+
+
+def assert_one_line_error(code: int, err: str, expected: str):
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--seq-len", 0], "argument --seq-len: must be a positive integer, got 0"),
+    (["--seq-len", -1], "argument --seq-len: must be a positive integer, got -1"),
+    (["--batch-size", 0], "argument --batch-size: must be a positive integer, got 0"),
+    (["--batch-size", -1], "argument --batch-size: must be a positive integer, got -1"),
+    (["--chunk-tokens", 0], "argument --chunk-tokens: must be a positive integer"),
+    (["--max-tokens", 0], "argument --max-tokens: must be a positive integer"),
+    (["--seq-len", "x"], "argument --seq-len: 'x' is not an integer"),
+    (["--seq-len", 129], "--seq-len 129 exceeds the model's 128 positions: pass --seq-len 128 or less"),
+    (["--layers", 3], "layer 3 is out of range: this model has 3 layers"),
+    (["--layers", -1], "layer_indices must be non-negative ints"),
+    (["--hooks", "--layers", 1], "no hook point selected"),
+    (["--extra-modules", "q=model.layers.0.nope"], "no module at path 'model.layers.0.nope'"),
+    (["--extra-modules", "q"], "write name=module.path"),
+    (["--extra-modules", "q=lm_head", "q=model.norm"], "--extra-modules names q more than once"),
+    (["--resume"], "--resume: there is no capture store at"),
+    (["--resume", "--overwrite"], "not allowed with argument"),
+    (["--max-tokens", 5], "--max-tokens 5 is less than the first row's 24 tokens"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_bad_options_fail_in_one_line_before_the_model_loads(model_dir, corpus, tmp_path,
+                                                             model_must_not_load, options, expected):
+    code, out, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out",
+                              tmp_path / "s.zarr", "--layers", 1, "--seq-len", 24, "--no-progress", *options)
+    assert_one_line_error(code, err, expected)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("missing.jsonl", None, "no corpus at"),
+    ("bad.jsonl", b'{"text": "the cat"}\n{"text": \n', "bad.jsonl:2: not valid JSON"),
+    ("null.jsonl", b'{"text": "the cat"}\n{"text": null}\n', "null.jsonl:2: field 'text' is null"),
+    ("latin1.txt", "the caf\u00e9\n".encode("latin-1"), "latin1.txt:1: not UTF-8 text"),
+    ("binary.bin", bytes(range(256)) * 4, "binary.bin:1: NUL bytes: this looks like a binary file"),
+])
+def test_bad_corpora_fail_in_one_line_before_the_model_loads(model_dir, tmp_path, model_must_not_load,
+                                                            name, content, expected):
+    data = tmp_path / name
+    if content is not None:
+        data.write_bytes(content)
+    options = ["capture", "--model", model_dir, "--data", data, "--out", tmp_path / "s.zarr", "--seq-len", 24]
+    assert_one_line_error(*run_main(*options)[::2], expected)
+    with pytest.raises(CorpusError, match=re.escape(expected)):  # --debug: the error itself, with traceback
+        run_main(*options, "--debug")
+
+
+def test_a_streamed_corpus_needs_max_tokens_under_torchrun(model_dir, tmp_path, monkeypatch,
+                                                          model_must_not_load):
+    import engine.cli
+
+    stream = Corpus("hf:a/stream", True, lambda: iter([]))
+    monkeypatch.setattr(engine.cli, "open_corpus", lambda *args: stream)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_main("capture", "--model", model_dir, "--data", "hf:a/stream", "--out",
+                              tmp_path / "s.zarr", "--layers", 1)
+    assert_one_line_error(code, err, "has no known length to share among 2 processes: pass --max-tokens")
+
+
+def test_packing_is_the_default_and_throughput_counts_stored_tokens(model_dir, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    printed = capture(model_dir, corpus, tmp_path / "s.zarr")
+    assert "rows packed into 24-token windows" in printed
+    store = open_store(tmp_path / "s.zarr")
+    sequence, ids = store["tokens/sequence"][:], store["tokens/input_ids"][:]
+    lengths = np.bincount(sequence)
+    assert set(lengths[:-1]) == {24} and 0 < lengths[-1] <= 24, "full windows; only the last may be shorter"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = [token for text in documents(30)
+                for token in [1] + tokenizer(text, add_special_tokens=False)["input_ids"]]
+    np.testing.assert_array_equal(ids, expected)
+    doc_id = store["tokens/doc_id"][:]
+    np.testing.assert_array_equal(np.flatnonzero(np.diff(doc_id)) + 1, np.flatnonzero(ids == 1)[1:])
+    done = re.search(r"done: ([\d,]+) tokens stored by this run in .* \(([\d,]+) tokens/s stored", printed)
+    assert int(done.group(1).replace(",", "")) == store.num_tokens == len(expected)
+
+
+def test_no_pack_reports_what_the_cut_dropped(model_dir, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    printed = capture(model_dir, corpus, tmp_path / "s.zarr", "--no-pack")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tokenizer(text)["input_ids"]) for text in documents(30)]
+    cut, dropped = sum(n > 24 for n in lengths), sum(max(n - 24, 0) for n in lengths)
+    assert cut, "the corpus has documents longer than 24 tokens"
+    total = sum(lengths)
+    assert f"{cut} of 30 documents were cut at --seq-len 24, dropping {dropped:,} of {total:,} tokens" in printed
+    assert open_store(tmp_path / "s.zarr").num_tokens == sum(lengths) - dropped
+
+
+def allocated_bytes(folder) -> int:
+    paths = [folder, *(os.path.join(root, name) for root, dirs, files in os.walk(folder)
+                       for name in dirs + files)]
+    return sum(os.lstat(path).st_blocks * 512 for path in paths)
+
+
+def test_size_estimate_is_what_inspect_finds_on_disk(model_dir, corpus, tmp_path):
+    out = tmp_path / "s.zarr"
+    # 480 tokens = 10 chunks of 48 exactly (this branch still writes a last partial chunk at full size)
+    printed = capture(model_dir, corpus, out, "--chunk-tokens", 48, "--max-tokens", 480)
+    expected = int(re.search(r"expected store size .* on disk \(([\d,]+) bytes", printed)[1].replace(",", ""))
+    code, report, _ = run_main("inspect", out)
+    on_disk = int(re.search(r"on disk .*\(([\d,]+) bytes allocated\)", report)[1].replace(",", ""))
+    assert on_disk == allocated_bytes(out), "inspect counts allocated blocks, as du does"
+    assert abs(expected - on_disk) <= 0.05 * on_disk, (expected, on_disk)
+
+
+def test_extra_modules_and_no_canonical_points(model_dir, corpus, tmp_path):
+    printed = capture(model_dir, corpus, tmp_path / "s.zarr", "--hooks", "--extra-modules",
+                                 "q=model.layers.0.self_attn.q_proj", "norm=model.norm", "--max-tokens", 96)
+    assert "['extra/q', 'extra/norm']" in printed
+    store = open_store(tmp_path / "s.zarr")
+    assert [key for key in store.keys() if not key.startswith("tokens/")] == ["extra/q", "extra/norm"]
+    assert store["extra/q"].shape == (96, 64) and store["extra/norm"].shape == (96, 64)
+
+
+def test_allow_download_reaches_model_and_tokenizer_loading(model_dir, corpus, tmp_path, monkeypatch):
+    import engine.cli
+
+    seen = {}
+    load_tokenizer = engine.cli.load_tokenizer
+
+    def tokenizer_spy(name, allow_download=False):
+        seen["tokenizer"] = allow_download
+        return load_tokenizer(name, allow_download=False)
+
+    def model_spy(*args, allow_download=False, **kwargs):
+        seen["model"] = allow_download
+        raise KeyboardInterrupt  # stop here: nothing more to see
+
+    monkeypatch.setattr(engine.cli, "load_tokenizer", tokenizer_spy)
+    monkeypatch.setattr(engine.cli, "load_model", model_spy)
+    with pytest.raises(KeyboardInterrupt):
+        run_main("capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr",
+                 "--layers", 1, "--seq-len", 24, "--allow-download")
+    assert seen == {"tokenizer": True, "model": True}
+
+
+def test_resume_or_start_starts_then_resumes(model_dir, corpus, tmp_path):
+    out = tmp_path / "s.zarr"
+    first = capture(model_dir, corpus, out, "--resume-or-start", "--max-tokens", 240)
+    assert "resuming" not in first and open_store(out).num_tokens == 240
+    again = capture(model_dir, corpus, out, "--resume-or-start")
+    assert "resuming after 10 sequences (240 tokens)" in again
+    whole = capture(model_dir, corpus, tmp_path / "whole.zarr")
+    np.testing.assert_array_equal(open_store(out)["tokens/input_ids"][:],
+                                  open_store(tmp_path / "whole.zarr")["tokens/input_ids"][:])
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
+                            "--seq-len", 24)
+    assert_one_line_error(code, err, "a capture store already exists at")
+    assert "done" in whole
+
+
+def test_without_data_the_job_captures_python_docs_and_says_so(model_dir, tmp_path):
+    printed = capture(model_dir, None, tmp_path / "s.zarr", "--max-tokens", 240)
+    assert "no --data given: capturing Python's own documentation" in printed
+    assert open_store(tmp_path / "s.zarr").num_tokens == 240
+
+
+def test_a_hugging_face_dataset_streams_from_the_hub_cache_offline(model_dir, corpus, tmp_path):
+    """hf:NAME with HF_HUB_OFFLINE=1 reads the local hub cache (laid out as huggingface_hub writes it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pq.write_table(pa.table({"text": documents(30)}),
+                   repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def command(data, out):
+        return [sys.executable, "-m", "engine", "capture", "--model", str(model_dir), "--data", data, "--out",
+                str(out), "--layers", "1", "--seq-len", "24", "--batch-size", "4", "--chunk-tokens", "32",
+                "--no-progress"]
+
+    done = subprocess.run(command("hf:someone/tiny", tmp_path / "hub.zarr"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "the Hugging Face dataset hf:someone/tiny (split train)" in done.stdout
+    capture(model_dir, corpus, tmp_path / "local.zarr")
+    for key in ("tokens/input_ids", "tokens/doc_id", "layer_1/residual"):
+        np.testing.assert_array_equal(open_store(tmp_path / "hub.zarr")[key][:],
+                                      open_store(tmp_path / "local.zarr")[key][:])
+    missing = subprocess.run(command("hf:someone/absent", tmp_path / "absent.zarr"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert_one_line_error(missing.returncode, missing.stderr, "hf:someone/absent (split train): the Hugging "
+                          "Face Hub cannot be reached (offline, or HF_HUB_OFFLINE=1) and the local hub cache")
+
+
+@pytest.mark.parametrize("command", [["models"], ["inspect", "STORE"]])
+def test_printing_commands_survive_a_closed_pipe(model_dir, corpus, tmp_path, command):
+    """``python -m engine inspect STORE | head``: the reader leaves early; no BrokenPipeError traceback."""
+    if "STORE" in command:
+        capture(model_dir, corpus, tmp_path / "s.zarr", "--max-tokens", 96)
+        command = ["inspect", str(tmp_path / "s.zarr")]
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command prints (it is still importing)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
