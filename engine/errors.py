@@ -48,5 +48,13 @@ class CaptureError(EngineError, RuntimeError):
     """A background thread (writer, staging) failed; the original exception is chained as __cause__."""
 
 
+class CaptureFailedError(CaptureError):
+    """A store being read with ``follow=True`` was marked ``failed`` by its capture; its committed rows stay valid."""
+
+
+class FollowTimeoutError(EngineError, TimeoutError):
+    """``follow=True``: no new chunk was committed for ``follow_timeout`` seconds (the capture may have died)."""
+
+
 class CaptureClosedError(EngineError, RuntimeError):
     """The engine was used after close()."""
