@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from . import layout
-from .errors import CaptureFailedError, ConfigError
+from .errors import CaptureFailedError, ConfigError, FollowTimeoutError
 from .reader import open_store
 from .sources import (ALIGNMENT_ARRAYS, Backoff, ChunkRef, Column, StoreLike, check_keys,
                       check_same_corpus, check_same_tokens, columns_of, combined_status, open_stores,
@@ -58,7 +58,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             store), instead of a dict; the arrays must have the same width (dictionary_learning's crosscoders).
         follow: read a store a capture is still writing: the constructor waits for the store and its arrays,
             iteration yields chunks as their commit records appear, sleeps with backoff while none is new,
-            ends when the manifest says ``complete`` and raises CaptureFailedError when it says ``failed``.
+            ends when the manifest says ``complete``; when it says ``failed`` (CaptureFailedError) or after
+            ``follow_timeout`` (FollowTimeoutError) it raises, after yielding every committed row it read.
             Chunk (part p, index k) goes to rank ``s % world_size``, worker ``s // world_size`` where
             ``s = (k + p) % (world_size * num_workers)``; newly found chunks are read in random order, so the
             mix is that of the buffer (recent chunks): use a larger ``buffer_chunks``.
@@ -227,11 +228,17 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                                generator if self.shuffle else None)
         chunks = (self._followed_chunks(epoch, worker, num_workers) if self.follow
                   else (self.chunks[index] for index in self.my_chunks(epoch, worker, num_workers)))
-        for chunk in chunks:
-            self._load(chunk, buffer)
-            if buffer.filled >= limit:
-                yield from map(self._output, buffer.batches(self.batch_size, final=False, drop_last=self.drop_last))
-        yield from map(self._output, buffer.batches(self.batch_size, final=True, drop_last=self.drop_last))
+        stopped = None
+        try:
+            for chunk in chunks:
+                self._load(chunk, buffer)
+                if buffer.filled >= limit:
+                    yield from map(self._output, buffer.batches(self.batch_size, False, self.drop_last))
+        except (CaptureFailedError, FollowTimeoutError) as error:  # following: the rows read are valid: yield them
+            stopped = error
+        yield from map(self._output, buffer.batches(self.batch_size, True, self.drop_last))
+        if stopped is not None:
+            raise stopped
 
     def _followed_chunks(self, epoch: int, worker: int, num_workers: int) -> Iterator[ChunkRef]:
         """This rank's / worker's chunks of a store being written, as they are committed, until it is complete.
@@ -257,8 +264,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 return
             if status == layout.STATUS_FAILED:
                 errors = "; ".join(str(one.manifest.get("error")) for one in stores if one.status == "failed")
-                raise CaptureFailedError(f"the capture writing {self.path} failed ({errors}); its {len(seen)} "
-                                         "committed chunks of this rank / worker were read")
+                raise CaptureFailedError(f"the capture writing {self.path} failed ({errors}); the rows of its "
+                                         f"{len(seen)} committed chunks for this rank / worker were yielded")
             backoff.wait(f"a new chunk in {self.path}")
 
     def _row_type(self, column: Column) -> tuple[torch.dtype, tuple[int, ...]]:
