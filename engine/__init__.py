@@ -3,8 +3,8 @@
 from .capture import ActivationCapture, CaptureEngine, CaptureStats, create_gpt2_capture
 from .config import CaptureConfig
 from .dataset import ActivationDataset
-from .errors import (BatchError, CaptureClosedError, CaptureError, ConfigError, EngineError, HookPointError,
-                     ResumeMismatchError, StoreExistsError, StorePathError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
+from .errors import (BatchError, CaptureClosedError, CaptureError, CaptureFailedError, ConfigError, EngineError,
+                     FollowTimeoutError, HookPointError, ResumeMismatchError, StoreExistsError, StorePathError, StoreFormatError, UnknownModelError, WeightsNotFoundError)
 from .hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, resolve_hook_points
 from .loading import load_model, random_model
 from .reader import CaptureStore, CommittedArray, open_store
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS", "ActivationCapture", "ActivationDataset", "BatchError", "CANONICAL_POINTS", "CaptureClosedError", "CaptureConfig", "CaptureEngine",
-    "CaptureError", "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "EngineError",
+    "CaptureError", "CaptureFailedError", "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "EngineError", "FollowTimeoutError",
     "HookPoint", "HookPointError", "ModelSpec", "ResumeMismatchError", "StorePathError", "StoreExistsError", "StoreFormatError", "UnknownModelError",
     "WeightsNotFoundError", "create_gpt2_capture", "get_model", "list_models", "load_model", "open_store",
     "random_model", "resolve_hook_points",

@@ -54,8 +54,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of each array read.
         return_tokens: also yield the rows' token ids: ``(batch, input_ids)``.
         storage_options: fsspec options when a store is a URL.
-        stack: yield one ``(batch, n_arrays, dim)`` tensor, arrays in ``key`` order (zipped stores: store after
-            store), instead of a dict; the arrays must have the same width (dictionary_learning's crosscoders).
+        stack: yield one ``(batch, n_arrays, dim)`` tensor, arrays in ``key`` order (zipped stores: store
+            after store), not a dict; the arrays must have one width (dictionary_learning's crosscoders).
         follow: read a store a capture is still writing: the constructor waits for the store and its arrays,
             iteration yields chunks as their commit records appear, sleeps with backoff while none is new,
             ends when the manifest says ``complete``; when it says ``failed`` (CaptureFailedError) or after
@@ -67,8 +67,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             store ``open`` for ever); None waits for ever.
 
     Returns (iterating): for one key, ``(batch_size, dim)`` tensors (the last may be shorter unless
-    ``drop_last``); for a list of keys or zipped stores, a dict ``{key: (batch_size, dim)}``, or with ``stack``
-    a ``(batch_size, n_arrays, dim)`` tensor; with ``return_tokens``, ``(that, input_ids)``.
+    ``drop_last``); for a list of keys or zipped stores, a dict ``{key: (batch_size, dim)}``, or with
+    ``stack`` a ``(batch_size, n_arrays, dim)`` tensor; with ``return_tokens``, ``(that, input_ids)``.
 
     Thread safety: one iterator per dataset object at a time. Works with ``DataLoader(num_workers>0)``:
     zarr handles are opened lazily inside each worker and are not pickled. Call ``set_epoch(e)`` before
@@ -76,8 +76,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     advances the epoch by itself.
     """
 
-    def __init__(self, store: StoreLike | Mapping[str, StoreLike], key: str | Sequence[str], batch_size: int = 4096,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+    def __init__(self, store: StoreLike | Mapping[str, StoreLike], key: str | Sequence[str],
+                 batch_size: int = 4096, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  exclude: Sequence[str] = ("bos", "first"),
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
                  buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None,
@@ -159,11 +159,12 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         Returns: an endless iterator of what iterating the dataset yields, on ``device``.
 
         Raises:
-            ConfigError: an epoch yielded nothing (no committed rows left after ``exclude`` and ``drop_last``).
+            ConfigError: an epoch yielded nothing (no committed rows left after ``exclude``, ``drop_last``).
         """
         device = torch.device(device)
         pinned = device.type == "cuda"
-        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pinned)
+        loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
+                                             pin_memory=pinned)
         for epoch in itertools.count(self.epoch):
             self.set_epoch(epoch)
             empty = True
@@ -171,11 +172,11 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 empty = False
                 yield _to_device(batch, device, non_blocking=pinned)
             if empty:
-                raise ConfigError(f"epoch {epoch} of {self.path} yielded no batch: the store has no committed rows "
-                                  "left after exclude / drop_last (or this rank's share is empty)")
+                raise ConfigError(f"epoch {epoch} of {self.path} yielded no batch: the store has no "
+                                  "committed rows left after exclude / drop_last (or none for this rank)")
 
     def _buffered(self) -> list[Column]:
-        """The columns the mixing buffer holds: the yielded arrays, plus the token ids of ``return_tokens``."""
+        """The columns the mixing buffer holds: the yielded arrays, and the token ids of ``return_tokens``."""
         return self.columns + ([_TOKEN_IDS] if self.return_tokens else [])
 
     def _arrays(self, store: int, part: int) -> dict[str, zarr.Array]:
@@ -234,14 +235,14 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 self._load(chunk, buffer)
                 if buffer.filled >= limit:
                     yield from map(self._output, buffer.batches(self.batch_size, False, self.drop_last))
-        except (CaptureFailedError, FollowTimeoutError) as error:  # following: the rows read are valid: yield them
+        except (CaptureFailedError, FollowTimeoutError) as error:  # following: the rows read are valid
             stopped = error
         yield from map(self._output, buffer.batches(self.batch_size, True, self.drop_last))
         if stopped is not None:
             raise stopped
 
     def _followed_chunks(self, epoch: int, worker: int, num_workers: int) -> Iterator[ChunkRef]:
-        """This rank's / worker's chunks of a store being written, as they are committed, until it is complete.
+        """This rank's / worker's chunks of a store being written, as they are committed, until it completes.
 
         Each poll opens the stores afresh: the manifest first, then the commit records, so a store that says
         ``complete`` already shows every chunk it committed."""
@@ -251,12 +252,13 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         seen: set[tuple[int, int]] = set()
         while True:
             stores = [open_store(location) for location in self._locations]
-            fresh = [chunk for chunk in shared_chunks(self.store_names, stores) if (chunk.index + chunk.part) % slots == slot
-                     and (chunk.part, chunk.index) not in seen]
+            fresh = [chunk for chunk in shared_chunks(self.store_names, stores)
+                     if (chunk.index + chunk.part) % slots == slot and (chunk.part, chunk.index) not in seen]
             if fresh:
                 self._handles = {}  # the arrays grew since they were opened
                 seen.update((chunk.part, chunk.index) for chunk in fresh)
-                yield from (fresh[i] for i in (rng.permutation(len(fresh)) if self.shuffle else range(len(fresh))))
+                order = rng.permutation(len(fresh)) if self.shuffle else range(len(fresh))
+                yield from (fresh[i] for i in order)
                 backoff.progressed()
                 continue
             status = combined_status(stores)
@@ -264,8 +266,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 return
             if status == layout.STATUS_FAILED:
                 errors = "; ".join(str(one.manifest.get("error")) for one in stores if one.status == "failed")
-                raise CaptureFailedError(f"the capture writing {self.path} failed ({errors}); the rows of its "
-                                         f"{len(seen)} committed chunks for this rank / worker were yielded")
+                raise CaptureFailedError(f"the capture writing {self.path} failed ({errors}); the rows of "
+                                         f"its {len(seen)} committed chunks of this rank / worker came first")
             backoff.wait(f"a new chunk in {self.path}")
 
     def _row_type(self, column: Column) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -307,7 +309,8 @@ class _MixingBuffer:
 
     def __init__(self, columns: dict[str, tuple[torch.dtype, tuple[int, ...]]], capacity: int,
                  generator: torch.Generator | None):
-        self.tensors = {name: torch.empty((capacity, *row), dtype=dtype) for name, (dtype, row) in columns.items()}
+        self.tensors = {name: torch.empty((capacity, *row), dtype=dtype)
+                        for name, (dtype, row) in columns.items()}
         self.generator = generator
         self.filled = 0
 
@@ -316,7 +319,7 @@ class _MixingBuffer:
         return self.tensors[name][self.filled:self.filled + rows].numpy()
 
     def add(self, rows: int, keep: torch.Tensor | None = None) -> None:
-        """The ``rows`` just read are filled; with ``keep`` (indices among them) only those, moved together."""
+        """The ``rows`` just read are filled; with ``keep`` (indices among them), only those, moved up."""
         if keep is not None:
             start = self.filled
             for tensor in self.tensors.values():

@@ -49,11 +49,11 @@ class CaptureError(EngineError, RuntimeError):
 
 
 class CaptureFailedError(CaptureError):
-    """A store being read with ``follow=True`` was marked ``failed`` by its capture; its committed rows stay valid."""
+    """A store read with ``follow=True`` was marked ``failed`` by its capture (committed rows stay valid)."""
 
 
 class FollowTimeoutError(EngineError, TimeoutError):
-    """``follow=True``: no new chunk was committed for ``follow_timeout`` seconds (the capture may have died)."""
+    """``follow=True``: no chunk was committed for ``follow_timeout`` seconds (the capture may have died)."""
 
 
 class CaptureClosedError(EngineError, RuntimeError):

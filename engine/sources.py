@@ -65,7 +65,8 @@ def open_stores(stores: StoreLike | Mapping[str, StoreLike], storage_options: di
     if not isinstance(stores, Mapping):
         return [None], [_open(stores, storage_options, opener)]
     if not stores or not all(isinstance(name, str) and name and "/" not in name for name in stores):
-        raise ConfigError(f"zipped stores need names without '/' (they prefix the yielded keys), got {list(stores)}")
+        raise ConfigError(f"zipped stores need names without '/' (they prefix the yielded keys), got "
+                          f"{list(stores)}")
     return list(stores), [_open(store, storage_options, opener) for store in stores.values()]
 
 
@@ -76,7 +77,7 @@ def _open(store: StoreLike, storage_options: dict | None, opener) -> CaptureStor
 
 
 def activation_keys(store: CaptureStore) -> list[str]:
-    """The activation arrays a store lists (while capturing, before their first batch, they may not exist yet)."""
+    """The activation arrays a store lists (while capturing, until its first batch, they may not exist)."""
     return list(store.manifest.get("arrays", {}))
 
 
@@ -84,13 +85,15 @@ def check_keys(name: str | None, store: CaptureStore, keys: Sequence[str], token
                listed_only: bool = False) -> None:
     """Every key is an array of the store: an activation array, or (``tokens_allowed``) a per-token one.
     ``listed_only``: the manifest listing it is enough (a capture creates the arrays at its first batch)."""
-    known = activation_keys(store) if listed_only else [key for key in store.keys() if not key.startswith("tokens/")]
+    known = (activation_keys(store) if listed_only
+             else [key for key in store.keys() if not key.startswith("tokens/")])
     if tokens_allowed:
         known += list(store.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
     for key in keys:
         if key not in known:
             where = store.path if name is None else f"{name} ({store.path})"
-            raise ConfigError(f"{key!r} is not an activation array of {where}: choose one of {', '.join(known)}")
+            raise ConfigError(f"{key!r} is not an activation array of {where}: choose one of "
+                              f"{', '.join(known)}")
 
 
 def columns_of(names: list[str | None], keys: Sequence[str]) -> list[Column]:
@@ -109,11 +112,12 @@ def check_same_corpus(names: list[str | None], stores: list[CaptureStore]) -> No
             if mine != theirs]
         if not differences and {first.status, store.status} == {layout.STATUS_COMPLETE}:
             if first.num_tokens != store.num_tokens:
-                differences.append(f"rows: {first_name} has {first.num_tokens}, {name} has {store.num_tokens}")
+                differences.append(f"rows: {first_name} has {first.num_tokens}, {name} has "
+                                   f"{store.num_tokens}")
         if differences:
             raise ConfigError(f"stores {first_name} and {name} cannot be read side by side: "
-                              + "; ".join(differences) + ". Capture the same corpus in the same order, with the "
-                              "same chunk_tokens and number of processes")
+                              + "; ".join(differences) + ". Capture the same corpus in the same order, with "
+                              "the same chunk_tokens and number of processes")
 
 
 def shared_chunks(names: list[str | None], stores: list[CaptureStore]) -> list[ChunkRef]:
@@ -140,8 +144,8 @@ def check_same_tokens(names: list[str | None], chunk: ChunkRef, tokens: list[dic
                 row = int(differ[0])
                 raise ConfigError(
                     f"stores {names[0]} and {name} differ in {key} at row {row} of chunk {chunk.index} (part "
-                    f"{chunk.part}): {tokens[0][key][row]} vs {theirs[key][row]}. They are not captures of the same "
-                    "corpus in the same order (same data, tokenizer, --seq-len, --pack and batch order)")
+                    f"{chunk.part}): {tokens[0][key][row]} vs {theirs[key][row]}. They are not captures of "
+                    "the same corpus in the same order (data, tokenizer, --seq-len, --pack, batch order)")
 
 
 def combined_status(stores: list[CaptureStore]) -> str:
@@ -171,9 +175,9 @@ class Backoff:
     def wait(self, what: str, cause: BaseException | None = None) -> None:
         idle = time.monotonic() - self._since
         if self.timeout is not None and idle >= self.timeout:
-            raise FollowTimeoutError(f"waited {idle:.1f} s for {what}: is the capture still running? A killed "
-                                     "capture leaves its store 'open' (resume it, then read again); for a slow "
-                                     "one raise follow_timeout (None waits for ever)") from cause
+            raise FollowTimeoutError(f"waited {idle:.1f} s for {what}: is the capture still running? A "
+                                     "killed capture leaves its store 'open' (resume it, then read again); "
+                                     "for a slow one raise follow_timeout (None waits forever)") from cause
         pause = self._delay if self.timeout is None else min(self._delay, self.timeout - idle)
         time.sleep(pause)
         self._delay = min(2 * self._delay, self.LONGEST_S)
@@ -181,7 +185,7 @@ class Backoff:
 
 def opener_waiting_for(keys: Sequence[str], backoff: Backoff):
     """An ``open_store`` that waits until the store exists and holds ``keys`` (a capture creates its store
-    when it starts and its activation arrays at its first batch). Keys the store does not list fail at once."""
+    when it starts and its activation arrays at its first batch). Keys it does not list fail at once."""
 
     def open_when_ready(where: StoreLike, storage_options: dict | None) -> CaptureStore:
         while True:

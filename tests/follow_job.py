@@ -1,5 +1,5 @@
-"""A capture job for the follow test: captures the first half of its sequences, waits until the file GATE exists
-(the test creates it once its reader has had a batch from the store still being written), then the rest.
+"""A capture job for the follow test: captures the first half of its sequences, waits until the file GATE
+exists (the test creates it once its reader has had a batch from the store being written), then the rest.
 Usage: python follow_job.py STORE GATE N_SEQUENCES"""
 
 from __future__ import annotations

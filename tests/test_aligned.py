@@ -107,7 +107,8 @@ def test_zipped_stores_yield_each_models_row_of_the_same_token(stores):
     for name in stores:
         assert_rows_are_the_tokens(stores[name], batches, ["layer_1/residual"], prefix=f"{name}/")
     assert not torch.equal(batches[0]["base/layer_1/residual"], batches[0]["tuned/layer_1/residual"])
-    crosscoder = next(iter(ActivationDataset(stores, "layer_1/residual", batch_size=5, buffer_chunks=2, stack=True)))
+    stacked = ActivationDataset(stores, "layer_1/residual", batch_size=5, buffer_chunks=2, stack=True)
+    crosscoder = next(iter(stacked))
     torch.testing.assert_close(crosscoder, torch.stack([batches[0]["base/layer_1/residual"],
                                                         batches[0]["tuned/layer_1/residual"]], 1))
 

@@ -1,5 +1,5 @@
-"""ActivationDataset(follow=True): training while capturing. A capture runs in a real subprocess and this process
-reads its store while it is written; every row arrives exactly once."""
+"""ActivationDataset(follow=True): training while capturing. A capture runs in a real subprocess and this
+process reads its store while it is written; every row arrives exactly once."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ KEYS = ["layer_1/residual", "layer_0/mlp_hidden", "tokens/sequence", "tokens/pos
 
 
 def pairs_of(batches) -> list[tuple[int, int]]:
-    return [pair for b in batches for pair in zip(b["tokens/sequence"].tolist(), b["tokens/position"].tolist())]
+    return [pair for batch in batches
+            for pair in zip(batch["tokens/sequence"].tolist(), batch["tokens/position"].tolist())]
 
 
 def assert_each_stored_row_once(path, batches, keys):
@@ -73,8 +74,8 @@ def failed_store(tmp_path):
 def test_a_failed_capture_raises_after_its_committed_rows(failed_store):
     batches = []
     with pytest.raises(CaptureFailedError, match="failed"):
-        for batch in ActivationDataset(failed_store, ["layer_1/residual", *KEYS[2:]], batch_size=5, exclude=(),
-                                       follow=True):
+        for batch in ActivationDataset(failed_store, ["layer_1/residual", *KEYS[2:]], batch_size=5,
+                                       exclude=(), follow=True):
             batches.append(batch)
     assert_each_stored_row_once(failed_store, batches, ["layer_1/residual"])
 
