@@ -137,3 +137,19 @@ def test_endless_batches_cross_epochs_on_the_device(stores):
     empty = ActivationDataset(stores["base"], POINTS[0], batch_size=10_000, drop_last=True)
     with pytest.raises(ConfigError, match="yielded no batch"):
         next(empty.endless_batches())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_endless_batches_reach_cuda_intact(stores, num_workers):
+    """Pinned host batches copied with non_blocking: what arrives on the GPU equals the rows read on the host,
+    epoch after epoch, also when DataLoader workers gather them."""
+    kwargs = dict(batch_size=10, shuffle=False, exclude=(), drop_last=True)
+    epoch = list(ActivationDataset(stores["base"], POINTS, **kwargs))
+    stream = ActivationDataset(stores["base"], POINTS, **kwargs).endless_batches("cuda", num_workers)
+    for expected in epoch * 2:
+        got = next(stream)
+        assert all(value.device.type == "cuda" for value in got.values())
+        torch.cuda.synchronize()
+        assert all(torch.equal(got[key].cpu(), expected[key]) for key in POINTS)
