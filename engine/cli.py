@@ -293,7 +293,7 @@ def _add_export_parser(commands) -> None:
     exp.add_argument("--dtype", default=None, choices=["float16", "float32"],
                      help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
-    exp.add_argument("--buffer-chunks", type=int, default=16, help="chunks mixed together while shuffling")
+    exp.add_argument("--buffer-chunks", type=int, default=64, help="chunks mixed together while shuffling")
     exp.add_argument("--exclude", nargs="*", default=["bos", "first"], help="flags whose tokens are left out")
     exp.set_defaults(run=_export)
 

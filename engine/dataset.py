@@ -83,13 +83,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                  buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None,
                  stack: bool = False, follow: bool = False, follow_timeout: float | None = 900.0):
         keys = [key] if isinstance(key, str) else list(key)
-        unknown = set(exclude) - set(_EXCLUDABLE)
-        if unknown:
-            raise ConfigError(f"exclude={sorted(unknown)}: choose from {', '.join(_EXCLUDABLE)}")
-        if batch_size <= 0 or buffer_chunks <= 0:
-            raise ConfigError("batch_size and buffer_chunks must be positive")
-        if not keys:
-            raise ConfigError("key is an empty list: name at least one array, e.g. 'layer_6/residual'")
+        _check_arguments(keys, exclude, batch_size, buffer_chunks)
         rank, world_size = _ddp_position(rank, world_size)
         opener = {"opener": opener_waiting_for(keys, Backoff(follow_timeout))} if follow else {}
         names, opened = open_stores(store, storage_options, **opener)
@@ -343,6 +337,16 @@ class _MixingBuffer:
         for tensor in self.tensors.values():
             tensor[:rest.numel()] = tensor.index_select(0, rest)
         self.filled = rest.numel()
+
+
+def _check_arguments(keys: list[str], exclude: Sequence[str], batch_size: int, buffer_chunks: int) -> None:
+    unknown = set(exclude) - set(_EXCLUDABLE)
+    if unknown:
+        raise ConfigError(f"exclude={sorted(unknown)}: choose from {', '.join(_EXCLUDABLE)}")
+    if batch_size <= 0 or buffer_chunks <= 0:
+        raise ConfigError("batch_size and buffer_chunks must be positive")
+    if not keys:
+        raise ConfigError("key is an empty list: name at least one array, e.g. 'layer_6/residual'")
 
 
 def _ddp_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
