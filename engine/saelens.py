@@ -96,7 +96,8 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
     Returns: a SaelensExport describing the folder.
     """
     if importlib.util.find_spec("datasets") is None:
-        raise ImportError("the SAELens export writes with the `datasets` package: pip install 'actcap-engine[saelens]'")
+        raise ImportError("the SAELens export writes with the `datasets` package: "
+                          "pip install 'actcap-engine[saelens]'")
     opened = store if isinstance(store, CaptureStore) else open_store(store, storage_options)
     if context_size <= 0:
         raise ConfigError(f"context_size must be positive, got {context_size}")
