@@ -489,6 +489,37 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .saelens import export_saelens
+
+    done = export_saelens(args.store, args.out, args.key, args.context_size, hook_name=args.hook_name,
+                          dtype=args.dtype, seed=args.seed, buffer_chunks=args.buffer_chunks, exclude=args.exclude)
+    print(f"[export] {done.rows:,} rows of {done.context_size} tokens x {done.d_in} {done.dtype} -> "
+          f"{done.path} (column {done.hook_name!r}; {done.dropped_tokens} tokens after the last whole row "
+          "left out)")
+    print(f"[export] SAELens: use_cached_activations=True, cached_activations_path={str(done.path)!r}, "
+          f"hook_name={done.hook_name!r}, context_size={done.context_size}, d_in={done.d_in}")
+    return 0
+
+
+def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
+    exp = commands.add_parser("export", parents=[common],
+                              help="write an array as another tool's dataset (SAELens' cache)")
+    exp.add_argument("store")
+    exp.add_argument("--to", required=True, choices=["saelens"], help="format (saelens: a datasets folder)")
+    exp.add_argument("out", help="a new folder")
+    exp.add_argument("--key", required=True, help="the array, e.g. layer_6/residual")
+    exp.add_argument("--context-size", type=_positive_int, required=True,
+                     help="tokens per row (SAELens' context_size)")
+    exp.add_argument("--hook-name", default=None, help="column name (default: the TransformerLens hook name)")
+    exp.add_argument("--dtype", default=None, choices=["float16", "float32"],
+                     help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16)")
+    exp.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
+    exp.add_argument("--buffer-chunks", type=_positive_int, default=64, help="chunks mixed while shuffling")
+    exp.add_argument("--exclude", nargs="*", default=["bos", "first"], help="flags whose tokens are left out")
+    exp.set_defaults(run=_export)
+
+
 # ---- parser and entry point --------------------------------------------------------------------------------
 
 
@@ -593,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="python -m engine", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{models,capture,inspect,align}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{models,capture,inspect,align,export}")
     models = commands.add_parser("models", parents=[common], help="list the model registry, or one model's "
                                  "hook points")
     models.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its hook "
@@ -608,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     ali.add_argument("store")
     ali.add_argument("alignment", help='jsonl of {"doc_id": int, "spans": [[char_start, char_end, "label"]]}')
     ali.set_defaults(run=_align)
+    _add_export_parser(commands, common)
     return parser
 
 

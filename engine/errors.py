@@ -58,5 +58,13 @@ class CaptureError(EngineError, RuntimeError):
     is chained as __cause__ and the writer's traceback is in the message."""
 
 
+class CaptureFailedError(CaptureError):
+    """A store read with ``follow=True`` was marked ``failed`` by its capture (committed rows stay valid)."""
+
+
+class FollowTimeoutError(EngineError, TimeoutError):
+    """``follow=True``: no chunk was committed for ``follow_timeout`` seconds (the capture may have died)."""
+
+
 class CaptureClosedError(EngineError, RuntimeError):
     """The engine was used after close()."""

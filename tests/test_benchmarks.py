@@ -78,3 +78,16 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["ratio_median"] > 0 and len(data["ratios"]) == 1
+
+
+def test_reader_benchmark_reports_throughput_and_mixing(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_script("reader.py", "--rows", "8192", "--dim", "8", "--seq-len", "64", "--chunk-tokens", "512",
+                      "--batch-size", "256", "--buffer-chunks", "1", "--large-buffer-chunks", "8",
+                      "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    small, large = json.loads(out.read_text())["buffers"]
+    assert (small["buffer_chunks"], large["buffer_chunks"]) == (1, 8) and small["ratio_median"] > 0
+    # one chunk of 8 sequences (+ the leftover) bounds a small buffer's batch; uniform batches see ~all 128
+    assert small["distinct_sequences_per_batch"] <= 16 < large["distinct_sequences_per_batch"]
+    assert small["mixing_ratio"] < large["mixing_ratio"] <= 1.05

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import CaptureConfig, CaptureEngine
+from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
 
@@ -46,3 +46,17 @@ def test_dask_example_reads_the_store(store):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "status complete" in out.stdout and "mean norm" in out.stdout
+
+
+def test_dictionary_learning_stream_follows_trainsae_contract(store):
+    """trainSAE (dictionary_learning 0.1.0) runs ``for step, act in enumerate(data)``, casts ``act`` and uses
+    it where it is, until ``steps``: more steps than one epoch holds must keep coming, on the device."""
+    example = load_example("train_dictionary_learning")
+    dim, data = example.activations(str(store), "layer_1/residual", "cpu", 512)
+    steps = 3 * (open_store(store).num_tokens // 512)
+    for step, act in enumerate(data):
+        act = act.to(dtype=torch.float32)
+        if step >= steps:
+            break
+        assert act.shape == (512, dim) and act.device.type == "cpu"
+    assert step == steps
