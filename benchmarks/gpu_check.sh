@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one command on a machine with a CUDA GPU. Installs carried zarr wheels when zarr
 # is missing (see README "GPU"), records the card and versions, runs the `gpu` tests, then the gate for
-# gpt2 shapes (4x512 and 32x512) with the null and zarr sinks and with early stop.
-# Output (at most 8 files): $OUT/gpu.log and one JSON per gate run; default OUT=benchmarks/results/gpu-<date>.
+# gpt2 shapes (4x512 and 32x512; steady-state rounds of at least 2 s) with the null and zarr sinks, four
+# writer threads and one, early stop against a forward truncated after the hooked layer, and a raw sequential
+# write of chunk-sized files to the same disk (what the zarr sink can reach at all).
+# Output (at most 12 files): $OUT/gpu.log and one JSON per run; default OUT=benchmarks/results/gpu-<date>.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -25,14 +27,19 @@ log="$OUT/gpu.log"
 gate() {  # name, then overhead.py arguments
   local name=$1; shift
   echo "=== gate $name: $*" | tee -a "$log"
-  python3 benchmarks/overhead.py --model gpt2 --weights random --num-batches 20 --repeats 5 \
-    --num-writers 4 --pinned-slots 8 --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$log"
+  python3 benchmarks/overhead.py --model gpt2 --weights random --num-batches 20 --min-round-s 2 --repeats 5 \
+    --pinned-slots 8 --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$log"
 }
-gate b4_null  --batch-size 4  --seq-len 512 --sink null
-gate b4_zarr  --batch-size 4  --seq-len 512 --sink zarr
-gate b32_null --batch-size 32 --seq-len 512 --sink null
-gate b32_zarr --batch-size 32 --seq-len 512 --sink zarr
-gate b32_zarr_early --batch-size 32 --seq-len 512 --sink zarr --early-stop
-gate b32_resid_zarr --batch-size 32 --seq-len 512 --sink zarr --hooks residual
-gate b32_zarr_nostats --batch-size 32 --seq-len 512 --sink zarr --no-statistics
+gate b4_null  --batch-size 4  --seq-len 512 --sink null --num-writers 4
+gate b4_zarr  --batch-size 4  --seq-len 512 --sink zarr --num-writers 4
+gate b4_zarr_w1 --batch-size 4 --seq-len 512 --sink zarr --num-writers 1
+gate b32_null --batch-size 32 --seq-len 512 --sink null --num-writers 4
+gate b32_zarr --batch-size 32 --seq-len 512 --sink zarr --num-writers 4
+gate b32_zarr_w1 --batch-size 32 --seq-len 512 --sink zarr --num-writers 1
+gate b32_zarr_early --batch-size 32 --seq-len 512 --sink zarr --num-writers 4 --early-stop
+gate b32_zarr_early_vs_truncated --batch-size 32 --seq-len 512 --sink zarr --num-writers 4 --early-stop \
+  --baseline truncated
+echo "=== raw sequential write of chunk-sized files (gpt2 residual + mlp_hidden rows, float16)" | tee -a "$log"
+python3 benchmarks/writer.py --raw-only --total-mb 8192 --repeats 2 --json "$OUT/raw_disk.json" 2>&1 \
+  | tee -a "$log"
 echo "results in $OUT" | tee -a "$log"

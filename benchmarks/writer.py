@@ -1,7 +1,9 @@
-"""Writer throughput: the engine's pipeline (staging -> queue -> writer pool -> zarr) vs raw ndarray.tofile of
-the same bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as a ratio.
+"""Writer throughput: the engine's pipeline (staging -> writer process -> zarr) vs raw ndarray.tofile of the
+same bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as ratios, for
+durable stores (each chunk fsynced before its commit record, the default) and scratch ones (durable=False).
 
     python benchmarks/writer.py --total-mb 1024 --repeats 3 --json out.json
+    python benchmarks/writer.py --raw-only --total-mb 8192     # what the disk allows, for the GPU check
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--no-sync", action="store_true",
                    help="do not count the final os.sync(): measures page-cache speed, not sustained disk speed")
+    p.add_argument("--raw-only", action="store_true", help="only the raw sequential write (the disk's speed)")
+    p.add_argument("--durable", default="both", choices=["on", "off", "both"],
+                   help="pipeline runs with CaptureConfig(durable=...): fsync per chunk, or not, or both")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -58,12 +63,12 @@ def raw_tofile(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) ->
     return time.perf_counter() - start
 
 
-def pipeline(root: Path, args, n_batches: int) -> tuple[float, int]:
+def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, int]:
     names = {f"p{i}": dim for i, dim in enumerate(args.dims)}
     model = SyntheticModel(names, args.batch_size, args.seq_len)
-    cfg = CaptureConfig(root / "w.zarr", capture_residual=False, capture_mlp_hidden=False,
-                        extra_modules={name: f"points.{name}" for name in names}, chunk_tokens=args.chunk_tokens,
-                        num_writers=args.num_writers, pinned_slots=args.pinned_slots)
+    cfg = CaptureConfig(root / "w.zarr", points=[], extra_modules={name: f"points.{name}" for name in names},
+                        chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
+                        pinned_slots=args.pinned_slots, durable=durable)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
     start = time.perf_counter()
     with CaptureEngine(model, cfg), torch.no_grad():
@@ -90,34 +95,37 @@ def main(argv=None) -> int:
     n_chunks = n_batches * batch_tokens // args.chunk_tokens
     nbytes_pipeline = n_batches * batch_tokens * row_bytes
     nbytes_raw = n_chunks * args.chunk_tokens * row_bytes
+    kinds = ["raw"] if args.raw_only else ["raw"] + {"on": ["durable"], "off": ["scratch"],
+                                                     "both": ["durable", "scratch"]}[args.durable]
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     base = Path(args.output_dir or tempfile.mkdtemp(prefix="actcap_writer_"))
-    raw_rates, pipe_rates = [], []
     try:
         for r in range(args.repeats):
-            for kind in ("raw", "pipeline"):
+            for kind in kinds:
                 root = base / f"{kind}{r}"
                 root.mkdir(parents=True)
                 os.sync()  # start each run with no dirty pages left by the previous one
                 if kind == "raw":
-                    raw_rates.append(nbytes_raw / raw_tofile(root, args.dims, n_chunks, args.chunk_tokens) / 1e6)
+                    rates[kind].append(nbytes_raw / raw_tofile(root, args.dims, n_chunks, args.chunk_tokens) / 1e6)
                 else:
-                    seconds, _ = pipeline(root, args, n_batches)
-                    pipe_rates.append(nbytes_pipeline / seconds / 1e6)
+                    seconds, _ = pipeline(root, args, n_batches, durable=kind == "durable")
+                    rates[kind].append(nbytes_pipeline / seconds / 1e6)
                 shutil.rmtree(root)
     finally:
         if args.output_dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    ratios = [p / r for p, r in zip(pipe_rates, raw_rates)]
     result = {"synced_to_disk": SYNC, "dims": args.dims, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers, "mb_per_run": nbytes_pipeline / 1e6,
-              "raw_tofile_mb_per_s": raw_rates, "pipeline_mb_per_s": pipe_rates, "ratios": ratios,
-              "ratio_median": statistics.median(ratios)}
+              "raw_tofile_mb_per_s": rates["raw"]}
     print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each, "
           f"{'ending with os.sync()' if SYNC else 'page cache only (--no-sync)'}")
-    print(f"[writer] raw tofile MB/s: {', '.join(f'{x:.0f}' for x in raw_rates)}")
-    print(f"[writer] pipeline MB/s:   {', '.join(f'{x:.0f}' for x in pipe_rates)}")
-    print(f"[writer] ratio pipeline/raw: median {result['ratio_median']:.3f} "
-          f"(range {min(ratios):.3f}..{max(ratios):.3f})")
+    print(f"[writer] raw tofile MB/s: {', '.join(f'{x:.0f}' for x in rates['raw'])}")
+    for kind in kinds[1:]:
+        ratios = [p / r for p, r in zip(rates[kind], rates["raw"])]
+        result.update({f"{kind}_mb_per_s": rates[kind], f"{kind}_ratios": ratios,
+                       f"{kind}_ratio_median": statistics.median(ratios)})
+        print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; ratio to raw: median "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}..{max(ratios):.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
