@@ -57,6 +57,7 @@ def assert_statistics_match(path, key, dim):
     scale = np.abs(rows).max()  # float32 within small blocks, float64 across: ~1e-6 relative to the data
     np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-6, atol=1e-6 * scale)
     np.testing.assert_allclose(stats["mean_squared_norm"], (norms ** 2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["mean_norm"], norms.mean(), rtol=1e-6)
     np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-6)
     np.testing.assert_allclose(stats["norm_scaling_factor"], np.sqrt(dim / (norms ** 2).mean()), rtol=1e-6)
 
