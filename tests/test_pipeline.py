@@ -405,3 +405,20 @@ def test_torch_compile_captures_the_same_rows(tmp_path):
     store = open_store(cfg.output_dir)
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks), err_msg=key)
+
+
+def test_a_small_store_takes_the_disk_its_rows_need(tmp_path):
+    """The last, partial chunk of each array is written at its real length (a sparse file up to the chunk's
+    size): 100-odd tokens in 8192-token chunks take kilobytes, not a full chunk per array."""
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=8192)
+    batches = [ragged_batch(4, 32, seed=s) for s in range(2)]
+    run_capture(model, cfg, batches)
+    store = open_store(cfg.output_dir)
+    row_bytes = sum(store[key].dtype.itemsize * int(np.prod(store[key].shape[1:])) for key in store.keys())
+    chunk_files = [f for f in (tmp_path / "s.zarr").rglob("*") if f.is_file() and "c" in f.parts]
+    allocated = sum(f.stat().st_blocks * 512 for f in chunk_files)
+    assert store.num_tokens * row_bytes < 8192 * row_bytes / 20, "the test's store is far below one chunk"
+    assert allocated <= store.num_tokens * row_bytes + 4096 * len(chunk_files), (allocated, len(chunk_files))
+    np.testing.assert_array_equal(store["tokens/sequence"][:], np.repeat(np.arange(8), [
+        int(m) for b in batches for m in b["attention_mask"].sum(1)]))
