@@ -248,10 +248,10 @@ class CaptureEngine:
             return
         self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
+        self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
                                attention_mask is not None), self._dims)
         self._next_sequence += batch_size
-        self._current = slot
         self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
         self._stall_seconds += waited
 
@@ -262,6 +262,9 @@ class CaptureEngine:
         if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
             raise BatchError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{(batch_size, seq_len)}: pass one mask value per token")
+        if attention_mask is not None and attention_mask.device != self._device:
+            raise BatchError(f"attention_mask is on {attention_mask.device} but the model on {self._device}: "
+                             "pass the mask on the model's device, like input_ids")
 
     def _abandon_current(self) -> None:
         """Release the slot of a forward that raised before its last point, once its copies have landed."""
@@ -394,6 +397,7 @@ class CaptureEngine:
         try:
             self._writer.close(failed, self._next_sequence)
         finally:
+            self._stager.synchronize()  # no copy may still land in a slot that is about to be unmapped
             self._pool.release()
             if self._destination is not None:
                 try:

@@ -14,12 +14,27 @@ import pickle
 import select
 import socket
 import struct
+import os
 import threading
+import weakref
 from typing import Any
 
 _HEADER = struct.Struct("<I")
 _RECV_BYTES = 1 << 16
 _MAX_FDS = 64
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_inherited_channels() -> None:
+    """In a forked child: close the channels' sockets (the child is no party to them; holding one open would
+    hide the parent's death from its writer process)."""
+    for channel in list(_OPEN):
+        channel._sock.close()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_channels)
 
 
 class ChannelClosed(EOFError):
@@ -37,6 +52,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
+        _OPEN.add(self)
         self._send_lock = threading.Lock()
         self._pending = bytearray()
         self._fds: collections.deque[int] = collections.deque()

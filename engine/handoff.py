@@ -70,9 +70,11 @@ class WriterProcess:
         self._channel, theirs = channel_pair()
         fds = (theirs.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
         try:
+            # A session of its own: Ctrl-C at the terminal reaches the capturing process only, which closes
+            # the writer process in order (and it exits by itself if its parent dies).
             self._process = subprocess.Popen(
                 [sys.executable, "-P", "-m", "engine.writer", str(theirs.fileno())], pass_fds=fds,
-                stdin=subprocess.DEVNULL, env=_child_environment())
+                stdin=subprocess.DEVNULL, env=_child_environment(), start_new_session=True)
         finally:
             theirs.close()
         full_chunks = spec.start_row // spec.chunk_tokens
@@ -87,11 +89,15 @@ class WriterProcess:
         self._handoff: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
-        self._channel.send(spec)
-        if cuda:
-            self._handoff = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff", daemon=True)
-            self._thread.start()
+        try:
+            self._channel.send(spec)
+            if cuda:
+                self._handoff = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff", daemon=True)
+                self._thread.start()
+        except BaseException:
+            self.abort()
+            raise
 
     # ---- sending -------------------------------------------------------------------------------
     def announce(self, slot: Slot) -> None:
@@ -227,18 +233,30 @@ class WriterProcess:
     def close(self, failed: bool, sequences: int) -> None:
         """Protocol steps 2-4 (``engine.writer``); ``finalized`` tells whether the writer process published the
         manifest. Raises the writer's failure unless it was raised before."""
+        delivered = self.error_delivered
         try:
             if not self._dead:
                 self._send_in_order(("close", failed, sequences))
+                self._stop_handoff(sequences)
             while self._closed_reply is None and not self._dead:
                 self._receive(_POLL_S)
-        except CaptureError:
-            pass  # it was gone before the close message could be sent: raised below unless delivered
+        except CaptureError:  # it was gone before the close message could be sent: raised below
+            self.error_delivered = delivered
         finally:
             self._shut_down()
         if self._error is not None and not self.error_delivered:
             self.error_delivered = True
             raise self._error
+
+    def _stop_handoff(self, sequences: int) -> None:
+        """CUDA: let the handoff thread send what it holds (the close message last) and end. If it failed
+        first, the close message never went: send it from here, saying the run failed (batches were lost)."""
+        if self._thread is None:
+            return
+        self._handoff.put(None)
+        self._thread.join()
+        if self._thread_error is not None and not isinstance(self._thread_error, OSError):
+            self._send(("close", True, sequences))
 
     @property
     def pid(self) -> int:
@@ -254,15 +272,18 @@ class WriterProcess:
         return self._error
 
     def _shut_down(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._handoff.put(None)
             self._thread.join(timeout=_EXIT_WAIT_S)
         try:
             self._process.wait(timeout=_EXIT_WAIT_S if self._closed_reply is not None else 1)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # too slow, or a second Ctrl-C: nothing may outlive close()
             self._process.kill()
             self._process.wait()
-        self._channel.close()
+            if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+                raise
+        finally:
+            self._channel.close()
 
     def abort(self) -> None:
         """Stop without draining (a failed construction): the writer process exits as its channel closes."""

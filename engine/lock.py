@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from .errors import StoreLockedError
@@ -27,6 +28,19 @@ from .location import Location
 
 # A holder that died on this host leaves its writer process exiting for up to a second: wait that long.
 ORPHAN_GRACE_S = 5.0
+
+
+_HELD: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, say): close the locks' descriptors, which would otherwise keep the
+    parent's stores locked for as long as the child lives."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_path(location: Location) -> Path | None:
@@ -78,6 +92,7 @@ class StoreLock:
         self.path = path
         self.fd = fd
         self.owner = owner
+        _HELD.add(self)
 
     @classmethod
     def acquire(cls, location: Location) -> StoreLock | None:

@@ -72,12 +72,14 @@ class SharedBuffer:
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault pages in now, not in a hook
         self._map = mmap.mmap(self.fd, self.nbytes, flags=flags)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.pinned = pin
+        self.pinned = False
         if pin:
             error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
             if error:
+                self.release()
                 raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed (cudaError "
                                    f"{error}): lower pinned_slots or the batch size")
+            self.pinned = True
 
     def typed(self, dtype: torch.dtype, count: int) -> torch.Tensor:
         """The first ``count`` elements as a flat tensor of ``dtype``."""
@@ -314,6 +316,11 @@ class Stager:
             else:
                 destination.copy_(tensor)
         slot.captured.add(key)
+
+    def synchronize(self) -> None:
+        """Wait for every copy issued so far (CUDA; before the slots are released)."""
+        if self.cuda:
+            self._stream.synchronize()
 
     def finish(self, slot: Slot) -> None:
         """After the batch's last copy: record the event the handoff waits on before the writer reads."""

@@ -4,8 +4,8 @@ Per array: count of rows used, mean vector, mean squared L2 norm (dictionary_lea
 ``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), mean L2 norm (SAELens'
 ``expected_average_only_in`` scaling uses ``sqrt(dim) / mean_norm``), max norm, and the non-finite and float16
 overflow counts. Each chunk's moments are summed in float32 within blocks of at most ``BLOCK_BYTES`` and in
-float64 across blocks, and merged with Chan et al.'s pairwise update in float64, so the result does not depend
-on which writer thread commits which chunk first. Statistics only ever cover committed chunks.
+float64 across blocks, and merged with Chan et al.'s pairwise update in float64, so the result depends on which
+writer thread commits which chunk first only by float64 rounding. Statistics only ever cover committed chunks.
 
 Rows holding any non-finite value are counted but left out of the moments, and so are attention-sink rows:
 the first token of each sequence and any BOS (flags ``first`` / ``bos``). Their norms are orders of magnitude

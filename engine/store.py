@@ -174,11 +174,21 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _make_folders(folder: Path, durable: bool) -> None:
+    """Create ``folder`` and its missing parents; when ``durable``, each new entry reaches the disk."""
+    if folder.is_dir():
+        return
+    _make_folders(folder.parent, durable)
+    folder.mkdir(exist_ok=True)
+    if durable:
+        _fsync_folder(folder.parent)
+
+
 def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
     """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does). ``size``: the file's
     length, when longer than ``data`` (the rest is a hole: no disk blocks, reads as zeros). ``durable``: the
-    data reaches the disk before the rename, and the rename before this returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    data reaches the disk before the rename, and the rename (and any new folder) before this returns."""
+    _make_folders(path.parent, durable)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         with open(partial, "wb") as f:
@@ -284,8 +294,9 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     chunk (highest first, so the committed prefix is valid after every step); the writer process starts that
     chunk with its kept rows and commits it again, whole. A crash before then only moves the next resume point
     back; no record ever describes rows it does not hold. Also drops temp files and arrays added after capture
-    (align's ``tokens/label`` would go stale as rows are added), and when nothing was committed (a crash while
-    the first batch created the arrays) the activation arrays, which the first batch creates again.
+    (align's ``tokens/label`` would go stale as rows are added), and when no row is kept (nothing committed,
+    maybe a crash while the first batch created the arrays; or no sequence ended yet) the activation arrays,
+    which the first batch creates again.
     """
     store = location.zarr_store()
     group = zarr.open_group(store, mode="r+")
@@ -293,31 +304,31 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     chunk_tokens = stored["chunk_tokens"]
     records = read_commit_records(store)
     point = find_resume_point(group, committed_prefix(records), stored)
+    own = layout.token_arrays(stored.get("annotations", {}))
+    resumes = stored.get("resumes", []) + [{**updates["resume"], "status_before": stored.get("status"),
+                                            "rows": point.rows, "sequences": point.sequences,
+                                            "dropped_rows": point.committed_rows - point.rows}]
+    # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened prefix.
+    group.update_attributes({layout.MANIFEST_ATTR: {
+        **stored, "token_arrays": {key: str(dtype) for key, dtype in own.items()}, "resumes": resumes,
+        "status": layout.STATUS_OPEN, "error": None, **{k: v for k, v in updates.items() if k != "resume"}}})
     cut_chunk = point.rows // chunk_tokens
     for index in sorted(records, reverse=True):
         if index >= cut_chunk:
             delete_key(store, layout.commit_record_key(index))
     for leftover in location.local.rglob("*.partial") if location.local is not None else ():
         leftover.unlink()
-    own = layout.token_arrays(stored.get("annotations", {}))
     for key in set(stored["token_arrays"]) - set(own):
         if key in group:
             delete_array(store, key)
-    for key in stored["arrays"] if point.committed_rows == 0 else ():
+    for key in stored["arrays"] if point.rows == 0 else ():  # nothing kept: the first batch creates them again
         if key in group:
             delete_array(store, key)
     for key, dtype in own.items():
         if key not in group:  # a crash kept it from being created
             _create_array(group, key, 0, (), dtype, chunk_tokens, stored["compressor"], {})
-    resumes = stored.get("resumes", []) + [{**updates["resume"], "status_before": stored.get("status"),
-                                            "rows": point.rows, "sequences": point.sequences,
-                                            "dropped_rows": point.committed_rows - point.rows}]
-    manifest = {**stored, "token_arrays": {key: str(dtype) for key, dtype in own.items()}, "resumes": resumes,
-                "status": layout.STATUS_OPEN, "error": None,
-                **{key: value for key, value in updates.items() if key != "resume"}}
-    group.update_attributes({layout.MANIFEST_ATTR: manifest})
     _reserve_space(location)
-    return point if point.committed_rows else ResumePoint(0, 0, 0)
+    return point if point.rows else ResumePoint(0, 0, 0)
 
 
 def mark_failed(location: Location, error: str) -> None:
@@ -429,6 +440,9 @@ class ZarrSink:
                 self._resize_all(rows)
             self._manifest = {**self._manifest, **manifest_updates}
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
+            if self._durable and self._root is not None:
+                _fsync_file(self._root / "zarr.json")
+                _fsync_folder(self._root)
 
 
 def _fsync_file(path: Path) -> None:

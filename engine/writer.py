@@ -167,14 +167,42 @@ class SlotMemory:
         return self._typed(slot, f"point/{key}", self._spec.storage_dtype, (batch.batch_size * batch.seq_len, dim))
 
 
-class Counters:
-    """Committed totals. Thread safety: update under ``lock``."""
+@dataclasses.dataclass
+class _Committed:
+    rows: int
+    nbytes: int
+    moments: dict      # key -> ChunkMoments (empty without statistics)
+    summaries: dict    # key -> the commit record's stats entry
 
-    def __init__(self, chunks: int = 0, tokens: int = 0):
+
+class CommittedPrefix:
+    """Totals and statistics of the gap-free prefix of committed chunks, the rows readers trust. A chunk whose
+    predecessor is still being written (or failed) counts once the gap closes, so the manifest never counts a
+    row a reader cannot see.
+
+    Thread safety: ``add`` from any writer thread; read the totals under ``lock``.
+    """
+
+    def __init__(self, chunks: int, chunk_tokens: int, statistics: Statistics | None):
         self.lock = threading.Lock()
-        self.tokens = tokens
-        self.bytes = 0
         self.chunks = chunks
+        self.tokens = chunks * chunk_tokens
+        self.bytes = 0
+        self.statistics = statistics
+        self._waiting: dict[int, _Committed] = {}
+
+    def add(self, index: int, committed: _Committed) -> tuple[int, int, int]:
+        """Count chunk ``index``; returns the (tokens, bytes, chunks) of the prefix now."""
+        with self.lock:
+            self._waiting[index] = committed
+            while self.chunks in self._waiting:
+                chunk = self._waiting.pop(self.chunks)
+                self.tokens += chunk.rows
+                self.bytes += chunk.nbytes
+                self.chunks += 1
+                for key, moments in chunk.moments.items():
+                    self.statistics.add(key, moments, chunk.summaries[key])
+            return self.tokens, self.bytes, self.chunks
 
 
 class WriterPool:
@@ -204,9 +232,7 @@ class WriterPool:
         self._spare: list[dict[str, np.ndarray]] = []
         self._dims: dict[str, int] | None = None
         self._next_row = spec.start_row
-        self.statistics: Statistics | None = None
-        full_chunks = spec.start_row // spec.chunk_tokens
-        self.counters = Counters(full_chunks, full_chunks * spec.chunk_tokens)
+        self.committed = CommittedPrefix(spec.start_row // spec.chunk_tokens, spec.chunk_tokens, None)
         self._warned_nonfinite = False
         self._done = 0
         self._flush_targets: list[tuple[int, int]] = []
@@ -224,10 +250,10 @@ class WriterPool:
         and the kept rows of the cut chunk come first."""
         arrays = self._sink.point_arrays()
         self._dims = {key: array.shape[1] for key, array in arrays.items()}
-        whole = self.counters.tokens
+        whole = self.committed.tokens
         if self._spec.statistics:
-            self.statistics = rebuild(arrays, self._sink.flags_array(), whole, self._chunk_tokens,
-                                      self._spec.dtype)
+            self.committed.statistics = rebuild(arrays, self._sink.flags_array(), whole, self._chunk_tokens,
+                                                self._spec.dtype)
         index, kept = divmod(self._spec.start_row, self._chunk_tokens)
         if kept:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
@@ -289,7 +315,7 @@ class WriterPool:
             if self._dims is None:
                 self._dims = dict(dims)
                 if self._spec.statistics:
-                    self.statistics = Statistics(self._dims)
+                    self.committed.statistics = Statistics(self._dims)
                 self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
                                                 for key, dim in self._dims.items()})
             elif dims != self._dims:
@@ -380,16 +406,9 @@ class WriterPool:
         arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
         record, moments = self._record(chunk.index, arrays)
         self._sink.write_chunk(chunk.index, arrays, record)
-        if self.statistics is not None:  # only now: statistics cover committed chunks only
-            for key, entry in moments.items():
-                self.statistics.add(key, entry, record["stats"][key])
-        nbytes = sum(array.nbytes for array in arrays.values())
-        with self.counters.lock:
-            self.counters.tokens += rows
-            self.counters.bytes += nbytes
-            self.counters.chunks += 1
-            progress = ("progress", self.counters.tokens, self.counters.bytes, self.counters.chunks)
-        self._send(progress)
+        totals = self.committed.add(chunk.index, _Committed(rows, sum(array.nbytes for array in arrays.values()),
+                                                            moments, record["stats"]))
+        self._send(("progress", *totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
@@ -401,7 +420,7 @@ class WriterPool:
         stats, moments = {}, {}
         for key in self._dims:
             stats[key], entry = chunk_summary(arrays[key], self._spec.dtype, flags,
-                                              moments=self.statistics is not None)
+                                              moments=self.committed.statistics is not None)
             if entry is not None:
                 moments[key] = entry
             if stats[key]["nonfinite"]:
@@ -501,14 +520,14 @@ class Server:
             rows = pool.close(commit_tail=not failed)
             if not failed and pool.error is None:
                 status = layout.STATUS_COMPLETE
-            counters = pool.counters
-            self._sink.finalize(counters.tokens, {
-                "status": status, "committed_tokens": counters.tokens, "committed_chunks": counters.chunks,
+            committed = pool.committed
+            self._sink.finalize(committed.tokens, {
+                "status": status, "committed_tokens": committed.tokens, "committed_chunks": committed.chunks,
                 "sequences": sequences,
-                "statistics": pool.statistics.to_json() if pool.statistics is not None else {},
+                "statistics": committed.statistics.to_json() if committed.statistics is not None else {},
                 "error": repr(pool.error) if pool.error is not None else None,
                 "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            }, trim=status == layout.STATUS_COMPLETE and rows == counters.tokens)
+            }, trim=status == layout.STATUS_COMPLETE and rows == committed.tokens)
             finalized = True
         except BaseException as exc:
             status = layout.STATUS_FAILED

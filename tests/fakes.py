@@ -56,3 +56,16 @@ class FullDiskSink(ZarrSink):
         if chunk_index >= 2:
             raise OSError(28, "No space left on device")
         super().write_chunk(chunk_index, arrays, record)
+
+
+class GapSink(ZarrSink):
+    """The second chunk fails, but only once the third is committed: a committed chunk after a gap."""
+
+    def write_chunk(self, chunk_index, arrays, record):
+        if chunk_index == 1:
+            deadline = time.monotonic() + 30
+            while not (self._location.local / "commits" / "chunk_000000000002").exists():
+                assert time.monotonic() < deadline, "the third chunk never came"
+                time.sleep(0.01)
+            raise OSError(28, "No space left on device (test)")
+        super().write_chunk(chunk_index, arrays, record)

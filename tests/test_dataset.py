@@ -111,20 +111,23 @@ def test_statistics_of_every_array_equal_numpy(tmp_path):
         assert_statistics_match(cfg.output_dir, key, dim)
 
 
-def test_statistics_cover_only_committed_rows_after_a_failure(tmp_path, monkeypatch):
-    """The writer fails on the second chunk: the failed store's statistics are those of its one committed chunk,
-    never of rows that were staged but not committed."""
-    use_sink(monkeypatch, "FailingSink")
+def test_counts_and_statistics_cover_only_the_rows_readers_see_after_a_failure(tmp_path, monkeypatch):
+    """The second chunk fails after the third was committed: the failed store's counts and statistics are
+    those of its gap-free prefix (the first chunk), never of rows staged but not committed, nor of the
+    committed chunk after the gap, which no reader sees."""
+    use_sink(monkeypatch, "GapSink")
     model = tiny_model("gpt2")
-    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=16)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], capture_mlp_hidden=False, chunk_tokens=16,
+                        num_writers=2)
     cap = CaptureEngine(model, cfg)
     with pytest.raises(engine.CaptureError), torch.no_grad():
-        for seed in range(20):
+        for seed in range(40):
             model(**ragged_batch(4, 10, seed=seed))
         cap.close()
     cap.close()
     store = open_store(cfg.output_dir)
-    assert store.status == "failed" and store.num_tokens == 16
+    assert (tmp_path / "s.zarr" / "commits" / "chunk_000000000002").exists(), "a chunk after the gap"
+    assert store.status == "failed" and store.num_tokens == store.manifest["committed_tokens"] == 16
     assert_statistics_match(cfg.output_dir, "layer_0/residual", 64)
 
 

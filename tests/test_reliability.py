@@ -270,3 +270,29 @@ def test_resume_after_a_crash_between_array_creations(tmp_path):
     assert stores["resumed"].status == "complete"
     for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/sequence"):
         np.testing.assert_array_equal(stores["resumed"][key][:], stores["fresh"][key][:])
+
+
+def test_resume_when_no_committed_sequence_has_ended(tmp_path):
+    """A crash after whole chunks of a first, still unfinished sequence were committed: no row can be kept
+    (its sequence would be cut), so the resume starts over, arrays included, and equals a fresh run."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8)
+    long_sequence = {"input_ids": torch.arange(3, 23).view(1, 20)}
+    crashed = CaptureEngine(model, cfg)
+    with torch.no_grad():
+        model(**long_sequence)
+    crashed.flush()
+    assert crashed.stats.tokens == 16, "two whole chunks of the unfinished sequence were committed"
+    crashed._hooks.remove()  # the capturing process "dies": no close
+    crashed._writer.abort()
+    crashed._destination.release()
+    stores = {}
+    for name, path, resume in (("resumed", tmp_path / "s.zarr", True), ("fresh", tmp_path / "f.zarr", False)):
+        with CaptureEngine(model, dataclasses.replace(cfg, output_dir=path, resume=resume)) as cap, \
+                torch.no_grad():
+            assert cap.resume_sequences == 0
+            model(**long_sequence)
+        stores[name] = open_store(path)
+    assert stores["resumed"].status == "complete" and stores["resumed"].num_tokens == 20
+    for key in ("layer_0/residual", "tokens/position", "tokens/flags"):
+        np.testing.assert_array_equal(stores["resumed"][key][:], stores["fresh"][key][:])

@@ -3,6 +3,7 @@ never outlives the engine or the process that started it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -83,3 +84,24 @@ def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch
                 model(**ragged_batch(2, 6, seed=seed))
     assert open_store(cfg.output_dir).status == "failed"
     assert not (tmp_path / "s.zarr.reserve").exists()
+
+
+def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
+    """DataLoader workers are forked: they must not keep the parent's store locked (or its channel open)."""
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    read, write = os.pipe()
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(2, 6))
+        child = os.fork()
+        if child == 0:  # the forked child waits until the parent has closed and relocked, then exits
+            os.close(write)
+            os.read(read, 1)
+            os._exit(0)
+    try:
+        with CaptureEngine(model, dataclasses.replace(cfg, resume=True)), torch.no_grad():
+            model(**ragged_batch(2, 6, seed=1))
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
+    assert open_store(cfg.output_dir).status == "complete"
