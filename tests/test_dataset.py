@@ -150,7 +150,7 @@ def test_statistics_can_be_turned_off(tmp_path):
     with CaptureEngine(model, cfg), torch.no_grad():
         model(**ragged_batch(3, 7))
     store = open_store(cfg.output_dir)
-    assert store.manifest["statistics"] == {} and store.num_tokens > 0
+    assert store.manifest.statistics == {} and store.num_tokens > 0
 
 
 def test_batch_larger_than_the_mixing_buffer(store_path):
