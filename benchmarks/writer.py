@@ -142,9 +142,10 @@ def main(argv=None) -> int:
                        f"{kind}_ratio_median": statistics.median(ratios)})
         print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; ratio to raw: median "
               f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}..{max(ratios):.3f})")
-        # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second of
-        # writing at this pipeline's median rate, an upper bound on their share of its time.
-        result[f"{kind}_crc32c_share"] = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3
+        # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
+        # of writing at this pipeline's median rate, an upper bound on their share of its time.
+        crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3
+        result[f"{kind}_crc32c_share"] = crc_share
     print(f"[writer] CRC32C checksums: {result['crc32c_seconds_per_gb']:.3f} s per GB"
           + "".join(f", at most {100 * result[f'{kind}_crc32c_share']:.1f}% of the {kind} pipeline's time"
                     for kind in kinds[1:]))

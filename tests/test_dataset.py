@@ -127,7 +127,7 @@ def test_counts_and_statistics_cover_only_the_rows_readers_see_after_a_failure(t
     cap.close()
     store = open_store(cfg.output_dir)
     assert (tmp_path / "s.zarr" / "commits" / "chunk_000000000002").exists(), "a chunk after the gap"
-    assert store.status == "failed" and store.num_tokens == store.manifest["committed_tokens"] == 16
+    assert store.status == "failed" and store.num_tokens == store.manifest.committed_tokens == 16
     assert_statistics_match(cfg.output_dir, "layer_0/residual", 64)
 
 
