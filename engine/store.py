@@ -125,8 +125,7 @@ def read_commit_records(store: zarr.abc.store.Store, where: str, manifest: Manif
             chunk's), unless ``damaged`` is given: then each damaged record is named there and left out (a
             resume cuts the store back before it).
     """
-    names = sync(_list_dir(store, layout.COMMITS_GROUP))
-    indices = sorted(i for i in map(layout.chunk_index_of, names) if i is not None)
+    indices = _record_indices(store)
     docs = sync(_get_many(store, [layout.commit_record_key(i) for i in indices]))
     records = {}
     for index, raw in zip(indices, docs):
@@ -139,6 +138,12 @@ def read_commit_records(store: zarr.abc.store.Store, where: str, manifest: Manif
                 raise
             damaged.append(str(error))
     return records
+
+
+def _record_indices(store: zarr.abc.store.Store) -> list[int]:
+    """Indices of the chunks that have a commit record (damaged or not), in order."""
+    names = sync(_list_dir(store, layout.COMMITS_GROUP))
+    return sorted(i for i in map(layout.chunk_index_of, names) if i is not None)
 
 
 def _parse_record(raw: bytes, where: str, index: int, manifest: Manifest) -> CommitRecord:
@@ -370,15 +375,16 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
                       "again:\n  " + "\n  ".join(point.damaged), RuntimeWarning, stacklevel=2)
     # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened prefix.
     group.update_attributes({layout.MANIFEST_ATTR: _resumed_manifest(stored, own, updates, point).to_json()})
-    _cut_back(location, store, group, stored, records, point)
+    _cut_back(location, store, group, stored, point)
     _reserve_space(location)
     return point if point.rows else ResumePoint(0, 0, 0)
 
 
 def _cut_back(location: Location, store: zarr.abc.store.Store, group: zarr.Group, stored: Manifest,
-              records: dict[int, CommitRecord], point: ResumePoint) -> None:
-    """Drop the records from the cut chunk on (highest first), temp files, and arrays that do not go on."""
-    for index in sorted(records, reverse=True):
+              point: ResumePoint) -> None:
+    """Drop the records (damaged ones too) from the cut chunk on, highest first; temp files; and arrays that
+    do not go on."""
+    for index in reversed(_record_indices(store)):
         if index >= point.rows // stored.chunk_tokens:
             delete_key(store, layout.commit_record_key(index))
     for leftover in location.local.rglob("*.partial") if location.local is not None else ():

@@ -19,6 +19,8 @@ from engine import (ActivationDataset, CaptureConfig, CaptureEngine, StoreCorrup
                     open_store)
 from engine.cli import main as cli_main
 from engine.layout import CommitRecord, Manifest, commit_record_key
+from engine.location import Location
+from engine.store import continue_store
 
 from conftest import ragged_batch, tiny_model
 from helpers import assert_statistics_match
@@ -220,6 +222,17 @@ def test_resume_cuts_back_before_a_damaged_chunk_and_captures_it_again(store, da
     assert "chunk 3" in entry["damaged_chunks"][0]
     for key in ("layer_0/residual", "layer_0/mlp_hidden"):
         assert_statistics_match(store, key, resumed[key].shape[1])
+
+
+def test_a_resume_drops_every_record_from_the_cut_on_damaged_ones_too(store):
+    for index in (3, 5):
+        (store / commit_record_key(index)).write_text("{")
+    with pytest.warns(RuntimeWarning, match="commits/chunk_000000000003/zarr.json.*not JSON"):
+        point = continue_store(Location.of(store), {"resume": {"at": "now"}})
+    assert (point.rows, point.sequences, point.committed_rows) == (18, 2, 24)
+    assert sorted(path.parent.name for path in (store / "commits").glob("chunk_*/zarr.json")) == [
+        "chunk_000000000000", "chunk_000000000001"]
+    assert open_store(store).status == "open" and open_store(store).num_tokens == 16
 
 
 def test_resume_of_a_crashed_store_keeps_exact_statistics(tmp_path, pristine):
