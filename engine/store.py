@@ -89,7 +89,7 @@ def open_array(group: zarr.Group, key: str) -> zarr.Array:
     with metadata_of(f"{where}/zarr.json", f"the zarr array metadata of {key}"):
         try:
             array = group[key]
-        except KeyError as missing:  # no node, or (zarr reports both alike) a document without a field it needs
+        except KeyError as missing:  # no node; or (zarr says it alike) a document lacking a field
             document = f"{group.path}/{key}/zarr.json".lstrip("/")
             if sync(group.store.exists(document)):
                 raise ValueError(f"a document without the field {missing}") from missing

@@ -289,7 +289,7 @@ def test_a_format_version_1_store_still_reads(tmp_path, capsys):
     copy = tmp_path / "v1.zarr"
     shutil.copytree(V1_STORE, copy)
     path = chunk_file(copy, KEY, 1)
-    path.write_bytes(path.read_bytes()[:100])  # a version 1 chunk's length is still checked (not its presence)
+    path.write_bytes(path.read_bytes()[:100])  # a version 1 chunk's length is checked (its presence is not)
     with pytest.raises(StoreCorruptError, match=f"{KEY} chunk 1 .*100 bytes"):
         open_store(copy)[KEY][:]
 
