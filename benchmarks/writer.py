@@ -1,6 +1,8 @@
 """Writer throughput: the engine's pipeline (staging -> writer process -> zarr) vs raw ndarray.tofile of the
 same bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as ratios, for
 durable stores (each chunk fsynced before its commit record, the default) and scratch ones (durable=False).
+Also what the commit records' CRC32C checksums cost (always on, so measured apart): seconds per GB of the
+writer's own checksum function over chunk-sized blocks, and the share of each pipeline's time that is.
 
     python benchmarks/writer.py --total-mb 1024 --repeats 3 --json out.json
     python benchmarks/writer.py --raw-only --total-mb 8192     # what the disk allows, for the GPU check
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
+from engine.chunks import crc32c  # noqa: E402
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
 
@@ -61,6 +64,18 @@ def raw_tofile(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) ->
     if SYNC:
         os.sync()
     return time.perf_counter() - start
+
+
+def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) -> float:
+    """Seconds per GB of the checksum the writer process computes for every chunk it commits
+    (``engine.chunks.crc32c`` over one chunk-sized float16 block per point, as the writer calls it)."""
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((chunk_tokens, dim)).astype(np.float16) for dim in dims]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for block in blocks:
+            crc32c(block)
+    return (time.perf_counter() - start) / (repeats * sum(block.nbytes for block in blocks)) * 1e9
 
 
 def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, int]:
@@ -116,7 +131,8 @@ def main(argv=None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     result = {"synced_to_disk": SYNC, "dims": args.dims, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers, "mb_per_run": nbytes_pipeline / 1e6,
-              "raw_tofile_mb_per_s": rates["raw"]}
+              "raw_tofile_mb_per_s": rates["raw"],
+              "crc32c_seconds_per_gb": crc32c_seconds_per_gb(args.dims, args.chunk_tokens)}
     print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each, "
           f"{'ending with os.sync()' if SYNC else 'page cache only (--no-sync)'}")
     print(f"[writer] raw tofile MB/s: {', '.join(f'{x:.0f}' for x in rates['raw'])}")
@@ -126,6 +142,13 @@ def main(argv=None) -> int:
                        f"{kind}_ratio_median": statistics.median(ratios)})
         print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; ratio to raw: median "
               f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}..{max(ratios):.3f})")
+        # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
+        # of writing at this pipeline's median rate, an upper bound on their share of its time.
+        crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3
+        result[f"{kind}_crc32c_share"] = crc_share
+    print(f"[writer] CRC32C checksums: {result['crc32c_seconds_per_gb']:.3f} s per GB"
+          + "".join(f", at most {100 * result[f'{kind}_crc32c_share']:.1f}% of the {kind} pipeline's time"
+                    for kind in kinds[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -159,7 +159,9 @@ class CaptureEngine:
                                                                    config.extra_modules)
                 self._device = _model_device(model)
                 self._max_positions = _max_positions(model)
-                manifest = build_manifest(model, config, self.points, tokenizer) if config.sink == "zarr" else None
+                # As its JSON document: engine.opening merges manifests as dicts.
+                manifest = (build_manifest(model, config, self.points, tokenizer).to_json()
+                            if config.sink == "zarr" else None)
             with self._on_every_rank():  # every rank's checks pass before any rank repairs or writes its part
                 if manifest is not None:
                     self._destination = check_destination(config, manifest, self._parts)
@@ -203,7 +205,9 @@ class CaptureEngine:
             token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
             annotations=tuple(config.annotations), bos_id=bos[0], special_ids=tuple(sorted(special)),
             num_writers=config.num_writers, statistics=config.statistics,
-            start_row=resume.rows if resume is not None else 0, durable=config.durable, parent_pid=os.getpid())
+            start_row=resume.rows if resume is not None else 0,
+            kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
+            parent_pid=os.getpid())
 
     @contextlib.contextmanager
     def _on_every_rank(self):

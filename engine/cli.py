@@ -22,20 +22,21 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import zarr
 
 from .capture import CaptureEngine
+from .chunks import DAMAGE_FIX
 from .config import CaptureConfig
 from .corpus import Corpus, Row, RowCounts, collate, open_corpus, rows, shares, take_tokens
 from .errors import (CaptureClosedError, CaptureError, ConfigError, CorpusError, EngineError, HookPointError,
-                     StoreExistsError)
+                     StoreCorruptError, StoreExistsError)
 from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widths, resolve_hook_points
-from .layout import FLAG_LAST, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
+from .layout import FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
 from .reader import open_store
 from .registry import find_model, get_model, list_models
-from .store import check_location, find_resume_point
+from .resume import find_resume_point
+from .store import check_location, manifest_of, open_group
 
 _ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
 _BLOCK_BYTES = 4096  # filesystem block: what a file's last partial block costs on disk
@@ -399,56 +400,83 @@ def _allocated(store) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    store = open_store(args.store)
+    """Describe a store; exit status 1 (and no description) when a committed chunk is damaged."""
+    try:
+        store = open_store(args.store)
+        problems = store.check(checksums=args.verify)
+    except StoreCorruptError as error:  # a complete store whose commit records do not cover its rows
+        problems = list(error.problems)
+    if problems:
+        print(f"damaged    {args.store}: {len(problems)} committed chunk(s) cannot be trusted:")
+        for line in problems:
+            print(f"  {line}")
+        print(f"fix        {DAMAGE_FIX}")
+        return 1
+    _print_summary(store, args.verify)
+    _print_arrays(store)
+    if store.status != "complete":
+        _print_resume_points(store)
+    return 0
+
+
+def _print_summary(store, verified: bool) -> None:
     m = store.manifest
     sequences = int(np.count_nonzero(store["tokens/flags"][:] & FLAG_LAST))
     print(f"store      {store.path}")
-    print(f"status     {store.status}   format {m['format']} v{m['format_version']}")
-    print(f"model      {m['model']['name']} ({m['model']['architecture']})   tokenizer {m.get('tokenizer')}")
-    print(f"tokens     {store.num_tokens:,} committed in {len(store.chunks)} chunks of {m['chunk_tokens']}   "
-          f"sequences stored {sequences:,} (fed {m.get('sequences', 0):,})")
-    print(f"on disk    {_allocated(store)}   dtype {m['dtype']}   compressor {m['compressor']}")
-    for entry, part in zip(m.get("parts", []), store.parts):
+    print(f"status     {store.status}   format {FORMAT_NAME} v{m.format_version}")
+    print(f"model      {m.model.get('name')} ({m.model.get('architecture')})   tokenizer {m.tokenizer}")
+    print(f"tokens     {store.num_tokens:,} committed in {len(store.chunks)} chunks of {m.chunk_tokens}   "
+          f"sequences stored {sequences:,} (fed {m.sequences:,})")
+    print(f"on disk    {_allocated(store)}   dtype {m.dtype}   compressor {m.compressor}")
+    checked = "sizes and CRC32C checksums" if verified else "sizes (--verify: checksums too)"
+    unverifiable = (f"; {store.unverifiable_chunks} chunks written in format version 1 have no checksums"
+                    if verified and store.unverifiable_chunks else "")
+    print(f"integrity  {checked} of every committed chunk ok{unverifiable}")
+    for entry, part in zip(m.parts or [], store.parts):
         print(f"  part {entry['path']:22s} {entry['status']:9s} {part.num_tokens:,} tokens from sequence "
               f"{entry.get('first_sequence', 0):,}")
+
+
+def _print_arrays(store) -> None:
+    m = store.manifest
     for key in store.keys():
         array = store[key]
-        info = m["arrays"].get(key, {})
+        info = m.arrays.get(key, {})
         line = f"  {key:28s} {str(array.shape):18s} {array.dtype}"
         if info:
-            overflow = sum(c["stats"][key]["fp16_overflow"] for c in store.chunks)
-            nonfinite = sum(c["stats"][key]["nonfinite"] for c in store.chunks)
+            overflow = sum(c.stats[key].fp16_overflow for c in store.chunks)
+            nonfinite = sum(c.stats[key].nonfinite for c in store.chunks)
             line += (f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} "
                      f"fp16_overflow {overflow}")
-            stats = m.get("statistics", {}).get(key)
+            stats = m.statistics.get(key)
             if stats and stats.get("count") and stats.get("norm_scaling_factor") is not None:
                 line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
                          f"norm_scale {stats['norm_scaling_factor']:.4g}")
         print(line)
-    if store.status != "complete":
-        for part in store.parts:
-            name = "" if len(store.parts) == 1 else f"{part.location.url.rsplit('/', 1)[-1]}: "
-            if part.group is None:
-                print(f"resume     {name}not started")
-                continue
-            manifest = dict(part.group.attrs[MANIFEST_ATTR])
-            point = find_resume_point(part.group, part.chunks, manifest)
-            done = max(point.sequences - manifest.get("first_sequence", 0), 0) if point.rows else 0
-            print(f"resume     {name}--resume continues after {done:,} sequences ({point.rows:,} rows kept, "
-                  f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
-    return 0
+
+
+def _print_resume_points(store) -> None:
+    for part in store.parts:
+        name = "" if len(store.parts) == 1 else f"{part.location.url.rsplit('/', 1)[-1]}: "
+        if part.group is None:
+            print(f"resume     {name}not started")
+            continue
+        point = find_resume_point(part.group, part.chunks, part.manifest)
+        done = max(point.sequences - part.manifest.first_sequence, 0) if point.rows else 0
+        print(f"resume     {name}--resume continues after {done:,} sequences ({point.rows:,} rows kept, "
+              f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
 
 
 def _add_token_array(location, key: str, values, attributes: dict) -> None:
     """Write a per-token int32 array (None: only list it, in a multi-process store's top manifest)."""
-    group = zarr.open_group(location.zarr_store(), mode="r+")
-    manifest = dict(group.attrs[MANIFEST_ATTR])
+    group = open_group(location, mode="r+")
+    manifest = manifest_of(group)
     if values is not None:
-        array = group.create_array(key, shape=values.shape, chunks=(manifest["chunk_tokens"],), dtype="int32",
+        array = group.create_array(key, shape=values.shape, chunks=(manifest.chunk_tokens,), dtype="int32",
                                    fill_value=-1, compressors=None, overwrite=True, attributes=attributes)
         array[:] = values
-    manifest["token_arrays"] = {**manifest["token_arrays"], key: "int32"}
-    group.update_attributes({MANIFEST_ATTR: manifest})
+    labelled = dataclasses.replace(manifest, token_arrays={**manifest.token_arrays, key: "int32"})
+    group.update_attributes({MANIFEST_ATTR: labelled.to_json()})
 
 
 def _align(args: argparse.Namespace) -> int:
@@ -632,8 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "points per layer (module, width, TransformerLens name) from its config alone")
     models.set_defaults(run=_closed_pipe_is_fine(_models))
     _add_capture_parser(commands, common)
-    ins = commands.add_parser("inspect", parents=[common], help="describe a store")
+    ins = commands.add_parser("inspect", parents=[common], help="describe a store (exit status 1 when a "
+                              "committed chunk is damaged)")
     ins.add_argument("store")
+    ins.add_argument("--verify", action="store_true", help="also verify every committed chunk's CRC32C "
+                     "(reads the whole store; sizes are always checked)")
     ins.set_defaults(run=_closed_pipe_is_fine(_inspect))
     ali = commands.add_parser("align", parents=[common],
                               help="join span labels to tokens: writes tokens/label")

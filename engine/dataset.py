@@ -13,10 +13,11 @@ import zarr
 from . import layout
 from .errors import CaptureFailedError, ConfigError, FollowTimeoutError
 from .reader import open_store
+from .chunks import read_chunk
 from .sources import (ALIGNMENT_ARRAYS, Backoff, ChunkRef, Column, StoreLike, check_keys,
                       check_same_corpus, check_same_tokens, columns_of, combined_status, open_stores,
                       opener_waiting_for, shared_chunks)
-from .store import read_chunk_rows
+from .store import open_array, open_group
 
 _EXCLUDABLE = {**layout.FLAG_BITS, "pad": 0}  # pad rows are never stored: excluding them is a no-op
 # Host buffer dtype per storage dtype (bfloat16 bits are read as int16 and viewed as bfloat16 per batch).
@@ -29,7 +30,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     """Token-major rows of one or more arrays in random order, each committed row exactly once per epoch.
 
     Whole chunks are read in a random order, straight into one reused buffer of ``buffer_chunks`` chunks
-    (uncompressed chunk files are read with one ``readinto``, others through zarr); batches are gathered
+    (uncompressed chunk files are read with one ``readinto``, others through zarr), each first checked
+    against its commit record's size (and with ``verify`` its checksum); batches are gathered
     from the buffer in random order, and the leftover rows stay for the next fill. With several arrays, every
     array's chunk goes into its own buffer and one permutation gathers all of them: a batch holds the same
     tokens in every array. Chunks are split disjointly across DDP ranks, then across DataLoader workers.
@@ -65,6 +67,9 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             mix is that of the buffer (recent chunks): use a larger ``buffer_chunks``.
         follow_timeout: seconds without a new commit before FollowTimeoutError (a killed capture leaves its
             store ``open`` for ever); None waits for ever.
+        verify: check each chunk's CRC32C against its commit record as it is read (one pass over the bytes
+            read; sizes are checked always). A bad chunk raises StoreCorruptError and none of its rows is
+            yielded.
 
     Returns (iterating): for one key, ``(batch_size, dim)`` tensors (the last may be shorter unless
     ``drop_last``); for a list of keys or zipped stores, a dict ``{key: (batch_size, dim)}``, or with
@@ -81,7 +86,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                  exclude: Sequence[str] = ("bos", "first"),
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
                  buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None,
-                 stack: bool = False, follow: bool = False, follow_timeout: float | None = 900.0):
+                 stack: bool = False, follow: bool = False, follow_timeout: float | None = 900.0,
+                 verify: bool = False):
         keys = [key] if isinstance(key, str) else list(key)
         _check_arguments(keys, exclude, batch_size, buffer_chunks)
         rank, world_size = _ddp_position(rank, world_size)
@@ -102,17 +108,18 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         if stack and (self.dim is None or len(self.dims) < len(self.columns)):
             raise ConfigError(f"stack=True needs activation arrays of one width, got {self.dims} for "
                               f"{[c.name for c in self.columns]}: drop stack to get a dict by key")
-        self.storage_dtypes = [one.manifest.get("dtype", "float16") for one in opened]
+        self.storage_dtypes = [one.manifest.dtype for one in opened]
         self.storage_dtype = self.storage_dtypes[0]
-        # (part, chunk index within the part, rows) of every committed chunk every store has
-        self.chunks = shared_chunks(names, opened)
-        self.chunk_rows = (opened[0].manifest["chunk_tokens"] if follow
-                           else max((chunk.rows for chunk in self.chunks), default=1))
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.exclude_mask = sum(_EXCLUDABLE[name] for name in exclude)
         self.dtype, self.rank, self.world_size = dtype, rank, world_size
         self.buffer_chunks, self.return_tokens, self.stack = buffer_chunks, return_tokens, stack
-        self.follow, self.follow_timeout = follow, follow_timeout
+        self.follow, self.follow_timeout, self.verify = follow, follow_timeout, verify
+        self._reads = self._read_order(len(opened))
+        # (part, chunk index within the part, rows, files) of every committed chunk every store has
+        self.chunks = shared_chunks(names, opened, self._reads)
+        self.chunk_rows = (opened[0].manifest.chunk_tokens if follow
+                           else max((chunk.rows for chunk in self.chunks), default=1))
         self.epoch = 0
         self._epoch_set = False
         self._locations = [one.location for one in opened]
@@ -169,6 +176,14 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 raise ConfigError(f"epoch {epoch} of {self.path} yielded no batch: the store has no "
                                   "committed rows left after exclude / drop_last (or none for this rank)")
 
+    def _read_order(self, stores: int) -> list[tuple[int, str]]:
+        """Every (store, array) read, in the order of each chunk's ``files``: the columns, the flags, and for
+        zipped stores the arrays that must match."""
+        reads = [(c.store, c.key) for c in self._buffered()] + [(0, "tokens/flags")]
+        if stores > 1:
+            reads += list(itertools.product(range(stores), ALIGNMENT_ARRAYS))
+        return list(dict.fromkeys(reads))
+
     def _buffered(self) -> list[Column]:
         """The columns the mixing buffer holds: the yielded arrays, and the token ids of ``return_tokens``."""
         return self.columns + ([_TOKEN_IDS] if self.return_tokens else [])
@@ -177,16 +192,15 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         if self._handles_pid != os.getpid():  # a forked worker (not pickled) must not use the parent's handles
             self._handles, self._handles_pid = {}, os.getpid()
         if (store, part) not in self._handles:  # each lookup reads metadata: once per part and process
-            group = zarr.open_group(self._part_locations[store][part].zarr_store(read_only=True), mode="r")
-            needed = {c.key for c in self._buffered() if c.store == store} | {"tokens/flags"}
-            if len(self._locations) > 1:
-                needed |= set(ALIGNMENT_ARRAYS)
-            self._handles[(store, part)] = {key: group[key] for key in needed}
+            group = open_group(self._part_locations[store][part])
+            self._handles[(store, part)] = {key: open_array(group, key) for number, key in self._reads
+                                            if number == store}
         return self._handles[(store, part)]
 
     def _read(self, store: int, key: str, chunk: ChunkRef, out: np.ndarray) -> None:
-        root = self._part_locations[store][chunk.part].local  # None for object stores: read through zarr
-        read_chunk_rows(root, key, self._arrays(store, chunk.part)[key], chunk.index, out)
+        """One chunk of one array into ``out``, checked (StoreCorruptError: none of its rows is kept)."""
+        file = chunk.files[self._reads.index((store, key))]
+        read_chunk(self._arrays(store, chunk.part)[key], chunk.index, file, out, self.verify)
 
     def _load(self, chunk: ChunkRef, buffer: _MixingBuffer) -> None:
         """Read one chunk of every column into the buffer's free rows, keeping the rows not excluded."""
@@ -246,7 +260,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         seen: set[tuple[int, int]] = set()
         while True:
             stores = [open_store(location) for location in self._locations]
-            fresh = [chunk for chunk in shared_chunks(self.store_names, stores)
+            fresh = [chunk for chunk in shared_chunks(self.store_names, stores, self._reads)
                      if (chunk.index + chunk.part) % slots == slot and (chunk.part, chunk.index) not in seen]
             if fresh:
                 self._handles = {}  # the arrays grew since they were opened
@@ -259,7 +273,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             if status == layout.STATUS_COMPLETE:
                 return
             if status == layout.STATUS_FAILED:
-                errors = "; ".join(str(one.manifest.get("error")) for one in stores if one.status == "failed")
+                errors = "; ".join(str(one.manifest.error) for one in stores if one.status == "failed")
                 raise CaptureFailedError(f"the capture writing {self.path} failed ({errors}); the rows of "
                                          f"its {len(seen)} committed chunks of this rank / worker came first")
             backoff.wait(f"a new chunk in {self.path}")

@@ -53,6 +53,23 @@ class StoreFormatError(EngineError, ValueError):
     """A path is not a store written by this engine, or it is of an unsupported format version."""
 
 
+class StoreCorruptError(EngineError, OSError):
+    """A committed chunk is missing, of the wrong size, or fails its checksum: its rows are never returned.
+    An OSError, as a failed read of damaged storage is (gzip's BadGzipFile is one too). The message names each
+    bad chunk (array, part, chunk index, file) and the fix.
+
+    Attributes:
+        problems: one line per bad chunk.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+    def __reduce__(self):  # crosses DataLoader worker processes whole
+        return type(self), (str(self), self.problems)
+
+
 class CaptureError(EngineError, RuntimeError):
     """The writer process failed or died; the original exception (when it could cross the process boundary)
     is chained as __cause__ and the writer's traceback is in the message."""

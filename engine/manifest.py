@@ -10,6 +10,7 @@ import torch
 from . import layout
 from .config import CaptureConfig
 from .hookpoints import HookPoint
+from .layout import Manifest
 
 
 def now() -> str:
@@ -17,7 +18,7 @@ def now() -> str:
 
 
 def build_manifest(model: torch.nn.Module, config: CaptureConfig, points: list[HookPoint],
-                   tokenizer: Any) -> dict:
+                   tokenizer: Any) -> Manifest:
     """The manifest a new store starts with (status ``open``; counts and statistics come at close)."""
     from . import __version__
     from .registry import find_model
@@ -25,32 +26,29 @@ def build_manifest(model: torch.nn.Module, config: CaptureConfig, points: list[H
     model_config = getattr(model, "config", None)
     name = config.model_name or getattr(model_config, "name_or_path", None) or type(model).__name__
     spec = find_model(name)
-    return {
-        "format": layout.FORMAT_NAME,
-        "format_version": layout.FORMAT_VERSION,
-        "engine_version": __version__,
-        "status": layout.STATUS_OPEN,
-        "created": now(),
-        "model": {"name": name, "hf_repo_id": spec.hf_repo_id if spec else None,
-                  "architecture": getattr(model_config, "model_type", None), "class": type(model).__name__,
-                  "revision": getattr(model_config, "_commit_hash", None)},
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "layers": list(config.layer_indices),
-        "points": list(config.points),
-        "extra_modules": dict(config.extra_modules),
-        "arrays": {p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
-                           "layer": p.layer, "point": p.point} for p in points},
-        "token_arrays": {key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
-        "annotations": dict(config.annotations),
-        "flag_bits": layout.FLAG_BITS,
-        "dtype": config.dtype,
-        "chunk_tokens": config.chunk_tokens,
-        "compressor": config.compressor,
-        "first_sequence": config.first_sequence,
-        "committed_tokens": 0,
-        "committed_chunks": 0,
-        "sequences": config.first_sequence,
-    }
+    return Manifest(
+        format_version=layout.FORMAT_VERSION,
+        engine_version=__version__,
+        status=layout.STATUS_OPEN,
+        created=now(),
+        model={"name": name, "hf_repo_id": spec.hf_repo_id if spec else None,
+               "architecture": getattr(model_config, "model_type", None), "class": type(model).__name__,
+               "revision": getattr(model_config, "_commit_hash", None)},
+        tokenizer=getattr(tokenizer, "name_or_path", None),
+        layers=list(config.layer_indices),
+        points=list(config.points),
+        extra_modules=dict(config.extra_modules),
+        arrays={p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
+                        "layer": p.layer, "point": p.point} for p in points},
+        token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
+        annotations=dict(config.annotations),
+        flag_bits=dict(layout.FLAG_BITS),
+        dtype=config.dtype,
+        chunk_tokens=config.chunk_tokens,
+        compressor=config.compressor,
+        first_sequence=config.first_sequence,
+        sequences=config.first_sequence,
+    )
 
 
 def point_attributes(points: list[HookPoint], dtype: str) -> dict[str, dict]:
@@ -65,19 +63,21 @@ def point_attributes(points: list[HookPoint], dtype: str) -> dict[str, dict]:
     return attributes
 
 
-def _resume_fields(stored: dict, new: dict) -> Iterator[tuple[str, Any, Any]]:
-    yield "model", stored["model"]["name"], new["model"]["name"]
-    yield "architecture", stored["model"]["architecture"], new["model"]["architecture"]
+def _resume_fields(stored: Manifest, new: Manifest) -> Iterator[tuple[str, Any, Any]]:
+    yield "model", stored.model.get("name"), new.model.get("name")
+    yield "architecture", stored.model.get("architecture"), new.model.get("architecture")
     for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor", "annotations"):
-        yield field, stored.get(field), new.get(field)
-    yield "first_sequence", stored.get("first_sequence", 0), new["first_sequence"]
+        yield field, getattr(stored, field), getattr(new, field)
+    yield "first_sequence", stored.first_sequence, new.first_sequence
     # A multi-process store's root is resumed by rank 0 (parts.py); a single process must not take it over.
-    yield "world_size (processes writing parts; resume with torchrun)", stored.get("world_size"), None
-    yield ("hooked modules", {k: v["module_path"] for k, v in stored["arrays"].items()},
-           {k: v["module_path"] for k, v in new["arrays"].items()})
+    yield "world_size (processes writing parts; resume with torchrun)", stored.world_size, None
+    yield ("hooked modules", {k: v.get("module_path") for k, v in stored.arrays.items()},
+           {k: v.get("module_path") for k, v in new.arrays.items()})
 
 
-def resume_mismatches(stored: dict, new: dict) -> list[str]:
-    """Every field a resumed store must share with this run and does not, as ``field: old vs new`` lines."""
+def resume_mismatches(stored: Manifest | dict, new: Manifest | dict) -> list[str]:
+    """Every field a resumed store must share with this run and does not, as ``field: old vs new`` lines
+    (either manifest may come as its JSON document, as engine.opening passes them)."""
+    stored, new = Manifest.of(stored, "the stored manifest"), Manifest.of(new, "this run's manifest")
     return [f"{field}: the store has {old!r}, this run has {value!r}"
             for field, old, value in _resume_fields(stored, new) if old != value]

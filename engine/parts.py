@@ -13,6 +13,7 @@ Every collective step runs on all ranks in the same order; a setup failure on an
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import pickle
 from typing import Callable
@@ -21,13 +22,11 @@ import torch.distributed as dist
 
 from . import layout
 from .errors import CaptureError, ConfigError, ResumeMismatchError
+from .layout import Manifest
 from .location import Location
 from .opening import claim
 from .statistics import merge_statistics
-from .store import put_json, read_manifest
-
-# Manifest fields that describe one part, not the whole store.
-_PART_FIELDS = ("part", "first_sequence", "resumes")
+from .store import load_manifest, put_json
 
 
 # Collectives here wait for the slowest rank's whole share (a resumed rank whose part was complete waits at
@@ -54,54 +53,60 @@ def _portable(error: BaseException) -> BaseException:
         return CaptureError(f"{type(error).__name__}: {error}")
 
 
-def _group_doc(manifest: dict | None) -> dict:
-    attributes = {layout.MANIFEST_ATTR: manifest} if manifest is not None else {}
-    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+def _put_manifest(root: Location, manifest: Manifest) -> None:
+    document = layout.group_document({layout.MANIFEST_ATTR: manifest.to_json()})
+    put_json(root.zarr_store(), "zarr.json", document)
 
 
-def _prepare_root(root: Location, manifest: dict, world_size: int, exists: bool) -> None:
-    store = root.zarr_store()
+def _prepare_root(root: Location, manifest: Manifest, world_size: int, exists: bool) -> None:
     if exists:
-        stored = read_manifest(root)
-        if stored.get("world_size") != world_size:
+        stored = load_manifest(root)
+        if stored.world_size != world_size:
             raise ResumeMismatchError(
-                f"cannot resume {root}: it was written by {stored.get('world_size', 1)} process(es), this run "
+                f"cannot resume {root}: it was written by {stored.world_size or 1} process(es), this run "
                 f"has {world_size}: resume with the same number of processes (torchrun --nproc_per_node, --nnodes)")
         # Arrays added after capture (align's tokens/label) are dropped from the parts on resume: here too.
-        put_json(store, "zarr.json", _group_doc({**stored, "status": layout.STATUS_OPEN,
-                                                 "token_arrays": manifest["token_arrays"]}))
+        _put_manifest(root, dataclasses.replace(stored, status=layout.STATUS_OPEN,
+                                                token_arrays=manifest.token_arrays))
         return
-    top = {key: value for key, value in manifest.items() if key not in _PART_FIELDS}
-    top.update(world_size=world_size, parts=[{"path": layout.part_path(rank), "status": layout.STATUS_OPEN,
-                                              "committed_tokens": 0} for rank in range(world_size)])
-    put_json(store, "zarr.json", _group_doc(top))
-    put_json(store, f"{layout.PARTS_GROUP}/zarr.json", _group_doc(None))
+    # The fields that describe one part (part, first_sequence, resumes) stay in the parts' manifests.
+    _put_manifest(root, dataclasses.replace(
+        manifest, part=None, first_sequence=0, resumes=[], world_size=world_size,
+        parts=[{"path": layout.part_path(rank), "status": layout.STATUS_OPEN, "committed_tokens": 0}
+               for rank in range(world_size)]))
+    put_json(root.zarr_store(), f"{layout.PARTS_GROUP}/zarr.json", layout.group_document(None))
 
 
-def _part_manifest(part: Location) -> dict:
+def _part_manifest(part: Location) -> Manifest | None:
     try:
-        return read_manifest(part)
+        return load_manifest(part)
     except (KeyError, FileNotFoundError):  # that rank never created its part (it failed first)
-        return {"status": layout.STATUS_FAILED, "committed_tokens": 0, "committed_chunks": 0, "statistics": {}}
+        return None
+
+
+def _part_entry(rank: int, part: Manifest | None) -> dict:
+    """A part as the top manifest lists it (a part never created counts as failed, with nothing committed)."""
+    if part is None:
+        return {"path": layout.part_path(rank), "status": layout.STATUS_FAILED, "committed_tokens": 0,
+                "first_sequence": 0, "sequences": 0}
+    return {"path": layout.part_path(rank), "status": part.status, "committed_tokens": part.committed_tokens,
+            "first_sequence": part.first_sequence, "sequences": part.sequences}
 
 
 def _publish(root: Location, world_size: int) -> None:
     parts = [_part_manifest(root.child(layout.part_path(rank))) for rank in range(world_size)]
-    statuses = {part["status"] for part in parts}
+    present = [part for part in parts if part is not None]
+    statuses = {layout.STATUS_FAILED if part is None else part.status for part in parts}
     status = (layout.STATUS_FAILED if layout.STATUS_FAILED in statuses
               else layout.STATUS_COMPLETE if statuses == {layout.STATUS_COMPLETE} else layout.STATUS_OPEN)
-    top = read_manifest(root)
-    top.update(
-        status=status,
-        committed_tokens=sum(part["committed_tokens"] for part in parts),
-        committed_chunks=sum(part["committed_chunks"] for part in parts),
-        sequences=max(part.get("sequences", 0) for part in parts),
-        statistics=merge_statistics([part.get("statistics", {}) for part in parts]),
-        parts=[{"path": layout.part_path(rank), "status": part["status"],
-                "committed_tokens": part["committed_tokens"], "first_sequence": part.get("first_sequence", 0),
-                "sequences": part.get("sequences", 0)} for rank, part in enumerate(parts)],
-        closed=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    put_json(root.zarr_store(), "zarr.json", _group_doc(top))
+    _put_manifest(root, dataclasses.replace(
+        load_manifest(root), status=status,
+        committed_tokens=sum(part.committed_tokens for part in present),
+        committed_chunks=sum(part.committed_chunks for part in present),
+        sequences=max((part.sequences for part in present), default=0),
+        statistics=merge_statistics([part.statistics for part in present]),
+        parts=[_part_entry(rank, part) for rank, part in enumerate(parts)],
+        closed=datetime.datetime.now(datetime.timezone.utc).isoformat()))
 
 
 class StoreParts:
@@ -149,14 +154,15 @@ class StoreParts:
         if failed and error is None:
             raise CaptureError("capture could not start on every rank, so this rank stops too: " + "; ".join(failed))
 
-    def prepare(self, root: Location, manifest: dict, overwrite: bool, resume: bool) -> None:
+    def prepare(self, root: Location, manifest: Manifest | dict, overwrite: bool, resume: bool) -> None:
         """Rank 0 prepares the whole store (overwrite, resume checks, root documents); every rank learns
         where its part is."""
         self.root = root
         self.part = root.child(layout.part_path(self.rank))
+        manifest = Manifest.of(manifest, f"the manifest for {root}")
         self._on_rank0(lambda: self._claim_root(manifest, overwrite, resume))
 
-    def _claim_root(self, manifest: dict, overwrite: bool, resume: bool) -> None:
+    def _claim_root(self, manifest: Manifest, overwrite: bool, resume: bool) -> None:
         exists, self._root_lock = claim(self.root, overwrite, resume)
         try:
             _prepare_root(self.root, manifest, self.world_size, exists)

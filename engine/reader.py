@@ -1,36 +1,46 @@
-"""Reading a store: the committed view (only rows of the gap-free prefix of committed chunks)."""
+"""Reading a store: the committed view (only rows of the gap-free prefix of committed chunks), checked.
+
+Every chunk read is first checked against its commit record's size (``engine.chunks``: one stat, no read);
+``open_store(verify=True)`` also verifies every committed chunk's CRC32C when the store is opened. A complete
+store whose commit records cover other rows than its manifest says raises StoreCorruptError: a deleted or
+wrong record never shortens it silently. A multi-process store's parts follow the same rules, each on its own.
+"""
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import zarr
 
 from . import layout
-from .errors import StoreFormatError
+from .chunks import DAMAGE_FIX, check_size, chunk_problem, corrupt_error, describe, size_problem
+from .errors import StoreCorruptError, StoreFormatError
+from .layout import CommitRecord, Manifest
 from .location import Location
-from .store import committed_prefix, read_commit_records
-
-_GROUP_NOT_FOUND = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
+from .store import committed_prefix, existing_arrays, manifest_of, open_group, read_commit_records
 
 
 class CommittedArray:
     """One array limited to its committed rows; in a multi-process store, the parts' rows in rank order.
-    Indexing rows with an int or a slice returns numpy arrays.
+    Indexing rows with an int or a slice returns numpy arrays; the chunks read are first checked against their
+    commit records' sizes (StoreCorruptError: a missing or truncated chunk never reads as zeros).
 
     Args:
-        pieces: (zarr array, committed rows) per part, in order (one piece for a single-process store).
+        pieces: (zarr array, commit records of its committed chunks) per part, in order (one piece for a
+            single-process store).
 
     Thread safety: read-only; safe from several threads.
     """
 
-    def __init__(self, pieces: list[tuple[zarr.Array, int]]):
+    def __init__(self, pieces: list[tuple[zarr.Array, list[CommitRecord]]]):
         self.pieces = pieces
+        self._piece_rows = [records[-1].row_stop if records else 0 for _, records in pieces]
         first = pieces[0][0]
-        self.shape = (sum(rows for _, rows in pieces), *first.shape[1:])
+        self.shape = (sum(self._piece_rows), *first.shape[1:])
         self.dtype = first.dtype
         self.attrs = dict(first.attrs)
 
@@ -62,11 +72,12 @@ class CommittedArray:
 
     def _rows(self, rows: range, rest: tuple) -> np.ndarray:
         """The rows of a forward range, piece by piece: each piece reads only its selected rows (zarr fetches
-        only the chunks holding them)."""
+        only the chunks holding them), after checking those chunks' sizes."""
         out, offset = [], 0
-        for array, count in self.pieces:
+        for (array, records), count in zip(self.pieces, self._piece_rows):
             local = rows[bisect.bisect_left(rows, offset):bisect.bisect_left(rows, offset + count)]
             if len(local):
+                _check_sizes(array, records, local[0] - offset, local[-1] - offset)
                 out.append(array[(slice(local.start - offset, local.stop - offset, local.step), *rest)])
             offset += count
         if not out:
@@ -78,6 +89,13 @@ class CommittedArray:
         return data.astype(dtype) if dtype is not None else data
 
 
+def _check_sizes(array: zarr.Array, records: list[CommitRecord], first: int, last: int) -> None:
+    """StoreCorruptError unless every chunk holding rows ``first..last`` has its recorded size."""
+    chunk_tokens = array.chunks[0]
+    for record in records[first // chunk_tokens:last // chunk_tokens + 1]:
+        check_size(array, record.chunk_index, record.files.get(array.path))
+
+
 @dataclasses.dataclass
 class StorePart:
     """One process's part of a store (the whole store, for a single-process capture).
@@ -85,28 +103,59 @@ class StorePart:
     Attributes:
         location: where the part is.
         group: its zarr group (None: the rank never created it).
+        manifest: its manifest (None: the rank never created it).
         chunks: commit records of its committed chunks, in order.
         num_tokens: its committed rows.
     """
 
     location: Location
     group: zarr.Group | None
-    chunks: list[dict]
+    manifest: Manifest | None
+    chunks: list[CommitRecord]
     num_tokens: int
 
 
 def _open_group(location: Location) -> zarr.Group | None:
     try:
-        return zarr.open_group(location.zarr_store(read_only=True), mode="r")
-    except (FileNotFoundError, KeyError, _GROUP_NOT_FOUND):
+        return open_group(location)
+    except (FileNotFoundError, KeyError):
         return None
 
 
-def _open_part(location: Location, group: zarr.Group | None) -> StorePart:
-    if group is None:
-        return StorePart(location, None, [], 0)
-    chunks = committed_prefix(read_commit_records(group.store))
-    return StorePart(location, group, chunks, sum(record["token_count"] for record in chunks))
+def _open_part(location: Location, group: zarr.Group | None, listed_tokens: int | None) -> StorePart:
+    """A part and its committed chunks. ``listed_tokens``: the rows the top manifest of a complete
+    multi-process store lists for it (None: a single-process store, or one not complete)."""
+    part = StorePart(location, None, None, [], 0)
+    if group is not None:
+        manifest = manifest_of(group)
+        chunks = committed_prefix(read_commit_records(group.store, str(location), manifest))
+        part = StorePart(location, group, manifest, chunks, sum(record.token_count for record in chunks))
+        if manifest.status == layout.STATUS_COMPLETE:
+            _check_complete(part, manifest.committed_tokens)
+    if listed_tokens is not None:
+        _check_complete(part, listed_tokens)
+    return part
+
+
+def _check_complete(part: StorePart, committed_tokens: int) -> None:
+    """A complete store's commit records cover exactly the rows its manifest says (else StoreCorruptError)."""
+    if part.num_tokens != committed_tokens:
+        record = f"{part.location}/{layout.commit_record_key(len(part.chunks))}"
+        problem = (f"{part.location} is complete and its manifest says {committed_tokens} committed tokens, "
+                   f"but its gap-free commit records cover {part.num_tokens}: commit record {record} is "
+                   "missing or does not follow the one before it")
+        raise StoreCorruptError(f"{problem}. Reading on would silently shorten the store. The fix: "
+                                f"{DAMAGE_FIX}", (problem,))
+
+
+def _open_parts(location: Location, group: zarr.Group, manifest: Manifest) -> list[StorePart]:
+    """The parts of a store: one, or a multi-process store's in rank order."""
+    if manifest.parts is None:
+        return [_open_part(location, group, None)]
+    complete = manifest.status == layout.STATUS_COMPLETE
+    places = [(location.child(entry["path"]), entry) for entry in manifest.parts]
+    return [_open_part(place, _open_group(place), entry.get("committed_tokens") if complete else None)
+            for place, entry in places]
 
 
 class CaptureStore:
@@ -115,54 +164,50 @@ class CaptureStore:
     Args:
         path: local folder or URL (``s3://bucket/prefix``).
         storage_options: fsspec options of a URL (default: the usual environment variables).
+        verify: verify every committed chunk now (``check(checksums=True)``: reads the whole store) and raise
+            StoreCorruptError listing every bad one.
 
     Attributes:
         location: where the store is; path: its local folder (Path) or URL (str).
-        manifest: the manifest dict (group attribute ``manifest``; a multi-process store's top manifest).
+        manifest: the Manifest (group attribute ``manifest``; a multi-process store's top manifest).
         parts: StorePart per process (one for a single-process store).
         chunks: commit records of the committed chunks, in order (part after part).
         num_tokens: committed rows (the same for every array).
 
+    Raises (constructing):
+        StoreFormatError: not a capture store, or its metadata (a zarr.json, the manifest, a commit record) is
+            damaged; the message names the file and what was expected.
+        StoreCorruptError: a complete store's commit records do not cover its committed rows, or (``verify``)
+            a committed chunk is missing, of the wrong size or fails its checksum.
+
     Thread safety: read-only; safe from several threads. Re-open to see chunks committed later.
     """
 
-    def __init__(self, path: str | os.PathLike | Location, storage_options: dict | None = None):
+    def __init__(self, path: str | os.PathLike | Location, storage_options: dict | None = None,
+                 verify: bool = False):
         self.location = Location.of(path, storage_options)
         self.path = self.location.local or self.location.url
         self.group = _open_group(self.location)
         if self.group is None:
             raise StoreFormatError(f"no capture store at {self.location}")
-        self.manifest = dict(self.group.attrs.get(layout.MANIFEST_ATTR) or {})
-        if self.manifest.get("format") != layout.FORMAT_NAME:
-            raise StoreFormatError(f"{self.location} is a zarr group but not a capture store (no manifest)")
-        if self.manifest.get("format_version", 0) > layout.FORMAT_VERSION:
-            raise StoreFormatError(f"{self.location} has format version {self.manifest['format_version']}; this "
-                                   f"engine reads up to {layout.FORMAT_VERSION}: upgrade the package")
-        if "parts" in self.manifest:
-            self.parts = [_open_part(part, _open_group(part))
-                          for part in (self.location.child(entry["path"]) for entry in self.manifest["parts"])]
-        else:
-            self.parts = [_open_part(self.location, self.group)]
+        self.manifest = manifest_of(self.group)
+        self.parts = _open_parts(self.location, self.group, self.manifest)
         self.chunks = [record for part in self.parts for record in part.chunks]
         self.num_tokens = sum(part.num_tokens for part in self.parts)
+        listed = [*self.manifest.arrays, *self.manifest.token_arrays]
+        self._arrays = [existing_arrays(part.group, listed) if part.group is not None else {}
+                        for part in self.parts]
+        if verify:
+            self._verify()
 
     @property
     def status(self) -> str:
-        return self.manifest.get("status", "unknown")
+        return self.manifest.status
 
     def keys(self) -> list[str]:
         """Array paths: activation arrays first (as captured), then ``tokens/*``."""
-        existing = self._existing()
-        listed = (*self.manifest.get("arrays", {}), *self.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
-        return [key for key in listed if key in existing]
-
-    def _existing(self) -> set[str]:
-        found = set()
-        for part in self.parts:
-            for name, node in part.group.members() if part.group is not None else ():
-                if isinstance(node, zarr.Group) and name != layout.COMMITS_GROUP:
-                    found.update(f"{name}/{child}" for child, _ in node.arrays())
-        return found
+        existing = {key for arrays in self._arrays for key in arrays}
+        return [key for key in (*self.manifest.arrays, *self.manifest.token_arrays) if key in existing]
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys()
@@ -170,11 +215,56 @@ class CaptureStore:
     def __getitem__(self, key: str) -> CommittedArray:
         if key not in self.keys():
             raise KeyError(f"{key!r} is not in this store: it has {', '.join(self.keys())}")
-        pieces = [(part.group[key], part.num_tokens) for part in self.parts
-                  if part.group is not None and key in part.group]
+        pieces = [(arrays[key], part.chunks) for part, arrays in zip(self.parts, self._arrays)
+                  if key in arrays]
         return CommittedArray([piece for piece in pieces if piece[1]] or pieces[:1])
 
+    def check(self, checksums: bool = False) -> list[str]:
+        """Check every committed chunk of every array against its commit record: its stored size (one stat or
+        HEAD each), and with ``checksums`` the CRC32C of its rows (reads the whole store).
 
-def open_store(path: str | os.PathLike | Location, storage_options: dict | None = None) -> CaptureStore:
-    """Open a capture store read-only (local folder or URL): a view of its committed chunks."""
-    return CaptureStore(path, storage_options)
+        Returns: one line per bad chunk (array, chunk, file, what is wrong); empty when all are good.
+        """
+        problems = []
+        for part, arrays in zip(self.parts, self._arrays):
+            for array in arrays.values():
+                problems += _array_problems(array, part.chunks, checksums)
+        return problems
+
+    @property
+    def unverifiable_chunks(self) -> int:
+        """Committed chunks without checksums (written in format version 1): only sizes can be checked."""
+        return sum(not record.files for record in self.chunks)
+
+    def _verify(self) -> None:
+        problems = self.check(checksums=True)
+        if problems:
+            raise corrupt_error(problems)
+        if self.unverifiable_chunks:
+            warnings.warn(f"{self.unverifiable_chunks} committed chunks of {self.location} were written in "
+                          "format version 1, without checksums: only their sizes were checked",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _array_problems(array: zarr.Array, records: list[CommitRecord], checksums: bool) -> list[str]:
+    buffer = np.empty((array.chunks[0], *array.shape[1:]), dtype=array.dtype) if checksums else None
+    problems = []
+    for record in records:
+        file = record.files.get(array.path)
+        problem = (chunk_problem(array, record.chunk_index, file, buffer[:record.token_count], verify=True)
+                   if checksums else size_problem(array, record.chunk_index, file))
+        if problem is not None:
+            problems.append(describe(array, record.chunk_index, problem))
+    return problems
+
+
+def open_store(path: str | os.PathLike | Location, storage_options: dict | None = None,
+               verify: bool = False) -> CaptureStore:
+    """Open a capture store read-only (local folder or URL): a view of its committed chunks.
+
+    Args:
+        verify: verify every committed chunk now (sizes and CRC32C: reads the whole store) and raise
+            StoreCorruptError listing every bad one. Without it, each chunk's size is still checked when it is
+            read.
+    """
+    return CaptureStore(path, storage_options, verify)

@@ -43,7 +43,7 @@ def scaling_factor(store: str | os.PathLike | CaptureStore, key: str) -> float |
     recorded, or captured with ``statistics=False``): leave the scaler unset and SAELens estimates it.
     """
     opened = store if isinstance(store, CaptureStore) else open_store(store)
-    mean_norm = opened.manifest.get("statistics", {}).get(key, {}).get("mean_norm")
+    mean_norm = opened.manifest.statistics.get(key, {}).get("mean_norm")
     return math.sqrt(opened[key].shape[1]) / mean_norm if mean_norm else None
 
 
@@ -102,7 +102,7 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
     if context_size <= 0:
         raise ConfigError(f"context_size must be positive, got {context_size}")
     column = _column_name(opened, key, hook_name)
-    dtype = _export_dtype(opened.manifest.get("dtype", "float16"), dtype)
+    dtype = _export_dtype(opened.manifest.dtype, dtype)
     out = Path(out)
     _check_new_folder(out)
     windows_per_batch = max(1, WRITE_BYTES // (context_size * _row_bytes(opened, key, dtype)))
@@ -125,7 +125,7 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
 def _column_name(store: CaptureStore, key: str, hook_name: str | None) -> str:
     if hook_name:
         return hook_name
-    name = store.manifest.get("arrays", {}).get(key, {}).get("tl_name")
+    name = store.manifest.arrays.get(key, {}).get("tl_name")
     if not name:
         raise ConfigError(f"{key} has no TransformerLens hook name in the manifest (extra modules have "
                           "none): name the column with hook_name= / --hook-name (SAELens' hook_name)")

@@ -3,8 +3,8 @@ side by side (two models, or a base and a fine-tuned model: crosscoders); the co
 the checks that their rows are the same tokens; and waiting, with backoff, for a store a capture is still
 writing.
 
-Commit records come from ``open_store`` (the gap-free committed prefix of each part) and are read here only,
-in ``_record_rows``: the one place that knows a record's fields.
+Commit records come from ``open_store`` (the gap-free committed prefix of each part, as ``CommitRecord``s):
+``shared_chunks`` takes from them each chunk's rows and the stored size and checksum of every array read.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import numpy as np
 
 from . import layout
 from .errors import ConfigError, FollowTimeoutError, StoreFormatError
+from .layout import ChunkFile
 from .location import Location
 from .reader import CaptureStore, open_store
+from .store import has_root_document
 
 # Per-token arrays that must be equal, chunk by chunk, for stores to be read side by side.
 ALIGNMENT_ARRAYS = ("tokens/input_ids", "tokens/sequence", "tokens/position")
@@ -27,17 +29,15 @@ ALIGNMENT_ARRAYS = ("tokens/input_ids", "tokens/sequence", "tokens/position")
 StoreLike = str | os.PathLike | Location | CaptureStore
 
 
-def _record_rows(record: dict) -> int:
-    """Rows of one committed chunk: the only commit-record field the reader uses."""
-    return record["token_count"]
-
-
 class ChunkRef(NamedTuple):
-    """One committed chunk: the part (writing process) of the store, its index within the part, its rows."""
+    """One committed chunk: the part (writing process) of the store, its index within the part, its rows, and
+    its commit records' ``files`` entry of each (store, array) read, in the order given to ``shared_chunks``
+    (None: the record has none, format version 1)."""
 
     part: int
     index: int
     rows: int
+    files: tuple[ChunkFile | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _open(store: StoreLike, storage_options: dict | None, opener) -> CaptureStor
 
 def activation_keys(store: CaptureStore) -> list[str]:
     """The activation arrays a store lists (while capturing, until its first batch, they may not exist)."""
-    return list(store.manifest.get("arrays", {}))
+    return list(store.manifest.arrays)
 
 
 def check_keys(name: str | None, store: CaptureStore, keys: Sequence[str], tokens_allowed: bool,
@@ -88,7 +88,7 @@ def check_keys(name: str | None, store: CaptureStore, keys: Sequence[str], token
     known = (activation_keys(store) if listed_only
              else [key for key in store.keys() if not key.startswith("tokens/")])
     if tokens_allowed:
-        known += list(store.manifest.get("token_arrays", layout.TOKEN_ARRAYS))
+        known += list(store.manifest.token_arrays)
     for key in keys:
         if key not in known:
             where = store.path if name is None else f"{name} ({store.path})"
@@ -107,7 +107,7 @@ def check_same_corpus(names: list[str | None], stores: list[CaptureStore]) -> No
     first, first_name = stores[0], names[0]
     for name, store in zip(names[1:], stores[1:]):
         differences = [f"{what}: {first_name} has {mine}, {name} has {theirs}" for what, mine, theirs in (
-            ("chunk_tokens", first.manifest.get("chunk_tokens"), store.manifest.get("chunk_tokens")),
+            ("chunk_tokens", first.manifest.chunk_tokens, store.manifest.chunk_tokens),
             ("parts (capture processes)", len(first.parts), len(store.parts)))
             if mine != theirs]
         if not differences and {first.status, store.status} == {layout.STATUS_COMPLETE}:
@@ -120,18 +120,21 @@ def check_same_corpus(names: list[str | None], stores: list[CaptureStore]) -> No
                               "the same chunk_tokens and number of processes")
 
 
-def shared_chunks(names: list[str | None], stores: list[CaptureStore]) -> list[ChunkRef]:
-    """The committed chunks every store has, part after part (a store still being written may be ahead)."""
+def shared_chunks(names: list[str | None], stores: list[CaptureStore],
+                  reads: Sequence[tuple[int, str]]) -> list[ChunkRef]:
+    """The committed chunks every store has, part after part (a store still being written may be ahead), with
+    the ``files`` entry of each (store number, array) in ``reads``."""
     chunks = []
     for number, parts in enumerate(zip(*(store.parts for store in stores))):
-        rows = [[_record_rows(record) for record in part.chunks] for part in parts]
-        for index in range(min(map(len, rows))):
-            sizes = [part_rows[index] for part_rows in rows]
+        records = [part.chunks for part in parts]
+        for index in range(min(map(len, records))):
+            sizes = [part_records[index].token_count for part_records in records]
             if len(set(sizes)) > 1:
                 raise ConfigError(f"chunk {index} of part {number} holds different rows per store ("
                                   + ", ".join(f"{name}: {size}" for name, size in zip(names, sizes))
                                   + "): the stores are not captures of the same corpus in the same order")
-            chunks.append(ChunkRef(number, index, sizes[0]))
+            files = tuple(records[store][index].files.get(key) for store, key in reads)
+            chunks.append(ChunkRef(number, index, sizes[0], files))
     return chunks
 
 
@@ -185,13 +188,16 @@ class Backoff:
 
 def opener_waiting_for(keys: Sequence[str], backoff: Backoff):
     """An ``open_store`` that waits until the store exists and holds ``keys`` (a capture creates its store
-    when it starts and its activation arrays at its first batch). Keys it does not list fail at once."""
+    when it starts and its activation arrays at its first batch). Keys it does not list fail at once, and so
+    does a store that exists but cannot be read (damaged metadata)."""
 
     def open_when_ready(where: StoreLike, storage_options: dict | None) -> CaptureStore:
         while True:
             try:
                 store = open_store(where, storage_options)
-            except StoreFormatError as missing:  # not created yet
+            except StoreFormatError as missing:
+                if has_root_document(Location.of(where, storage_options)):
+                    raise  # there is a store, and it is damaged or not a capture store: waiting will not help
                 backoff.wait(f"a capture store at {where}", missing)
                 continue
             check_keys(None, store, keys, tokens_allowed=True, listed_only=True)

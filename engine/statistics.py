@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from .layout import FLAG_BOS, FLAG_FIRST
+from .layout import FLAG_BOS, FLAG_FIRST, ChunkStats
 
 SINK_FLAGS = FLAG_BOS | FLAG_FIRST
 BLOCK_BYTES = 1 << 20  # float32 temporaries are made block by block: bounded memory, cache-sized blocks
@@ -49,7 +49,7 @@ class ChunkMoments:
 
 
 def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray,
-                  moments: bool = True) -> tuple[dict, ChunkMoments | None]:
+                  moments: bool = True) -> tuple[ChunkStats, ChunkMoments | None]:
     """A chunk's commit-record stats (min/max of finite values, non-finite and float16-overflow counts) and,
     when ``moments``, its moments; one pass over float32 blocks of the rows."""
     count, dim = rows.shape
@@ -84,8 +84,8 @@ def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray,
         norm_sum += float(row_norms.sum(dtype=np.float64))
         if row_norms.size:
             max_norm = max(max_norm, float(row_norms.max()))
-    summary = {"min": low if count and low <= high else None, "max": high if count and low <= high else None,
-               "nonfinite": nonfinite, "fp16_overflow": overflow}
+    finite = count and low <= high
+    summary = ChunkStats(low if finite else None, high if finite else None, nonfinite, overflow)
     if not moments:
         return summary, None
     return summary, ChunkMoments(kept, total, squared, norm_sum, max_norm, int(np.count_nonzero(sink)))
@@ -148,13 +148,20 @@ class Statistics:
         self._lock = threading.Lock()
         self.arrays = {key: RunningMoments(dim) for key, dim in dims.items()}
 
-    def add(self, key: str, moments: ChunkMoments, summary: dict) -> None:
+    @classmethod
+    def from_json(cls, entries: dict) -> Statistics:
+        """Statistics from ``to_json``'s result (exact: float64 values survive the round trip)."""
+        statistics = cls({})
+        statistics.arrays = {key: RunningMoments.from_json(entry) for key, entry in entries.items()}
+        return statistics
+
+    def add(self, key: str, moments: ChunkMoments, summary: ChunkStats) -> None:
         """Merge one committed chunk's moments and counts (``chunk_summary``'s results)."""
         with self._lock:
             entry = self.arrays[key]
             entry.merge_chunk(moments)
-            entry.nonfinite += summary["nonfinite"]
-            entry.fp16_overflow += summary["fp16_overflow"]
+            entry.nonfinite += summary.nonfinite
+            entry.fp16_overflow += summary.fp16_overflow
 
     def to_json(self) -> dict:
         with self._lock:
@@ -174,14 +181,3 @@ def merge_statistics(entries: list[dict]) -> dict:
             total.sink_rows += part.sink_rows
     return {key: moments.to_json() for key, moments in merged.items()}
 
-
-def rebuild(arrays: dict, flags, rows: int, chunk_tokens: int, dtype: str) -> Statistics:
-    """Statistics of rows [0, rows) of stored arrays (a resume: one read of the kept whole chunks)."""
-    stats = Statistics({key: array.shape[1] for key, array in arrays.items()})
-    for start in range(0, rows, chunk_tokens):
-        stop = min(start + chunk_tokens, rows)
-        chunk_flags = flags[start:stop]
-        for key, array in arrays.items():
-            summary, moments = chunk_summary(array[start:stop], dtype, chunk_flags)
-            stats.add(key, moments, summary)
-    return stats

@@ -8,12 +8,14 @@ resize/append rewrite ``zarr.json`` from in-memory shape without a lock of their
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,16 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import layout
-from .errors import StoreExistsError, StorePathError
+from .chunks import chunk_key, crc32c, full_chunk_nbytes, local_chunk_path, plain_encoded, store_name
+from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
+from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
+from .resume import ResumePoint, scan_committed
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
 _ARRAY_CONFIG = {"write_empty_chunks": True}
+_METADATA_FIX = ("the store's metadata is damaged: restore it from a copy (the other arrays can still be "
+                 "read with zarr alone)")
 
 
 def _json_bytes(doc: dict) -> Any:
@@ -39,10 +46,10 @@ def put_json(store: zarr.abc.store.Store, key: str, doc: dict) -> None:
     sync(store.set(key, _json_bytes(doc)))
 
 
-async def _get_many(store, keys: list[str]) -> list[dict | None]:
+async def _get_many(store, keys: list[str]) -> list[bytes | None]:
     async def one(key):
         buf = await store.get(key, prototype=default_buffer_prototype())
-        return None if buf is None else json.loads(buf.to_bytes())
+        return None if buf is None else buf.to_bytes()
 
     return list(await asyncio.gather(*(one(k) for k in keys)))
 
@@ -51,15 +58,100 @@ async def _list_dir(store, prefix: str) -> list[str]:
     return [name async for name in store.list_dir(prefix)]
 
 
-def read_commit_records(store: zarr.abc.store.Store) -> dict[int, dict]:
-    """All commit records in a store, by chunk index (not necessarily contiguous)."""
-    names = sync(_list_dir(store, layout.COMMITS_GROUP))
-    indices = sorted(i for i in map(layout.chunk_index_of, names) if i is not None)
+@contextlib.contextmanager
+def metadata_of(where: str, what: str):
+    """Turn zarr's errors on a damaged ``zarr.json`` (bare JSONDecodeError, ValueError, TypeError naming no
+    file) into StoreFormatError naming ``where`` and ``what`` was expected. A missing node stays an error of
+    its own (FileNotFoundError, KeyError): it is not damage."""
+    try:
+        yield
+    except (EngineError, FileNotFoundError, KeyError):
+        raise
+    except (ValueError, TypeError) as error:
+        raise StoreFormatError(f"{where}: expected {what}, found metadata zarr cannot read "
+                               f"({type(error).__name__}: {error}). The fix: {_METADATA_FIX}") from error
+
+
+def open_group(location: Location, mode: str = "r") -> zarr.Group:
+    """A store's root group (``mode`` "r" opens it read-only).
+
+    Raises:
+        FileNotFoundError: there is no group there.
+        StoreFormatError: its ``zarr.json`` is damaged.
+    """
+    with metadata_of(f"{location}/zarr.json", "a zarr v3 group document (a capture store's root)"):
+        return zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+def open_array(group: zarr.Group, key: str) -> zarr.Array:
+    """One array of a group (KeyError when there is none; StoreFormatError when its zarr.json is damaged)."""
+    where = f"{store_name(group.store)}/{key}"
+    with metadata_of(f"{where}/zarr.json", f"the zarr array metadata of {key}"):
+        try:
+            array = group[key]
+        except KeyError as missing:  # no node; or (zarr says it alike) a document lacking a field
+            document = f"{group.path}/{key}/zarr.json".lstrip("/")
+            if sync(group.store.exists(document)):
+                raise ValueError(f"a document without the field {missing}") from missing
+            raise
+    if not isinstance(array, zarr.Array):
+        raise StoreFormatError(f"{where} is a group; expected the array {key}. The fix: {_METADATA_FIX}")
+    return array
+
+
+def existing_arrays(group: zarr.Group, keys: list[str]) -> dict[str, zarr.Array]:
+    """The arrays among ``keys`` that exist (StoreFormatError when one's zarr.json is damaged)."""
+    arrays = {}
+    for key in keys:
+        try:
+            arrays[key] = open_array(group, key)
+        except KeyError:
+            continue
+    return arrays
+
+
+def manifest_of(group: zarr.Group) -> Manifest:
+    """The manifest of an open store's group."""
+    where = f"{store_name(group.store)}/zarr.json"
+    return Manifest.from_json(group.attrs.get(layout.MANIFEST_ATTR), where)
+
+
+def read_commit_records(store: zarr.abc.store.Store, where: str, manifest: Manifest,
+                        damaged: list[str] | None = None) -> dict[int, CommitRecord]:
+    """All commit records in a store (at ``where``, for messages), by chunk index (not always contiguous).
+
+    Raises:
+        StoreFormatError: a record is damaged (not JSON, a field missing or wrong, other rows than its
+            chunk's), unless ``damaged`` is given: then each damaged record is named there and left out (a
+            resume cuts the store back before it).
+    """
+    indices = _record_indices(store)
     docs = sync(_get_many(store, [layout.commit_record_key(i) for i in indices]))
-    return {i: doc["attributes"] for i, doc in zip(indices, docs) if doc is not None}
+    records = {}
+    for index, raw in zip(indices, docs):
+        if raw is None:
+            continue  # deleted since the listing (a resume in progress): not committed
+        try:
+            records[index] = _parse_record(raw, f"{where}/{layout.commit_record_key(index)}", index, manifest)
+        except StoreFormatError as error:
+            if damaged is None:
+                raise
+            damaged.append(str(error))
+    return records
 
 
-def committed_prefix(records: dict[int, dict]) -> list[dict]:
+def _record_indices(store: zarr.abc.store.Store) -> list[int]:
+    """Indices of the chunks that have a commit record (damaged or not), in order."""
+    names = sync(_list_dir(store, layout.COMMITS_GROUP))
+    return sorted(i for i in map(layout.chunk_index_of, names) if i is not None)
+
+
+def _parse_record(raw: bytes, where: str, index: int, manifest: Manifest) -> CommitRecord:
+    attributes = layout.commit_record_attributes(raw, where, index)
+    return CommitRecord.from_json(attributes, where, index, manifest.chunk_tokens, manifest.format_version)
+
+
+def committed_prefix(records: dict[int, CommitRecord]) -> list[CommitRecord]:
     """The records of chunks 0..k-1 whose rows follow each other with no gap: only these rows are trusted.
 
     A partial chunk (a resumed store's last chunk, until it is rewritten whole) ends the prefix.
@@ -67,40 +159,10 @@ def committed_prefix(records: dict[int, dict]) -> list[dict]:
     prefix = []
     while len(prefix) in records:
         record = records[len(prefix)]
-        if prefix and record["row_start"] != prefix[-1]["row_stop"]:
+        if prefix and record.row_start != prefix[-1].row_stop:
             break
         prefix.append(record)
     return prefix
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-    """Where a store can be continued exactly.
-
-    Args:
-        rows: rows kept; every sequence with a row before this one is complete.
-        sequences: input sequences already fully handled: a driver feeds sequences from this index on.
-        committed_rows: rows in the gap-free committed prefix (>= rows; the rest belong to a cut sequence).
-    """
-
-    rows: int
-    sequences: int
-    committed_rows: int
-
-
-def find_resume_point(group: zarr.Group, prefix: list[dict], manifest: dict) -> ResumePoint:
-    """The last row that ends a sequence (flag ``last``) within the committed prefix."""
-    committed = prefix[-1]["row_stop"] if prefix else 0
-    if manifest.get("status") == layout.STATUS_COMPLETE:
-        return ResumePoint(committed, int(manifest.get("sequences", 0)), committed)
-    flags, sequence = group["tokens/flags"], group["tokens/sequence"]
-    for record in reversed(prefix):
-        start, stop = record["row_start"], record["row_stop"]
-        ends = np.flatnonzero(flags[start:stop] & layout.FLAG_LAST)
-        if ends.size:
-            last = start + int(ends[-1])
-            return ResumePoint(last + 1, int(sequence[last]) + 1, committed)
-    return ResumePoint(0, 0, committed)
 
 
 def delete_key(store: zarr.abc.store.Store, key: str) -> None:
@@ -113,18 +175,42 @@ def delete_array(store: zarr.abc.store.Store, key: str) -> None:
 
 
 def _is_our_store(location: Location) -> bool:
+    """Whether ``location`` holds a capture store (StoreFormatError when its root zarr.json is damaged: a
+    folder that may be a store is never taken for something else, and so never overwritten)."""
     try:
-        return read_manifest(location).get("format") == layout.FORMAT_NAME
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        doc = _root_attributes(location).get(layout.MANIFEST_ATTR)
+    except (OSError, KeyError):
         return False
+    return isinstance(doc, dict) and doc.get("format") == layout.FORMAT_NAME
+
+
+def _root_attributes(location: Location) -> dict:
+    """The root group's attributes, read without opening arrays (KeyError when there is no zarr.json)."""
+    raw = sync(_get_many(location.zarr_store(read_only=True), ["zarr.json"]))[0]
+    where = f"{location}/zarr.json"
+    if raw is None:
+        raise KeyError(f"no zarr.json at {location}")
+    return layout.root_attributes(raw, where)
+
+
+def has_root_document(location: Location) -> bool:
+    """Whether a store's root ``zarr.json`` exists (whatever it holds)."""
+    return sync(location.zarr_store(read_only=True).exists("zarr.json"))
+
+
+def load_manifest(location: Location) -> Manifest:
+    """The manifest of a store, read without opening arrays.
+
+    Raises:
+        KeyError: there is no store at ``location``.
+        StoreFormatError: its zarr.json or manifest is damaged, or it is not a capture store.
+    """
+    return Manifest.from_json(_root_attributes(location).get(layout.MANIFEST_ATTR), f"{location}/zarr.json")
 
 
 def read_manifest(location: Location) -> dict:
-    """The manifest of a store, read without opening arrays (KeyError when there is none)."""
-    doc = sync(_get_many(location.zarr_store(read_only=True), ["zarr.json"]))[0]
-    if doc is None:
-        raise KeyError(f"no zarr.json at {location}")
-    return doc["attributes"][layout.MANIFEST_ATTR]
+    """``load_manifest`` as its JSON document, for code that merges manifests as dicts (engine.opening)."""
+    return load_manifest(location).to_json()
 
 
 def _check_existing(location: Location, exists: bool, overwrite: bool, resume: bool) -> None:
@@ -205,37 +291,6 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
         raise
 
 
-def _plain_bytes(array: zarr.Array) -> bool:
-    """True when a chunk file is the raw little-endian C-order rows (no filters or compressors)."""
-    return not array.compressors and not array.filters and sys.byteorder == "little"
-
-
-def chunk_path(root: Path, key: str, array: zarr.Array, chunk_index: int) -> Path:
-    """The file of one row chunk of a local store's array."""
-    return root / key / array.metadata.encode_chunk_key((chunk_index,) + (0,) * (array.ndim - 1))
-
-
-def read_chunk_rows(root: Path | None, key: str, array: zarr.Array, chunk_index: int, out: np.ndarray) -> None:
-    """The first ``len(out)`` rows of chunk ``chunk_index`` into ``out``: one readinto for plain chunks of a
-    local store (``root``: its folder; no temporary), zarr otherwise."""
-    if root is not None and _plain_bytes(array) and out.flags.c_contiguous:
-        target = memoryview(out.reshape(-1).view(np.uint8))
-        try:
-            with open(chunk_path(root, key, array, chunk_index), "rb", buffering=0) as f:
-                done = 0
-                while done < len(target):
-                    got = f.readinto(target[done:])
-                    if not got:
-                        break
-                    done += got
-            if done == len(target):
-                return
-        except FileNotFoundError:
-            pass
-    start = chunk_index * array.chunks[0]
-    out[...] = array[start:start + out.shape[0]].view(out.dtype)
-
-
 RESERVE_BYTES = 128 * 1024
 
 
@@ -274,69 +329,96 @@ def _create_array(group: zarr.Group, key: str, rows: int, row_shape: tuple[int, 
                               config=_ARRAY_CONFIG)
 
 
-def create_store(location: Location, manifest: dict) -> None:
+def create_store(location: Location, manifest: Manifest | dict) -> None:
     """A new, empty store: the root group with its manifest, the commits group and the per-token arrays (the
     activation arrays come with the first batch, when their widths are known)."""
+    manifest = Manifest.of(manifest, f"the manifest for {location}")
     # "w-", not "w": prepare_location already checked and cleared the location, and "w" would delete
     # everything under the store's root first (for an object store, a whole prefix).
-    group = zarr.open_group(location.zarr_store(), mode="w-", attributes={layout.MANIFEST_ATTR: manifest})
+    group = zarr.open_group(location.zarr_store(), mode="w-",
+                            attributes={layout.MANIFEST_ATTR: manifest.to_json()})
     group.create_group(layout.COMMITS_GROUP, attributes={
         "description": "one child group per committed chunk; its attributes are the chunk's commit record"})
-    for key, dtype in manifest["token_arrays"].items():
-        _create_array(group, key, 0, (), np.dtype(dtype), manifest["chunk_tokens"], manifest["compressor"], {})
+    for key, dtype in manifest.token_arrays.items():
+        _create_array(group, key, 0, (), np.dtype(dtype), manifest.chunk_tokens, manifest.compressor, {})
     _reserve_space(location)
 
 
 def continue_store(location: Location, updates: dict) -> ResumePoint:
     """Make a crashed or closed store continuable and return where to continue.
 
-    Keeps rows up to the resume point and drops the commit records of the chunk holding it and of every later
-    chunk (highest first, so the committed prefix is valid after every step); the writer process starts that
-    chunk with its kept rows and commits it again, whole. A crash before then only moves the next resume point
-    back; no record ever describes rows it does not hold. Also drops temp files and arrays added after capture
-    (align's ``tokens/label`` would go stale as rows are added), and when no row is kept (nothing committed,
-    maybe a crash while the first batch created the arrays; or no sequence ended yet) the activation arrays,
-    which the first batch creates again.
+    Reads the committed chunks once (``resume.scan_committed``): each is verified (size and CRC32C), the store
+    is cut back before the first damaged one, and the returned point carries the statistics of the whole
+    chunks kept, for the writer process. Keeps rows up to the resume point and drops the commit records of the
+    chunk holding it and of every later chunk (highest first, so the committed prefix is valid after every
+    step); the writer process starts that chunk with its kept rows and commits it again, whole. A crash before
+    then only moves the next resume point back; no record ever describes rows it does not hold. Also drops
+    temp files and arrays added after capture (align's ``tokens/label`` would go stale as rows are added), and
+    when no row is kept (nothing committed, maybe a crash while the first batch created the arrays; or no
+    sequence ended yet) the activation arrays, which the first batch creates again.
+
+    Args:
+        updates: ``{"resume": {...}, "writers": [...]}``: this resume's entry (the rows kept are added to it)
+            and the manifest fields that change (engine.opening).
     """
     store = location.zarr_store()
-    group = zarr.open_group(store, mode="r+")
-    stored = dict(group.attrs[layout.MANIFEST_ATTR])
-    chunk_tokens = stored["chunk_tokens"]
-    records = read_commit_records(store)
-    point = find_resume_point(group, committed_prefix(records), stored)
-    own = layout.token_arrays(stored.get("annotations", {}))
-    resumes = stored.get("resumes", []) + [{**updates["resume"], "status_before": stored.get("status"),
-                                            "rows": point.rows, "sequences": point.sequences,
-                                            "dropped_rows": point.committed_rows - point.rows}]
+    group = open_group(location, mode="r+")
+    stored = manifest_of(group)
+    own = layout.token_arrays(stored.annotations)
+    damaged: list[str] = []
+    records = read_commit_records(store, str(location), stored, damaged)
+    arrays = existing_arrays(group, [*stored.arrays, *own])
+    point = scan_committed(arrays, committed_prefix(records), stored)
+    point = dataclasses.replace(point, damaged=tuple(damaged) + point.damaged)
+    if point.damaged:
+        warnings.warn(f"resuming {location}: cut back before damaged committed chunks, which are captured "
+                      "again:\n  " + "\n  ".join(point.damaged), RuntimeWarning, stacklevel=2)
     # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened prefix.
-    group.update_attributes({layout.MANIFEST_ATTR: {
-        **stored, "token_arrays": {key: str(dtype) for key, dtype in own.items()}, "resumes": resumes,
-        "status": layout.STATUS_OPEN, "error": None, **{k: v for k, v in updates.items() if k != "resume"}}})
-    cut_chunk = point.rows // chunk_tokens
-    for index in sorted(records, reverse=True):
-        if index >= cut_chunk:
+    group.update_attributes({layout.MANIFEST_ATTR: _resumed_manifest(stored, own, updates, point).to_json()})
+    _cut_back(location, store, group, stored, point)
+    _reserve_space(location)
+    return point if point.rows else ResumePoint(0, 0, 0)
+
+
+def _cut_back(location: Location, store: zarr.abc.store.Store, group: zarr.Group, stored: Manifest,
+              point: ResumePoint) -> None:
+    """Drop the records (damaged ones too) from the cut chunk on, highest first; temp files; and arrays that
+    do not go on."""
+    for index in reversed(_record_indices(store)):
+        if index >= point.rows // stored.chunk_tokens:
             delete_key(store, layout.commit_record_key(index))
     for leftover in location.local.rglob("*.partial") if location.local is not None else ():
         leftover.unlink()
-    for key in set(stored["token_arrays"]) - set(own):
+    own = layout.token_arrays(stored.annotations)
+    for key in set(stored.token_arrays) - set(own):
         if key in group:
             delete_array(store, key)
-    for key in stored["arrays"] if point.rows == 0 else ():  # nothing kept: the first batch creates them again
+    for key in stored.arrays if point.rows == 0 else ():  # nothing kept: the first batch creates them again
         if key in group:
             delete_array(store, key)
     for key, dtype in own.items():
         if key not in group:  # a crash kept it from being created
-            _create_array(group, key, 0, (), dtype, chunk_tokens, stored["compressor"], {})
-    _reserve_space(location)
-    return point if point.rows else ResumePoint(0, 0, 0)
+            _create_array(group, key, 0, (), dtype, stored.chunk_tokens, stored.compressor, {})
+
+
+def _resumed_manifest(stored: Manifest, own: dict[str, np.dtype], updates: dict,
+                      point: ResumePoint) -> Manifest:
+    entry = {**updates["resume"], "status_before": stored.status, "rows": point.rows,
+             "sequences": point.sequences, "dropped_rows": point.committed_rows - point.rows}
+    if point.damaged:
+        entry["damaged_chunks"] = list(point.damaged)
+    changes = {key: value for key, value in updates.items() if key != "resume"}
+    return dataclasses.replace(stored, token_arrays={key: str(dtype) for key, dtype in own.items()},
+                               resumes=[*stored.resumes, entry], status=layout.STATUS_OPEN, error=None,
+                               **changes)
 
 
 def mark_failed(location: Location, error: str) -> None:
     """Publish ``failed`` for a store whose writer process died (it can no longer publish anything)."""
     release_reserve(location)
-    group = zarr.open_group(location.zarr_store(), mode="r+")
-    manifest = dict(group.attrs[layout.MANIFEST_ATTR])
-    group.update_attributes({layout.MANIFEST_ATTR: {**manifest, "status": layout.STATUS_FAILED, "error": error}})
+    group = open_group(location, mode="r+")
+    failed = dataclasses.replace(manifest_of(group), status=layout.STATUS_FAILED, error=error)
+    group.update_attributes({layout.MANIFEST_ATTR: failed.to_json()})
 
 
 class ZarrSink:
@@ -361,21 +443,21 @@ class ZarrSink:
         # as files directly, skipping zarr's codec pipeline. Compressed arrays, metadata and every write to an
         # object store go through zarr (one PUT per chunk object).
         self._direct = self._root is not None and compressor is None and sys.byteorder == "little"
-        self._store = location.zarr_store()
         self._lock = threading.Lock()
-        self._group = zarr.open_group(self._store, mode="r+")
-        self._manifest = dict(self._group.attrs[layout.MANIFEST_ATTR])
-        self._arrays = {key: self._group[key] for key in (*self._manifest["arrays"], *self._manifest["token_arrays"])
-                        if key in self._group}
+        self._group = open_group(location, mode="r+")
+        self._store = self._group.store
+        self._manifest = manifest_of(self._group)
+        # Opened arrays forget their creation config: without write_empty_chunks zarr would skip a chunk whose
+        # values all equal the fill value (an all-zero tokens/flags chunk), and its commit record would name
+        # a chunk that is not there.
+        self._arrays = {key: array.with_config(_ARRAY_CONFIG) for key, array in existing_arrays(
+            self._group, [*self._manifest.arrays, *self._manifest.token_arrays]).items()}
         # A crash can land between two arrays' resizes: the smallest is what every array has.
         self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
 
     @classmethod
     def open(cls, spec) -> "ZarrSink":
         return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable)
-
-    def flags_array(self) -> zarr.Array:
-        return self._arrays["tokens/flags"]
 
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
@@ -404,26 +486,32 @@ class ZarrSink:
         for array in self._arrays.values():
             array.resize((rows, *array.shape[1:]))
 
-    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Write one chunk's rows of every array, then its commit record (which makes it visible). A partial
-        chunk (the last one, at close) is written at its real length plus a hole up to the chunk's size, so
-        it takes no more disk blocks than its rows."""
-        start = chunk_index * self.chunk_tokens
-        stop = start + record["token_count"]
-        self._ensure_capacity(stop)
-        for key, data in arrays.items():
-            array = self._arrays[key]
-            if self._direct:
-                full = self.chunk_tokens * data.itemsize * (data.size // max(len(data), 1))
-                write_file_atomic(chunk_path(self._root, key, array, chunk_index), data, self._durable, full)
-            else:
-                array[start:stop] = data
-                if self._durable and self._root is not None:
-                    _fsync_file(chunk_path(self._root, key, array, chunk_index))
-        self._put_record(chunk_index, record)
+    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: CommitRecord) -> None:
+        """Write one chunk's rows of every array, then its commit record, with each array's checksum and
+        stored size (which makes it visible). A partial chunk (the last one, at close) is written at its real length
+        plus a hole up to the chunk's size, so it takes no more disk blocks than its rows."""
+        self._ensure_capacity(chunk_index * self.chunk_tokens + record.token_count)
+        files = {key: self._write_rows(key, chunk_index, data) for key, data in arrays.items()}
+        self._put_record(chunk_index, dataclasses.replace(record, files=files))
 
-    def _put_record(self, chunk_index: int, record: dict) -> None:
-        doc = {"zarr_format": 3, "node_type": "group", "attributes": record}
+    def _write_rows(self, key: str, chunk_index: int, data: np.ndarray) -> ChunkFile:
+        """One array's rows of a chunk, written; returns what the commit record says of them."""
+        array = self._arrays[key]
+        checksum = crc32c(data)
+        if self._direct:
+            path, nbytes = local_chunk_path(array, chunk_index), full_chunk_nbytes(array)
+            write_file_atomic(path, data, self._durable, nbytes)
+            return ChunkFile(checksum, nbytes)
+        start = chunk_index * self.chunk_tokens
+        array[start:start + len(data)] = data
+        if self._durable and self._root is not None:
+            _fsync_file(local_chunk_path(array, chunk_index))
+        if plain_encoded(array):
+            return ChunkFile(checksum, full_chunk_nbytes(array))
+        return ChunkFile(checksum, sync(array.store.getsize(chunk_key(array, chunk_index))))  # one stat/HEAD
+
+    def _put_record(self, chunk_index: int, record: CommitRecord) -> None:
+        doc = layout.group_document(record.to_json())
         if self._root is None:
             put_json(self._store, layout.commit_record_key(chunk_index), doc)
         else:
@@ -431,15 +519,16 @@ class ZarrSink:
                               json.dumps(doc, sort_keys=True).encode(), self._durable)
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
-        """Trim arrays to the committed rows (clean close) and publish the manifest, last. The reserve file
-        goes first, so a full disk still has room to say ``failed``."""
+        """Trim arrays to the committed rows (clean close) and publish the manifest, last
+        (``manifest_updates``: the Manifest fields that change). The reserve file goes first, so a full disk
+        still has room to say ``failed``."""
         release_reserve(self._location)
         with self._lock:
             if trim:
                 self._capacity = rows
                 self._resize_all(rows)
-            self._manifest = {**self._manifest, **manifest_updates}
-            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest})
+            self._manifest = dataclasses.replace(self._manifest, **manifest_updates)
+            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
             if self._durable and self._root is not None:
                 _fsync_file(self._root / "zarr.json")
                 _fsync_folder(self._root)
@@ -460,7 +549,7 @@ class NullSink:
     def create_point_arrays(self, specs) -> None:
         pass
 
-    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: dict) -> None:
+    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: CommitRecord) -> None:
         pass
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:

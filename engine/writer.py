@@ -58,7 +58,8 @@ from . import layout
 from .channel import Channel, ChannelClosed
 from .errors import ConfigError
 from .location import Location
-from .statistics import Statistics, chunk_summary, rebuild
+from .layout import CommitRecord
+from .statistics import Statistics, chunk_summary
 
 _SENTINEL = object()
 _POLL_S = 0.05
@@ -83,6 +84,9 @@ class WriterSpec:
         num_writers: writer threads.
         statistics: keep the manifest's running statistics.
         start_row: rows already in the store (a resume continues after them).
+        kept_statistics: a resume's statistics of the whole chunks it keeps (``Statistics.to_json``),
+            computed by the capturing process in the same read that verified them (``engine.resume``), so the
+            kept chunks are read once; None for a new store.
         durable: fsync chunk files before their commit record.
         parent_pid: the capturing process (this process exits when it is gone).
     """
@@ -100,6 +104,7 @@ class WriterSpec:
     num_writers: int
     statistics: bool
     start_row: int
+    kept_statistics: dict | None
     durable: bool
     parent_pid: int
 
@@ -246,14 +251,13 @@ class WriterPool:
             thread.start()
 
     def _resume(self) -> None:
-        """Continue a store: widths are fixed by its arrays, statistics cover the whole chunks kept (read once),
-        and the kept rows of the cut chunk come first."""
-        arrays = self._sink.point_arrays()
-        self._dims = {key: array.shape[1] for key, array in arrays.items()}
+        """Continue a store: widths are fixed by its arrays, statistics start from those of the whole chunks
+        kept (the capturing process's verifying read computed them), and the kept rows of the cut chunk come
+        first."""
+        self._dims = {key: array.shape[1] for key, array in self._sink.point_arrays().items()}
         whole = self.committed.tokens
         if self._spec.statistics:
-            self.committed.statistics = rebuild(arrays, self._sink.flags_array(), whole, self._chunk_tokens,
-                                                self._spec.dtype)
+            self.committed.statistics = Statistics.from_json(self._spec.kept_statistics)
         index, kept = divmod(self._spec.start_row, self._chunk_tokens)
         if kept:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
@@ -407,13 +411,14 @@ class WriterPool:
         record, moments = self._record(chunk.index, arrays)
         self._sink.write_chunk(chunk.index, arrays, record)
         totals = self.committed.add(chunk.index, _Committed(rows, sum(array.nbytes for array in arrays.values()),
-                                                            moments, record["stats"]))
+                                                            moments, record.stats))
         self._send(("progress", *totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
-    def _record(self, index: int, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        """The chunk's commit record, and its moments per array (when statistics are kept)."""
+    def _record(self, index: int, arrays: dict[str, np.ndarray]) -> tuple[CommitRecord, dict]:
+        """The chunk's commit record (the sink adds each array's checksum and stored size), and its moments
+        per array (when statistics are kept)."""
         sequence = arrays["tokens/sequence"]
         flags = arrays["tokens/flags"]
         rows = sequence.shape[0]
@@ -423,23 +428,14 @@ class WriterPool:
                                               moments=self.committed.statistics is not None)
             if entry is not None:
                 moments[key] = entry
-            if stats[key]["nonfinite"]:
-                self._note_nonfinite(key, stats[key]["nonfinite"])
-        record = {
-            "chunk_index": index,
-            "row_start": index * self._chunk_tokens,
-            "row_stop": index * self._chunk_tokens + rows,
-            "token_count": rows,
-            "keys": sorted(self._dims),
-            "shape": {key: [rows, dim] for key, dim in self._dims.items()},
-            "dtype": self._spec.dtype,
-            "first_sequence": int(sequence[0]),
-            "last_sequence": int(sequence[-1]),
-            "num_sequences": int(np.count_nonzero(sequence[1:] != sequence[:-1])) + 1,
-            "max_seq_len": int(arrays["tokens/position"].max()) + 1,
-            "stats": stats,
-            "committed_at": time.time(),
-        }
+            if stats[key].nonfinite:
+                self._note_nonfinite(key, stats[key].nonfinite)
+        start = index * self._chunk_tokens
+        record = CommitRecord(
+            chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._dims),
+            dtype=self._spec.dtype, first_sequence=int(sequence[0]), last_sequence=int(sequence[-1]),
+            num_sequences=int(np.count_nonzero(sequence[1:] != sequence[:-1])) + 1,
+            max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats, committed_at=time.time())
         return record, moments
 
     def _note_nonfinite(self, key: str, count: int) -> None:

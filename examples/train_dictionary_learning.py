@@ -45,7 +45,7 @@ def main() -> None:
     manifest = open_store(args.store).manifest  # the trainer records the layer and model it was trained on
     trainer = dict(trainer=StandardTrainer, dict_class=AutoEncoder, activation_dim=dim, dict_size=8 * dim,
                    lr=1e-3, l1_penalty=1e-1, warmup_steps=1000, steps=args.steps, device=args.device,
-                   layer=manifest["arrays"][args.key].get("layer", -1), lm_name=manifest["model"]["name"])
+                   layer=manifest.arrays[args.key].get("layer", -1), lm_name=manifest.model["name"])
     trainSAE(data=data, trainer_configs=[trainer], steps=args.steps, device=args.device,
              normalize_activations=True, save_dir="dictionary_learning_out")
 

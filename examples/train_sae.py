@@ -32,7 +32,7 @@ def train(path: str, key: str, steps: int = 300, expansion: int = 4, l1: float =
     """Returns the loss of every step."""
     torch.manual_seed(seed)
     store = open_store(path)
-    scale = store.manifest["statistics"][key]["norm_scaling_factor"]
+    scale = store.manifest.statistics[key]["norm_scaling_factor"]
     data = ActivationDataset(store, key, batch_size=batch_size, exclude=("bos", "first"), seed=seed, drop_last=True)
     sae = SparseAutoencoder(data.dim, expansion * data.dim)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)

@@ -49,7 +49,7 @@ def expected_rows(tensors: list[torch.Tensor], masks: list[torch.Tensor], dtype=
 def assert_statistics_match(path, key, dim):
     """The manifest's statistics equal float64 numpy over the stored rows, attention sinks left out."""
     store = open_store(path)
-    stats = store.manifest["statistics"][key]
+    stats = store.manifest.statistics[key]
     sink = (store["tokens/flags"][:] & (FLAG_BOS | FLAG_FIRST)) != 0
     rows = store[key][:].astype(np.float64)[~sink]
     norms = np.linalg.norm(rows, axis=1)

@@ -127,7 +127,7 @@ def test_counts_and_statistics_cover_only_the_rows_readers_see_after_a_failure(t
     cap.close()
     store = open_store(cfg.output_dir)
     assert (tmp_path / "s.zarr" / "commits" / "chunk_000000000002").exists(), "a chunk after the gap"
-    assert store.status == "failed" and store.num_tokens == store.manifest["committed_tokens"] == 16
+    assert store.status == "failed" and store.num_tokens == store.manifest.committed_tokens == 16
     assert_statistics_match(cfg.output_dir, "layer_0/residual", 64)
 
 
@@ -150,7 +150,7 @@ def test_statistics_can_be_turned_off(tmp_path):
     with CaptureEngine(model, cfg), torch.no_grad():
         model(**ragged_batch(3, 7))
     store = open_store(cfg.output_dir)
-    assert store.manifest["statistics"] == {} and store.num_tokens > 0
+    assert store.manifest.statistics == {} and store.num_tokens > 0
 
 
 def test_batch_larger_than_the_mixing_buffer(store_path):

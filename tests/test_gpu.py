@@ -158,7 +158,7 @@ def test_nccl_process_group_writes_a_parts_store(tmp_path):
     finally:
         torch.distributed.destroy_process_group()
     store = open_store(cfg.output_dir)
-    assert store.manifest["world_size"] == 1 and store.status == "complete" and len(store.parts) == 1
+    assert store.manifest.world_size == 1 and store.status == "complete" and len(store.parts) == 1
     masks = [b["attention_mask"].cpu() for b in batches]
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))

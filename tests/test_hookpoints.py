@@ -467,13 +467,13 @@ def test_new_points_through_the_engine(variant, tmp_path):
             for batch in batches:
                 model(**batch)
     store = open_store(cfg.output_dir)
-    assert store.manifest["points"] == points
+    assert store.manifest.points == points
     for layer in (0, 1):
         for point in points:
             key = f"layer_{layer}/{point}"
             np.testing.assert_array_equal(store[key][:].astype(np.float32),
                                           expected_rows(ref[key], [b["attention_mask"] for b in batches]))
-            assert store.manifest["arrays"][key]["tl_name"] == f"blocks.{layer}.{TL_SUFFIX[point]}"
+            assert store.manifest.arrays[key]["tl_name"] == f"blocks.{layer}.{TL_SUFFIX[point]}"
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -526,5 +526,5 @@ def test_capture_hooks_take_every_canonical_point(model_dir, corpus, tmp_path):
                  "--layers", "1", "--hooks", "mlp_in", "resid_pre", "--seq-len", "16", "--batch-size", "4",
                  "--chunk-tokens", "32", "--no-progress"]) == 0
     store = open_store(out)
-    assert store.manifest["points"] == ["resid_pre", "mlp_in"]
+    assert store.manifest.points == ["resid_pre", "mlp_in"]
     assert {"layer_1/resid_pre", "layer_1/mlp_in"} <= set(store.keys()) and store.num_tokens > 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -87,7 +89,7 @@ def test_on_disk_contract_and_manifest(tmp_path):
     group = zarr.open_group(str(cfg.output_dir), mode="r")
     manifest = group.attrs["manifest"]
     n = manifest["committed_tokens"]
-    assert manifest["status"] == "complete" and manifest["format_version"] == 1
+    assert manifest["status"] == "complete" and manifest["format_version"] == 2
     assert manifest["arrays"]["layer_1/mlp_hidden"]["tl_name"] == "blocks.1.mlp.hook_post"
     assert manifest["arrays"]["layer_1/mlp_hidden"]["module_path"] == "transformer.h.1.mlp.c_proj"
     assert manifest["arrays"]["layer_0/residual"]["tl_name"] == "blocks.0.hook_resid_post"
@@ -99,9 +101,19 @@ def test_on_disk_contract_and_manifest(tmp_path):
     assert [r["chunk_index"] for r in records] == list(range(len(records)))
     assert sum(r["token_count"] for r in records) == n
     for field in ("keys", "shape", "dtype", "num_sequences", "max_seq_len", "token_count", "row_start",
-                  "row_stop", "stats"):
+                  "row_stop", "stats", "files"):
         assert field in records[0]
     assert records[0]["stats"]["layer_0/residual"]["nonfinite"] == 0
+    token_keys = {f"tokens/{name}" for name in group["tokens"].array_keys()}
+    for record in records:  # every array's chunk: the CRC32C of its committed rows and its file's size
+        assert set(record["files"]) == {*record["keys"], *token_keys}
+        for key, file in record["files"].items():
+            array = group[key]
+            rows = array[record["row_start"]:record["row_stop"]]
+            assert file["crc32c"] == google_crc32c.value(rows.tobytes())
+            chunk = Path(cfg.output_dir) / key / array.metadata.encode_chunk_key((record["chunk_index"],)
+                                                                                 + (0,) * (array.ndim - 1))
+            assert file["nbytes"] == chunk.stat().st_size == 8 * rows[0].nbytes
 
 
 def test_dask_reads_the_store_without_engine_code(tmp_path):

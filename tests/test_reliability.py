@@ -109,7 +109,7 @@ def test_resume_of_a_complete_store_appends(tmp_path):
     a, b = open_store(whole.output_dir), open_store(split.output_dir)
     for key in ("layer_0/residual", "tokens/sequence", "tokens/position", "tokens/flags"):
         np.testing.assert_array_equal(a[key][:], b[key][:])
-    assert b.num_tokens == a.num_tokens and len(b.manifest["resumes"]) == 1
+    assert b.num_tokens == a.num_tokens and len(b.manifest.resumes) == 1
 
 
 @pytest.fixture
@@ -195,7 +195,7 @@ def test_sequence_longer_than_positions_is_refused(tmp_path):
         with pytest.raises(engine.BatchError, match="exceeds the model's 128 positions"):
             model(input_ids=torch.ones(1, 129, dtype=torch.long))
         model(**ragged_batch(2, 6))
-    assert cap.stats.batches == 1 and open_store(cfg.output_dir).manifest["sequences"] == 2
+    assert cap.stats.batches == 1 and open_store(cfg.output_dir).manifest.sequences == 2
 
 
 def test_no_mask_keeps_every_token_and_empty_batches_store_nothing(tmp_path):
@@ -226,9 +226,10 @@ def test_nonfinite_values_are_counted_and_warned_once(tmp_path):
                 model(**ragged_batch(2, 8, seed=seed))
     assert sum("non-finite" in str(w.message) for w in caught) == 1
     store = open_store(cfg.output_dir)
-    stats = [c["stats"]["layer_0/residual"] for c in store.chunks]
-    assert all(s["fp16_overflow"] > 0 and s["nonfinite"] >= s["fp16_overflow"] for s in stats)
-    assert np.isinf(store["layer_0/residual"][:].astype(np.float32)).sum() == sum(s["fp16_overflow"] for s in stats)
+    stats = [c.stats["layer_0/residual"] for c in store.chunks]
+    assert all(s.fp16_overflow > 0 and s.nonfinite >= s.fp16_overflow for s in stats)
+    overflows = np.isinf(store["layer_0/residual"][:].astype(np.float32)).sum()
+    assert overflows == sum(s.fp16_overflow for s in stats)
 
 
 def test_use_after_close_is_an_error(tmp_path):

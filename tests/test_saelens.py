@@ -56,7 +56,7 @@ def test_saelens_trainer_learns_from_the_store(store):
 
 
 def test_scaling_factor_uses_mean_norm_when_the_store_has_it(store):
-    stats = open_store(store).manifest["statistics"][KEY]
+    stats = open_store(store).manifest.statistics[KEY]
     expected = 64 ** 0.5 / stats["mean_norm"] if "mean_norm" in stats else None
     assert scaling_factor(store, KEY) == expected
 
@@ -94,7 +94,7 @@ def test_export_loads_through_saelens_every_row_once_shuffled(store, tmp_path):
     out = tmp_path / "cache"
     assert cli_main(["export", str(store), "--to", "saelens", str(out), "--key", KEY,
                      "--context-size", "24"]) == 0
-    hook_name = open_store(store).manifest["arrays"][KEY]["tl_name"]
+    hook_name = open_store(store).manifest.arrays[KEY]["tl_name"]
     acts, ids = read_through_saelens(out, hook_name, 24, 64)
     rows, row_ids = kept_rows(store)
     assert len(rows) - 24 < len(acts) <= len(rows) and len(acts) % 24 == 0

@@ -19,7 +19,8 @@ import torch
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
 from engine.corpus import shares
-from engine.errors import ResumeMismatchError, StorePathError
+from engine.errors import ResumeMismatchError, StoreCorruptError, StorePathError
+from engine.layout import CommitRecord, commit_record_key
 from engine.reader import CommittedArray
 
 from conftest import ragged_batch, tiny_model
@@ -56,9 +57,9 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
 
     reference, store = open_store(single), open_store(parts)
     manifest = store.manifest
-    assert manifest["status"] == "complete" and manifest["world_size"] == 2
+    assert manifest.status == "complete" and manifest.world_size == 2
     assert [p.num_tokens > 0 for p in store.parts] == [True, True]
-    assert manifest["committed_tokens"] == store.num_tokens == reference.num_tokens
+    assert manifest.committed_tokens == store.num_tokens == reference.num_tokens
     # Each process wrote only its own part; rank 0 only the root and parts/ group documents.
     assert sorted(os.listdir(parts)) == ["parts", "zarr.json"]
     assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00000.lock", "rank_00001", "rank_00001.lock",
@@ -73,7 +74,7 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
         batches = ActivationDataset(parts, key, batch_size=8, shuffle=False, exclude=())
         np.testing.assert_array_equal(torch.cat(list(batches)).numpy(), reference[key][:].astype(np.float32))
         assert_statistics_match(parts, key, store[key].shape[1])
-        assert manifest["statistics"][key]["count"] == reference.manifest["statistics"][key]["count"]
+        assert manifest.statistics[key]["count"] == reference.manifest.statistics[key]["count"]
     report = cli("inspect", parts)
     assert "parts/rank_00001" in report and f"{store.num_tokens:,} committed" in report
     assert f"({store.num_tokens}, 64) float16" in read_with_dask(parts, KEYS[0])
@@ -116,11 +117,28 @@ def test_a_store_is_resumed_with_the_same_number_of_processes(tmp_path, process_
     for cfg in (parted, plain):
         with CaptureEngine(model, cfg), torch.no_grad():
             model(**ragged_batch(3, 7))
-    assert open_store(parted.output_dir).manifest["world_size"] == 1
+    assert open_store(parted.output_dir).manifest.world_size == 1
     with pytest.raises(ResumeMismatchError, match="world_size .*the store has 1, this run has None"):
         CaptureEngine(model, dataclasses.replace(parted, distributed=False, resume=True))
     with pytest.raises(ResumeMismatchError, match="written by 1 process"):
         CaptureEngine(model, dataclasses.replace(plain, distributed=True, resume=True))
+
+
+def test_each_part_is_checked_like_a_store(tmp_path, process_group_of_one):
+    """Per part: a missing chunk is never read as zeros; a lost commit record of a complete part raises."""
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "parted.zarr", layer_indices=[0], chunk_tokens=8, distributed=True)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 9))
+    part = Path(cfg.output_dir) / "parts" / "rank_00000"
+    (part / "layer_0" / "residual" / "c" / "1" / "0").unlink()
+    with pytest.raises(StoreCorruptError, match="layer_0/residual chunk 1 .*parts/rank_00000/layer_0"):
+        open_store(cfg.output_dir)["layer_0/residual"][:]
+    with pytest.raises(StoreCorruptError, match="layer_0/residual chunk 1"):
+        open_store(cfg.output_dir, verify=True)
+    (part / commit_record_key(1)).unlink()
+    with pytest.raises(StoreCorruptError, match="rank_00000 is complete .*chunk_000000000001"):
+        open_store(cfg.output_dir)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "resume"])
@@ -151,7 +169,9 @@ def test_rows_across_parts_read_like_one_array():
         array = zarr.create_array(zarr.storage.MemoryStore(), shape=(stop - start + 5, 3), chunks=(8, 3),
                                   dtype=data.dtype)
         array[: stop - start] = data[start:stop]
-        pieces.append((array, stop - start))
+        chunks = [CommitRecord(index, row, min(row + 8, stop - start), {}, "int64", 0, 0, 1, 1, {}, 0.0)
+                  for index, row in enumerate(range(0, stop - start, 8))]
+        pieces.append((array, chunks))
     rows = CommittedArray(pieces)
     bounds = [None, -120, -1, 0, 5, 37, 38, 80, 99, 100, 150]
     for start, stop, step in itertools.product(bounds, bounds, [None, 2, 7, -1, -3]):
@@ -226,7 +246,7 @@ def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
                                              multiprocessing_context=start, timeout=120)
         np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), expected, err_msg=start)
 
-    committed = remote.manifest["committed_tokens"]  # dask reads the zarr arrays alone, no engine code
+    committed = remote.manifest.committed_tokens  # dask reads the zarr arrays alone, no engine code
     acts = da.from_zarr(f"{bucket}/runs/s.zarr", component=KEYS[0])[:committed]
     np.testing.assert_array_equal(acts.compute(), local[KEYS[0]][:])
     assert f"({committed}, 64) float16" in read_with_dask(f"{bucket}/runs/s.zarr", KEYS[0])
@@ -244,7 +264,7 @@ def test_s3_overwrite_and_exists_checks(bucket):
             model(**ragged_batch(3, 7))
     with pytest.raises(Exception, match="already exists"):
         CaptureEngine(model, cfg)
-    assert open_store(cfg.output_dir).num_tokens == open_store(cfg.output_dir).manifest["committed_tokens"] > 0
+    assert open_store(cfg.output_dir).num_tokens == open_store(cfg.output_dir).manifest.committed_tokens > 0
     assert s3fs.S3FileSystem(skip_instance_cache=True).cat(neighbour) == b"keep"
 
 
@@ -265,5 +285,5 @@ def test_kill_9_then_resume_against_s3(bucket, reference):
 
 def test_torchrun_kill_9_then_resume_per_rank_against_s3(bucket, reference):
     store = crash_and_resume(f"{bucket}/parts.zarr", random.Random(5), kills=1, ranks=2, count=SEQUENCES)
-    assert store.manifest["world_size"] == 2 and all(p.num_tokens for p in store.parts)
+    assert store.manifest.world_size == 2 and all(p.num_tokens for p in store.parts)
     assert_same_store(store, reference)  # tokens equal, activations within float16 rounding, no duplicates

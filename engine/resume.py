@@ -1,0 +1,138 @@
+"""Where a store can be continued, and what a resume keeps.
+
+A resume keeps the rows up to the last sequence end (flag ``last``) inside the committed prefix whose chunks
+are whole and intact. ``scan_committed`` finds that point with one read of the committed chunks, which also
+verifies each of them (size and CRC32C, see ``engine.layout``) and computes the statistics of the whole chunks
+kept: the writer process starts from those, reading nothing again but the kept rows of the cut chunk.
+
+Torch-free (numpy and zarr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import zarr
+
+from . import layout
+from .chunks import chunk_problem, describe
+from .layout import CommitRecord, Manifest
+from .statistics import ChunkMoments, Statistics, chunk_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a store can be continued exactly.
+
+    Args:
+        rows: rows kept; every sequence with a row before this one is complete.
+        sequences: input sequences already fully handled: a driver feeds sequences from this index on.
+        committed_rows: rows in the gap-free committed prefix of intact chunks (>= rows; the rest belong to a
+            cut sequence).
+        statistics: ``Statistics.to_json`` of the whole chunks kept (rows [0, rows // chunk_tokens *
+            chunk_tokens)), when the point comes from ``scan_committed``; None otherwise.
+        damaged: one line per committed chunk found damaged (the point lies before the first of them).
+    """
+
+    rows: int
+    sequences: int
+    committed_rows: int
+    statistics: dict | None = None
+    damaged: tuple[str, ...] = ()
+
+
+def find_resume_point(group: zarr.Group, prefix: list[CommitRecord], manifest: Manifest) -> ResumePoint:
+    """The last row that ends a sequence (flag ``last``) within the committed prefix, read backwards from its
+    end (no verification: ``inspect`` shows it; a resume uses ``scan_committed``)."""
+    committed = prefix[-1].row_stop if prefix else 0
+    if manifest.status == layout.STATUS_COMPLETE and committed == manifest.committed_tokens:
+        return ResumePoint(committed, manifest.sequences, committed)
+    flags, sequence = group["tokens/flags"], group["tokens/sequence"]
+    for record in reversed(prefix):
+        ends = np.flatnonzero(flags[record.row_start:record.row_stop] & layout.FLAG_LAST)
+        if ends.size:
+            last = record.row_start + int(ends[-1])
+            return ResumePoint(last + 1, int(sequence[last]) + 1, committed)
+    return ResumePoint(0, 0, committed)
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What the scan has learnt so far. ``pending``: moments of chunks not yet known to be whole and kept
+    (those from the chunk holding the last sequence end on; at most the chunks one sequence spans)."""
+
+    statistics: Statistics
+    chunk_tokens: int
+    last_end: tuple[int, int] | None = None   # (row, sequence) of the last sequence end read
+    committed: int = 0
+    pending: list[tuple[int, dict[str, tuple[layout.ChunkStats, ChunkMoments]]]] = dataclasses.field(
+        default_factory=list)
+
+    def keep_whole_chunks_before(self, rows: int) -> None:
+        """Merge the pending chunks that lie wholly before row ``rows`` (in chunk order: deterministic)."""
+        whole = rows // self.chunk_tokens
+        while self.pending and self.pending[0][0] < whole:
+            _, entries = self.pending.pop(0)
+            for key, (summary, moments) in entries.items():
+                self.statistics.add(key, moments, summary)
+
+
+def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord],
+                   manifest: Manifest) -> ResumePoint:
+    """Read every chunk of the committed prefix once, in order: verify it (size and CRC32C of every array in
+    ``arrays``: the activation arrays and the capture's own token arrays), stop at the first damaged one, and
+    return the resume point within the intact chunks with the statistics of the whole chunks before it."""
+    activations = {key: array for key, array in arrays.items() if not key.startswith("tokens/")}
+    widths = {key: array.shape[1] for key, array in activations.items()}
+    scan = _Scan(Statistics(widths), manifest.chunk_tokens)
+    buffers = {key: np.empty((manifest.chunk_tokens, *array.shape[1:]), dtype=array.dtype)
+               for key, array in arrays.items()}
+    damaged: list[str] = []
+    for record in prefix:
+        rows = _read_verified(arrays, buffers, record, damaged)
+        if rows is None:
+            break
+        _measure(scan, record, rows, activations, manifest.dtype)
+    point = _point(scan, manifest, intact=not damaged and scan.committed == manifest.committed_tokens)
+    scan.keep_whole_chunks_before(point.rows)
+    return dataclasses.replace(point, statistics=scan.statistics.to_json(), damaged=tuple(damaged))
+
+
+def _read_verified(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], record: CommitRecord,
+                   damaged: list[str]) -> dict[str, np.ndarray] | None:
+    """One chunk's committed rows of every array, or None (and ``damaged`` says why) when it is not intact."""
+    rows = {}
+    for key, array in arrays.items():
+        out = buffers[key][:record.token_count]
+        problem = chunk_problem(array, record.chunk_index, record.files.get(key), out, verify=True)
+        if problem is not None:
+            damaged.append(describe(array, record.chunk_index, problem))
+            return None
+        rows[key] = out
+    return rows
+
+
+def _measure(scan: _Scan, record: CommitRecord, rows: dict[str, np.ndarray],
+             activations: dict[str, zarr.Array], dtype: str) -> None:
+    """Note an intact chunk's last sequence end and its moments; merge the chunks now known to be kept."""
+    flags = rows["tokens/flags"]
+    ends = np.flatnonzero(flags & layout.FLAG_LAST)
+    if ends.size:
+        scan.last_end = (record.row_start + int(ends[-1]), int(rows["tokens/sequence"][ends[-1]]))
+    scan.committed = record.row_stop
+    summaries = {key: chunk_summary(rows[key], dtype, flags) for key in activations}
+    scan.pending.append((record.chunk_index, summaries))
+    if scan.last_end is not None:
+        scan.keep_whole_chunks_before(scan.last_end[0] + 1)
+
+
+def _point(scan: _Scan, manifest: Manifest, intact: bool) -> ResumePoint:
+    """A complete store whose every chunk is intact continues after its last row; any other after its last
+    sequence end."""
+    if intact and manifest.status == layout.STATUS_COMPLETE:
+        return ResumePoint(scan.committed, manifest.sequences, scan.committed)
+    if scan.last_end is None:
+        return ResumePoint(0, 0, scan.committed)
+    row, sequence = scan.last_end
+    return ResumePoint(row + 1, sequence + 1, scan.committed)
