@@ -230,8 +230,22 @@ class ChunkStats:
         return dataclasses.asdict(self)
 
 
+class _ReadsLikeJson:
+    """Read access by the JSON document's keys (``manifest["statistics"]``, ``record["token_count"]``), beside
+    the attributes: what callers of the dict records of format version 1 wrote keeps working."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_json()
+
+
 @dataclasses.dataclass(frozen=True)
-class CommitRecord:
+class CommitRecord(_ReadsLikeJson):
     """The commit record of one chunk: written after the chunk's data, it makes the chunk visible.
 
     Attributes:
@@ -359,7 +373,7 @@ _ABSENT_WHEN_NONE = ("part", "world_size", "parts")
 
 
 @dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(_ReadsLikeJson):
     """The manifest of a store (the root group's ``manifest`` attribute; each part of a multi-process store
     has its own). Fields as in the README's on-disk contract; dict and list fields hold their JSON as it is.
 
