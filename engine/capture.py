@@ -5,6 +5,7 @@ Call order (who calls what, and when):
   ``CaptureEngine(model, config)``
     1. ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
     2. ``manifest.build_manifest``: what the store will say about this run.
+    1b. ``hooks.check_unclaimed``: a model that has an engine attached is refused before any store is opened.
     3. ``opening.check_destination``: location checked, store locked (one writer per store), a resume
        compared with the stored run. ``opening.open_destination``: the store created, or repaired up to the
        last whole sequence (``resume_sequences`` tells the driver where to continue).
@@ -38,7 +39,7 @@ from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, HookPointError
 from .handoff import WriterProcess
 from .hookpoints import HookPoint, family_of, resolve_hook_points
-from .hooks import ModelHooks, StopForward
+from .hooks import ModelHooks, StopForward, check_unclaimed
 from .manifest import build_manifest, point_attributes
 from .opening import check_destination, open_destination
 from .parts import StoreParts
@@ -155,6 +156,7 @@ class CaptureEngine:
             if self._parts is not None:
                 undo.callback(self._parts.release)
             with self._on_every_rank():
+                check_unclaimed(model)
                 self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
                                                                    config.extra_modules)
                 self._device = _model_device(model)
