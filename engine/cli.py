@@ -33,6 +33,7 @@ from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widt
 from .layout import FLAG_LAST, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
+from .lock import check_unlocked
 from .reader import open_store
 from .registry import find_model, get_model, list_models
 from .store import check_location, find_resume_point
@@ -162,7 +163,7 @@ def _capture_config(args: argparse.Namespace, model_config, world_size: int, res
                          num_writers=args.num_writers, pinned_slots=args.pinned_slots, resume=resume,
                          overwrite=args.overwrite, early_stop=not args.no_early_stop, model_name=args.model,
                          annotations=_ANNOTATIONS, statistics=not args.no_statistics,
-                         distributed=world_size > 1)
+                         distributed=world_size > 1, break_lock=args.break_lock)
 
 
 def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
@@ -177,7 +178,9 @@ def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
 def _continues_a_store(args: argparse.Namespace) -> bool:
     """Whether this run resumes the store at --out. Checked before any process of a torchrun job has joined
     (so before any could create a store): every process sees the same state."""
-    exists = check_location(Location.of(args.out), overwrite=False, resume=True)  # changes nothing
+    location = Location.of(args.out)
+    exists = check_location(location, overwrite=False, resume=True)  # changes nothing
+    check_unlocked(location, args.break_lock)  # a store being written is refused before anything else
     if args.resume and not exists:
         raise ConfigError(f"--resume: there is no capture store at {args.out}: check the path, or pass "
                           "--resume-or-start to start a new store when there is none")
@@ -612,6 +615,9 @@ def _add_capture_parser(commands, common: argparse.ArgumentParser) -> None:
     store.add_argument("--resume-or-start", action="store_true", help="continue the store at --out if there "
                        "is one, else start it (for jobs that are requeued)")
     store.add_argument("--overwrite", action="store_true", help="replace the store at --out")
+    cap.add_argument("--break-lock", action="store_true", help="take over an object-store (s3://) store "
+                     "whose writer was killed: its lock's heartbeat is older than the lease (60 s). Never "
+                     "needed for a local folder")
     cap.add_argument("--no-early-stop", action="store_true", help="run the whole model (default: stop after "
                      "the last hooked layer; later layers and the LM head never run)")
     cap.add_argument("--no-progress", action="store_true")

@@ -334,3 +334,21 @@ def test_printing_commands_survive_a_closed_pipe(model_dir, corpus, tmp_path, co
     proc.stdout.close()  # before the command prints (it is still importing)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_a_store_being_written_is_refused_before_the_model_loads(model_dir, corpus, tmp_path,
+                                                                 model_must_not_load):
+    from engine.location import Location
+    from engine.lock import acquire
+
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    held = acquire(Location.of(out))  # another writer (a lock on another open file locks this process out too)
+    try:
+        for flag in ("--overwrite", "--resume-or-start"):
+            code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
+                                    "--seq-len", 24, "--no-progress", flag)
+            assert_one_line_error(code, err, f"is being written by pid {os.getpid()} on ")
+    finally:
+        held.release()
+    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not os.listdir(out)

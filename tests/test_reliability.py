@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import signal
@@ -20,7 +21,8 @@ from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
 from fakes import use_sink
-from helpers import JOB, N_SEQUENCES, assert_same_store, crash_and_resume, run_job
+from helpers import (JOB, N_SEQUENCES, assert_same_store, crash_and_resume, finish, hold_mid_run, launch,
+                     race_two_resumes, run_job)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -270,3 +272,74 @@ def test_resume_after_a_crash_between_array_creations(tmp_path):
     assert stores["resumed"].status == "complete"
     for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/sequence"):
         np.testing.assert_array_equal(stores["resumed"][key][:], stores["fresh"][key][:])
+
+
+# ---- one writer per store: races between real processes ---------------------------------------------------
+# The winner holds halfway through its run (``--hold``) until the loser has ended, so every race below happens
+# while the winner is writing, on a machine of any speed.
+
+def _cli_capture(model_dir, corpus, store, *options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", "capture", "--model", str(model_dir), "--data",
+                           str(corpus), "--out", str(store), "--layers", "1", "--seq-len", "24", "--no-progress",
+                           *options], capture_output=True, text=True, timeout=300)
+
+
+def _engine_job(store, *flags) -> subprocess.CompletedProcess:
+    proc = launch(store, resume=False, flags=flags)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# What a second writer runs against a store being written: the command line, and the engine (crash_job.py).
+SECOND_WRITERS = {
+    "overwrite": (lambda model_dir, corpus, store: _cli_capture(model_dir, corpus, store, "--overwrite"),
+                  lambda model_dir, corpus, store: _engine_job(store, "--overwrite")),
+    "resume": (lambda model_dir, corpus, store: _cli_capture(model_dir, corpus, store, "--resume",
+                                                             "--max-tokens", "100"),
+               lambda model_dir, corpus, store: _engine_job(store, "--resume")),
+}
+
+
+def assert_refused(done: subprocess.CompletedProcess, winner_pid: int, cli: bool) -> None:
+    """The loser failed with StoreLockedError naming the winner: on the command line as one line, status 2."""
+    if cli:
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done
+    else:
+        assert done.returncode != 0 and "StoreLockedError" in done.stderr, done.stderr
+    assert f"is being written by pid {winner_pid} on " in done.stderr, done.stderr
+
+
+def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
+    store, hold = tmp_path / "s.zarr", tmp_path / "go"
+    winner = hold_mid_run(store, hold)
+    done = SECOND_WRITERS[race][trial % 2](model_dir, corpus, store)  # the command line, then the engine
+    finish(winner, hold)
+    assert_refused(done, winner.pid, cli=trial % 2 == 0)
+    assert_same_store(open_store(store), reference)  # exactly the winner's rows: nothing of it was touched
+    assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
+
+
+@pytest.mark.parametrize("race", ["overwrite", "resume"])
+@pytest.mark.parametrize("trial", range(2))
+def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, reference, model_dir, corpus):
+    """``capture & sleep; capture --overwrite`` deleted the running capture's store (which still ended
+    ``complete``, with zero rows); ``... capture --resume --max-tokens N`` appended over it."""
+    race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("race", ["overwrite", "resume"])
+@pytest.mark.parametrize("trial", range(2, 10))
+def test_a_second_writer_is_refused_many_trials(race, trial, tmp_path, reference, model_dir, corpus):
+    race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_two_resumes_at_once_on_a_killed_store(trial, tmp_path, reference):
+    race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(2, 10))
+def test_two_resumes_at_once_many_trials(trial, tmp_path, reference):
+    race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
