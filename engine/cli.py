@@ -34,7 +34,7 @@ from .layout import FLAG_LAST, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
 from .lock import check_unlocked
-from .reader import open_store
+from .reader import StorePart, open_store
 from .registry import find_model, get_model, list_models
 from .store import check_location, find_resume_point
 
@@ -135,6 +135,8 @@ def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
             raise CorpusError(f"{corpus.description} holds no text: nothing to capture")
         raise ConfigError(f"--max-tokens {args.max_tokens} is less than the first row's {len(first.ids)} "
                           "tokens: nothing to capture; raise --max-tokens")
+    if resume:
+        _check_resume_fits(args.out, lengths, world_size)
     return _Job(corpus, config, tokenizer, row_bytes, job_rows, lengths, counts)
 
 
@@ -188,6 +190,31 @@ def _continues_a_store(args: argparse.Namespace) -> bool:
         raise StoreExistsError(f"a capture store already exists at {args.out}: pass --resume to continue it "
                                "or --overwrite to replace it")
     return exists and (args.resume or args.resume_or_start)
+
+
+def _check_resume_fits(out: str, lengths: list[int], world_size: int) -> None:
+    """Refuse, before the store is touched, a resume whose rows end before what the store (this process's
+    part) already holds: that run could only stop at once, after repairing the store for nothing."""
+    store = open_store(out)
+    if len(store.parts) != world_size:
+        return  # CaptureEngine names this mismatch
+    rank = int(os.environ.get("RANK", "0"))
+    first, stop = shares(lengths, world_size)[rank]
+    held = _resume_sequences(store.parts[rank])
+    if held > stop:
+        where = f"its part for rank {rank} holds" if world_size > 1 else "it holds"
+        raise ConfigError(f"--resume: {where} {held - first:,} sequences but this job has only "
+                          f"{stop - first:,} with these options: resume with the --data, --seq-len, "
+                          "--pack/--no-pack and --max-tokens it was captured with (nothing was changed in "
+                          f"{out})")
+
+
+def _resume_sequences(part: StorePart) -> int:
+    """Where a resume of ``part`` continues (a global sequence index), as ``CaptureEngine`` will find it."""
+    if part.group is None:
+        return 0
+    point = find_resume_point(part.group, part.chunks, dict(part.group.attrs[MANIFEST_ATTR]))
+    return point.sequences if point.committed_rows else 0
 
 
 def _point_widths(model_config, config: CaptureConfig) -> dict[str, int]:

@@ -20,6 +20,7 @@ import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
+from crash_job import BATCH, CHUNK, batch_of, sequences
 from fakes import use_sink
 from helpers import (JOB, N_SEQUENCES, assert_same_store, crash_and_resume, finish, hold_mid_run, launch,
                      race_two_resumes, run_job)
@@ -343,3 +344,53 @@ def test_two_resumes_at_once_on_a_killed_store(trial, tmp_path, reference):
 @pytest.mark.parametrize("trial", range(2, 10))
 def test_two_resumes_at_once_many_trials(trial, tmp_path, reference):
     race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
+
+
+# ---- status tells the truth --------------------------------------------------------------------------------
+
+def _feed(model, seqs, start: int) -> None:
+    with torch.no_grad():
+        for first in range(start, len(seqs), BATCH):
+            model(**batch_of(seqs[first:first + BATCH]))
+
+
+class _Stop(Exception):
+    """What the driver raises to stop a run early (a rejected resume, an error)."""
+
+
+@pytest.mark.filterwarnings("ignore:capture interrupted")
+@pytest.mark.parametrize("stop, fed", [(_Stop, 0), (RuntimeError, 2), (KeyboardInterrupt, 2)])
+def test_a_resume_that_stops_early_is_never_complete_and_leaves_nothing_behind(stop, fed, tmp_path, reference):
+    """A resume rejected by its driver before any batch, one stopped by an error, one by Ctrl-C: the store says
+    ``failed`` (never ``complete``), no reserve or temp file is left, and the next resume ends exactly."""
+    model = tiny_model("gpt2")
+    seqs = sequences(N_SEQUENCES)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2,
+                        pinned_slots=2)
+    with CaptureEngine(model, cfg):
+        _feed(model, seqs[:40], 0)
+    with pytest.raises(stop):
+        with CaptureEngine(model, dataclasses.replace(cfg, resume=True)) as cap:
+            _feed(model, seqs[:cap.resume_sequences + fed * BATCH], cap.resume_sequences)
+            raise stop("the run stops here")
+    assert open_store(cfg.output_dir).status == "failed"
+    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not list(tmp_path.rglob("*.partial"))
+    with CaptureEngine(model, dataclasses.replace(cfg, resume=True)) as cap:
+        _feed(model, seqs, cap.resume_sequences)
+    assert_same_store(open_store(cfg.output_dir), reference)
+
+
+def test_a_resume_that_cannot_start_leaves_the_store_as_it_was(tmp_path):
+    """A resume refused at construction (here: the model has another engine) changes nothing of a complete
+    store: before, the store was repaired first and left ``open``, its last chunk uncommitted."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=4)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 7))
+    before = open_store(cfg.output_dir)
+    with CaptureEngine(model, small_cfg(tmp_path / "other.zarr")):
+        with pytest.raises(engine.HookPointError, match="already has a CaptureEngine"):
+            CaptureEngine(model, dataclasses.replace(cfg, resume=True))
+    after = open_store(cfg.output_dir)
+    assert after.manifest == before.manifest and after.chunks == before.chunks
+    assert not (tmp_path / "s.zarr.reserve").exists()
