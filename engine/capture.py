@@ -3,12 +3,13 @@
 Call order (who calls what, and when):
 
   ``CaptureEngine(model, config)``
-    1. ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
+    1. ``hooks.check_unclaimed``: a model that has an engine attached is refused (one engine per model);
+       ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
     2. ``manifest.build_manifest``: what the store will say about this run.
-    1b. ``hooks.check_unclaimed``: a model that has an engine attached is refused before any store is opened.
     3. ``opening.check_destination``: location checked, store locked (one writer per store; an object-store
-       lock beats in a thread of its own), a resume compared with the stored run. ``opening.open_destination``: the store created, or repaired up to the
-       last whole sequence (``resume_sequences`` tells the driver where to continue).
+       lock beats in a thread of its own), a resume compared with the stored run.
+       ``opening.open_destination``: the store created, or repaired up to the last whole sequence
+       (``resume_sequences`` tells the driver where to continue).
     4. ``handoff.WriterProcess``: the writer process started with one ``writer.WriterSpec``. Should another
        process break the object-store lock, the heartbeat thread stops it (``WriterProcess.stop``).
     5. ``hooks.ModelHooks.attach``: the root pre-hook, one hook per point, early stop.

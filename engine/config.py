@@ -145,8 +145,8 @@ class CaptureConfig:
                                      "num_writers": "the writer threads",
                                      "pinned_slots": "staged batches (host memory)"}[name])
         if not isinstance(self.break_lock, bool):
-            raise ConfigError(f"break_lock must be True or False, got {self.break_lock!r}: it decides whether "
-                              "another writer's lock may be taken over")
+            raise ConfigError(f"break_lock must be True or False, got {self.break_lock!r}: it decides "
+                              "whether another writer's lock may be taken over")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:

@@ -149,7 +149,8 @@ class StoreParts:
         if failed and error is None:
             raise CaptureError("capture could not start on every rank, so this rank stops too: " + "; ".join(failed))
 
-    def prepare(self, root: Location, manifest: dict, overwrite: bool, resume: bool, break_lock: bool) -> None:
+    def prepare(self, root: Location, manifest: dict, overwrite: bool, resume: bool,
+                break_lock: bool) -> None:
         """Rank 0 locks and prepares the whole store (overwrite, resume checks, root documents); every rank
         learns where its part is (and locks it itself, ``opening.claim``)."""
         self.root = root

@@ -343,8 +343,8 @@ def files_of(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("status", ["complete", "open"])
-def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_dir, corpus, tmp_path, monkeypatch,
-                                                                         status):
+def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_dir, corpus, tmp_path,
+                                                                         monkeypatch, status):
     """``--resume --max-tokens`` below what the store holds (a complete store, or a killed one) used to repair
     the store, then stop and mark it; now nothing is loaded or changed."""
     import engine.cli
@@ -358,8 +358,8 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
     before, held = files_of(tmp_path), open_store(out).manifest["sequences"]
     monkeypatch.setattr(engine.cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
-                            "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress", "--resume",
-                            "--max-tokens", 100)
+                            "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress",
+                            "--resume", "--max-tokens", 100)
     assert_one_line_error(code, err, f"--resume: it holds {held} sequences but this job has only")
     assert files_of(tmp_path) == before, "the store, its lock file and the folder are exactly as they were"
 
@@ -371,11 +371,11 @@ def test_a_store_being_written_is_refused_before_the_model_loads(model_dir, corp
 
     out = tmp_path / "s.zarr"
     out.mkdir()
-    held = acquire(Location.of(out))  # another writer (a lock on another open file locks this process out too)
+    held = acquire(Location.of(out))  # another writer: a lock on another open file shuts this process out too
     try:
         for flag in ("--overwrite", "--resume-or-start"):
-            code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
-                                    "--seq-len", 24, "--no-progress", flag)
+            code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out,
+                                    "--layers", 1, "--seq-len", 24, "--no-progress", flag)
             assert_one_line_error(code, err, f"is being written by pid {os.getpid()} on ")
     finally:
         held.release()

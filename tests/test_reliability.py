@@ -280,9 +280,10 @@ def test_resume_after_a_crash_between_array_creations(tmp_path):
 # while the winner is writing, on a machine of any speed.
 
 def _cli_capture(model_dir, corpus, store, *options) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", "capture", "--model", str(model_dir), "--data",
-                           str(corpus), "--out", str(store), "--layers", "1", "--seq-len", "24", "--no-progress",
-                           *options], capture_output=True, text=True, timeout=300)
+    command = ["capture", "--model", model_dir, "--data", corpus, "--out", store, "--layers", 1,
+               "--seq-len", 24, "--no-progress", *options]
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, command)], capture_output=True,
+                          text=True, timeout=300)
 
 
 def _engine_job(store, *flags) -> subprocess.CompletedProcess:
@@ -304,7 +305,8 @@ SECOND_WRITERS = {
 def assert_refused(done: subprocess.CompletedProcess, winner_pid: int, cli: bool) -> None:
     """The loser failed with StoreLockedError naming the winner: on the command line as one line, status 2."""
     if cli:
-        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done
+        assert done.returncode == 2 and done.stderr.startswith("error: "), done
+        assert done.stderr.count("\n") == 1, done.stderr
     else:
         assert done.returncode != 0 and "StoreLockedError" in done.stderr, done.stderr
     assert f"is being written by pid {winner_pid} on " in done.stderr, done.stderr
@@ -360,9 +362,11 @@ class _Stop(Exception):
 
 @pytest.mark.filterwarnings("ignore:capture interrupted")
 @pytest.mark.parametrize("stop, fed", [(_Stop, 0), (RuntimeError, 2), (KeyboardInterrupt, 2)])
-def test_a_resume_that_stops_early_is_never_complete_and_leaves_nothing_behind(stop, fed, tmp_path, reference):
-    """A resume rejected by its driver before any batch, one stopped by an error, one by Ctrl-C: the store says
-    ``failed`` (never ``complete``), no reserve or temp file is left, and the next resume ends exactly."""
+def test_a_resume_that_stops_early_is_never_complete_and_leaves_nothing_behind(stop, fed, tmp_path,
+                                                                             reference):
+    """A resume rejected by its driver before any batch, one stopped by an error, one by Ctrl-C: the store
+    says ``failed`` (never ``complete``), no reserve or temp file is left, and the next resume ends
+    exactly."""
     model = tiny_model("gpt2")
     seqs = sequences(N_SEQUENCES)
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2,

@@ -293,7 +293,7 @@ def test_torchrun_a_second_job_is_refused(tmp_path, reference):
     assert_same_store(open_store(store), reference)
 
 
-# ---- the object-storage lock ---------------------------------------------------------------------------------
+# ---- the object-storage lock ------------------------------------------------------------------------------
 
 HOLDER = """
 import sys, time
@@ -308,10 +308,12 @@ time.sleep(600)
 
 def killed_holder(url: str) -> int:
     """A process that takes the store's lock and is killed -9 with it; returns its pid."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(LEASE_S)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(LEASE_S)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(StoreLockedError, match=rf"pid {holder.pid} .*\(lease 4 s\): one writer per store"):
+        alive = rf"pid {holder.pid} .*\(lease 4 s\): one writer per store"
+        with pytest.raises(StoreLockedError, match=alive):
             check_unlocked(Location.of(url), break_lock=True)  # alive: never broken, even when asked
     finally:
         holder.kill()
@@ -396,5 +398,7 @@ def test_s3_break_lock_on_the_command_line(bucket, model_dir, corpus, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(10))
 def test_s3_two_resumes_break_a_killed_jobs_lock_at_once(trial, bucket, tmp_path, reference):
-    """Both resumes break the stale lock with a conditional PUT on its ETag: one wins, the other is refused."""
-    race_two_resumes(f"{bucket}/s.zarr", tmp_path / "go", random.Random(300 + trial), reference, count=SEQUENCES)
+    """Both resumes break the stale lock with a conditional PUT on its ETag: one wins, the other is
+    refused."""
+    race_two_resumes(f"{bucket}/s.zarr", tmp_path / "go", random.Random(300 + trial), reference,
+                     count=SEQUENCES)
