@@ -234,6 +234,7 @@ class WriterProcess:
     def close(self, failed: bool, sequences: int) -> None:
         """Protocol steps 2-4 (``engine.writer``); ``finalized`` tells whether the writer process published the
         manifest. Raises the writer's failure unless it was raised before."""
+        delivered = self.error_delivered  # ``_send`` marks what it raises as delivered: caught here, it is not
         try:
             if not self._dead:
                 self._send_in_order(("close", failed, sequences))
@@ -243,7 +244,7 @@ class WriterProcess:
             pass  # it was gone before the close message could be sent: raised below unless delivered
         finally:
             self._shut_down()
-        if self._error is not None and not self.error_delivered:
+        if self._error is not None and not delivered:
             self.error_delivered = True
             raise self._error
 

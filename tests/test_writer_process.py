@@ -83,3 +83,22 @@ def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch
                 model(**ragged_batch(2, 6, seed=seed))
     assert open_store(cfg.output_dir).status == "failed"
     assert not (tmp_path / "s.zarr.reserve").exists()
+
+
+def test_close_raises_a_death_that_the_close_message_found(tmp_path, monkeypatch):
+    """Regression: when sending the close message was what found the writer process dead, close() counted
+    the error as delivered and returned quietly (the [close] case above failed whenever the send did)."""
+    model = tiny_model("gpt2")
+    cap = CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8))
+    with torch.no_grad():
+        model(**ragged_batch(3, 7))
+    cap.flush()
+    _kill_writer(cap)
+
+    def broken_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cap._writer._channel, "send", broken_pipe)
+    with pytest.raises(engine.CaptureError, match="writer process .* died .*signal 9"):
+        cap.close()
+    assert open_store(tmp_path / "s.zarr").status == "failed"
