@@ -3,12 +3,15 @@
 Call order (who calls what, and when):
 
   ``CaptureEngine(model, config)``
-    1. ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
+    1. ``hooks.check_unclaimed``: a model that has an engine attached is refused (one engine per model);
+       ``hookpoints.resolve_hook_points``: every point resolved; a bad name fails before anything is written.
     2. ``manifest.build_manifest``: what the store will say about this run.
-    3. ``opening.check_destination``: location checked, store locked (one writer per store), a resume
-       compared with the stored run. ``opening.open_destination``: the store created, or repaired up to the
-       last whole sequence (``resume_sequences`` tells the driver where to continue).
-    4. ``handoff.WriterProcess``: the writer process started with one ``writer.WriterSpec``.
+    3. ``opening.check_destination``: location checked, store locked (one writer per store; an object-store
+       lock beats in a thread of its own), a resume compared with the stored run.
+       ``opening.open_destination``: the store created, or repaired up to the last whole sequence
+       (``resume_sequences`` tells the driver where to continue).
+    4. ``handoff.WriterProcess``: the writer process started with one ``writer.WriterSpec``. Should another
+       process break the object-store lock, the heartbeat thread stops it (``WriterProcess.stop``).
     5. ``hooks.ModelHooks.attach``: the root pre-hook, one hook per point, early stop.
   each ``model(...)``
     6. ``_on_forward`` (root pre-hook): takes in what the writer process sent (free slots, errors), takes a
@@ -19,7 +22,8 @@ Call order (who calls what, and when):
   ``close()``
     8. hooks removed (the producer stops first), ``WriterProcess.close``: the writer process drains, commits
        the tail, publishes the manifest and exits (the shutdown protocol in ``engine.writer``); the store's
-       lock is released; distributed: ``parts.StoreParts.publish``.
+       lock is released (a lost lock: nothing is written, not even ``failed``); distributed:
+       ``parts.StoreParts.publish``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ import torch
 
 from . import layout
 from .config import CaptureConfig
-from .errors import BatchError, CaptureClosedError, HookPointError
+from .errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from .handoff import WriterProcess
 from .hookpoints import HookPoint, family_of, resolve_hook_points
-from .hooks import ModelHooks, StopForward
+from .hooks import ModelHooks, StopForward, check_unclaimed
 from .manifest import build_manifest, point_attributes
 from .opening import check_destination, open_destination
 from .parts import StoreParts
@@ -155,6 +159,7 @@ class CaptureEngine:
             if self._parts is not None:
                 undo.callback(self._parts.release)
             with self._on_every_rank():
+                check_unclaimed(model)
                 self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
                                                                    config.extra_modules)
                 self._device = _model_device(model)
@@ -189,6 +194,8 @@ class CaptureEngine:
                                      self._destination.lock.fd if self._destination and self._destination.lock
                                      else None)
         undo.callback(self._writer.abort)
+        if self._destination is not None and self._destination.lock is not None:
+            self._destination.lock.on_lost(self._stop_writing)
         self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_point, config.early_stop)
         self._hooks.attach()
 
@@ -208,6 +215,12 @@ class CaptureEngine:
             start_row=resume.rows if resume is not None else 0,
             kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
             parent_pid=os.getpid())
+
+    def _stop_writing(self, lost: StoreLockedError) -> None:
+        """Heartbeat thread: another process broke this run's lock, so the store is no longer this run's."""
+        error = CaptureError(str(lost))
+        error.__cause__ = lost
+        self._writer.stop(error)
 
     @contextlib.contextmanager
     def _on_every_rank(self):
@@ -405,7 +418,7 @@ class CaptureEngine:
             self._pool.release()
             if self._destination is not None:
                 try:
-                    if not self._writer.finalized:
+                    if not self._writer.finalized and self._destination.owned:
                         mark_failed(self._destination.location, repr(self._writer.error))
                 finally:
                     self._destination.release()  # the writer process has exited: the lock is free

@@ -33,7 +33,8 @@ from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widt
 from .layout import FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
-from .reader import open_store
+from .lock import check_unlocked
+from .reader import StorePart, open_store
 from .registry import find_model, get_model, list_models
 from .resume import find_resume_point
 from .store import check_location, manifest_of, open_group
@@ -135,6 +136,8 @@ def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
             raise CorpusError(f"{corpus.description} holds no text: nothing to capture")
         raise ConfigError(f"--max-tokens {args.max_tokens} is less than the first row's {len(first.ids)} "
                           "tokens: nothing to capture; raise --max-tokens")
+    if resume:
+        _check_resume_fits(args.out, lengths, world_size)
     return _Job(corpus, config, tokenizer, row_bytes, job_rows, lengths, counts)
 
 
@@ -163,7 +166,7 @@ def _capture_config(args: argparse.Namespace, model_config, world_size: int, res
                          num_writers=args.num_writers, pinned_slots=args.pinned_slots, resume=resume,
                          overwrite=args.overwrite, early_stop=not args.no_early_stop, model_name=args.model,
                          annotations=_ANNOTATIONS, statistics=not args.no_statistics,
-                         distributed=world_size > 1)
+                         distributed=world_size > 1, break_lock=args.break_lock)
 
 
 def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
@@ -178,7 +181,9 @@ def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
 def _continues_a_store(args: argparse.Namespace) -> bool:
     """Whether this run resumes the store at --out. Checked before any process of a torchrun job has joined
     (so before any could create a store): every process sees the same state."""
-    exists = check_location(Location.of(args.out), overwrite=False, resume=True)  # changes nothing
+    location = Location.of(args.out)
+    exists = check_location(location, overwrite=False, resume=True)  # changes nothing
+    check_unlocked(location, args.break_lock)  # a store being written is refused before anything else
     if args.resume and not exists:
         raise ConfigError(f"--resume: there is no capture store at {args.out}: check the path, or pass "
                           "--resume-or-start to start a new store when there is none")
@@ -186,6 +191,31 @@ def _continues_a_store(args: argparse.Namespace) -> bool:
         raise StoreExistsError(f"a capture store already exists at {args.out}: pass --resume to continue it "
                                "or --overwrite to replace it")
     return exists and (args.resume or args.resume_or_start)
+
+
+def _check_resume_fits(out: str, lengths: list[int], world_size: int) -> None:
+    """Refuse, before the store is touched, a resume whose rows end before what the store (this process's
+    part) already holds: that run could only stop at once, after repairing the store for nothing."""
+    store = open_store(out)
+    if len(store.parts) != world_size:
+        return  # CaptureEngine names this mismatch
+    rank = int(os.environ.get("RANK", "0"))
+    first, stop = shares(lengths, world_size)[rank]
+    held = _resume_sequences(store.parts[rank])
+    if held > stop:
+        where = f"its part for rank {rank} holds" if world_size > 1 else "it holds"
+        raise ConfigError(f"--resume: {where} {held - first:,} sequences but this job has only "
+                          f"{stop - first:,} with these options: resume with the --data, --seq-len, "
+                          "--pack/--no-pack and --max-tokens it was captured with (nothing was changed in "
+                          f"{out})")
+
+
+def _resume_sequences(part: StorePart) -> int:
+    """Where a resume of ``part`` continues (a global sequence index), as ``CaptureEngine`` will find it."""
+    if part.group is None:
+        return 0
+    point = find_resume_point(part.group, part.chunks, dict(part.group.attrs[MANIFEST_ATTR]))
+    return point.sequences if point.committed_rows else 0
 
 
 def _point_widths(model_config, config: CaptureConfig) -> dict[str, int]:
@@ -640,6 +670,9 @@ def _add_capture_parser(commands, common: argparse.ArgumentParser) -> None:
     store.add_argument("--resume-or-start", action="store_true", help="continue the store at --out if there "
                        "is one, else start it (for jobs that are requeued)")
     store.add_argument("--overwrite", action="store_true", help="replace the store at --out")
+    cap.add_argument("--break-lock", action="store_true", help="take over an object-store (s3://) store "
+                     "whose writer was killed: its lock's heartbeat is older than the lease (60 s). Never "
+                     "needed for a local folder")
     cap.add_argument("--no-early-stop", action="store_true", help="run the whole model (default: stop after "
                      "the last hooked layer; later layers and the LM head never run)")
     cap.add_argument("--no-progress", action="store_true")

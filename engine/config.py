@@ -48,6 +48,9 @@ class CaptureConfig:
             use the forward pass waits (backpressure).
         overwrite: replace an existing store.
         resume: continue an existing store with the same configuration.
+        break_lock: take over a store whose object-storage lock is older than its lease (its writer was
+            killed and a minute has passed; see ``engine.lock``). A lock within its lease is never broken;
+            local folders need no breaking (the kernel frees their lock when the holder dies).
         sink: ``zarr`` writes the store; ``null`` runs the whole pipeline but discards rows (benchmarks).
         compressor: None (default: dense activations barely compress), ``zstd`` or ``blosc``.
         model_name: name recorded in the manifest (default: ``model.config.name_or_path``).
@@ -97,6 +100,7 @@ class CaptureConfig:
     distributed: bool = False
     first_sequence: int = 0
     durable: bool = True
+    break_lock: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):
@@ -140,6 +144,9 @@ class CaptureConfig:
                                   + {"chunk_tokens": "rows per chunk and per commit",
                                      "num_writers": "the writer threads",
                                      "pinned_slots": "staged batches (host memory)"}[name])
+        if not isinstance(self.break_lock, bool):
+            raise ConfigError(f"break_lock must be True or False, got {self.break_lock!r}: it decides "
+                              "whether another writer's lock may be taken over")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:

@@ -62,7 +62,7 @@ class WriterProcess:
         lock_fd: the store lock's descriptor (the writer process holds the lock too), or None.
 
     Thread safety: ``submit``, ``poll``, ``acquire``, ``flush`` and ``close`` from the forward thread;
-    ``progress`` may be read from any thread.
+    ``stop`` and ``progress`` from any thread.
     """
 
     def __init__(self, spec: WriterSpec, pool: SlotPool, cuda: bool, lock_fd: int | None):
@@ -143,6 +143,13 @@ class WriterProcess:
                 self._channel.send(message)
         except BaseException as exc:  # reported by the forward thread's next check
             self._thread_error = exc
+
+    def stop(self, error: CaptureError) -> None:
+        """Kill the writer process now, from any thread (its store is no longer this run's); the forward
+        thread raises ``error`` at its next forward, flush or close. Idempotent."""
+        if self._error is None:
+            self._error = error  # before the kill: a death seen meanwhile keeps this error (``_died``)
+        self._process.kill()
 
     # ---- receiving -----------------------------------------------------------------------------
     def poll(self) -> None:
@@ -244,7 +251,7 @@ class WriterProcess:
             self.error_delivered = delivered
         finally:
             self._shut_down()
-        if self._error is not None and not self.error_delivered:
+        if self._error is not None and not delivered:
             self.error_delivered = True
             raise self._error
 

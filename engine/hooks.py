@@ -1,7 +1,9 @@
 """Attaching an engine's hooks to a model: the root pre-hook, one hook per point, and early stop.
 
-One engine per model at a time: a second engine attaching to a model that has one fails at attach (its hooks
-would run inside the first one's forward passes, and two early stops would fight over one forward).
+One engine per model at a time: a second engine on a model that has one fails before it opens its store
+(``check_unclaimed``; its hooks would run inside the first one's forward passes, and two early stops would
+fight over one forward). An engine inside another's ``detached()`` block is fine: the first one's hooks are
+off until the block ends, and it takes the model back then (which fails if the second is still attached).
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ from .hookpoints import HookPoint
 
 _OWNER_ATTR = "_actcap_engine"
 _NO_INSTANCE_FORWARD = object()
+
+
+def check_unclaimed(model: torch.nn.Module, owner: Any = None) -> None:
+    """Raise HookPointError if an engine other than ``owner`` has its hooks on ``model``."""
+    holder = model.__dict__.get(_OWNER_ATTR)
+    if holder is not None and holder is not owner:
+        raise HookPointError("this model already has a CaptureEngine attached (one engine per model): close "
+                             "that engine first, also before leaving another engine's detached() block, or "
+                             "capture every point with one engine; engine.detached() runs the model without "
+                             "capture")
 
 
 class StopForward(Exception):
@@ -56,11 +68,7 @@ class ModelHooks:
 
     def attach(self) -> None:
         """Install every hook (raises HookPointError if another engine holds the model)."""
-        holder = self._model.__dict__.get(_OWNER_ATTR)
-        if holder is not None and holder is not self._owner:
-            raise HookPointError("this model already has a CaptureEngine attached: close that engine first (or "
-                                 "capture every point with one engine; engine.detached() runs the model "
-                                 "without capture)")
+        check_unclaimed(self._model, self._owner)
         self._model.__dict__[_OWNER_ATTR] = self._owner
         if self._early_stop:
             self._wrap_forward()

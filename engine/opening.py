@@ -9,31 +9,35 @@ from typing import Any
 from .config import CaptureConfig
 from .errors import ResumeMismatchError
 from .location import Location
-from .lock import StoreLock
+from .lock import StoreLock, acquire
 from .manifest import now, resume_mismatches
 from .store import ResumePoint, check_location, clear_location, continue_store, create_store, read_manifest
 
 
-def claim(location: Location, overwrite: bool, resume: bool) -> tuple[bool, StoreLock | None]:
+def claim(location: Location, overwrite: bool, resume: bool,
+          break_lock: bool = False) -> tuple[bool, StoreLock | None]:
     """Lock ``location`` for writing; delete an old store there when ``overwrite``. Returns whether a store
-    remains to continue, and the lock (None for object storage).
+    remains to continue, and the lock (None: a protocol without one, see ``engine.lock``).
+
+    Args:
+        break_lock: take over an object-storage lock older than its lease (a killed job's).
 
     Raises:
         StoreExistsError, StorePathError: the location cannot be written as asked (checked before the lock
-            file is created, so a refused location is left exactly as it was).
-        StoreLockedError: another process writes it.
+            is taken, so a refused location is left exactly as it was).
+        StoreLockedError: another process writes it (nothing was changed, and ``overwrite`` deleted nothing).
     """
     check_location(location, overwrite, resume)
-    lock = StoreLock.acquire(location)
+    held = acquire(location, break_lock)
     try:
         exists = check_location(location, overwrite, resume)  # again: it may have changed before the lock
         if exists and overwrite:
             clear_location(location)
             exists = False
-        return exists, lock
+        return exists, held
     except BaseException:
-        if lock is not None:
-            lock.release()
+        if held is not None:
+            held.release()
         raise
 
 
@@ -44,12 +48,19 @@ class Destination:
     Attributes:
         location: the store (a multi-process store: this rank's part).
         stored: the stored manifest when the run continues a store, else None.
-        lock: held until the run's writer process has exited (None: object storage).
+        lock: held until the run's writer process has exited (None: a protocol without one).
+
+    Thread safety: use from the thread that builds and closes the engine (``owned`` from any thread).
     """
 
     location: Location
     stored: dict | None
     lock: StoreLock | None
+
+    @property
+    def owned(self) -> bool:
+        """False once another process broke this run's object-storage lock: then nothing may be written."""
+        return self.lock is None or self.lock.lost is None
 
     def release(self) -> None:
         if self.lock is not None:
@@ -65,11 +76,11 @@ def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Dest
     """
     location = config.location
     if parts is not None:
-        parts.prepare(location, manifest, config.overwrite, config.resume)
+        parts.prepare(location, manifest, config.overwrite, config.resume, config.break_lock)
         location = parts.part
         manifest["part"] = {"rank": parts.rank, "world_size": parts.world_size}
-    exists, lock = claim(location, config.overwrite, config.resume)
-    destination = Destination(location, None, lock)
+    exists, held = claim(location, config.overwrite, config.resume, config.break_lock)
+    destination = Destination(location, None, held)
     if exists:
         try:
             destination.stored = read_manifest(location)

@@ -154,16 +154,17 @@ class StoreParts:
         if failed and error is None:
             raise CaptureError("capture could not start on every rank, so this rank stops too: " + "; ".join(failed))
 
-    def prepare(self, root: Location, manifest: Manifest | dict, overwrite: bool, resume: bool) -> None:
-        """Rank 0 prepares the whole store (overwrite, resume checks, root documents); every rank learns
-        where its part is."""
+    def prepare(self, root: Location, manifest: Manifest | dict, overwrite: bool, resume: bool,
+                break_lock: bool) -> None:
+        """Rank 0 locks and prepares the whole store (overwrite, resume checks, root documents); every rank
+        learns where its part is (and locks it itself, ``opening.claim``)."""
         self.root = root
         self.part = root.child(layout.part_path(self.rank))
         manifest = Manifest.of(manifest, f"the manifest for {root}")
-        self._on_rank0(lambda: self._claim_root(manifest, overwrite, resume))
+        self._on_rank0(lambda: self._claim_root(manifest, overwrite, resume, break_lock))
 
-    def _claim_root(self, manifest: Manifest, overwrite: bool, resume: bool) -> None:
-        exists, self._root_lock = claim(self.root, overwrite, resume)
+    def _claim_root(self, manifest: Manifest, overwrite: bool, resume: bool, break_lock: bool) -> None:
+        exists, self._root_lock = claim(self.root, overwrite, resume, break_lock)
         try:
             _prepare_root(self.root, manifest, self.world_size, exists)
         except BaseException:
@@ -180,6 +181,11 @@ class StoreParts:
         """After every rank closed its part: rank 0 writes the top manifest; every rank returns after it."""
         dist.barrier(group=self._group)
         try:
-            self._on_rank0(lambda: _publish(self.root, self.world_size))
+            self._on_rank0(self._publish_root)
         finally:
             self.release()
+
+    def _publish_root(self) -> None:
+        if self._root_lock is not None and self._root_lock.lost is not None:
+            raise self._root_lock.lost  # another process owns the root now: leave its manifest alone
+        _publish(self.root, self.world_size)

@@ -1,7 +1,10 @@
-"""A capture job for crash tests: deterministic sequences, resumable. Run as a subprocess. Usage:
-python crash_job.py STORE N_SEQUENCES [--resume] [--distributed]
-(--distributed: under torchrun, each rank captures its share of the sequences into its part of STORE).
-STORE may be an s3:// URL (endpoint and credentials from the environment).
+"""A capture job for crash and race tests: deterministic sequences, resumable. Run as a subprocess. Usage:
+python crash_job.py STORE N_SEQUENCES [--resume | --overwrite] [--distributed] [--break-lock] [--hold PATH]
+(--distributed: under torchrun, each rank captures its share of the sequences into its part of STORE;
+--hold PATH: halfway through, print "holding RANK" and wait until PATH exists, so a test can race another
+job against this one mid-run on a machine of any speed). STORE may be an s3:// URL (endpoint and
+credentials from the environment; $ACTCAP_TEST_LEASE_S shortens the lock's lease, so that a test can break
+a killed job's lock without waiting a minute).
 
 Progress lines, which crash tests time their kills by (so a kill lands where the test meant it to, on a
 machine of any speed): "ready RANK BATCHES WRITER_PID" once the engine is built (BATCHES: batches still to
@@ -11,6 +14,8 @@ next step whatever the machine's speed."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import VOCAB, tiny_model  # noqa: E402
+import engine.lock  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
 from engine.corpus import shares  # noqa: E402
 
@@ -43,8 +49,19 @@ def batch_of(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def main(store: str, count: int, resume: bool, distributed: bool) -> None:
+def _hold(path: str | None, rank: int) -> None:
+    if path is None:
+        return
+    print("holding", rank, flush=True)
+    while not Path(path).exists():
+        time.sleep(0.01)
+
+
+def main(store: str, count: int, resume: bool, distributed: bool, overwrite: bool = False,
+         break_lock: bool = False, hold: str | None = None) -> None:
     torch.set_num_threads(1)
+    if "ACTCAP_TEST_LEASE_S" in os.environ:
+        engine.lock.LEASE_S = float(os.environ["ACTCAP_TEST_LEASE_S"])
     model = tiny_model("gpt2")
     seqs = sequences(count)
     first, stop = 0, count
@@ -53,7 +70,8 @@ def main(store: str, count: int, resume: bool, distributed: bool) -> None:
         first, stop = shares([len(s) for s in seqs], torch.distributed.get_world_size())[
             torch.distributed.get_rank()]
     cfg = CaptureConfig(store, layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2, pinned_slots=2,
-                        resume=resume, distributed=distributed, first_sequence=first)
+                        resume=resume, overwrite=overwrite, break_lock=break_lock, distributed=distributed,
+                        first_sequence=first)
     rank = torch.distributed.get_rank() if distributed else 0
 
     def progress(*words) -> None:
@@ -66,6 +84,8 @@ def main(store: str, count: int, resume: bool, distributed: bool) -> None:
         for number, start in enumerate(starts, 1):
             model(**batch_of(seqs[start:min(start + BATCH, stop)]))
             progress("batch", rank, number)
+            if number == max(len(starts) // 2, 1):
+                _hold(hold, rank)
         progress("closing", rank)
     if distributed:
         torch.distributed.destroy_process_group()
@@ -73,4 +93,11 @@ def main(store: str, count: int, resume: bool, distributed: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv, "--distributed" in sys.argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("store")
+    parser.add_argument("count", type=int)
+    for flag in ("--resume", "--overwrite", "--distributed", "--break-lock"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--hold")
+    args = parser.parse_args()
+    main(args.store, args.count, args.resume, args.distributed, args.overwrite, args.break_lock, args.hold)

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from crash_job import PACE_S
-from engine import open_store
+from engine import StoreLockedError, open_store
 from engine.hookpoints import resolve_hook_points
-from engine.layout import FLAG_BOS, FLAG_FIRST
+from engine.layout import FLAG_BOS, FLAG_FIRST, part_path
+from engine.location import Location
+from engine.lock import check_unlocked
 
 
 def hook_all(hook_points, record) -> list:
@@ -95,20 +97,23 @@ class Kill:
         return 1 + round(self.fraction * (batches + 1))
 
 
-def _launch(store, resume: bool, ranks: int, count: int) -> subprocess.Popen:
+def launch(store, resume: bool, ranks: int = 1, count: int = N_SEQUENCES, flags=()) -> subprocess.Popen:
+    """Start crash_job.py (under torchrun when ``ranks`` > 1) with more of its ``flags``; stdout and stderr
+    are pipes."""
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     args = [*launcher, str(JOB), str(store), str(count)] + (["--resume"] if resume else []) + (
-        ["--distributed"] if ranks > 1 else [])
+        ["--distributed"] if ranks > 1 else []) + [str(flag) for flag in flags]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count: int = N_SEQUENCES) -> list[str]:
+def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count: int = N_SEQUENCES,
+            flags=()) -> list[str]:
     """Run crash_job.py (under torchrun, one process per rank, when ``ranks`` > 1); returns rank 0's progress
     lines read. With ``kill``, SIGKILL the job at that point: every process of it (launcher, ranks and their
     writer processes), or with ``kill.orphan`` the capturing process alone, whose writer process must then
     exit by itself."""
-    proc = _launch(store, resume, ranks, count)
+    proc = launch(store, resume, ranks, count, flags)
     if kill is None:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -165,11 +170,69 @@ def assert_same_store(store, reference):
 def crash_and_resume(store, rng, kills: int, ranks: int = 1, count: int = N_SEQUENCES, orphan: bool = False):
     """Kill -9 the job ``kills`` times at points chosen from its progress, resuming each time, then let it
     finish. A kill before "closing" must find the store open; one at "closing" may land before or after the
-    manifest is published."""
+    manifest is published. On object storage each resume waits for the killed job's locks to pass their
+    lease and breaks them (``--break-lock``)."""
+    flags = ()
     for attempt in range(kills):
         kill = Kill.random(rng, orphan)
-        lines = run_job(store, resume=attempt > 0, kill=kill, ranks=ranks, count=count)
+        lines = run_job(store, resume=attempt > 0, kill=kill, ranks=ranks, count=count, flags=flags)
         status = open_store(store).status
         assert status == "open" or (lines[-1].startswith("closing") and status == "complete"), (kill, status)
-    run_job(store, resume=True, ranks=ranks, count=count)
+        flags = wait_for_stale_locks(store, ranks)
+    run_job(store, resume=True, ranks=ranks, count=count, flags=flags)
     return open_store(store)
+
+
+def wait_for_stale_locks(store, ranks: int = 1, timeout: float = 120.0) -> tuple[str, ...]:
+    """A store on object storage whose writer was killed: wait until its locks (the root's and, under
+    torchrun, each part's) have passed their lease, and return the flag that breaks them. A local store
+    needs neither: the kernel released its locks with the processes."""
+    location = Location.of(str(store))
+    if location.local is not None:
+        return ()
+    locations = [location] + ([location.child(part_path(rank)) for rank in range(ranks)] if ranks > 1 else [])
+    deadline = time.monotonic() + timeout
+    for where in locations:
+        while True:
+            try:
+                check_unlocked(where, break_lock=True)  # raises while the lock is within its lease
+                break
+            except StoreLockedError:
+                assert time.monotonic() < deadline, f"the lock of {where} never went stale"
+                time.sleep(0.2)
+    return ("--break-lock",)
+
+
+def hold_mid_run(store, hold: Path, ranks: int = 1, count: int = N_SEQUENCES) -> subprocess.Popen:
+    """Start a job that holds halfway through (its lock taken, chunks committed) until ``hold`` exists."""
+    proc = launch(store, False, ranks, count, flags=("--hold", hold))
+    for line in proc.stdout:
+        if line.startswith("holding 0"):
+            return proc
+    raise AssertionError(f"the job ended before holding: {proc.wait()} {proc.stderr.read()}")
+
+
+def finish(proc: subprocess.Popen, hold: Path) -> None:
+    """Let a holding job go on, and check it ends well."""
+    hold.touch()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
+def race_two_resumes(store, hold: Path, rng, reference, count: int = N_SEQUENCES) -> None:
+    """Kill -9 a job, then start two resumes at once: exactly one takes the store, the other is refused
+    (StoreLockedError) and changes nothing; the winner's store equals an uninterrupted run. On object storage
+    both wait for the killed job's lock to pass its lease and break it: one break wins."""
+    run_job(store, resume=False, kill=Kill.random(rng), count=count)
+    flags = ("--hold", hold, *wait_for_stale_locks(store))
+    jobs = [launch(store, resume=True, count=count, flags=flags) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while all(job.poll() is None for job in jobs):
+        assert time.monotonic() < deadline, "neither resume ended: both hold the store"
+        time.sleep(0.05)
+    loser, = (job for job in jobs if job.poll() is not None)
+    winner, = (job for job in jobs if job is not loser)
+    _, err = loser.communicate()
+    assert loser.returncode != 0 and "StoreLockedError" in err, err
+    finish(winner, hold)
+    assert_same_store(open_store(store), reference)

@@ -334,3 +334,49 @@ def test_printing_commands_survive_a_closed_pipe(model_dir, corpus, tmp_path, co
     proc.stdout.close()  # before the command prints (it is still importing)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def files_of(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+@pytest.mark.parametrize("status", ["complete", "open"])
+def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_dir, corpus, tmp_path,
+                                                                         monkeypatch, status):
+    """``--resume --max-tokens`` below what the store holds (a complete store, or a killed one) used to repair
+    the store, then stop and mark it; now nothing is loaded or changed."""
+    import engine.cli
+
+    out = tmp_path / "s.zarr"
+    capture(model_dir, corpus, out, "--max-tokens", 400)
+    if status == "open":  # as a kill -9 leaves it: the manifest says open, the commit records say how far
+        manifest = json.loads((out / "zarr.json").read_text())
+        manifest["attributes"]["manifest"]["status"] = "open"
+        (out / "zarr.json").write_text(json.dumps(manifest))
+    before, held = files_of(tmp_path), open_store(out).manifest["sequences"]
+    monkeypatch.setattr(engine.cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
+                            "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress",
+                            "--resume", "--max-tokens", 100)
+    assert_one_line_error(code, err, f"--resume: it holds {held} sequences but this job has only")
+    assert files_of(tmp_path) == before, "the store, its lock file and the folder are exactly as they were"
+
+
+def test_a_store_being_written_is_refused_before_the_model_loads(model_dir, corpus, tmp_path,
+                                                                 model_must_not_load):
+    from engine.location import Location
+    from engine.lock import acquire
+
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    held = acquire(Location.of(out))  # another writer: a lock on another open file shuts this process out too
+    try:
+        for flag in ("--overwrite", "--resume-or-start"):
+            code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out,
+                                    "--layers", 1, "--seq-len", 24, "--no-progress", flag)
+            assert_one_line_error(code, err, f"is being written by pid {os.getpid()} on ")
+    finally:
+        held.release()
+    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not os.listdir(out)

@@ -434,3 +434,80 @@ def test_a_small_store_takes_the_disk_its_rows_need(tmp_path):
     assert allocated <= store.num_tokens * row_bytes + 4096 * len(chunk_files), (allocated, len(chunk_files))
     np.testing.assert_array_equal(store["tokens/sequence"][:], np.repeat(np.arange(8), [
         int(m) for b in batches for m in b["attention_mask"].sum(1)]))
+
+
+# ---- one engine per model ---------------------------------------------------------------------------------
+
+def stored_rows(path, key="layer_0/residual") -> np.ndarray:
+    return open_store(path)[key][:].astype(np.float32)
+
+
+def test_a_second_engine_on_the_model_is_refused_before_it_opens_its_store(tmp_path):
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 7, seed=s) for s in range(2)]
+    first = CaptureConfig(tmp_path / "a.zarr", layer_indices=[0], chunk_tokens=4)
+    with reference_capture(model, [0], list(first.points)) as ref:
+        with CaptureEngine(model, first), torch.no_grad():
+            model(**batches[0])
+            with pytest.raises(engine.HookPointError, match="already has a CaptureEngine attached"):
+                CaptureEngine(model, CaptureConfig(tmp_path / "b.zarr", layer_indices=[1], chunk_tokens=4))
+            model(**batches[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "a.zarr.lock"], "b.zarr was never opened"
+    masks = [b["attention_mask"] for b in batches]
+    expected = expected_rows(ref["layer_0/residual"], masks)
+    np.testing.assert_array_equal(stored_rows(first.output_dir), expected)
+
+
+def test_an_engine_inside_another_engines_detached_block(tmp_path):
+    """Engine A detached, engine B captures inside the block and closes, A captures again after it."""
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 7, seed=s) for s in range(3)]
+    outer = CaptureConfig(tmp_path / "a.zarr", layer_indices=[0], chunk_tokens=4, early_stop=True)
+    inner = CaptureConfig(tmp_path / "b.zarr", layer_indices=[0], chunk_tokens=4)
+    with reference_capture(model, [0], ["residual"]) as ref:
+        with CaptureEngine(model, outer) as a, torch.no_grad():
+            assert model(**batches[0]) is None
+            with a.detached():
+                with CaptureEngine(model, inner):
+                    assert model(**batches[1]) is not None, "B does not stop early: A's wrapper is off"
+            assert model(**batches[2]) is None
+    masks = [b["attention_mask"] for b in batches]
+    rows = ref["layer_0/residual"]
+    np.testing.assert_array_equal(stored_rows(outer.output_dir), expected_rows(rows[::2], masks[::2]))
+    np.testing.assert_array_equal(stored_rows(inner.output_dir), expected_rows([rows[1]], masks[1:2]))
+    assert open_store(outer.output_dir).status == open_store(inner.output_dir).status == "complete"
+
+
+def test_leaving_detached_while_another_engine_is_attached_is_an_error(tmp_path):
+    model = tiny_model("gpt2")
+    a = CaptureEngine(model, CaptureConfig(tmp_path / "a.zarr", layer_indices=[0], chunk_tokens=4))
+    with pytest.raises(engine.HookPointError, match="before leaving another engine's detached"):
+        with a.detached():
+            b = CaptureEngine(model, CaptureConfig(tmp_path / "b.zarr", layer_indices=[0], chunk_tokens=4))
+    b.close()
+    a.close(failed=True)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_stop_forward_never_reaches_the_caller(tmp_path):
+    """Two early-stopping engines cannot share a model; the refused one leaves the first one's wrapper in
+    place, and an error inside an early-stopping forward reaches the caller as itself."""
+    model = tiny_model("gpt2")
+    own_forward = model.forward
+    batches = [ragged_batch(3, 7, seed=s) for s in range(2)]
+    cfg = CaptureConfig(tmp_path / "a.zarr", layer_indices=[0], chunk_tokens=4, early_stop=True)
+    with reference_capture(model, [0], ["residual"]) as ref:
+        with CaptureEngine(model, cfg), torch.no_grad():
+            wrapped = model.forward
+            with pytest.raises(engine.HookPointError, match="already has a CaptureEngine attached"):
+                CaptureEngine(model, dataclasses.replace(cfg, output_dir=tmp_path / "b.zarr"))
+            assert model.forward == wrapped
+            assert model(**batches[0]) is None
+            bad = dict(batches[1], attention_mask=batches[1]["attention_mask"][:, :3])
+            with pytest.raises(engine.BatchError, match="attention_mask has shape"):
+                model(**bad)
+            assert model(**batches[1]) is None
+    assert model.forward == own_forward and model(**batches[0]) is not None
+    rows = ref["layer_0/residual"]
+    masks = [b["attention_mask"] for b in batches]
+    np.testing.assert_array_equal(stored_rows(cfg.output_dir), expected_rows([rows[0], rows[-1]], masks))

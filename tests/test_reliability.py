@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import signal
@@ -19,8 +20,10 @@ import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from conftest import ragged_batch, tiny_model
+from crash_job import BATCH, CHUNK, batch_of, sequences
 from fakes import use_sink
-from helpers import JOB, N_SEQUENCES, assert_same_store, crash_and_resume, run_job
+from helpers import (JOB, N_SEQUENCES, assert_same_store, crash_and_resume, finish, hold_mid_run, launch,
+                     race_two_resumes, run_job)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -297,3 +300,128 @@ def test_resume_when_no_committed_sequence_has_ended(tmp_path):
     assert stores["resumed"].status == "complete" and stores["resumed"].num_tokens == 20
     for key in ("layer_0/residual", "tokens/position", "tokens/flags"):
         np.testing.assert_array_equal(stores["resumed"][key][:], stores["fresh"][key][:])
+
+
+# ---- one writer per store: races between real processes ---------------------------------------------------
+# The winner holds halfway through its run (``--hold``) until the loser has ended, so every race below happens
+# while the winner is writing, on a machine of any speed.
+
+def _cli_capture(model_dir, corpus, store, *options) -> subprocess.CompletedProcess:
+    command = ["capture", "--model", model_dir, "--data", corpus, "--out", store, "--layers", 1,
+               "--seq-len", 24, "--no-progress", *options]
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, command)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _engine_job(store, *flags) -> subprocess.CompletedProcess:
+    proc = launch(store, resume=False, flags=flags)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# What a second writer runs against a store being written: the command line, and the engine (crash_job.py).
+SECOND_WRITERS = {
+    "overwrite": (lambda model_dir, corpus, store: _cli_capture(model_dir, corpus, store, "--overwrite"),
+                  lambda model_dir, corpus, store: _engine_job(store, "--overwrite")),
+    "resume": (lambda model_dir, corpus, store: _cli_capture(model_dir, corpus, store, "--resume",
+                                                             "--max-tokens", "100"),
+               lambda model_dir, corpus, store: _engine_job(store, "--resume")),
+}
+
+
+def assert_refused(done: subprocess.CompletedProcess, winner_pid: int, cli: bool) -> None:
+    """The loser failed with StoreLockedError naming the winner: on the command line as one line, status 2."""
+    if cli:
+        assert done.returncode == 2 and done.stderr.startswith("error: "), done
+        assert done.stderr.count("\n") == 1, done.stderr
+    else:
+        assert done.returncode != 0 and "StoreLockedError" in done.stderr, done.stderr
+    assert f"is being written by pid {winner_pid} on " in done.stderr, done.stderr
+
+
+def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
+    store, hold = tmp_path / "s.zarr", tmp_path / "go"
+    winner = hold_mid_run(store, hold)
+    done = SECOND_WRITERS[race][trial % 2](model_dir, corpus, store)  # the command line, then the engine
+    finish(winner, hold)
+    assert_refused(done, winner.pid, cli=trial % 2 == 0)
+    assert_same_store(open_store(store), reference)  # exactly the winner's rows: nothing of it was touched
+    assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
+
+
+@pytest.mark.parametrize("race", ["overwrite", "resume"])
+@pytest.mark.parametrize("trial", range(2))
+def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, reference, model_dir, corpus):
+    """``capture & sleep; capture --overwrite`` deleted the running capture's store (which still ended
+    ``complete``, with zero rows); ``... capture --resume --max-tokens N`` appended over it."""
+    race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("race", ["overwrite", "resume"])
+@pytest.mark.parametrize("trial", range(2, 10))
+def test_a_second_writer_is_refused_many_trials(race, trial, tmp_path, reference, model_dir, corpus):
+    race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_two_resumes_at_once_on_a_killed_store(trial, tmp_path, reference):
+    race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(2, 10))
+def test_two_resumes_at_once_many_trials(trial, tmp_path, reference):
+    race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
+
+
+# ---- status tells the truth --------------------------------------------------------------------------------
+
+def _feed(model, seqs, start: int) -> None:
+    with torch.no_grad():
+        for first in range(start, len(seqs), BATCH):
+            model(**batch_of(seqs[first:first + BATCH]))
+
+
+class _Stop(Exception):
+    """What the driver raises to stop a run early (a rejected resume, an error)."""
+
+
+@pytest.mark.filterwarnings("ignore:capture interrupted")
+@pytest.mark.parametrize("stop, fed", [(_Stop, 0), (RuntimeError, 2), (KeyboardInterrupt, 2)])
+def test_a_resume_that_stops_early_is_never_complete_and_leaves_nothing_behind(stop, fed, tmp_path,
+                                                                             reference):
+    """A resume rejected by its driver before any batch, one stopped by an error, one by Ctrl-C: the store
+    says ``failed`` (never ``complete``), no reserve or temp file is left, and the next resume ends
+    exactly."""
+    model = tiny_model("gpt2")
+    seqs = sequences(N_SEQUENCES)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=CHUNK, num_writers=2,
+                        pinned_slots=2)
+    with CaptureEngine(model, cfg):
+        _feed(model, seqs[:40], 0)
+    with pytest.raises(stop):
+        with CaptureEngine(model, dataclasses.replace(cfg, resume=True)) as cap:
+            _feed(model, seqs[:cap.resume_sequences + fed * BATCH], cap.resume_sequences)
+            raise stop("the run stops here")
+    assert open_store(cfg.output_dir).status == "failed"
+    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not list(tmp_path.rglob("*.partial"))
+    with CaptureEngine(model, dataclasses.replace(cfg, resume=True)) as cap:
+        _feed(model, seqs, cap.resume_sequences)
+    assert_same_store(open_store(cfg.output_dir), reference)
+
+
+def test_a_resume_that_cannot_start_leaves_the_store_as_it_was(tmp_path):
+    """A resume refused at construction (here: the model has another engine) changes nothing of a complete
+    store: before, the store was repaired first and left ``open``, its last chunk uncommitted."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=4)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 7))
+    before = open_store(cfg.output_dir)
+    with CaptureEngine(model, small_cfg(tmp_path / "other.zarr")):
+        with pytest.raises(engine.HookPointError, match="already has a CaptureEngine"):
+            CaptureEngine(model, dataclasses.replace(cfg, resume=True))
+    after = open_store(cfg.output_dir)
+    assert after.manifest == before.manifest and after.chunks == before.chunks
+    assert not (tmp_path / "s.zarr.reserve").exists()

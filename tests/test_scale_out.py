@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,14 +19,20 @@ import numpy as np
 import pytest
 import torch
 
+import engine.lock
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
+from engine.cli import main as cli_main
 from engine.corpus import shares
-from engine.errors import ResumeMismatchError, StoreCorruptError, StorePathError
+from engine.errors import (CaptureError, ResumeMismatchError, StoreCorruptError, StoreLockedError,
+                           StorePathError)
 from engine.layout import CommitRecord, commit_record_key
+from engine.location import Location
+from engine.lock import check_unlocked
 from engine.reader import CommittedArray
 
 from conftest import ragged_batch, tiny_model
-from helpers import assert_same_store, assert_statistics_match, cli, crash_and_resume, run_job
+from helpers import (assert_same_store, assert_statistics_match, cli, crash_and_resume, finish, hold_mid_run,
+                     launch, race_two_resumes, run_job, wait_for_stale_locks)
 
 KEYS = ("layer_1/residual", "layer_1/mlp_hidden")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -207,13 +215,18 @@ def s3_endpoint():
     server.stop()
 
 
+LEASE_S = 4.0  # crash jobs' lock lease here: a killed job's lock is broken after seconds, not a minute
+
+
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch):
-    """A new bucket; endpoint and credentials in the usual environment variables (subprocesses inherit them)."""
+    """A new bucket; endpoint and credentials in the usual environment variables (subprocesses inherit them,
+    and crash jobs take their lock lease from ACTCAP_TEST_LEASE_S)."""
     import s3fs
 
     for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
-                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("ACTCAP_TEST_LEASE_S", str(LEASE_S))):
         monkeypatch.setenv(name, value)
     name = f"actcap-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir(name)
@@ -287,3 +300,126 @@ def test_torchrun_kill_9_then_resume_per_rank_against_s3(bucket, reference):
     store = crash_and_resume(f"{bucket}/parts.zarr", random.Random(5), kills=1, ranks=2, count=SEQUENCES)
     assert store.manifest.world_size == 2 and all(p.num_tokens for p in store.parts)
     assert_same_store(store, reference)  # tokens equal, activations within float16 rounding, no duplicates
+
+
+def test_torchrun_a_second_job_is_refused(tmp_path, reference):
+    """A torchrun job started over a running one (here with --overwrite): its rank 0 cannot lock the root, so
+    every rank stops before any part is touched; the running job's store ends exactly right."""
+    store, hold = tmp_path / "parts.zarr", tmp_path / "go"
+    winner = hold_mid_run(store, hold, ranks=2, count=SEQUENCES)
+    loser = launch(store, resume=False, ranks=2, count=SEQUENCES, flags=("--overwrite",))
+    _, err = loser.communicate(timeout=300)
+    finish(winner, hold)
+    assert loser.returncode != 0 and "StoreLockedError" in err and "is being written by pid" in err, err
+    assert_same_store(open_store(store), reference)
+
+
+# ---- the object-storage lock ------------------------------------------------------------------------------
+
+HOLDER = """
+import sys, time
+import engine.lock
+from engine.location import Location
+engine.lock.LEASE_S = float(sys.argv[2])
+engine.lock.acquire(Location.of(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def killed_holder(url: str) -> int:
+    """A process that takes the store's lock and is killed -9 with it; returns its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(LEASE_S)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        alive = rf"pid {holder.pid} .*\(lease 4 s\): one writer per store"
+        with pytest.raises(StoreLockedError, match=alive):
+            check_unlocked(Location.of(url), break_lock=True)  # alive: never broken, even when asked
+    finally:
+        holder.kill()
+        holder.wait()
+    return holder.pid
+
+
+def test_s3_lock_refuses_a_second_writer_and_is_broken_only_after_its_lease(bucket):
+    import s3fs
+
+    url = f"{bucket}/s.zarr"
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(url, layer_indices=[0], chunk_tokens=8)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 7))
+    before = open_store(url).manifest
+    pid = killed_holder(url)
+    for kwargs in ({"overwrite": True}, {"resume": True}, {"resume": True, "break_lock": True}):
+        with pytest.raises(StoreLockedError, match=rf"pid {pid} on .* since .*heartbeat was \d+ s ago"):
+            CaptureEngine(model, dataclasses.replace(cfg, **kwargs))  # killed, but within its lease
+    assert open_store(url).manifest == before, "the refused overwrite deleted nothing"
+    wait_for_stale_locks(url)
+    with pytest.raises(StoreLockedError, match=rf"pid {pid} .*seems gone.*pass break_lock=True"):
+        CaptureEngine(model, dataclasses.replace(cfg, resume=True))
+    with CaptureEngine(model, dataclasses.replace(cfg, resume=True, break_lock=True)), torch.no_grad():
+        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()} "):
+            check_unlocked(Location.of(url), break_lock=True)
+        model(**ragged_batch(3, 7, seed=1))
+    assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(f"{url}.lock"), "released at close"
+    store = open_store(url)
+    tokens = sum(int(ragged_batch(3, 7, seed=seed)["attention_mask"].sum()) for seed in (0, 1))
+    assert store.status == "complete" and store.num_tokens == tokens
+
+
+def test_s3_a_run_whose_lock_was_broken_stops_writing(bucket, monkeypatch):
+    """Should another process break a live run's lock (its heartbeat stalled past the lease), the run's next
+    heartbeat finds out: its writer process is stopped, the next forward raises, and nothing more is written
+    there, not even ``failed``."""
+    import s3fs
+
+    monkeypatch.setattr(engine.lock, "LEASE_S", 1.5)
+    url = f"{bucket}/s.zarr"
+    model = tiny_model("gpt2")
+    cap = CaptureEngine(model, CaptureConfig(url, layer_indices=[0], chunk_tokens=8))
+    breaker = {"pid": 4242, "host": "elsewhere", "since": "2026-01-01T00:00:00+00:00", "command": "capture"}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    with torch.no_grad():
+        model(**ragged_batch(3, 7))
+        cap.flush()
+        fs.pipe(f"{url}.lock", json.dumps(breaker).encode())  # what a breaker's conditional PUT leaves
+        deadline = time.monotonic() + 30
+        with pytest.raises(CaptureError, match="lost its lock to pid 4242 on elsewhere"):
+            while time.monotonic() < deadline:
+                model(**ragged_batch(3, 7, seed=1))
+                time.sleep(0.05)
+    cap.close()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert open_store(url).status == "open"
+    assert json.loads(fs.cat(f"{url}.lock")) == breaker, "the breaker's lock is left alone"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = cli_main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+def test_s3_break_lock_on_the_command_line(bucket, model_dir, corpus, capsys):
+    url = f"{bucket}/cli.zarr"
+    args = [*capture_args(model_dir, corpus, url), "--max-tokens", 100]
+    assert run_cli(capsys, *args)[0] == 0
+    pid = killed_holder(url)
+    code, err = run_cli(capsys, *args, "--resume", "--break-lock")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"pid {pid} " in err and "a lock is broken only after its lease" in err, err
+    wait_for_stale_locks(url)
+    code, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "seems gone" in err and "--break-lock" in err, err
+    assert run_cli(capsys, *args, "--resume", "--break-lock")[0] == 0
+    assert open_store(url).status == "complete"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+def test_s3_two_resumes_break_a_killed_jobs_lock_at_once(trial, bucket, tmp_path, reference):
+    """Both resumes break the stale lock with a conditional PUT on its ETag: one wins, the other is
+    refused."""
+    race_two_resumes(f"{bucket}/s.zarr", tmp_path / "go", random.Random(300 + trial), reference,
+                     count=SEQUENCES)

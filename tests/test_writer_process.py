@@ -105,3 +105,22 @@ def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
         os.write(write, b"x")
         os.waitpid(child, 0)
     assert open_store(cfg.output_dir).status == "complete"
+
+
+def test_close_raises_a_death_that_the_close_message_found(tmp_path, monkeypatch):
+    """Regression: when sending the close message was what found the writer process dead, close() counted
+    the error as delivered and returned quietly (the [close] case above failed whenever the send did)."""
+    model = tiny_model("gpt2")
+    cap = CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8))
+    with torch.no_grad():
+        model(**ragged_batch(3, 7))
+    cap.flush()
+    _kill_writer(cap)
+
+    def broken_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cap._writer._channel, "send", broken_pipe)
+    with pytest.raises(engine.CaptureError, match="writer process .* died .*signal 9"):
+        cap.close()
+    assert open_store(tmp_path / "s.zarr").status == "failed"
