@@ -214,7 +214,7 @@ def _resume_sequences(part: StorePart) -> int:
     """Where a resume of ``part`` continues (a global sequence index), as ``CaptureEngine`` will find it."""
     if part.group is None:
         return 0
-    point = find_resume_point(part.group, part.chunks, dict(part.group.attrs[MANIFEST_ATTR]))
+    point = find_resume_point(part.group, part.chunks, part.manifest)
     return point.sequences if point.committed_rows else 0
 
 

@@ -49,10 +49,17 @@ def batch_of(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def say(*words) -> None:
+    """One progress line in one write: torchrun's ranks share the test's pipe (and run unbuffered, where
+    ``print`` writes each word on its own)."""
+    sys.stdout.write(" ".join(map(str, words)) + "\n")
+    sys.stdout.flush()
+
+
 def _hold(path: str | None, rank: int) -> None:
     if path is None:
         return
-    print("holding", rank, flush=True)
+    say("holding", rank)
     while not Path(path).exists():
         time.sleep(0.01)
 
@@ -75,7 +82,7 @@ def main(store: str, count: int, resume: bool, distributed: bool, overwrite: boo
     rank = torch.distributed.get_rank() if distributed else 0
 
     def progress(*words) -> None:
-        print(*words, flush=True)
+        say(*words)
         time.sleep(PACE_S)
 
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
@@ -89,7 +96,7 @@ def main(store: str, count: int, resume: bool, distributed: bool, overwrite: boo
         progress("closing", rank)
     if distributed:
         torch.distributed.destroy_process_group()
-    print("done", rank, flush=True)
+    say("done", rank)
 
 
 if __name__ == "__main__":

@@ -126,18 +126,32 @@ def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count
             continue  # follow rank 0
         lines.append(line)
         if line.startswith("ready"):
-            _, _, batches, writer_pid = line.split()
-            target = kill.line(int(batches))
-            writer = int(writer_pid)
+            target = kill.line(int(line.split()[2]))
     time.sleep(kill.delay)
-    if kill.orphan:
-        os.kill(proc.pid, signal.SIGKILL)
-        assert _exits(writer, timeout=5), "the writer process outlived its capturing process"
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    _kill_job(proc, kill.orphan)
     return lines
+
+
+def _kill_job(proc: subprocess.Popen, orphan: bool) -> None:
+    """SIGKILL every process of a job at once: the launcher and every descendant (torchrun starts each rank in a
+    session of its own, and the engine its writer processes too, so no process group holds them all). With
+    ``orphan``, the writer processes are spared and must exit by themselves."""
+    import psutil
+
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    writers = [p for p in family if "engine.writer" in " ".join(p.cmdline())]
+    for process in family:
+        if not (orphan and process in writers):
+            _sigkill(process.pid)
+    proc.wait(timeout=60)
+    assert all(_exits(writer.pid, timeout=5) for writer in writers), "a writer process outlived its parent"
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _exits(pid: int, timeout: float) -> bool:

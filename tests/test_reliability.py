@@ -32,20 +32,20 @@ def reference(tmp_path_factory):
     return open_store(store)
 
 
-@pytest.mark.parametrize("trial", range(5))
+@pytest.mark.parametrize("trial", range(2))
 def test_kill_9_then_resume_equals_uninterrupted_run(trial, tmp_path, reference):
     store = crash_and_resume(tmp_path / "s.zarr", random.Random(trial), kills=1 + trial % 2)
     assert_same_store(store, reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(5, 45))
+@pytest.mark.parametrize("trial", range(2, 45))
 def test_kill_9_many_trials(trial, tmp_path, reference):
     store = crash_and_resume(tmp_path / "s.zarr", random.Random(trial), kills=1 + trial % 3)
     assert_same_store(store, reference)
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", range(1))
 def test_capturing_process_killed_alone_its_writer_exits_and_resume_is_exact(trial, tmp_path, reference):
     """kill -9 of the capturing process only: its writer process exits by itself (run_job checks it), and a
     resume started at once continues the store exactly."""
@@ -54,7 +54,7 @@ def test_capturing_process_killed_alone_its_writer_exits_and_resume_is_exact(tri
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(2, 10))
+@pytest.mark.parametrize("trial", range(1, 10))
 def test_capturing_process_killed_alone_many_trials(trial, tmp_path, reference):
     store = crash_and_resume(tmp_path / "s.zarr", random.Random(100 + trial), kills=1, orphan=True)
     assert_same_store(store, reference)
@@ -349,8 +349,7 @@ def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
     assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
 
 
-@pytest.mark.parametrize("race", ["overwrite", "resume"])
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("race, trial", [("overwrite", 0), ("resume", 1)])  # a CLI loser, an engine loser
 def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, reference, model_dir, corpus):
     """``capture & sleep; capture --overwrite`` deleted the running capture's store (which still ended
     ``complete``, with zero rows); ``... capture --resume --max-tokens N`` appended over it."""
@@ -359,18 +358,18 @@ def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("race", ["overwrite", "resume"])
-@pytest.mark.parametrize("trial", range(2, 10))
+@pytest.mark.parametrize("trial", range(10))
 def test_a_second_writer_is_refused_many_trials(race, trial, tmp_path, reference, model_dir, corpus):
     race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus)
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", range(1))
 def test_two_resumes_at_once_on_a_killed_store(trial, tmp_path, reference):
     race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(2, 10))
+@pytest.mark.parametrize("trial", range(1, 10))
 def test_two_resumes_at_once_many_trials(trial, tmp_path, reference):
     race_two_resumes(tmp_path / "s.zarr", tmp_path / "go", random.Random(200 + trial), reference)
 
