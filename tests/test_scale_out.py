@@ -292,7 +292,7 @@ def reference(tmp_path_factory):
 
 
 def test_kill_9_then_resume_against_s3(bucket, reference):
-    store = crash_and_resume(f"{bucket}/s.zarr", random.Random(3), kills=1, count=SEQUENCES)
+    store = crash_and_resume(f"{bucket}/s.zarr", random.Random(3), kills=2, count=SEQUENCES)
     assert_same_store(store, reference)
 
 
