@@ -326,7 +326,9 @@ class CaptureEngine:
     # ---- public --------------------------------------------------------------------------------
     @property
     def stats(self) -> CaptureStats:
-        """Counters so far: tokens, bytes, stall seconds, queue high-water, MB/s."""
+        """Counters so far: tokens, bytes, stall seconds, queue high-water, MB/s (up to date: what the writer
+        process has reported is taken in first)."""
+        self._writer.refresh()
         progress = self._writer.progress
         return CaptureStats(self._batches, self._tokens_staged, progress.tokens_committed,
                             progress.bytes_committed, progress.chunks_committed, self._stall_seconds,

@@ -81,6 +81,8 @@ class WriterProcess:
         self.progress = Progress(full_chunks * spec.chunk_tokens, full_chunks)
         self._error: CaptureError | None = None
         self.error_delivered = False
+        self._receive_lock = threading.Lock()
+        self._channel_closed = False
         self._flush_requests = 0
         self._flushed = 0
         self._dead = False
@@ -169,14 +171,22 @@ class WriterProcess:
             self.error_delivered = True
             raise self._error
 
+    def refresh(self) -> None:
+        """Take in what the writer process sent, from any thread (``stats``); a failure it reports is raised at
+        the forward thread's next forward, flush or close."""
+        self._receive(0.0)
+
     def _receive(self, timeout: float) -> None:
-        try:
-            messages = self._channel.receive(timeout)
-        except ChannelClosed:
-            self._died()
-            return
-        for message in messages:
-            self._handle(message)
+        with self._receive_lock:  # the forward thread, or a thread reading stats
+            if self._channel_closed:
+                return
+            try:
+                messages = self._channel.receive(timeout)
+            except ChannelClosed:
+                self._died()
+                return
+            for message in messages:
+                self._handle(message)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -290,6 +300,11 @@ class WriterProcess:
             if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
                 raise
         finally:
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        with self._receive_lock:
+            self._channel_closed = True
             self._channel.close()
 
     def abort(self) -> None:
@@ -297,7 +312,7 @@ class WriterProcess:
         if self._thread is not None:
             self._handoff.put(None)
             self._thread.join(timeout=_EXIT_WAIT_S)
-        self._channel.close()
+        self._close_channel()
         try:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:

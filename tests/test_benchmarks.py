@@ -60,7 +60,10 @@ def test_overhead_writes_json_and_exit_code_follows_gate(sink, tmp_path):
     assert not any("FAIL" in line for line in proc.stdout.splitlines() if "not gated" in line)
     if sink == "zarr":
         assert data["tokens_written"] == (1 + 1) * 2 * 16  # hooked warm-up + one hooked round, all committed
-    failing = run_script("overhead.py", *TINY, "--sink", sink, "--max-overhead", "-1000")
+
+
+def test_overhead_exit_status_is_1_when_the_gate_fails():
+    failing = run_script("overhead.py", *TINY, "--sink", "null", "--max-overhead", "-1000")
     assert failing.returncode == 1 and "[gate] FAILED" in failing.stdout
 
 
