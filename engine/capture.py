@@ -150,6 +150,9 @@ class CaptureEngine:
         self._tokens_staged = 0
         self._stall_seconds = 0.0
         self._detached_depth = 0
+        self._point_count = 0
+        self._early_stop = config.early_stop
+        self._annotation_names = tuple(config.annotations)
         self._started = time.perf_counter()
         self.resume_sequences = 0
         self._next_sequence = config.first_sequence
@@ -162,6 +165,7 @@ class CaptureEngine:
                 check_unclaimed(model)
                 self.points: list[HookPoint] = resolve_hook_points(model, config.layer_indices, config.points,
                                                                    config.extra_modules)
+                self._point_count = len({point.key for point in self.points})
                 self._device = _model_device(model)
                 self._max_positions = _max_positions(model)
                 # As its JSON document: engine.opening merges manifests as dicts.
@@ -236,16 +240,16 @@ class CaptureEngine:
             self._parts.agree(None)
 
     # ---- hooks (forward thread) ------------------------------------------------------------------
-    def _poll_writer(self) -> None:
+    # These run inside the model's forward, where every line of Python is forward time: the common path is
+    # kept short (see staging.py for the torch ops it dispatches).
+    def _on_forward(self, module, args, kwargs) -> None:
         try:
             self._writer.poll()
         except BaseException:
             self._hooks.remove()  # a failed engine must not keep intercepting the model
             raise
-
-    def _on_forward(self, module, args, kwargs) -> None:
-        self._poll_writer()
-        self._abandon_current()
+        if self._current is not None:
+            self._abandon_current()
         if self._stager.cuda and torch.cuda.is_current_stream_capturing():
             raise HookPointError("capture cannot run inside CUDA graph capture (the hooks hand slots to another "
                                  "process on every forward): capture the graph inside engine.detached() and "
@@ -256,14 +260,17 @@ class CaptureEngine:
         if reference is None:
             raise HookPointError("the model was called without input_ids or inputs_embeds: capture needs "
                                  "one of them as a keyword or first argument")
-        batch_size, seq_len = reference.shape[0], reference.shape[1] if reference.dim() > 1 else 1
+        shape = reference.shape
+        batch_size, seq_len = shape[0], shape[1] if len(shape) > 1 else 1
         self._check_batch(batch_size, seq_len, attention_mask)
-        annotations, self._pending_annotations = self._pending_annotations, {}
+        annotations = self._pending_annotations
+        if annotations or self._annotation_names:
+            self._pending_annotations = {}
+            self._check_annotations(annotations, batch_size, seq_len)
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
             self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
-        self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
@@ -276,10 +283,12 @@ class CaptureEngine:
         if self._max_positions is not None and seq_len > self._max_positions:
             raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
                              f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
+        if attention_mask is None:
+            return
+        if attention_mask.shape != (batch_size, seq_len):
             raise BatchError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{(batch_size, seq_len)}: pass one mask value per token")
-        if attention_mask is not None and attention_mask.device != self._device:
+        if attention_mask.device != self._device:
             raise BatchError(f"attention_mask is on {attention_mask.device} but the model on {self._device}: "
                              "pass the mask on the model's device, like input_ids")
 
@@ -301,27 +310,33 @@ class CaptureEngine:
                 return
             raise HookPointError(f"{point.module_path} ran outside a forward pass of the captured model: "
                                  "call the model passed to CaptureEngine, not one of its submodules")
-        if tensor.dim() != 3 or tuple(tensor.shape[:2]) != (slot.batch.batch_size, slot.batch.seq_len):
-            raise HookPointError(f"{point.module_path} produced shape {tuple(tensor.shape)}; expected "
-                                 f"({slot.batch.batch_size}, {slot.batch.seq_len}, dim) like input_ids")
+        shape, batch = tensor.shape, slot.batch
+        if len(shape) != 3 or shape[0] != batch.batch_size or shape[1] != batch.seq_len:
+            raise HookPointError(f"{point.module_path} produced shape {tuple(shape)}; expected "
+                                 f"({batch.batch_size}, {batch.seq_len}, dim) like input_ids")
         self._stager.stage_point(slot, point.key, tensor)
-        if len(slot.captured) == len(self.points):
+        if len(slot.captured) == self._point_count:
             self._submit(slot)
-            if self.config.early_stop:
+            if self._early_stop:
                 raise StopForward  # caught by the wrapper around the root forward
 
     def _submit(self, slot) -> None:
         self._stager.finish(slot)
         self._current = None
         if not self._dims:  # the first batch told the widths: size every slot now, before the second forward
-            self._dims = dict(slot.dims)
-            self._pool.allocate_all(slot)
-            for other in self._pool.slots:
-                self._writer.announce(other)
-        self._writer.announce(slot)
+            self._first_batch(slot)
+        elif slot.unannounced:
+            self._writer.announce(slot)
         self._batches += 1
         self._tokens_staged += slot.batch.batch_size * slot.batch.seq_len
         self._writer.submit(slot)
+
+    def _first_batch(self, slot) -> None:
+        self._dims = dict(slot.dims)
+        self._writer.send_dims(self._dims)
+        self._pool.allocate_all(slot)
+        for each in self._pool.slots:
+            self._writer.announce(each)
 
     # ---- public --------------------------------------------------------------------------------
     @property

@@ -20,8 +20,14 @@ import weakref
 from typing import Any
 
 _HEADER = struct.Struct("<I")
-_RECV_BYTES = 1 << 16
+_RECV_BYTES = 1 << 12
 _MAX_FDS = 64
+# Messages sent once per batch are packed with struct, not pickled (a few microseconds less per forward):
+# kind -> fields. Every other message is a pickled tuple (tag 0).
+PACKED = {"batch": struct.Struct("<iqiiq??"), "free": struct.Struct("<i"), "progress": struct.Struct("<qqq")}
+_TAGS = {kind: tag for tag, kind in enumerate(PACKED, 1)}
+_KINDS = {tag: (kind, PACKED[kind]) for kind, tag in _TAGS.items()}
+_PICKLED = b"\0"
 
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()
@@ -60,23 +66,29 @@ class Channel:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, message: Any, fds: tuple[int, ...] = ()) -> None:
-        """Send one message (and descriptors, which the receiver takes with ``take_fds``)."""
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, message: tuple, fds: tuple[int, ...] = ()) -> None:
+        """Send one message, a tuple whose first item is its kind (and descriptors, which the receiver takes
+        with ``take_fds``)."""
+        tag = _TAGS.get(message[0])
+        if tag is None:
+            payload = _PICKLED + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            payload = bytes((tag,)) + PACKED[message[0]].pack(*message[1:])
         frame = _HEADER.pack(len(payload)) + payload
         with self._send_lock:
             sent = socket.send_fds(self._sock, [frame], list(fds)) if fds else 0
             self._sock.sendall(memoryview(frame)[sent:])
 
-    def receive(self, timeout: float | None = 0.0) -> list[Any]:
+    def receive(self, timeout: float | None = 0.0) -> list[tuple]:
         """Messages that have arrived, waiting up to ``timeout`` seconds (None: forever) for the first.
 
         Raises:
             ChannelClosed: the other end closed and every message it sent has been returned before.
         """
-        messages = self._complete_messages()
-        if messages:
-            return messages
+        if self._pending:
+            messages = self._complete_messages()
+            if messages:
+                return messages
         if timeout != 0.0 and not select.select([self._sock], [], [], timeout)[0]:
             return []
         while True:
@@ -94,6 +106,8 @@ class Channel:
                 raise ChannelClosed("the other process closed the channel")
             self._keep_fds(ancillary)
             self._pending += data
+            if len(data) < _RECV_BYTES:  # all there was: spare the second call
+                return self._complete_messages()
 
     def take_fds(self, count: int) -> list[int]:
         """The next ``count`` received descriptors (owned by the caller from now on)."""
@@ -111,16 +125,20 @@ class Channel:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
 
-    def _complete_messages(self) -> list[Any]:
-        messages, start = [], 0
-        while len(self._pending) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._pending, start)
-            end = start + _HEADER.size + size
-            if end > len(self._pending):
+    def _complete_messages(self) -> list[tuple]:
+        messages, start, pending = [], 0, self._pending
+        while len(pending) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(pending, start)
+            body, end = start + _HEADER.size, start + _HEADER.size + size
+            if end > len(pending):
                 break
-            messages.append(pickle.loads(self._pending[start + _HEADER.size:end]))
+            if pending[body] == 0:
+                messages.append(pickle.loads(pending[body + 1:end]))
+            else:
+                kind, layout = _KINDS[pending[body]]
+                messages.append((kind, *layout.unpack_from(pending, body + 1)))
             start = end
-        del self._pending[:start]
+        del pending[:start]
         return messages
 
 

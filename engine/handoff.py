@@ -10,7 +10,7 @@ drops the batch's device snapshots and sends it: the forward thread never waits 
 (flush, close) travel behind the batches, in order, the same way.
 
 The forward thread reads what comes back (free slots, committed totals, errors) without blocking, at every
-forward; it blocks only when every slot is in use (backpressure), and then at most ``_POLL_S`` at a time
+forward; it blocks only when every slot is in use (backpressure), and then at most ``_LIVENESS_CHECK_S`` at a time
 between checks that the writer process is alive: a dead writer process is reported within a second.
 """
 
@@ -29,7 +29,7 @@ from .errors import CaptureError
 from .staging import Slot, SlotPool
 from .writer import WriterSpec
 
-_POLL_S = 0.05
+_LIVENESS_CHECK_S = 0.05
 _EXIT_WAIT_S = 30.0
 
 
@@ -92,7 +92,7 @@ class WriterProcess:
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         try:
-            self._channel.send(spec)
+            self._channel.send(("spec", spec))
             if cuda:
                 self._handoff = queue.SimpleQueue()
                 self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff", daemon=True)
@@ -109,11 +109,18 @@ class WriterProcess:
             self._send(("buffer", slot.index, name, buffer.nbytes), fds=(buffer.fd,))
         slot.unannounced.clear()
 
+    def send_dims(self, dims: dict[str, int]) -> None:
+        """The points' widths, once, before the first batch."""
+        self._send(("dims", dims))
+
     def submit(self, slot: Slot) -> None:
         """Hand over a fully staged slot (its buffers announced)."""
-        message = ("batch", slot.index, slot.batch, dict(slot.dims))
-        self.progress.submitted += 1
-        self.progress.in_flight_high_water = max(self.progress.in_flight_high_water, self._pool.in_flight)
+        progress = self.progress
+        progress.submitted += 1
+        in_flight = self._pool.in_flight
+        if in_flight > progress.in_flight_high_water:
+            progress.in_flight_high_water = in_flight
+        message = ("batch", slot.index, *slot.batch)
         if self._handoff is None:
             self._send(message)
         else:
@@ -157,7 +164,8 @@ class WriterProcess:
     def poll(self) -> None:
         """Take in what the writer process sent, without waiting; raise its failure if it failed or died."""
         self._receive(0.0)
-        self.check()
+        if self._error is not None or self._thread_error is not None:
+            self.check()
 
     def check(self) -> None:
         """Raise the writer process's failure (once it has been raised, ``close`` does not raise it again)."""
@@ -227,7 +235,7 @@ class WriterProcess:
         """Read messages until ``done()``; raise if the writer process fails or dies meanwhile."""
         while not done():
             self.check()
-            self._receive(_POLL_S)
+            self._receive(_LIVENESS_CHECK_S)
         self.check()
 
     def acquire(self) -> tuple[Slot, float]:
@@ -256,7 +264,7 @@ class WriterProcess:
                 self._send_in_order(("close", failed, sequences))
                 self._stop_handoff(sequences)
             while self._closed_reply is None and not self._dead:
-                self._receive(_POLL_S)
+                self._receive(_LIVENESS_CHECK_S)
         except CaptureError:  # it was gone before the close message could be sent: raised below
             self.error_delivered = delivered
         finally:

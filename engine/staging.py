@@ -108,6 +108,9 @@ def point_buffer_name(key: str) -> str:
 class Slot:
     """Shared host buffers for one batch.
 
+    ``views`` maps ``"tokens"`` (2, batch, seq), ``"ids"``, ``"mask"``, ``"annotation/<name>"`` and each point's
+    key to its view for the current batch's shape (made once per shape; a steady run adds no view op).
+
     Thread safety: owned by one side at a time: the forward process from ``SlotPool.take`` until it is handed
     to the writer process, which hands it back when its rows are copied out.
     """
@@ -125,7 +128,8 @@ class Slot:
         self.captured: set[str] = set()
         self.event = None
         self.snapshots: list[torch.Tensor] = []  # CUDA: device tensors the copy stream still reads
-        self._views: dict[tuple, torch.Tensor] = {}
+        self.views: dict[str, torch.Tensor] = {}
+        self._views_by_shape: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def _allocate(self, name: str, nbytes: int) -> None:
         old = self.buffers.pop(name, None)
@@ -133,7 +137,8 @@ class Slot:
             old.release()
         self.buffers[name] = SharedBuffer(nbytes, self._pin)
         self.unannounced.append(name)
-        self._views.clear()
+        self._views_by_shape.clear()
+        self.views = {}
 
     def grow(self, tokens: int, dims: dict[str, int]) -> None:
         """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far)."""
@@ -151,14 +156,11 @@ class Slot:
         if tokens > self.capacity:
             self.grow(max(tokens, self.capacity + self.capacity // 4), dims)
         self.batch = batch
-        self.captured = set()
+        self.captured.clear()
         self.event = None
-
-    def _cached(self, key: tuple, make) -> torch.Tensor:
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = make()
-        return view
+        shape = (batch.batch_size, batch.seq_len)
+        views = self._views_by_shape.get(shape)
+        self.views = views if views is not None else self._make_views(shape)
 
     def _typed_view(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         count = 1
@@ -166,40 +168,30 @@ class Slot:
             count *= size
         return self.buffers[name].typed(dtype, count).view(shape)
 
-    def tokens_view(self) -> torch.Tensor:
-        """(2, batch, seq) int64: the input ids, then the attention mask."""
-        shape = (2, self.batch.batch_size, self.batch.seq_len)
-        return self._cached((TOKENS, shape), lambda: self._typed_view(TOKENS, torch.int64, shape))
-
-    def ids_view(self) -> torch.Tensor:
-        return self._cached(("ids", self.batch.batch_size, self.batch.seq_len), lambda: self.tokens_view()[0])
-
-    def mask_view(self) -> torch.Tensor:
-        return self._cached(("mask", self.batch.batch_size, self.batch.seq_len), lambda: self.tokens_view()[1])
-
-    def annotation_view(self, name: str) -> torch.Tensor:
-        shape = (self.batch.batch_size, self.batch.seq_len)
-        buffer = annotation_buffer_name(name)
-        return self._cached((buffer, shape), lambda: self._typed_view(buffer, torch.int64, shape))
+    def _make_views(self, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        tokens = self._typed_view(TOKENS, torch.int64, (2, *shape))
+        views = self._views_by_shape[shape] = {TOKENS: tokens, "ids": tokens[0], "mask": tokens[1]}
+        for name in self._annotations:
+            views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64, shape)
+        for key, dim in self.dims.items():
+            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, dim))
+        return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
-        """(batch, seq, dim) view of one point's buffer (allocated on the first batch, when ``dim`` is known)."""
-        buffer = point_buffer_name(key)
-        if buffer not in self.buffers:
-            self._allocate(buffer, self.capacity * dim * self._dtype.itemsize)
-            self.dims[key] = dim
-        shape = (self.batch.batch_size, self.batch.seq_len, dim)
-        return self._cached((buffer, shape), lambda: self._typed_view(buffer, self._dtype, shape))
+        """(batch, seq, dim) view of one point's buffer, allocated on the first batch (when ``dim`` is known)."""
+        view = self.views.get(key)
+        if view is None:
+            if point_buffer_name(key) not in self.buffers:
+                self._allocate(point_buffer_name(key), self.capacity * dim * self._dtype.itemsize)
+                self.dims[key] = dim
+                self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
+            view = self.views[key]
+        return view
 
     def make_views(self, batch: BatchInfo) -> None:
-        """Cache every view a batch of ``batch``'s shape uses."""
-        current, self.batch = self.batch, batch
-        self.ids_view(), self.mask_view()
-        for name in self._annotations:
-            self.annotation_view(name)
-        for key, dim in self.dims.items():
-            self.point_view(key, dim)
-        self.batch = current
+        """Make every view a batch of ``batch``'s shape uses."""
+        if (batch.batch_size, batch.seq_len) not in self._views_by_shape:
+            self._make_views((batch.batch_size, batch.seq_len))
 
     @property
     def nbytes(self) -> int:
@@ -207,7 +199,8 @@ class Slot:
         return sum(buffer.nbytes for buffer in self.buffers.values())
 
     def release(self) -> None:
-        self._views.clear()
+        self._views_by_shape.clear()
+        self.views = {}
         self.snapshots.clear()
         for buffer in self.buffers.values():
             buffer.release()
@@ -281,40 +274,47 @@ class Stager:
 
     def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      annotations: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, values in annotations.items():
-                if values.is_cuda:
-                    self._copy_async(slot, slot.annotation_view(name), values.to(torch.int64, copy=True))
-                else:
-                    slot.annotation_view(name).copy_(values)
-            if input_ids is None and attention_mask is None:
-                return
-            if not self.cuda or not (input_ids if input_ids is not None else attention_mask).is_cuda:
-                if input_ids is not None:
-                    slot.ids_view().copy_(input_ids)
-                if attention_mask is not None:
-                    slot.mask_view().copy_(attention_mask)
-                return
-            if input_ids is not None and attention_mask is not None:
-                if attention_mask.dtype != input_ids.dtype:
-                    attention_mask = attention_mask.to(input_ids.dtype)
-                self._copy_async(slot, slot.tokens_view(), torch.stack((input_ids, attention_mask)))
-            elif input_ids is not None:
-                self._copy_async(slot, slot.ids_view(), input_ids.to(torch.int64, copy=True))
+        if torch.is_grad_enabled():  # never record autograd history into a slot (the usual caller has it off)
+            with torch.no_grad():
+                return self.stage_tokens(slot, input_ids, attention_mask, annotations)
+        views = slot.views
+        for name, values in annotations.items():
+            if values.is_cuda:
+                self._copy_async(slot, views[annotation_buffer_name(name)], values.to(torch.int64, copy=True))
             else:
-                self._copy_async(slot, slot.mask_view(), attention_mask.to(torch.int64, copy=True))
+                views[annotation_buffer_name(name)].copy_(values)
+        reference = input_ids if input_ids is not None else attention_mask
+        if reference is None:
+            return
+        if not self.cuda or not reference.is_cuda:
+            if input_ids is not None:
+                views["ids"].copy_(input_ids)
+            if attention_mask is not None:
+                views["mask"].copy_(attention_mask)
+        elif input_ids is not None and attention_mask is not None:
+            if attention_mask.dtype != input_ids.dtype:
+                attention_mask = attention_mask.to(input_ids.dtype)
+            self._copy_async(slot, views[TOKENS], torch.stack((input_ids, attention_mask)))
+        elif input_ids is not None:
+            self._copy_async(slot, views["ids"], input_ids.to(torch.int64, copy=True))
+        else:
+            self._copy_async(slot, views["mask"], attention_mask.to(torch.int64, copy=True))
 
     def stage_point(self, slot: Slot, key: str, tensor: torch.Tensor) -> None:
-        if self.cuda and tensor.device != self.device:
-            raise HookPointError(f"{key} is on {tensor.device} but the model's first parameters are on "
-                                 f"{self.device}: capture needs a model on one device (for a model spread over "
-                                 "GPUs, capture each device's layers with their own engine)")
-        destination = slot.point_view(key, tensor.shape[-1])
-        with torch.no_grad():
-            if self.cuda:
-                self._copy_async(slot, destination, tensor.to(self.dtype, copy=True))
-            else:
-                destination.copy_(tensor)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.stage_point(slot, key, tensor)
+        destination = slot.views.get(key)
+        if destination is None:
+            destination = slot.point_view(key, tensor.shape[-1])
+        if self.cuda:
+            if tensor.device != self.device:
+                raise HookPointError(f"{key} is on {tensor.device} but the model's first parameters are on "
+                                     f"{self.device}: capture needs a model on one device (for a model spread "
+                                     "over GPUs, capture each device's layers with their own engine)")
+            self._copy_async(slot, destination, tensor.to(self.dtype, copy=True))
+        else:
+            destination.copy_(tensor)
         slot.captured.add(key)
 
     def synchronize(self) -> None:

@@ -5,9 +5,10 @@ takes the GIL of the process that runs the model: a launch-bound forward pass fe
 writer thread. It imports no torch (numpy and zarr only), so it starts in a fraction of a second.
 
 Messages (``engine.channel``), capturing process -> writer process:
-  WriterSpec                                   first message: what to write and where
+  ("spec", WriterSpec)                          first message: what to write and where
   ("buffer", slot, name, nbytes) + 1 fd        a slot buffer was (re)allocated: map it
-  ("batch", slot, BatchInfo, dims)             a staged batch whose copies have landed
+  ("dims", {key: width})                       the points' widths (once, before the first batch)
+  ("batch", slot, *BatchInfo)                  a staged batch whose copies have landed
   ("flush", n, request)                        answer ("flushed", request) once n batches are done
   ("close", failed, sequences)                 drain, commit the tail (unless failed), publish the manifest
 writer process -> capturing process:
@@ -50,7 +51,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -62,8 +63,10 @@ from .layout import CommitRecord
 from .statistics import Statistics, chunk_summary
 
 _SENTINEL = object()
-_POLL_S = 0.05
+_QUEUE_WAIT_S = 0.05
 _PARENT_CHECK_S = 0.25
+CHANNEL_POLL_MIN_S = 0.0002  # the writer process's channel poll: every 0.2 ms while batches come ...
+CHANNEL_POLL_MAX_S = 0.02    # ... backing off to 20 ms when idle
 EXIT_ORPHANED = 3
 
 
@@ -113,8 +116,7 @@ class WriterSpec:
         return layout.STORAGE_DTYPES[self.dtype]
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchInfo:
+class BatchInfo(NamedTuple):
     """Host-side facts of one forward pass, known without touching device data (sent with each batch)."""
 
     index: int            # forward-pass number in this run
@@ -309,7 +311,7 @@ class WriterPool:
                 if self._stop.is_set():
                     return None
                 try:
-                    item = self._queue.get(timeout=_POLL_S)
+                    item = self._queue.get(timeout=_QUEUE_WAIT_S)
                     break
                 except queue.Empty:
                     continue
@@ -474,19 +476,32 @@ class Server:
         self._spec = spec
         self._channel = channel
         self._memory = SlotMemory(spec)
+        self._dims: dict[str, int] = {}
         self._sink = _load(spec.sink).open(spec)
         self._pool = WriterPool(spec, self._sink, self._memory, channel.send)
 
     def serve(self, messages: list) -> None:
-        """Handle ``messages`` (already received), then every later one, until close."""
+        """Handle ``messages`` (already received), then every later one, until close.
+
+        The channel is polled, not waited on: a process blocked on the socket must be woken by each message,
+        which costs the sender (the model's forward thread) tens of microseconds of interprocessor wakeup per
+        batch on virtual machines (benchmarks/results/cpu-2026-11-28/). Polling every CHANNEL_POLL_MIN_S while
+        batches come, backing off to CHANNEL_POLL_MAX_S when idle, costs this process instead.
+        """
+        idle = 0.0
         while True:
             for message in messages:
                 if self._handle(message):
                     return
             try:
-                messages = self._channel.receive(timeout=_PARENT_CHECK_S)
+                messages = self._channel.receive(timeout=0.0)
             except ChannelClosed:
                 os._exit(EXIT_ORPHANED)  # protocol step 5
+            if messages:
+                idle = 0.0
+                continue
+            idle = min(max(2 * idle, CHANNEL_POLL_MIN_S), CHANNEL_POLL_MAX_S)
+            time.sleep(idle)
             if os.getppid() != self._spec.parent_pid:
                 os._exit(EXIT_ORPHANED)
 
@@ -496,11 +511,13 @@ class Server:
             _, slot, name, nbytes = message
             self._memory.map(slot, name, nbytes, self._channel.take_fds(1)[0])
         elif kind == "batch":
-            _, slot, batch, dims = message
+            slot = message[1]
             if self._pool.error is None:
-                self._pool.submit(slot, batch, dims)
+                self._pool.submit(slot, BatchInfo(*message[2:]), self._dims)
             else:
                 self._channel.send(("free", slot))
+        elif kind == "dims":
+            self._dims = message[1]
         elif kind == "flush":
             self._pool.request_flush(message[1], message[2])
         elif kind == "close":
@@ -540,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         messages = []
         while not messages:
             messages = channel.receive(timeout=None)
-        spec, *messages = messages
+        (_, spec), *messages = messages
         Server(spec, channel).serve(messages)
         return 0
     except ChannelClosed:
