@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store  # noqa: E402
+
 from synthetic import SyntheticModel  # noqa: E402
 
 

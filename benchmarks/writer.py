@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
 from engine.chunks import crc32c  # noqa: E402
+
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
 

@@ -9,8 +9,8 @@ import importlib
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "ActivationCapture": "capture", "CaptureEngine": "capture", "CaptureStats": "capture",
-    "create_gpt2_capture": "capture",
+    "ActivationCapture": "compat", "create_gpt2_capture": "compat",
+    "CaptureEngine": "capture", "CaptureStats": "capture",
     "CaptureConfig": "config",
     "ActivationDataset": "dataset",
     "BatchError": "errors", "CaptureClosedError": "errors", "CaptureError": "errors",
@@ -21,7 +21,7 @@ _EXPORTS = {
     "WeightsNotFoundError": "errors",
     "ADAPTERS": "hookpoints", "CANONICAL_POINTS": "hookpoints", "HookPoint": "hookpoints",
     "resolve_hook_points": "hookpoints",
-    "load_model": "loading", "random_model": "loading",
+    "load_model": "loading", "load_tokenizer": "loading", "random_model": "loading",
     "CaptureStore": "reader", "CommittedArray": "reader", "open_store": "reader",
     "ModelSpec": "registry", "get_model": "registry", "list_models": "registry",
 }

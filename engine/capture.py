@@ -23,7 +23,7 @@ Call order (who calls what, and when):
     8. hooks removed (the producer stops first), ``WriterProcess.close``: the writer process drains, commits
        the tail, publishes the manifest and exits (the shutdown protocol in ``engine.writer``); the store's
        lock is released (a lost lock: nothing is written, not even ``failed``); distributed:
-       ``parts.StoreParts.publish``.
+       ``parts.PartCoordinator.publish``.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from . import layout
 from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from .handoff import WriterProcess
-from .hookpoints import HookPoint, family_of, resolve_hook_points
+from .hookpoints import HookPoint, resolve_hook_points
 from .hooks import ModelHooks, StopForward, check_unclaimed
 from .manifest import build_manifest, point_attributes
 from .opening import check_destination, open_destination
-from .parts import StoreParts
+from .parts import PartCoordinator
 from .staging import BatchInfo, SlotPool, Stager
 from .store import ResumePoint, mark_failed, release_reserve
 from .writer import WriterSpec
@@ -59,8 +59,8 @@ class CaptureStats:
 
     batches: int
     tokens_staged: int
-    tokens: int               # committed rows
-    bytes_written: int
+    tokens_committed: int     # committed rows
+    bytes_committed: int
     chunks_committed: int
     stall_seconds: float      # time the forward pass waited for a free slot (backpressure)
     queue_high_water: int     # most batches handed to the writer process and not yet copied out
@@ -69,29 +69,40 @@ class CaptureStats:
     elapsed_seconds: float
 
     @property
+    def tokens(self) -> int:
+        """Same as tokens_committed (the name of earlier releases)."""
+        return self.tokens_committed
+
+    @property
+    def bytes_written(self) -> int:
+        """Same as bytes_committed (the name of earlier releases)."""
+        return self.bytes_committed
+
+    @property
     def mb_per_s(self) -> float:
         """Committed megabytes per second since the engine started."""
-        return self.bytes_written / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+        return self.bytes_committed / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.tokens:,} tokens committed ({self.tokens_staged:,} staged in {self.batches:,} batches), "
-                f"{self.bytes_written / 1e6:,.1f} MB in {self.chunks_committed:,} chunks, {self.mb_per_s:,.1f} MB/s, "
+        return (f"{self.tokens_committed:,} tokens committed ({self.tokens_staged:,} staged in "
+                f"{self.batches:,} batches), {self.bytes_committed / 1e6:,.1f} MB in "
+                f"{self.chunks_committed:,} chunks, {self.mb_per_s:,.1f} MB/s, "
                 f"stalled {self.stall_seconds:.2f} s, queue high-water {self.queue_high_water}, "
                 f"slots {self.slot_bytes / 1e6:,.1f} MB")
 
 
-def _token_ids(config, name: str) -> list[int]:
-    value = getattr(config, name, None)
+def _token_ids(model_config, name: str) -> list[int]:
+    value = getattr(model_config, name, None)
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
+    model_config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
     return None
 
 
@@ -157,7 +168,7 @@ class CaptureEngine:
         self.resume_sequences = 0
         self._next_sequence = config.first_sequence
         self._destination = None
-        self._parts = StoreParts() if config.distributed else None  # joins first: a collective
+        self._parts = PartCoordinator() if config.distributed else None  # joins first: a collective
         with contextlib.ExitStack() as undo:
             if self._parts is not None:
                 undo.callback(self._parts.release)
@@ -228,8 +239,8 @@ class CaptureEngine:
 
     @contextlib.contextmanager
     def _on_every_rank(self):
-        """Distributed: a setup phase that fails on one rank fails on all (``StoreParts.agree``), so no rank
-        waits in a collective for one that gave up. A no-op for a single process."""
+        """Distributed: a setup phase that fails on one rank fails on all (``PartCoordinator.agree``), so no
+        rank waits in a collective for one that gave up. A no-op for a single process."""
         try:
             yield
         except BaseException as error:
@@ -452,22 +463,3 @@ class CaptureEngine:
                           "with CaptureConfig(..., resume=True) and feed input sequences from "
                           "engine.resume_sequences on", stacklevel=2)
         return False
-
-
-# The original design's name for the same class.
-ActivationCapture = CaptureEngine
-
-
-def create_gpt2_capture(model: torch.nn.Module, output_dir: str | os.PathLike, layer_indices=(6,),
-                        capture_residual: bool = True, capture_mlp_hidden: bool = True,
-                        **config: Any) -> CaptureEngine:
-    """The original design's factory: a CaptureEngine on a GPT-2 style model (any supported family works).
-
-    Extra keyword arguments go to CaptureConfig.
-    """
-    if family_of(model) != "gpt2":
-        warnings.warn("create_gpt2_capture on a non-GPT-2 model: hook points resolve by the model's own "
-                      "family; prefer CaptureEngine", stacklevel=2)
-    cfg = CaptureConfig(output_dir=output_dir, layer_indices=tuple(layer_indices),
-                        capture_residual=capture_residual, capture_mlp_hidden=capture_mlp_hidden, **config)
-    return CaptureEngine(model, cfg)

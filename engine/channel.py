@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import array
 import collections
+import os
 import pickle
 import select
 import socket
 import struct
-import os
 import threading
 import weakref
-from typing import Any
 
 _HEADER = struct.Struct("<I")
 _RECV_BYTES = 1 << 12

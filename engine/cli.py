@@ -3,8 +3,8 @@
 A user error (a bad option, a missing or unreadable corpus, a bad record, options the model cannot take, a
 store in the way) prints one line ``error: ...`` to stderr and exits with status 2; ``--debug`` shows the
 traceback instead. ``capture`` checks everything it can before it loads the model: the corpus (a local one is
-read whole, counting its rows), the model's config (positions, layers, hook points and extra modules, on a
-weightless copy), the tokenizer and the output store.
+read whole, counting its sequences), the model's config (positions, layers, hook points and extra modules, on
+a weightless copy), the tokenizer and the output store.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,16 +25,33 @@ import torch
 from .capture import CaptureEngine
 from .chunks import DAMAGE_FIX
 from .config import CaptureConfig
-from .corpus import Corpus, Row, RowCounts, collate, open_corpus, rows, shares, take_tokens
-from .errors import (CaptureClosedError, CaptureError, ConfigError, CorpusError, EngineError, HookPointError,
-                     StoreCorruptError, StoreExistsError)
+from .corpus import (
+    Corpus,
+    SequenceCounts,
+    TokenSequence,
+    collate,
+    open_corpus,
+    sequences,
+    shares,
+    take_tokens,
+)
+from .errors import (
+    CaptureClosedError,
+    CaptureError,
+    ConfigError,
+    CorpusError,
+    EngineError,
+    HookPointError,
+    StoreCorruptError,
+    StoreExistsError,
+)
 from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widths, resolve_hook_points
 from .layout import FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
 from .lock import check_unlocked
 from .reader import StorePart, open_store
-from .registry import find_model, get_model, list_models
+from .registry import find_model, list_models
 from .resume import find_resume_point
 from .store import check_location, manifest_of, open_group
 
@@ -93,8 +109,8 @@ class _Job:
         config: the capture configuration (``first_sequence`` is set per rank later).
         tokenizer: the model's fast tokenizer.
         row_bytes: bytes per token of every array of the store, by key.
-        rows: a fresh pass over the job's rows (``--max-tokens`` applied).
-        lengths: every row's length (the counting pass), or None for a streamed corpus in one process.
+        sequences: a fresh pass over the job's input sequences (``--max-tokens`` applied).
+        lengths: every sequence's length (the counting pass), or None for a streamed corpus in one process.
         counts: totals of the counting pass, or None when there was none.
     """
 
@@ -102,13 +118,13 @@ class _Job:
     config: CaptureConfig
     tokenizer: Any
     row_bytes: dict[str, int]
-    rows: Callable[[], Iterator[Row]]
+    sequences: Callable[[], Iterator[TokenSequence]]
     lengths: list[int] | None
-    counts: RowCounts | None
+    counts: SequenceCounts | None
 
 
 def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
-    """Check the job's options, cheapest first, and count its rows; nothing is loaded but configs, the
+    """Check the job's options, cheapest first, and count its sequences; nothing is loaded but configs, the
     tokenizer and the corpus."""
     corpus = open_corpus(args.data, args.text_field, args.split)
     if world_size > 1 and corpus.streamed and args.max_tokens is None:
@@ -122,31 +138,31 @@ def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
     row_bytes = _row_bytes(_point_widths(model_config, config), config.dtype)
     tokenizer = _tokenizer(args)
 
-    def job_rows() -> Iterator[Row]:
-        return take_tokens(rows(corpus.documents(), tokenizer, args.seq_len, args.pack), args.max_tokens)
+    def job_sequences() -> Iterator[TokenSequence]:
+        return take_tokens(sequences(corpus.documents(), tokenizer, args.seq_len, args.pack), args.max_tokens)
 
     print(f"{tag} data: {corpus.description}" if args.data is not None else
           f"{tag} no --data given: capturing {corpus.description}; pass --data for your own corpus")
     if corpus.streamed and world_size == 1:
-        return _Job(corpus, config, tokenizer, row_bytes, job_rows, None, None)
-    counts, lengths = _count_rows(job_rows())
+        return _Job(corpus, config, tokenizer, row_bytes, job_sequences, None, None)
+    counts, lengths = _count_sequences(job_sequences())
     if not lengths:
-        first = next(rows(corpus.documents(), tokenizer, args.seq_len, args.pack), None)
+        first = next(sequences(corpus.documents(), tokenizer, args.seq_len, args.pack), None)
         if first is None:
             raise CorpusError(f"{corpus.description} holds no text: nothing to capture")
         raise ConfigError(f"--max-tokens {args.max_tokens} is less than the first row's {len(first.ids)} "
                           "tokens: nothing to capture; raise --max-tokens")
     if resume:
         _check_resume_fits(args.out, lengths, world_size)
-    return _Job(corpus, config, tokenizer, row_bytes, job_rows, lengths, counts)
+    return _Job(corpus, config, tokenizer, row_bytes, job_sequences, lengths, counts)
 
 
-def _count_rows(rows: Iterator[Row]) -> tuple[RowCounts, list[int]]:
-    """The counting pass: totals, and every row's length (what torchrun shares are cut from)."""
-    counts, lengths = RowCounts(), []
-    for row in rows:
-        counts.add(row)
-        lengths.append(len(row.ids))
+def _count_sequences(stream: Iterator[TokenSequence]) -> tuple[SequenceCounts, list[int]]:
+    """The counting pass: totals, and every sequence's length (what torchrun shares are cut from)."""
+    counts, lengths = SequenceCounts(), []
+    for sequence in stream:
+        counts.add(sequence)
+        lengths.append(len(sequence.ids))
     return counts, lengths
 
 
@@ -194,8 +210,9 @@ def _continues_a_store(args: argparse.Namespace) -> bool:
 
 
 def _check_resume_fits(out: str, lengths: list[int], world_size: int) -> None:
-    """Refuse, before the store is touched, a resume whose rows end before what the store (this process's
-    part) already holds: that run could only stop at once, after repairing the store for nothing."""
+    """Refuse, before the store is touched, a resume whose sequences end before what the store (this
+    process's part) already holds: that run could only stop at once, after repairing the store for
+    nothing."""
     store = open_store(out)
     if len(store.parts) != world_size:
         return  # CaptureEngine names this mismatch
@@ -214,8 +231,8 @@ def _resume_sequences(part: StorePart) -> int:
     """Where a resume of ``part`` continues (a global sequence index), as ``CaptureEngine`` will find it."""
     if part.group is None:
         return 0
-    point = find_resume_point(part.group, part.chunks, part.manifest)
-    return point.sequences if point.committed_rows else 0
+    resume_point = find_resume_point(part.group, part.chunks, part.manifest)
+    return resume_point.sequences if resume_point.committed_rows else 0
 
 
 def _point_widths(model_config, config: CaptureConfig) -> dict[str, int]:
@@ -280,17 +297,18 @@ def _capture(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, job: _Job, rank: int, world_size: int, device: str, tag: str) -> int:
     first, stop = (0, None) if job.lengths is None else shares(job.lengths, world_size)[rank]
-    config = dataclasses.replace(job.config, first_sequence=first)  # this process's rows, numbered globally
+    # this process's sequences, numbered globally
+    config = dataclasses.replace(job.config, first_sequence=first)
     model = load_model(args.model, device=device, dtype=args.model_dtype, weights=args.weights,
                        allow_download=args.allow_download)
     total = _print_plan(args, job, first, stop, tag)
     started = time.perf_counter()
     try:
         with CaptureEngine(model, config, tokenizer=job.tokenizer) as cap, torch.no_grad():
-            stream = itertools.islice(job.rows(), first, stop)
+            stream = itertools.islice(job.sequences(), first, stop)
             done = _skip(stream, cap.resume_sequences)
             if cap.resume_sequences:
-                print(f"{tag} resuming after {done.rows:,} sequences ({done.tokens:,} tokens)")
+                print(f"{tag} resuming after {done.sequences:,} sequences ({done.tokens:,} tokens)")
             progress = _progress(total, done.tokens, args.no_progress or rank > 0)
             fed = _feed(model, cap, stream, job.tokenizer, args.batch_size, device, progress)
     except KeyboardInterrupt:
@@ -301,41 +319,42 @@ def _run(args: argparse.Namespace, job: _Job, rank: int, world_size: int, device
     elapsed = time.perf_counter() - started
     print(f"{tag} done: {fed.tokens:,} tokens stored by this run in {elapsed:.1f} s "
           f"({fed.tokens / elapsed:,.0f} tokens/s stored; pad tokens not counted), the store holds "
-          f"{s.tokens:,}; {_size(s.bytes_written)} written, stalled {s.stall_seconds:.2f} s, queue "
-          f"high-water {s.queue_high_water}")
+          f"{s.tokens_committed:,}; {_size(s.bytes_committed)} written, stalled {s.stall_seconds:.2f} s, "
+          f"queue high-water {s.queue_high_water}")
     if not args.pack:
         print(f"{tag} {_cut_report(fed, args.seq_len)}")
     return 0
 
 
-def _feed(model: torch.nn.Module, cap: CaptureEngine, stream: Iterator[Row], tokenizer: Any, batch_size: int,
-          device: str, progress) -> RowCounts:
-    """Run the model over the rows, ``batch_size`` at a time; returns what was fed (real tokens, no pads)."""
+def _feed(model: torch.nn.Module, cap: CaptureEngine, stream: Iterator[TokenSequence], tokenizer: Any,
+          batch_size: int, device: str, progress) -> SequenceCounts:
+    """Run the model over the sequences, ``batch_size`` at a time; returns what was fed (real tokens, no
+    pads)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    fed = RowCounts()
+    fed = SequenceCounts()
     while batch := list(itertools.islice(stream, batch_size)):
         inputs, annotations = collate(batch, pad_id)
         cap.annotate(**annotations)
         model(**{key: value.to(device) for key, value in inputs.items()})
-        for row in batch:
-            fed.add(row)
+        for sequence in batch:
+            fed.add(sequence)
         s = cap.stats
-        progress.update(sum(len(row.ids) for row in batch))
-        progress.set_postfix_str(f"{s.bytes_written / 1e9:.2f} GB, queue {s.queue_depth}, "
+        progress.update(sum(len(sequence.ids) for sequence in batch))
+        progress.set_postfix_str(f"{s.bytes_committed / 1e9:.2f} GB, queue {s.queue_depth}, "
                                  f"stall {100 * s.stall_seconds / max(s.elapsed_seconds, 1e-9):.1f}%")
     progress.close()
     return fed
 
 
-def _skip(stream: Iterator[Row], count: int) -> RowCounts:
-    """Read past the ``count`` rows a resumed store already holds (without keeping them)."""
-    skipped = RowCounts()
-    for row in itertools.islice(stream, count):
-        skipped.add(row)
-    if skipped.rows < count:
-        raise ConfigError(f"the store holds {count:,} sequences but this corpus has only {skipped.rows:,} "
-                          "with these options: resume with the same --data, --seq-len, --pack/--no-pack and "
-                          "--max-tokens")
+def _skip(stream: Iterator[TokenSequence], count: int) -> SequenceCounts:
+    """Read past the ``count`` sequences a resumed store already holds (without keeping them)."""
+    skipped = SequenceCounts()
+    for sequence in itertools.islice(stream, count):
+        skipped.add(sequence)
+    if skipped.sequences < count:
+        raise ConfigError(f"the store holds {count:,} sequences but this corpus has only "
+                          f"{skipped.sequences:,} with these options: resume with the same --data, "
+                          "--seq-len, --pack/--no-pack and --max-tokens")
     return skipped
 
 
@@ -343,9 +362,9 @@ def _print_plan(args: argparse.Namespace, job: _Job, first: int, stop: int | Non
     """Print what the job will store and its expected size on disk; returns its tokens (None: unknown)."""
     config = job.config
     points = [*config.points, *(f"extra/{name}" for name in config.extra_modules)]
-    rows = (f"rows packed into {args.seq_len}-token windows (each document after a BOS/EOS separator)"
-            if args.pack else f"one document per row, cut at --seq-len {args.seq_len}")
-    print(f"{tag} {args.model} layers {list(config.layer_indices)} {points} -> {args.out}; {rows}")
+    packing = (f"rows packed into {args.seq_len}-token windows (each document after a BOS/EOS separator)"
+               if args.pack else f"one document per row, cut at --seq-len {args.seq_len}")
+    print(f"{tag} {args.model} layers {list(config.layer_indices)} {points} -> {args.out}; {packing}")
     per_token = sum(job.row_bytes.values())
     if job.lengths is None:
         bound = (f"at most {args.max_tokens:,} tokens, at most "
@@ -385,13 +404,13 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:,.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.1f} MB"
 
 
-def _cut_report(counts: RowCounts, seq_len: int) -> str:
+def _cut_report(counts: SequenceCounts, seq_len: int) -> str:
     """What --no-pack cut off: documents longer than --seq-len lose their tail."""
     if not counts.cut_documents:
         return f"--no-pack: no document was longer than --seq-len {seq_len}"
     total = counts.tokens + counts.dropped_tokens
     share = 100 * counts.dropped_tokens / total
-    return (f"--no-pack: {counts.cut_documents:,} of {counts.rows:,} documents were cut at --seq-len "
+    return (f"--no-pack: {counts.cut_documents:,} of {counts.sequences:,} documents were cut at --seq-len "
             f"{seq_len}, dropping {counts.dropped_tokens:,} of {total:,} tokens ({share:.1f}%); packing (the "
             "default) keeps every token")
 
@@ -491,10 +510,10 @@ def _print_resume_points(store) -> None:
         if part.group is None:
             print(f"resume     {name}not started")
             continue
-        point = find_resume_point(part.group, part.chunks, part.manifest)
-        done = max(point.sequences - part.manifest.first_sequence, 0) if point.rows else 0
-        print(f"resume     {name}--resume continues after {done:,} sequences ({point.rows:,} rows kept, "
-              f"{point.committed_rows - point.rows} rows of a cut sequence dropped)")
+        resume_point = find_resume_point(part.group, part.chunks, part.manifest)
+        done = max(resume_point.sequences - part.manifest.first_sequence, 0) if resume_point.rows else 0
+        print(f"resume     {name}--resume continues after {done:,} sequences ({resume_point.rows:,} rows "
+              f"kept, {resume_point.committed_rows - resume_point.rows} rows of a cut sequence dropped)")
 
 
 def _add_token_array(location, key: str, values, attributes: dict) -> None:

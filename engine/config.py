@@ -41,8 +41,8 @@ class CaptureConfig:
         extra_modules: ``{name: module_path}`` of further modules whose outputs are captured to
             ``extra/<name>``.
         dtype: storage dtype: ``float16`` (default), ``float32``, or ``bfloat16`` (stored as uint16 bits).
-        chunk_tokens: rows per zarr chunk and per commit. Replaces the original design's
-            ``max_activations_per_file``: memory is bounded by slots and chunks, never by a batch count.
+        chunk_tokens: rows per zarr chunk and per commit (memory is bounded by slots and chunks, never by a
+            count of batches, which would hold gigabytes for large batches).
         num_writers: writer threads (in the writer process).
         pinned_slots: host staging slots (each holds one batch of every captured point); when all are in
             use the forward pass waits (backpressure).

@@ -1,4 +1,5 @@
-"""Corpora for capture jobs: where documents come from (``open_corpus``) and how they become rows (``rows``).
+"""Corpora for capture jobs: where documents come from (``open_corpus``) and how they become input sequences
+(``sequences``).
 
 Sources, as the command line's ``--data`` names them:
 
@@ -20,19 +21,20 @@ Every source is read record by record in a fixed order; a bad record is an error
 (``corpus.jsonl:17: ...``) or record. A document's id is its 0-based index in the source; documents with no
 text are skipped (their index still counts).
 
-A row is one input sequence. Packed (the default of capture jobs, as SAE tools do): each document is
-preceded by the tokenizer's BOS token (its EOS token when it has no BOS) and the token stream is cut into full
-windows of ``seq_len`` tokens (only the last row may be shorter). Unpacked: one document per row, tokenized as
-the tokenizer does by default (its own special tokens) and truncated to ``seq_len``; ``Row.dropped`` counts
-what the cut removed. Rows come in a deterministic order, so a resumed job skips exactly
-``resume_sequences`` of them.
+A sequence (``TokenSequence``) is one input sequence, fed as one row of a batch (a store's row is one token).
+Packed (the default of capture jobs, as SAE tools do): each document is preceded by the tokenizer's BOS token
+(its EOS token when it has no BOS) and the token stream is cut into full windows of ``seq_len`` tokens (only
+the last sequence may be shorter). Unpacked: one document per sequence, tokenized as the tokenizer does by
+default (its own special tokens) and truncated to ``seq_len``; ``TokenSequence.dropped`` counts what the cut
+removed. Sequences come in a deterministic order, so a resumed job skips exactly ``resume_sequences`` of
+them.
 
 Each token carries its document id and its character span in that document, starting at its first
 non-whitespace character (byte-level BPE tokens include the space before a word); ``end == start`` for
 special tokens.
 
 Memory stays bounded for any document length: the tokenizer is called on pieces of at most ``PIECE_CHARS``
-characters, each cut before a whitespace character (an unpacked row's first piece is at most
+characters, each cut before a whitespace character (an unpacked sequence's first piece is at most
 ``HEAD_CHARS_PER_TOKEN * seq_len`` characters when that is longer). Documents shorter than a piece are
 tokenized whole; in longer ones a token at a cut may differ from whole-document tokenization.
 """
@@ -64,10 +66,11 @@ _DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # wha
 
 
 @dataclasses.dataclass
-class Row:
+class TokenSequence:
     """One input sequence: token ids and, per token, its document id and character span.
 
-    ``dropped``: tokens of this row's document cut off by ``seq_len`` (unpacked rows; 0 when packed).
+    ``dropped``: tokens of this sequence's document cut off by ``seq_len`` (unpacked sequences; 0 when
+    packed).
     """
 
     ids: list[int]
@@ -97,19 +100,20 @@ class Corpus:
 
 
 @dataclasses.dataclass
-class RowCounts:
-    """Running totals over rows: how many, their tokens, and (unpacked) documents cut and tokens dropped."""
+class SequenceCounts:
+    """Running totals over sequences: how many, their tokens, and (unpacked) documents cut and tokens
+    dropped."""
 
-    rows: int = 0
+    sequences: int = 0
     tokens: int = 0
     cut_documents: int = 0
     dropped_tokens: int = 0
 
-    def add(self, row: Row) -> None:
-        self.rows += 1
-        self.tokens += len(row.ids)
-        self.cut_documents += row.dropped > 0
-        self.dropped_tokens += row.dropped
+    def add(self, sequence: TokenSequence) -> None:
+        self.sequences += 1
+        self.tokens += len(sequence.ids)
+        self.cut_documents += sequence.dropped > 0
+        self.dropped_tokens += sequence.dropped
 
 
 # ---- sources -------------------------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def _docstrings(source: Path) -> list[str]:
     return [text for text in found if text and len(text) >= MIN_DOCSTRING_CHARS]
 
 
-# ---- rows ----------------------------------------------------------------------------------------------
+# ---- sequences -----------------------------------------------------------------------------------------
 
 
 def _pieces(text: str, size: int, start: int = 0) -> Iterator[tuple[int, str]]:
@@ -406,11 +410,11 @@ def _first_visible(text: str, start: int, end: int) -> int:
     return start + stripped if start + stripped < end else start
 
 
-def _encode(tokenizer, piece: str, offset: int, doc_id: int, **options) -> Row:
+def _encode(tokenizer, piece: str, offset: int, doc_id: int, **options) -> TokenSequence:
     """One tokenizer call on a piece of a document that starts at character ``offset``."""
     encoded = tokenizer(piece, return_offsets_mapping=True, **options)
     spans = encoded["offset_mapping"]
-    return Row(list(encoded["input_ids"]), [doc_id] * len(spans),
+    return TokenSequence(list(encoded["input_ids"]), [doc_id] * len(spans),
                [offset + _first_visible(piece, int(a), int(b)) for a, b in spans],
                [offset + int(b) for _, b in spans])
 
@@ -420,89 +424,91 @@ def _count_tokens(tokenizer, text: str, start: int) -> int:
                for _, piece in _pieces(text, PIECE_CHARS, start))
 
 
-def rows(documents: Iterator[str], tokenizer, seq_len: int, pack: bool) -> Iterator[Row]:
-    """Rows in a deterministic order (see the module docstring).
+def sequences(documents: Iterator[str], tokenizer, seq_len: int, pack: bool) -> Iterator[TokenSequence]:
+    """Input sequences in a deterministic order (see the module docstring).
 
     Raises:
-        ConfigError: ``seq_len`` is not a positive int (raised here, not when the rows are read).
+        ConfigError: ``seq_len`` is not a positive int (raised here, not when the sequences are read).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}: it is the number of tokens per "
-                          "row")
-    build = _packed_rows if pack else _document_rows
+                          "sequence")
+    build = _packed_sequences if pack else _document_sequences
     return build(documents, tokenizer, seq_len)
 
 
-def _document_rows(documents: Iterator[str], tokenizer, seq_len: int) -> Iterator[Row]:
-    """One row per document: its head tokenized with truncation; the rest of a cut document is counted."""
+def _document_sequences(documents: Iterator[str], tokenizer, seq_len: int) -> Iterator[TokenSequence]:
+    """One sequence per document: its head tokenized with truncation; the rest of a cut document is
+    counted."""
     head_chars = max(PIECE_CHARS, HEAD_CHARS_PER_TOKEN * seq_len)
     for doc_id, text in enumerate(documents):
         if not text or text.isspace():  # no copy of a long document
             continue
         _, head = next(_pieces(text, head_chars))
-        row = _encode(tokenizer, head, 0, doc_id)
-        if len(row.ids) > seq_len or len(head) < len(text):
-            whole = len(row.ids)
-            row = _encode(tokenizer, head, 0, doc_id, truncation=True, max_length=seq_len)
-            row.dropped = whole - len(row.ids) + (_count_tokens(tokenizer, text, len(head))
-                                                  if len(head) < len(text) else 0)
-        yield row
+        sequence = _encode(tokenizer, head, 0, doc_id)
+        if len(sequence.ids) > seq_len or len(head) < len(text):
+            whole = len(sequence.ids)
+            sequence = _encode(tokenizer, head, 0, doc_id, truncation=True, max_length=seq_len)
+            sequence.dropped = whole - len(sequence.ids) + (_count_tokens(tokenizer, text, len(head))
+                                                            if len(head) < len(text) else 0)
+        yield sequence
 
 
 class _Window:
-    """Packed tokens waiting to fill rows; holds less than one row plus one piece."""
+    """Packed tokens waiting to fill sequences; holds less than one sequence plus one piece."""
 
     def __init__(self):
         self.lists = {name: [] for name in _TOKEN_FIELDS}
 
-    def extend(self, row: Row) -> None:
+    def extend(self, sequence: TokenSequence) -> None:
         for name in _TOKEN_FIELDS:
-            self.lists[name].extend(getattr(row, name))
+            self.lists[name].extend(getattr(sequence, name))
 
-    def full_rows(self, seq_len: int) -> Iterator[Row]:
+    def full_sequences(self, seq_len: int) -> Iterator[TokenSequence]:
         """Every full window of ``seq_len`` tokens, removed from the front (one trim: linear time)."""
         cut = 0
         while len(self.lists["ids"]) - cut >= seq_len:
-            yield Row(**{name: values[cut:cut + seq_len] for name, values in self.lists.items()})
+            yield TokenSequence(**{name: values[cut:cut + seq_len] for name, values in self.lists.items()})
             cut += seq_len
         self.lists = {name: values[cut:] for name, values in self.lists.items()}
 
-    def rest(self) -> Row | None:
-        return Row(**self.lists) if self.lists["ids"] else None
+    def rest(self) -> TokenSequence | None:
+        return TokenSequence(**self.lists) if self.lists["ids"] else None
 
 
-def _packed_rows(documents: Iterator[str], tokenizer, seq_len: int) -> Iterator[Row]:
+def _packed_sequences(documents: Iterator[str], tokenizer, seq_len: int) -> Iterator[TokenSequence]:
     separator = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     window = _Window()
     for doc_id, text in enumerate(documents):
         if not text or text.isspace():  # no copy of a long document
             continue
         if separator is not None:  # a special token: it covers no character (end == start)
-            window.extend(Row([separator], [doc_id], [0], [0]))
+            window.extend(TokenSequence([separator], [doc_id], [0], [0]))
         for offset, piece in _pieces(text, PIECE_CHARS):
             window.extend(_encode(tokenizer, piece, offset, doc_id, add_special_tokens=False))
-            yield from window.full_rows(seq_len)
+            yield from window.full_sequences(seq_len)
     last = window.rest()
     if last is not None:
         yield last
 
 
-def take_tokens(rows: Iterator[Row], max_tokens: int | None) -> Iterator[Row]:
-    """Rows until the next one would bring the total past ``max_tokens`` (None: every row)."""
+def take_tokens(sequences: Iterator[TokenSequence], max_tokens: int | None) -> Iterator[TokenSequence]:
+    """Sequences until the next one would bring the total past ``max_tokens`` (None: every sequence)."""
     taken = 0
-    for row in rows:
-        if max_tokens is not None and taken + len(row.ids) > max_tokens:
+    for sequence in sequences:
+        if max_tokens is not None and taken + len(sequence.ids) > max_tokens:
             return
-        taken += len(row.ids)
-        yield row
+        taken += len(sequence.ids)
+        yield sequence
 
 
 def shares(lengths: list[int], parts: int) -> list[tuple[int, int]]:
-    """Contiguous, token-balanced shares of rows for ``parts`` processes: share r is rows [start, stop).
+    """Contiguous, token-balanced shares of sequences for ``parts`` processes: share r is sequences
+    [start, stop).
 
-    Deterministic (a function of the row lengths only), so every rank computes the same split, and a
-    resumed run the same one again. Share r starts at the first row beginning at or after r/parts of the
-    tokens; a share may be empty when there are fewer rows than processes.
+    Deterministic (a function of the sequence lengths only), so every rank computes the same split, and a
+    resumed run the same one again. Share r starts at the first sequence beginning at or after r/parts of the
+    tokens; a share may be empty when there are fewer sequences than processes.
     """
     starts, total = [], 0
     for length in lengths:
@@ -512,9 +518,10 @@ def shares(lengths: list[int], parts: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def collate(batch: list[Row], pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Right-padded model inputs and the per-token annotations of a list of rows."""
-    width = max(len(row.ids) for row in batch)
+def collate(batch: list[TokenSequence],
+            pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Right-padded model inputs and the per-token annotations of a list of sequences (a batch's rows)."""
+    width = max(len(sequence.ids) for sequence in batch)
 
     def pad(values: list[list[int]], fill: int) -> torch.Tensor:
         return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)

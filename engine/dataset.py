@@ -11,12 +11,24 @@ import torch
 import zarr
 
 from . import layout
+from .chunks import read_chunk
 from .errors import CaptureFailedError, ConfigError, FollowTimeoutError
 from .reader import open_store
-from .chunks import read_chunk
-from .sources import (ALIGNMENT_ARRAYS, Backoff, ChunkRef, Column, StoreLike, check_keys,
-                      check_same_corpus, check_same_tokens, columns_of, combined_status, open_stores,
-                      opener_waiting_for, shared_chunks)
+from .sources import (
+    ALIGNMENT_ARRAYS,
+    Backoff,
+    ChunkRef,
+    Column,
+    StoreLike,
+    check_keys,
+    check_same_corpus,
+    check_same_tokens,
+    columns_of,
+    combined_status,
+    open_stores,
+    opener_waiting_for,
+    shared_chunks,
+)
 from .store import open_array, open_group
 
 _EXCLUDABLE = {**layout.FLAG_BITS, "pad": 0}  # pad rows are never stored: excluding them is a no-op

@@ -28,7 +28,6 @@ from .opening import claim
 from .statistics import merge_statistics
 from .store import load_manifest, put_json
 
-
 # Collectives here wait for the slowest rank's whole share (a resumed rank whose part was complete waits at
 # close for the others to finish theirs): a dedicated gloo group with a long timeout, not the default one's
 # 10-30 minutes. A dead peer still fails them at once (its socket closes; torchrun stops the others).
@@ -109,7 +108,7 @@ def _publish(root: Location, world_size: int) -> None:
         closed=datetime.datetime.now(datetime.timezone.utc).isoformat()))
 
 
-class StoreParts:
+class PartCoordinator:
     """This process's share of a multi-process store, and the collective steps around it.
 
     Every rank calls the same steps in the same order: construct (joins a gloo group), ``agree`` after each

@@ -14,7 +14,6 @@ from typing import Any, Mapping
 from .errors import UnknownModelError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One known model.

@@ -155,7 +155,8 @@ def _write_shards(data: ActivationDataset, folder: Path, column: str, context_si
                   dtype: str) -> tuple[int, int]:
     """Write the dataset's batches as windows into arrow files, then the ``datasets`` metadata beside them.
     Returns (windows written, tokens dropped)."""
-    from datasets import Array2D, Features, Sequence as ArrowSequence, Value, load_from_disk
+    from datasets import Array2D, Features, Value, load_from_disk
+    from datasets import Sequence as ArrowSequence
 
     features = Features({column: Array2D((context_size, data.dim), dtype),
                          "token_ids": ArrowSequence(Value("int32"), length=context_size)})

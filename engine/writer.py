@@ -51,15 +51,15 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from . import layout
 from .channel import Channel, ChannelClosed
 from .errors import ConfigError
-from .location import Location
 from .layout import CommitRecord
+from .location import Location
 from .statistics import Statistics, chunk_summary
 
 _SENTINEL = object()

@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import VOCAB, tiny_model  # noqa: E402
 import engine.lock  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
 from engine.corpus import shares  # noqa: E402
 
+from helpers import PACE_S, VOCAB, tiny_model  # noqa: E402
+
 BATCH, SEQ, CHUNK = 3, 12, 16
-PACE_S = 0.05  # after each progress line: a kill within this delay lands before the job's next step
 
 
 def sequences(count: int, seed: int = 7) -> list[torch.Tensor]:

@@ -12,9 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import tiny_model  # noqa: E402
-from crash_job import BATCH, CHUNK, batch_of, sequences  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
+
+from crash_job import BATCH, CHUNK, batch_of, sequences  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 
 def main(store: str, gate: Path, count: int) -> None:

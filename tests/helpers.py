@@ -1,4 +1,6 @@
-"""Test helpers: an independent reference capture to compare stored rows against, and float64 statistics."""
+"""Test helpers (imported as ``from helpers import ...``; conftest.py holds only fixtures): tiny random-weight
+models of every supported family (2 layers, d_model 64), ragged batches and documents; an independent
+reference capture to compare stored rows against, and float64 statistics; crash-test jobs."""
 
 from __future__ import annotations
 
@@ -15,12 +17,61 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crash_job import PACE_S
-from engine import StoreLockedError, open_store
+from engine import StoreLockedError, get_model, open_store, random_model
 from engine.hookpoints import resolve_hook_points
 from engine.layout import FLAG_BOS, FLAG_FIRST, part_path
 from engine.location import Location
 from engine.lock import check_unlocked
+
+# Registry model per family, and the overrides that shrink it. mlp widths differ from 4*d_model on purpose,
+# so a test can tell d_mlp from d_model.
+TINY = {
+    "gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_inner=160, n_positions=128, vocab_size=256,
+                          bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("pythia-1.4b", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=160, vocab_size=256, max_position_embeddings=128,
+                                     bos_token_id=1, eos_token_id=2)),
+    "llama": ("llama-3-8b", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=160, vocab_size=256,
+                                 max_position_embeddings=128, bos_token_id=1, eos_token_id=2)),
+    "gemma": ("gemma-2b", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=1, head_dim=16, intermediate_size=160, vocab_size=256,
+                               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "phi": ("phi-2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+                          vocab_size=256, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)),
+}
+FAMILIES = tuple(TINY)
+D_MODEL, D_MLP, N_LAYERS, VOCAB = 64, 160, 2, 256
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **config_overrides) -> torch.nn.Module:
+    """A tiny random model of ``family``; ``config_overrides`` change its config further (e.g. a variant)."""
+    name, overrides = TINY[family]
+    return random_model(get_model(name), dtype=dtype, seed=seed, **{**overrides, **config_overrides}).eval()
+
+
+def ragged_batch(batch: int, seq: int, seed: int = 0, side: str = "right") -> dict[str, torch.Tensor]:
+    """input_ids + attention_mask with different lengths per row (one row fully padded when batch > 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
+    lengths[0] = seq
+    if batch > 3:
+        lengths[3] = 0
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    if side == "left":
+        mask = mask.flip(1)
+    ids[:, 0] = torch.where(mask[:, 0] == 1, 1, ids[:, 0])  # a BOS where row 0 is a real token
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+WORDS = ("the cat sat on a mat while two dogs ran past the old barn and seven birds sang loudly "
+         "in morning light over green hills").split()
+
+
+def documents(count: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 40))) for _ in range(count)]
 
 
 def hook_all(hook_points, record) -> list:
@@ -73,6 +124,7 @@ def cli(*args):
 
 JOB = Path(__file__).resolve().parent / "crash_job.py"
 N_SEQUENCES = 90
+PACE_S = 0.05  # crash_job.py's pause after each progress line: a kill within it lands before the next step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import ragged_batch, tiny_model  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
+
+from helpers import ragged_batch, tiny_model  # noqa: E402
 
 
 def main(store: str, mode: str) -> None:

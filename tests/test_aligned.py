@@ -9,7 +9,7 @@ import torch
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
 
-from conftest import ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model
 
 POINTS = ["layer_1/residual", "layer_1/mlp_out", "layer_1/attn_out"]  # all 64 wide
 TOKENS = ["tokens/sequence", "tokens/position"]

@@ -20,7 +20,7 @@ from engine import ActivationDataset, open_store
 from engine.corpus import Corpus
 from engine.errors import CorpusError
 
-from conftest import documents
+from helpers import documents
 
 
 def run_main(*argv) -> tuple[int, str, str]:

@@ -1,21 +1,26 @@
-"""Corpus sources and rows, in process (no model): every source reads the same documents, bad records name
-their file and line, packing joins documents with the tokenizer's separator, long documents are tokenized in
-bounded pieces."""
+"""Corpus sources and input sequences, in process (no model): every source reads the same documents, bad
+records name their file and line, packing joins documents with the tokenizer's separator, long documents are
+tokenized in bounded pieces."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from engine.corpus import PIECE_CHARS, _first_visible, open_corpus, rows, take_tokens
+from engine.corpus import PIECE_CHARS, _first_visible, open_corpus, sequences, take_tokens
 from engine.errors import ConfigError, CorpusError
 
-from conftest import documents
+from helpers import documents
 
 TEXTS = documents(30)
+NOBODY = 65534
 
 
 def documents_of(data, **options) -> list[str]:
@@ -107,13 +112,31 @@ def test_bad_sources_say_what_to_pass(tmp_path):
         documents_of(tmp_path / "null.parquet")
 
 
-def test_an_unreadable_file_is_named(tmp_path):
-    unreadable = write(tmp_path / "secret.txt", b"text\n")
-    unreadable.chmod(0)
-    if os.access(unreadable, os.R_OK):
-        pytest.skip("this user reads any file (root)")
-    with pytest.raises(CorpusError, match="cannot read .*secret.txt: Permission denied"):
-        open_corpus(unreadable)
+@contextlib.contextmanager
+def _as_an_ordinary_user():
+    """Root reads any file: as root, check permissions with the effective user ``nobody`` meanwhile."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_file_is_named():
+    folder = Path(tempfile.mkdtemp(prefix="actcap-unreadable-"))  # under /tmp: every user may look inside
+    try:
+        folder.chmod(0o755)
+        unreadable = write(folder / "secret.txt", b"text\n")
+        unreadable.chmod(0)
+        with _as_an_ordinary_user():
+            assert not os.access(unreadable, os.R_OK, effective_ids=True)
+            with pytest.raises(CorpusError, match="cannot read .*secret.txt: Permission denied"):
+                open_corpus(unreadable)
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_python_docs_are_the_default_corpus():
@@ -125,33 +148,33 @@ def test_python_docs_are_the_default_corpus():
 
 
 @pytest.mark.parametrize("seq_len", [0, -1])
-def test_rows_refuse_a_non_positive_length(tokenizer, seq_len):
+def test_sequences_refuse_a_non_positive_length(tokenizer, seq_len):
     with pytest.raises(ConfigError, match="seq_len must be a positive int"):
-        next(rows(iter(TEXTS), tokenizer, seq_len, pack=True))  # the old code yielded empty rows forever
+        next(sequences(iter(TEXTS), tokenizer, seq_len, pack=True))  # the old code yielded empty ones forever
 
 
 def test_packing_puts_the_separator_before_each_document_and_fills_every_window(tokenizer):
-    packed = list(rows(iter(TEXTS), tokenizer, 24, pack=True))
-    assert all(len(row.ids) == 24 for row in packed[:-1]) and 0 < len(packed[-1].ids) <= 24
-    stream = [token for row in packed for token in row.ids]
+    packed = list(sequences(iter(TEXTS), tokenizer, 24, pack=True))
+    assert all(len(seq.ids) == 24 for seq in packed[:-1]) and 0 < len(packed[-1].ids) <= 24
+    stream = [token for seq in packed for token in seq.ids]
     expected = [token for text in TEXTS for token in [tokenizer.bos_token_id]
                 + tokenizer(text, add_special_tokens=False)["input_ids"]]
     assert stream == expected
-    doc_id = [d for row in packed for d in row.doc_id]
-    starts = [s for row in packed for s in row.char_start]
-    ends = [e for row in packed for e in row.char_end]
+    doc_id = [d for seq in packed for d in seq.doc_id]
+    starts = [s for seq in packed for s in seq.char_start]
+    ends = [e for seq in packed for e in seq.char_end]
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(stream)):
         assert doc_id[i] == (doc_id[i - 1] + (token == "<s>") if i else 0)
         assert TEXTS[doc_id[i]][starts[i]:ends[i]] == ("" if token == "<s>" else token)
-    assert [len(row.ids) for row in take_tokens(iter(packed), 100)] == [24] * 4
+    assert [len(seq.ids) for seq in take_tokens(iter(packed), 100)] == [24] * 4
 
 
-def test_unpacked_rows_are_truncated_documents_and_count_what_was_cut(tokenizer):
-    unpacked = list(rows(iter(TEXTS), tokenizer, 24, pack=False))
+def test_unpacked_sequences_are_truncated_documents_and_count_what_was_cut(tokenizer):
+    unpacked = list(sequences(iter(TEXTS), tokenizer, 24, pack=False))
     truncated = [tokenizer(text, truncation=True, max_length=24)["input_ids"] for text in TEXTS]
-    assert [row.ids for row in unpacked] == truncated
-    assert [row.dropped for row in unpacked] == [max(len(tokenizer(t)["input_ids"]) - 24, 0) for t in TEXTS]
-    assert any(row.dropped for row in unpacked)
+    assert [seq.ids for seq in unpacked] == truncated
+    assert [seq.dropped for seq in unpacked] == [max(len(tokenizer(t)["input_ids"]) - 24, 0) for t in TEXTS]
+    assert any(seq.dropped for seq in unpacked)
 
 
 class SpyTokenizer:
@@ -173,16 +196,16 @@ def test_long_documents_are_tokenized_in_bounded_pieces(tokenizer):
     assert len(text) > 5 * PIECE_CHARS
     whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     spy = SpyTokenizer(tokenizer)
-    packed = list(rows(iter([text]), spy, 512, pack=True))
+    packed = list(sequences(iter([text]), spy, 512, pack=True))
     assert spy.longest <= PIECE_CHARS
-    assert [t for row in packed for t in row.ids] == [tokenizer.bos_token_id] + whole["input_ids"]
-    assert [e for row in packed for e in row.char_end][1:] == [int(b) for _, b in whole["offset_mapping"]]
+    assert [t for seq in packed for t in seq.ids] == [tokenizer.bos_token_id] + whole["input_ids"]
+    assert [e for seq in packed for e in seq.char_end][1:] == [int(b) for _, b in whole["offset_mapping"]]
 
     spy = SpyTokenizer(tokenizer)
-    (row,) = rows(iter([text]), spy, 512, pack=False)
+    (seq,) = sequences(iter([text]), spy, 512, pack=False)
     assert spy.longest <= PIECE_CHARS
-    assert row.ids == tokenizer(text, truncation=True, max_length=512)["input_ids"]
-    assert row.dropped == len(whole["input_ids"]) + 1 - 512
+    assert seq.ids == tokenizer(text, truncation=True, max_length=512)["input_ids"]
+    assert seq.dropped == len(whole["input_ids"]) + 1 - 512
 
 
 def test_a_50_mb_document_captures_in_bounded_memory(model_dir, tmp_path):

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 import engine
-
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
 from engine.layout import FLAG_BOS
 
-from conftest import ragged_batch, tiny_model
 from fakes import use_sink
-from helpers import assert_statistics_match
+from helpers import assert_statistics_match, ragged_batch, tiny_model
 
 KEY = "layer_1/residual"
 

@@ -12,7 +12,7 @@ import torch
 
 from engine import CaptureConfig, CaptureEngine, open_store
 
-from conftest import ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

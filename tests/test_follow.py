@@ -14,7 +14,7 @@ import torch
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
 from engine.errors import CaptureFailedError, FollowTimeoutError
 
-from conftest import ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model
 
 JOB = Path(__file__).resolve().parent / "follow_job.py"
 KEYS = ["layer_1/residual", "layer_0/mlp_hidden", "tokens/sequence", "tokens/position"]

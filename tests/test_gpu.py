@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_pipeline import dispatched_ops
 
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
-from conftest import ragged_batch, tiny_model
-from helpers import assert_statistics_match, expected_rows, reference_capture
-from test_pipeline import dispatched_ops
+from helpers import assert_statistics_match, expected_rows, ragged_batch, reference_capture, tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -16,8 +16,18 @@ from engine import CaptureConfig, CaptureEngine, open_store
 from engine.cli import build_parser, main
 from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
 
-from conftest import D_MLP, D_MODEL, FAMILIES, N_LAYERS, VOCAB, ragged_batch, tiny_model
-from helpers import expected_rows, hook_all, reference_capture
+from helpers import (
+    D_MLP,
+    D_MODEL,
+    FAMILIES,
+    N_LAYERS,
+    VOCAB,
+    expected_rows,
+    hook_all,
+    ragged_batch,
+    reference_capture,
+    tiny_model,
+)
 
 POINTS = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
 ALL_POINTS = list(CANONICAL_POINTS)

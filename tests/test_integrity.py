@@ -15,15 +15,20 @@ import pytest
 import torch
 import zarr
 
-from engine import (ActivationDataset, CaptureConfig, CaptureEngine, StoreCorruptError, StoreFormatError,
-                    open_store)
+from engine import (
+    ActivationDataset,
+    CaptureConfig,
+    CaptureEngine,
+    StoreCorruptError,
+    StoreFormatError,
+    open_store,
+)
 from engine.cli import main as cli_main
 from engine.layout import CommitRecord, Manifest, commit_record_key
 from engine.location import Location
 from engine.store import continue_store
 
-from conftest import ragged_batch, tiny_model
-from helpers import assert_statistics_match
+from helpers import assert_statistics_match, ragged_batch, tiny_model
 
 KEY = "layer_0/residual"
 SEQUENCES = [ragged_batch(1, 9, seed=seed) for seed in range(6)]  # one 9-token sequence per forward

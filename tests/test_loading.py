@@ -10,7 +10,7 @@ import torch
 import engine
 from engine import loading
 
-from conftest import N_LAYERS, VOCAB, tiny_model
+from helpers import N_LAYERS, VOCAB, tiny_model
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import torch
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 from engine.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
-from conftest import D_MLP, D_MODEL, ragged_batch, tiny_model
+
 from fakes import GATE_ENV, use_sink
-from helpers import expected_rows, reference_capture
+from helpers import D_MLP, D_MODEL, expected_rows, ragged_batch, reference_capture, tiny_model
 
 ALL_POINTS = dict(capture_residual=True, capture_mlp_hidden=True, capture_mlp_out=True, capture_attn_out=True)
 POINT_NAMES = ["residual", "mlp_hidden", "mlp_out", "attn_out"]

@@ -19,11 +19,22 @@ import torch
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
-from conftest import ragged_batch, tiny_model
 from crash_job import BATCH, CHUNK, batch_of, sequences
 from fakes import use_sink
-from helpers import (JOB, N_SEQUENCES, assert_same_store, crash_and_resume, finish, hold_mid_run, launch,
-                     race_two_resumes, run_job)
+from helpers import (
+    JOB,
+    N_SEQUENCES,
+    assert_same_store,
+    crash_and_resume,
+    finish,
+    hold_mid_run,
+    launch,
+    race_two_resumes,
+    ragged_batch,
+    run_job,
+    tiny_model,
+)
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

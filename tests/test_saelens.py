@@ -16,7 +16,7 @@ from engine.cli import main as cli_main
 from engine.layout import FLAG_BOS, FLAG_FIRST
 from engine.saelens import export_saelens, scaling_factor
 
-from conftest import ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model
 
 sae_lens = pytest.importorskip("sae_lens")
 KEY = "layer_1/residual"

@@ -23,16 +23,32 @@ import engine.lock
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
 from engine.cli import main as cli_main
 from engine.corpus import shares
-from engine.errors import (CaptureError, ResumeMismatchError, StoreCorruptError, StoreLockedError,
-                           StorePathError)
+from engine.errors import (
+    CaptureError,
+    ResumeMismatchError,
+    StoreCorruptError,
+    StoreLockedError,
+    StorePathError,
+)
 from engine.layout import CommitRecord, commit_record_key
 from engine.location import Location
 from engine.lock import check_unlocked
 from engine.reader import CommittedArray
 
-from conftest import ragged_batch, tiny_model
-from helpers import (assert_same_store, assert_statistics_match, cli, crash_and_resume, finish, hold_mid_run,
-                     launch, race_two_resumes, run_job, wait_for_stale_locks)
+from helpers import (
+    assert_same_store,
+    assert_statistics_match,
+    cli,
+    crash_and_resume,
+    finish,
+    hold_mid_run,
+    launch,
+    race_two_resumes,
+    ragged_batch,
+    run_job,
+    tiny_model,
+    wait_for_stale_locks,
+)
 
 KEYS = ("layer_1/residual", "layer_1/mlp_hidden")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

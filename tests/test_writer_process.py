@@ -16,8 +16,7 @@ import torch
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
-from conftest import ragged_batch, tiny_model
-from helpers import expected_rows, reference_capture
+from helpers import expected_rows, ragged_batch, reference_capture, tiny_model
 
 
 def _kill_writer(cap: CaptureEngine) -> None:
