@@ -1,7 +1,8 @@
 """Backpressure: a sink throttled to --sink-mb-s behind a producer paced at --produce-mb-s.
 
 Shows that the producer stalls by the expected fraction of its run (1 - sink/produce when the sink is slower,
-less the share the slots and chunk buffers absorb; 0 when it is faster), that host memory stays within the slot + chunk budget, and that no row is lost.
+less the share the slots and chunk buffers absorb; 0 when it is faster), that host memory stays within the
+slot + chunk budget, and that no row is lost.
 
     python benchmarks/backpressure.py --produce-mb-s 200 --sink-mb-s 50 --plot bp.png
 """
@@ -165,9 +166,9 @@ def main(argv=None) -> int:
     result = run(args)
     print(f"[backpressure] produce {args.produce_mb_s} MB/s into a sink of "
           f"{args.sink_mb_s or 'unthrottled'} MB/s, {args.num_batches} batches")
-    print(f"[backpressure] stalled {result['stall_seconds']:.2f}s of {result['producing_s']:.2f}s producing = "
-          f"{result['stall_fraction']:.2f} (expected {result['expected_stall_fraction']:.2f}), queue high-water "
-          f"{result['queue_high_water']}")
+    print(f"[backpressure] stalled {result['stall_seconds']:.2f}s of {result['producing_s']:.2f}s "
+          f"producing = {result['stall_fraction']:.2f} (expected {result['expected_stall_fraction']:.2f}), "
+          f"queue high-water {result['queue_high_water']}")
     print(f"[backpressure] host memory delta {result['host_memory_delta_mb']:.1f} MB (PSS of both processes, "
           f"shared slots once; the idle writer process left out), budget {result['memory_budget_mb']:.1f} MB "
           "(slots + chunk buffers + statistics blocks)")

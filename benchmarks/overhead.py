@@ -15,7 +15,8 @@ produce those activations. ``--bare-model`` runs the base model without its LM h
 capture's cost).
 
 Gate: overhead < --max-overhead (50%), GPU memory overhead < 10% of the device, > 1000 tokens/s. The
-tokens/s threshold is defined for a GPU: on a CPU it is reported but not gated. Exit status 0 = gate passed, 1 = gate failed.
+tokens/s threshold is defined for a GPU: on a CPU it is reported but not gated. Exit status 0 = gate passed,
+1 = gate failed.
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="unhooked rounds run the full forward, or stop after the last hooked layer")
     p.add_argument("--repeats", type=int, default=5, help="ABAB rounds (pairs)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--model-dtype", default=None, help="weights dtype (default float32 on CPU, float16 on CUDA)")
+    p.add_argument("--model-dtype", default=None,
+                   help="weights dtype (default float32 on CPU, float16 on CUDA)")
     p.add_argument("--dtype", default="float16", help="storage dtype")
     p.add_argument("--output-dir", default=None, help="store folder (default: a temporary folder)")
     p.add_argument("--weights", default="auto", choices=["auto", "random"])
     p.add_argument("--sink", default="zarr", choices=["zarr", "null"])
     p.add_argument("--early-stop", action="store_true",
-                   help="hooked passes stop after the last hooked layer; compared with the full unhooked pass")
+                   help="hooked passes stop after the last hooked layer; "
+                        "compared with the full unhooked pass")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="architecture overrides, e.g. n_layer=4 n_embd=256 (implies random weights)")
     p.add_argument("--chunk-tokens", type=int, default=8192)
@@ -159,7 +162,8 @@ def truncated(model: torch.nn.Module, layer: int):
             model.forward = instance
 
 
-def _load(args: argparse.Namespace, device: torch.device, model_dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
+def _load(args: argparse.Namespace, device: torch.device,
+          model_dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
     overrides = _overrides(args.config)
     if overrides:
         model = random_model(get_model(args.model), dtype=model_dtype, **overrides).to(device).eval()
@@ -184,7 +188,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.baseline == "truncated" and not args.early_stop:
-        raise SystemExit("error: --baseline truncated compares early stop with a truncated forward: add --early-stop")
+        raise SystemExit("error: --baseline truncated compares early stop with a truncated forward: "
+                         "add --early-stop")
     model_dtype = getattr(torch, args.model_dtype or ("float16" if device.type == "cuda" else "float32"))
     print(f"[validate] Loading {args.model} on {device} ({model_dtype})")
     model, random_weights = _load(args, device, model_dtype)
@@ -212,8 +217,9 @@ def run(args: argparse.Namespace) -> dict:
     n = max(args.num_batches, math.ceil(args.min_round_s / one))
     tokens_per_round = args.batch_size * args.seq_len * n
     print(f"[validate] Testing with batch_size={args.batch_size}, seq_len={args.seq_len}, "
-          f"batches per round={n} (at least {args.num_batches} and {args.min_round_s}s), repeats={args.repeats}, "
-          f"layers={layers}, hooks={args.hooks}, sink={args.sink}, early_stop={args.early_stop}, "
+          f"batches per round={n} (at least {args.num_batches} and {args.min_round_s}s), "
+          f"repeats={args.repeats}, layers={layers}, hooks={args.hooks}, sink={args.sink}, "
+          f"early_stop={args.early_stop}, "
           f"baseline={args.baseline}, bare_model={args.bare_model}")
     process = psutil.Process()
     rss_before = process.memory_info().rss
@@ -222,8 +228,9 @@ def run(args: argparse.Namespace) -> dict:
     store = Path(args.output_dir or tmp.name) / "overhead.zarr"
     cfg = CaptureConfig(store, layer_indices=layers, points=args.hooks, dtype=args.dtype,
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
-                        pinned_slots=args.pinned_slots, overwrite=True, sink=args.sink, early_stop=args.early_stop,
-                        model_name=args.model, statistics=not args.no_statistics)
+                        pinned_slots=args.pinned_slots, overwrite=True, sink=args.sink,
+                        early_stop=args.early_stop, model_name=args.model,
+                        statistics=not args.no_statistics)
     print(f"[hooks] Attaching capture hooks to layers {layers}...")
     engine = CaptureEngine(model, cfg)
     try:
@@ -253,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "model": args.model, "random_weights": random_weights, "config_overrides": _overrides(args.config),
         "bare_model": args.bare_model, "baseline": args.baseline,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "device_type": device.type, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "model_dtype": str(model_dtype).replace("torch.", ""), "storage_dtype": args.dtype,
         "layer_indices": layers, "hooks": args.hooks, "sink": args.sink, "early_stop": args.early_stop,
@@ -289,19 +297,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict) -> None:
-    print(f"  Baseline: {result['baseline_s_per_batch']:.4f}s/batch, {result['baseline_tokens_per_s']:.0f} tokens/s")
-    print(f"  With hooks: {result['hooked_s_per_batch']:.4f}s/batch, {result['hooked_tokens_per_s']:.0f} tokens/s")
+    print(f"  Baseline: {result['baseline_s_per_batch']:.4f}s/batch, "
+          f"{result['baseline_tokens_per_s']:.0f} tokens/s")
+    print(f"  With hooks: {result['hooked_s_per_batch']:.4f}s/batch, "
+          f"{result['hooked_tokens_per_s']:.0f} tokens/s")
     lo, hi = result["ratio_spread"]
-    print(f"  Overhead: {result['overhead_percent']:.1f}% slowdown end to end (per-pair ratios {lo:.3f}..{hi:.3f}; "
+    print(f"  Overhead: {result['overhead_percent']:.1f}% slowdown end to end "
+          f"(per-pair ratios {lo:.3f}..{hi:.3f}; "
           f"hooked/baseline rate {result['hooked_to_baseline_ratio']:.3f})")
     lo, hi = result["steady_ratio_spread"]
-    print(f"  Steady: {result['steady_overhead_percent']:.1f}% while streaming (per-pair ratios {lo:.3f}..{hi:.3f}; "
-          f"rate {result['steady_hooked_to_baseline_ratio']:.3f}), {result['batches_per_round']} batches per round")
+    print(f"  Steady: {result['steady_overhead_percent']:.1f}% while streaming "
+          f"(per-pair ratios {lo:.3f}..{hi:.3f}; "
+          f"rate {result['steady_hooked_to_baseline_ratio']:.3f}), "
+          f"{result['batches_per_round']} batches per round")
     print()
     if result["peak_gpu_memory_gb"] is not None:
         print(f"[memory] Peak GPU memory: {result['peak_gpu_memory_gb']:.2f} GB "
               f"(capture overhead {result['gpu_memory_overhead_gb']:.3f} GB)")
-    print(f"[memory] Host RSS delta: {result['host_rss_delta_mb']:.1f} MB (staging slots {result['slot_mb']:.1f} MB)")
+    print(f"[memory] Host RSS delta: {result['host_rss_delta_mb']:.1f} MB "
+          f"(staging slots {result['slot_mb']:.1f} MB)")
     print(f"[memory] Backpressure: stalled {result['stall_seconds']:.3f}s, queue high-water "
           f"{result['queue_high_water']}")
     print()
@@ -315,10 +329,11 @@ def report(result: dict) -> None:
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     for name, check in result["gate"].items():
         if check["gated"]:
-            print(f"[gate] {name} {check['value']:.4g} {check['threshold']}: {'PASS' if check['passed'] else 'FAIL'}")
+            print(f"[gate] {name} {check['value']:.4g} {check['threshold']}: "
+                  f"{'PASS' if check['passed'] else 'FAIL'}")
         else:
-            print(f"[gate] {name} {check['value']:.4g}: reported, not gated (the {check['threshold']} threshold "
-                  "is defined for a GPU)")
+            print(f"[gate] {name} {check['value']:.4g}: reported, not gated "
+                  f"(the {check['threshold']} threshold is defined for a GPU)")
     print(f"[gate] target overhead <= {result['target_overhead_percent']:.2f}%: "
           f"{'met' if result['target_met'] else 'NOT met'}")
     print(f"[gate] {'PASSED' if result['gate_passed'] else 'FAILED'}")

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output-dir", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--no-sync", action="store_true",
-                   help="do not count the final os.sync(): measures page-cache speed, not sustained disk speed")
+                   help="do not count the final os.sync(): "
+                        "measures page-cache speed, not sustained disk speed")
     p.add_argument("--raw-only", action="store_true", help="only the raw sequential write (the disk's speed)")
     p.add_argument("--durable", default="both", choices=["on", "off", "both"],
                    help="pipeline runs with CaptureConfig(durable=...): fsync per chunk, or not, or both")
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
                 root.mkdir(parents=True)
                 os.sync()  # start each run with no dirty pages left by the previous one
                 if kind == "raw":
-                    rates[kind].append(nbytes_raw / raw_tofile(root, args.dims, n_chunks, args.chunk_tokens) / 1e6)
+                    seconds = raw_tofile(root, args.dims, n_chunks, args.chunk_tokens)
+                    rates[kind].append(nbytes_raw / seconds / 1e6)
                 else:
                     seconds, _ = pipeline(root, args, n_batches, durable=kind == "durable")
                     rates[kind].append(nbytes_pipeline / seconds / 1e6)
@@ -130,9 +132,9 @@ def main(argv=None) -> int:
     finally:
         if args.output_dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    result = {"synced_to_disk": SYNC, "dims": args.dims, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers, "mb_per_run": nbytes_pipeline / 1e6,
-              "raw_tofile_mb_per_s": rates["raw"],
+    result = {"synced_to_disk": SYNC, "dims": args.dims, "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers,
+              "mb_per_run": nbytes_pipeline / 1e6, "raw_tofile_mb_per_s": rates["raw"],
               "crc32c_seconds_per_gb": crc32c_seconds_per_gb(args.dims, args.chunk_tokens)}
     print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each, "
           f"{'ending with os.sync()' if SYNC else 'page cache only (--no-sync)'}")
@@ -141,8 +143,9 @@ def main(argv=None) -> int:
         ratios = [p / r for p, r in zip(rates[kind], rates["raw"])]
         result.update({f"{kind}_mb_per_s": rates[kind], f"{kind}_ratios": ratios,
                        f"{kind}_ratio_median": statistics.median(ratios)})
-        print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; ratio to raw: median "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}..{max(ratios):.3f})")
+        print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; "
+              f"ratio to raw: median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}..{max(ratios):.3f})")
         # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
         # of writing at this pipeline's median rate, an upper bound on their share of its time.
         crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3

@@ -112,9 +112,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     devices = {tensor.device for tensor in (*model.parameters(), *model.buffers())}
     gpus = sorted({str(device) for device in devices if device.type == "cuda"})
     if len(gpus) > 1:
-        raise HookPointError(f"the model is spread over {', '.join(gpus)}: capture supports a model on one device "
-                             "(load it with device_map=None on one GPU, or capture each device's layers in a "
-                             "process of its own)")
+        raise HookPointError(f"the model is spread over {', '.join(gpus)}: capture supports a model on one "
+                             "device (load it with device_map=None on one GPU, or capture each device's "
+                             "layers in a process of its own)")
     return torch.device(gpus[0]) if gpus else next(iter(devices), torch.device("cpu"))
 
 
@@ -147,7 +147,8 @@ class CaptureEngine:
 
     # Sink class the writer process builds, per ``config.sink`` (tests and benchmarks name slow or failing
     # sinks of their own here; they must be importable in the writer process).
-    sink_factory: ClassVar[dict[str, str]] = {"zarr": "engine.store:ZarrSink", "null": "engine.store:NullSink"}
+    sink_factory: ClassVar[dict[str, str]] = {"zarr": "engine.store:ZarrSink",
+                                              "null": "engine.store:NullSink"}
 
     def __init__(self, model: torch.nn.Module, config: CaptureConfig, tokenizer: Any = None):
         self.config = config
@@ -199,29 +200,34 @@ class CaptureEngine:
                         undo: contextlib.ExitStack) -> None:
         config = self.config
         dtype = _TORCH_DTYPES[config.dtype]
-        self._pool = SlotPool(config.pinned_slots, self._device.type == "cuda", dtype, tuple(config.annotations))
+        self._pool = SlotPool(config.pinned_slots, self._device.type == "cuda", dtype,
+                              tuple(config.annotations))
         undo.callback(self._pool.release)
         self._stager = Stager(self._device, dtype)
         if resume is not None:
             self.resume_sequences = max(resume.sequences - config.first_sequence, 0)
             self._next_sequence = config.first_sequence + self.resume_sequences
-        self._writer = WriterProcess(self._writer_spec(model, tokenizer, resume), self._pool, self._stager.cuda,
+        self._writer = WriterProcess(self._writer_spec(model, tokenizer, resume), self._pool,
+                                     self._stager.cuda,
                                      self._destination.lock.fd if self._destination and self._destination.lock
                                      else None)
         undo.callback(self._writer.abort)
         if self._destination is not None and self._destination.lock is not None:
             self._destination.lock.on_lost(self._stop_writing)
-        self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_point, config.early_stop)
+        self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_point,
+                                 config.early_stop)
         self._hooks.attach()
 
     def _writer_spec(self, model: torch.nn.Module, tokenizer: Any, resume: ResumePoint | None) -> WriterSpec:
         config = self.config
         model_config = getattr(model, "config", None)  # plain torch modules have none
         special = {*_token_ids(model_config, "bos_token_id"), *_token_ids(model_config, "eos_token_id"),
-                   *_token_ids(model_config, "pad_token_id"), *(getattr(tokenizer, "all_special_ids", None) or [])}
+                   *_token_ids(model_config, "pad_token_id"),
+                   *(getattr(tokenizer, "all_special_ids", None) or [])}
         bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
         return WriterSpec(
-            sink=self.sink_factory[config.sink], location=self._destination.location if self._destination else None,
+            sink=self.sink_factory[config.sink],
+            location=self._destination.location if self._destination else None,
             chunk_tokens=config.chunk_tokens, compressor=config.compressor, dtype=config.dtype,
             point_attributes=point_attributes(self.points, config.dtype),
             token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
@@ -262,9 +268,9 @@ class CaptureEngine:
         if self._current is not None:
             self._abandon_current()
         if self._stager.cuda and torch.cuda.is_current_stream_capturing():
-            raise HookPointError("capture cannot run inside CUDA graph capture (the hooks hand slots to another "
-                                 "process on every forward): capture the graph inside engine.detached() and "
-                                 "run the captured model eagerly")
+            raise HookPointError("capture cannot run inside CUDA graph capture (the hooks hand slots to "
+                                 "another process on every forward): capture the graph inside "
+                                 "engine.detached() and run the captured model eagerly")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -292,8 +298,9 @@ class CaptureEngine:
 
     def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> None:
         if self._max_positions is not None and seq_len > self._max_positions:
-            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} positions: "
-                             f"truncate inputs to at most {self._max_positions} tokens (tokenizer truncation=True)")
+            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} "
+                             f"positions: truncate inputs to at most {self._max_positions} tokens (tokenizer "
+                             "truncation=True)")
         if attention_mask is None:
             return
         if attention_mask.shape != (batch_size, seq_len):
@@ -372,7 +379,8 @@ class CaptureEngine:
         declared = set(self.config.annotations)
         if set(values) != declared:
             raise BatchError(f"annotations for this forward are {sorted(values)} but the config declares "
-                             f"{sorted(declared)}: call engine.annotate(...) with exactly those before each forward")
+                             f"{sorted(declared)}: call engine.annotate(...) with exactly those before each "
+                             "forward")
         for name, tensor in values.items():
             if tensor.is_floating_point() or tensor.is_complex():
                 raise BatchError(f"annotation {name!r} is {tensor.dtype}: pass integer values")
@@ -459,7 +467,7 @@ class CaptureEngine:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close(failed=exc_type is not None)
         if exc_type is KeyboardInterrupt and self.config.sink == "zarr":
-            warnings.warn(f"capture interrupted: committed chunks in {self.config.location} are intact. Continue "
-                          "with CaptureConfig(..., resume=True) and feed input sequences from "
+            warnings.warn(f"capture interrupted: committed chunks in {self.config.location} are intact. "
+                          "Continue with CaptureConfig(..., resume=True) and feed input sequences from "
                           "engine.resume_sequences on", stacklevel=2)
         return False

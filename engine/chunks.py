@@ -84,10 +84,10 @@ def stored_nbytes(array: zarr.Array, chunk_index: int) -> int | None:
 
 
 def absent_means_fill(file: ChunkFile | None) -> bool:
-    """Whether a chunk may be absent: only one its commit record has no file for (every chunk of format version
-    1, and arrays added after the capture, such as align's ``tokens/label``). zarr does not store a chunk whose
-    values all equal the fill value, and reads it back as that value, so such a chunk may never have been
-    stored. A version 2 record names every chunk the capture wrote: each must be there."""
+    """Whether a chunk may be absent: only one its commit record has no file for (every chunk of format
+    version 1, and arrays added after the capture, such as align's ``tokens/label``). zarr does not store a
+    chunk whose values all equal the fill value, and reads it back as that value, so such a chunk may never
+    have been stored. A version 2 record names every chunk the capture wrote: each must be there."""
     return file is None
 
 

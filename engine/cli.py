@@ -178,7 +178,8 @@ def _capture_config(args: argparse.Namespace, model_config, world_size: int, res
     spec = find_model(args.model)
     layers = args.layers if args.layers is not None else [
         spec.default_probe_layer if spec else model_config.num_hidden_layers // 2]
-    return CaptureConfig(args.out, layer_indices=layers, points=list(args.hooks), extra_modules=_extra_modules(args), dtype=args.dtype, chunk_tokens=args.chunk_tokens,
+    return CaptureConfig(args.out, layer_indices=layers, points=list(args.hooks),
+                         extra_modules=_extra_modules(args), dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                          num_writers=args.num_writers, pinned_slots=args.pinned_slots, resume=resume,
                          overwrite=args.overwrite, early_stop=not args.no_early_stop, model_name=args.model,
                          annotations=_ANNOTATIONS, statistics=not args.no_statistics,
@@ -570,7 +571,8 @@ def _export(args: argparse.Namespace) -> int:
     from .saelens import export_saelens
 
     done = export_saelens(args.store, args.out, args.key, args.context_size, hook_name=args.hook_name,
-                          dtype=args.dtype, seed=args.seed, buffer_chunks=args.buffer_chunks, exclude=args.exclude)
+                          dtype=args.dtype, seed=args.seed, buffer_chunks=args.buffer_chunks,
+                          exclude=args.exclude)
     print(f"[export] {done.rows:,} rows of {done.context_size} tokens x {done.d_in} {done.dtype} -> "
           f"{done.path} (column {done.hook_name!r}; {done.dropped_tokens} tokens after the last whole row "
           "left out)")
@@ -708,8 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      metavar="{models,capture,inspect,align,export}")
     models = commands.add_parser("models", parents=[common], help="list the model registry, or one model's "
                                  "hook points")
-    models.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its hook "
-                        "points per layer (module, width, TransformerLens name) from its config alone")
+    models.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its "
+                        "hook points per layer (module, width, TransformerLens name) from its config alone")
     models.set_defaults(run=_closed_pipe_is_fine(_models))
     _add_capture_parser(commands, common)
     ins = commands.add_parser("inspect", parents=[common], help="describe a store (exit status 1 when a "

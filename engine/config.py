@@ -115,7 +115,8 @@ class CaptureConfig:
                 raise ConfigError(f"annotation {name!r}: use an identifier other than "
                                   f"{', '.join(k.split('/')[1] for k in TOKEN_ARRAYS)}")
             if dtype not in ANNOTATION_DTYPES:
-                raise ConfigError(f"annotation {name!r} dtype {dtype!r}: use one of {', '.join(ANNOTATION_DTYPES)}")
+                raise ConfigError(f"annotation {name!r} dtype {dtype!r}: use one of "
+                                  f"{', '.join(ANNOTATION_DTYPES)}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ConfigError("output_dir must be a non-empty path to the zarr store to write")
         Location.of(self.output_dir)  # a URL must name a prefix inside its bucket
@@ -123,7 +124,8 @@ class CaptureConfig:
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
                 raise ConfigError(f"layer_indices must be non-negative ints, got {layer!r}")
         if len(set(self.layer_indices)) != len(self.layer_indices):
-            raise ConfigError(f"layer_indices has duplicates: {list(self.layer_indices)}; list each layer once")
+            raise ConfigError(f"layer_indices has duplicates: {list(self.layer_indices)}; list each layer "
+                              "once")
         if self.points and not self.layer_indices:
             raise ConfigError("layer_indices is empty but canonical hook points are enabled: name the layers "
                               "to capture, e.g. layer_indices=[6]")
@@ -131,12 +133,14 @@ class CaptureConfig:
             raise ConfigError("no hook point selected: name canonical points, e.g. points=['residual'], or "
                               "modules in extra_modules")
         for name, path in self.extra_modules.items():
-            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str) or not path:
+            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str) \
+                    or not path:
                 raise ConfigError(f"extra_modules entry {name!r}: names use letters, digits, '_', '.', '-' "
                                   "and map to a non-empty module path (a name from model.named_modules())")
         if self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)} "
-                              "(float32 or bfloat16 for models whose activations overflow float16)")
+            raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of "
+                              f"{', '.join(STORAGE_DTYPES)} (float32 or bfloat16 for models whose "
+                              "activations overflow float16)")
         for name in ("chunk_tokens", "num_writers", "pinned_slots"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -150,7 +154,8 @@ class CaptureConfig:
         if self.overwrite and self.resume:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:
-            raise ConfigError(f"sink {self.sink!r}: use 'zarr' or 'null' (null discards rows; for benchmarks)")
+            raise ConfigError(f"sink {self.sink!r}: use 'zarr' or 'null' (null discards rows; for "
+                              "benchmarks)")
         if isinstance(self.first_sequence, bool) or not isinstance(self.first_sequence, int) \
                 or self.first_sequence < 0:
             raise ConfigError(f"first_sequence must be a non-negative int, got {self.first_sequence!r}")

@@ -201,7 +201,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return self.columns + ([_TOKEN_IDS] if self.return_tokens else [])
 
     def _arrays(self, store: int, part: int) -> dict[str, zarr.Array]:
-        if self._handles_pid != os.getpid():  # a forked worker (not pickled) must not use the parent's handles
+        # a forked worker (not pickled) must not use the parent's handles
+        if self._handles_pid != os.getpid():
             self._handles, self._handles_pid = {}, os.getpid()
         if (store, part) not in self._handles:  # each lookup reads metadata: once per part and process
             group = open_group(self._part_locations[store][part])
@@ -241,8 +242,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             self.epoch += 1  # single process: each pass is a new epoch
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, self.rank, worker])
-                                                      .integers(2**62)))
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng([self.seed, epoch, self.rank, worker]).integers(2**62)))
         # One buffer reused for the whole pass: chunks are read straight into it, batches gathered out of it.
         limit = max(self.buffer_chunks * self.chunk_rows, self.batch_size)  # a batch must fit the buffer
         buffer = _MixingBuffer({c.name: self._row_type(c) for c in self._buffered()}, limit + self.chunk_rows,

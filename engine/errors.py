@@ -34,7 +34,8 @@ class StoreExistsError(EngineError, FileExistsError):
 
 
 class ResumeMismatchError(ConfigError):
-    """resume=True on a store captured with a different model or configuration; the message lists each field."""
+    """resume=True on a store captured with a different model or configuration; the message lists each
+    field."""
 
 
 class StoreLockedError(EngineError, BlockingIOError):
@@ -46,7 +47,8 @@ class StorePathError(EngineError, OSError):
 
 
 class BatchError(EngineError, ValueError):
-    """A forward pass's input cannot be captured (e.g. longer than the model's positions); nothing was staged."""
+    """A forward pass's input cannot be captured (e.g. longer than the model's positions); nothing was
+    staged."""
 
 
 class StoreFormatError(EngineError, ValueError):

@@ -2,7 +2,8 @@
 
 ``WriterProcess`` starts ``python -m engine.writer`` (a fresh interpreter: never a fork of a process that may
 have initialised CUDA, and it never imports the caller's ``__main__``), passes it one end of a socket and the
-store's lock, and sends it the ``WriterSpec``. See ``engine.writer`` for the messages and the shutdown protocol.
+store's lock, and sends it the ``WriterSpec``. See ``engine.writer`` for the messages and the shutdown
+protocol.
 
 On CPU the forward thread sends each batch itself once its last point is staged (the copies are
 synchronous). On CUDA a small handoff thread waits on each batch's event (``synchronize`` releases the GIL),
@@ -10,8 +11,8 @@ drops the batch's device snapshots and sends it: the forward thread never waits 
 (flush, close) travel behind the batches, in order, the same way.
 
 The forward thread reads what comes back (free slots, committed totals, errors) without blocking, at every
-forward; it blocks only when every slot is in use (backpressure), and then at most ``_LIVENESS_CHECK_S`` at a time
-between checks that the writer process is alive: a dead writer process is reported within a second.
+forward; it blocks only when every slot is in use (backpressure), and then at most ``_LIVENESS_CHECK_S`` at a
+time between checks that the writer process is alive: a dead writer process is reported within a second.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class WriterProcess:
             self._channel.send(("spec", spec))
             if cuda:
                 self._handoff = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff", daemon=True)
+                self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff",
+                                                daemon=True)
                 self._thread.start()
         except BaseException:
             self.abort()
@@ -127,7 +129,8 @@ class WriterProcess:
             self._handoff.put((slot, message))
 
     def _send(self, message: tuple, fds: tuple[int, ...] = ()) -> None:
-        """Send now; a writer process that is gone is reported as its death (a CaptureError), not a pipe error."""
+        """Send now; a writer process that is gone is reported as its death (a CaptureError), not a pipe
+        error."""
         try:
             self._channel.send(message, fds)
         except OSError:
@@ -180,8 +183,8 @@ class WriterProcess:
             raise self._error
 
     def refresh(self) -> None:
-        """Take in what the writer process sent, from any thread (``stats``); a failure it reports is raised at
-        the forward thread's next forward, flush or close."""
+        """Take in what the writer process sent, from any thread (``stats``); a failure it reports is raised
+        at the forward thread's next forward, flush or close."""
         self._receive(0.0)
 
     def _receive(self, timeout: float) -> None:
@@ -201,15 +204,15 @@ class WriterProcess:
         if kind == "free":
             self._pool.give_back(message[1])
         elif kind == "progress":
-            _, self.progress.tokens_committed, self.progress.bytes_committed, self.progress.chunks_committed = \
-                message
+            (_, self.progress.tokens_committed, self.progress.bytes_committed,
+             self.progress.chunks_committed) = message
         elif kind == "flushed":
             self._flushed = max(self._flushed, message[1])
         elif kind == "nonfinite" and not self._warned_nonfinite:
             self._warned_nonfinite = True
-            warnings.warn(f"{message[1]}: {message[2]} non-finite values in one chunk (stored as they are, counted "
-                          "per chunk in the commit records); if this is float16 overflow, capture with "
-                          "dtype='float32' or 'bfloat16'", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"{message[1]}: {message[2]} non-finite values in one chunk (stored as they are, "
+                          "counted per chunk in the commit records); if this is float16 overflow, capture "
+                          "with dtype='float32' or 'bfloat16'", RuntimeWarning, stacklevel=4)
         elif kind == "error" and self._error is None:
             _, cause, text = message
             self._error = CaptureError(f"capture writer failed: {cause!r}\n"
@@ -228,8 +231,8 @@ class WriterProcess:
         except subprocess.TimeoutExpired:
             code = None
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        self._error = CaptureError(f"the writer process (pid {self._process.pid}) died ({how}): chunks committed "
-                                   "so far are kept; continue with resume=True")
+        self._error = CaptureError(f"the writer process (pid {self._process.pid}) died ({how}): chunks "
+                                   "committed so far are kept; continue with resume=True")
 
     def _wait(self, done) -> None:
         """Read messages until ``done()``; raise if the writer process fails or dies meanwhile."""
@@ -256,8 +259,8 @@ class WriterProcess:
 
     # ---- shutdown ------------------------------------------------------------------------------
     def close(self, failed: bool, sequences: int) -> None:
-        """Protocol steps 2-4 (``engine.writer``); ``finalized`` tells whether the writer process published the
-        manifest. Raises the writer's failure unless it was raised before."""
+        """Protocol steps 2-4 (``engine.writer``); ``finalized`` tells whether the writer process published
+        the manifest. Raises the writer's failure unless it was raised before."""
         delivered = self.error_delivered
         try:
             if not self._dead:

@@ -263,8 +263,8 @@ def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> 
 
     def record(point: HookPoint, tensor: torch.Tensor) -> None:
         if tensor.dim() != 3:
-            raise HookPointError(f"{point.module_path} produces shape {tuple(tensor.shape)} for a (1, 1) batch: "
-                                 "only modules returning (batch, seq, dim) tensors can be captured")
+            raise HookPointError(f"{point.module_path} produces shape {tuple(tensor.shape)} for a (1, 1) "
+                                 "batch: only modules returning (batch, seq, dim) tensors can be captured")
         widths[point.key] = int(tensor.shape[-1])
 
     handles = [hp.attach(functools.partial(record, hp)) for hp in hook_points]

@@ -26,7 +26,8 @@ the document and what was expected.
 
 Format version 2 adds to each commit record ``files``: for every array written with the chunk,
 ``{"crc32c": c, "nbytes": n}`` (``ChunkFile``): every chunk the capture wrote must be there, at that length,
-with those rows (the writer stores every chunk, even one zarr would skip as equal to the fill value). Version 1 stores (records without ``files``) still read: an uncompressed chunk that is there
+with those rows (the writer stores every chunk, even one zarr would skip as equal to the fill value).
+Version 1 stores (records without ``files``) still read: an uncompressed chunk that is there
 must have a whole chunk's length, but an absent one reads as zeros (zarr skipped chunks equal to the fill
 value, so absence proves nothing) and nothing can be verified. The same holds for arrays added after the
 capture (align's ``tokens/label``), which no record describes.
@@ -123,7 +124,8 @@ def commit_record_key(chunk_index: int) -> str:
 
 
 def chunk_index_of(commit_name: str) -> int | None:
-    """Chunk index from a child name of the commits group, or None for anything else (zarr.json, temp files)."""
+    """Chunk index from a child name of the commits group, or None for anything else (zarr.json, temp
+    files)."""
     if not commit_name.startswith("chunk_"):
         return None
     digits = commit_name[len("chunk_"):]

@@ -60,7 +60,8 @@ def _convert_gguf(spec: ModelSpec, source: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to a transformers folder at %s (one time, ~40 s)", source, target)
-    quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                     dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # A GGUF-loaded model refuses save_pretrained: copy its dequantized weights into a plain model.
     config = quantized.config
@@ -134,8 +135,8 @@ def architecture_config(name_or_path: str | os.PathLike):
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         if path.exists():
-            raise ConfigError(f"model {name_or_path} is a file: pass a registry name (python -m engine models) or "
-                              "a model folder")
+            raise ConfigError(f"model {name_or_path} is a file: pass a registry name (python -m engine "
+                              "models) or a model folder")
         return get_model(str(name_or_path)).hf_config()
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
@@ -220,6 +221,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
     else:
         folder, looked = find_weights(get_model(str(name_or_path)), allow_download)
         if folder is None:
-            raise WeightsNotFoundError(f"no tokenizer for {name_or_path}: looked in {'; '.join(looked)}. Pass a "
-                                       "local model folder, or --tokenizer with a tokenizer folder")
+            raise WeightsNotFoundError(f"no tokenizer for {name_or_path}: looked in {'; '.join(looked)}. "
+                                       "Pass a local model folder, or --tokenizer with a tokenizer folder")
     return AutoTokenizer.from_pretrained(folder, local_files_only=not allow_download)

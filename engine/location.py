@@ -40,7 +40,8 @@ class Location:
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, where: str | os.PathLike | Location, storage_options: Mapping[str, Any] | None = None) -> Location:
+    def of(cls, where: str | os.PathLike | Location,
+           storage_options: Mapping[str, Any] | None = None) -> Location:
         """A Location from a path, a URL (``file://`` URLs are local paths) or a Location."""
         if isinstance(where, Location):
             return where
@@ -50,8 +51,9 @@ class Location:
         if _URL.match(text):
             url = text.rstrip("/")
             if "/" not in url.split("://", 1)[1]:
-                raise StorePathError(f"{text} is a bucket's root: name a prefix inside it, e.g. {url}/acts.zarr "
-                                     "(a store at the root would own, and on overwrite delete, the whole bucket)")
+                raise StorePathError(f"{text} is a bucket's root: name a prefix inside it, e.g. "
+                                     f"{url}/acts.zarr (a store at the root would own, and on overwrite "
+                                     "delete, the whole bucket)")
             return cls(url, dict(storage_options or {}))
         return cls(str(Path(text).expanduser().absolute()))
 
@@ -72,8 +74,8 @@ class Location:
             store = zarr.storage.FsspecStore.from_url(self.url, storage_options=dict(self.storage_options),
                                                       read_only=read_only)
         except ImportError as exc:
-            raise ImportError(f"{self.url} needs an fsspec filesystem for its protocol ({exc}): for s3:// install "
-                              "s3fs (pip install 'actcap-engine[s3]')") from exc
+            raise ImportError(f"{self.url} needs an fsspec filesystem for its protocol ({exc}): for s3:// "
+                              "install s3fs (pip install 'actcap-engine[s3]')") from exc
         # fsspec shares one filesystem instance per process and caches its listings: an opened store must
         # see the commit records written since (by another process, or before a crash), not a stale list.
         store.fs.invalidate_cache()

@@ -67,8 +67,8 @@ _HELD: weakref.WeakSet = weakref.WeakSet()
 
 
 def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader worker, say): close the locks' descriptors, which would otherwise keep the
-    parent's stores locked for as long as the child lives."""
+    """In a forked child (a DataLoader worker, say): close the locks' descriptors, which would otherwise keep
+    the parent's stores locked for as long as the child lives."""
     for lock in list(_HELD):
         lock.release()
 

@@ -1,4 +1,5 @@
-"""The manifest of a capture run (the root group's ``manifest`` attribute) and what a resume must share with it."""
+"""The manifest of a capture run (the root group's ``manifest`` attribute) and what a resume must share with
+it."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Dest
             mismatches = resume_mismatches(destination.stored, manifest)
             if mismatches:
                 raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
-                                          + ". Resume with the same model and CaptureConfig, or write a new store")
+                                          + ". Resume with the same model and CaptureConfig, or write a new "
+                                          "store")
         except BaseException:
             destination.release()
             raise

@@ -38,8 +38,8 @@ def process_group() -> tuple[int, int]:
     """(rank, world size) of the initialized default process group."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("distributed=True needs torch.distributed initialized: call "
-                          "torch.distributed.init_process_group('gloo' or 'nccl') first (under torchrun it reads "
-                          "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment)")
+                          "torch.distributed.init_process_group('gloo' or 'nccl') first (under torchrun it "
+                          "reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment)")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -63,7 +63,8 @@ def _prepare_root(root: Location, manifest: Manifest, world_size: int, exists: b
         if stored.world_size != world_size:
             raise ResumeMismatchError(
                 f"cannot resume {root}: it was written by {stored.world_size or 1} process(es), this run "
-                f"has {world_size}: resume with the same number of processes (torchrun --nproc_per_node, --nnodes)")
+                f"has {world_size}: resume with the same number of processes (torchrun --nproc_per_node, "
+                "--nnodes)")
         # Arrays added after capture (align's tokens/label) are dropped from the parts on resume: here too.
         _put_manifest(root, dataclasses.replace(stored, status=layout.STATUS_OPEN,
                                                 token_arrays=manifest.token_arrays))
@@ -151,7 +152,8 @@ class PartCoordinator:
                                group=self._group)
         failed = [f"rank {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
         if failed and error is None:
-            raise CaptureError("capture could not start on every rank, so this rank stops too: " + "; ".join(failed))
+            raise CaptureError("capture could not start on every rank, so this rank stops too: "
+                               + "; ".join(failed))
 
     def prepare(self, root: Location, manifest: Manifest | dict, overwrite: bool, resume: bool,
                 break_lock: bool) -> None:

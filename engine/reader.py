@@ -48,7 +48,8 @@ class CommittedArray:
     def zarr(self) -> zarr.Array:
         """The zarr array of a single-process store (a multi-process store has one per part: ``pieces``)."""
         if len(self.pieces) != 1:
-            raise TypeError(f"this array spans {len(self.pieces)} parts: use .pieces, one zarr array per part")
+            raise TypeError(f"this array spans {len(self.pieces)} parts: use .pieces, one zarr array per "
+                            "part")
         return self.pieces[0][0]
 
     def __len__(self) -> int:

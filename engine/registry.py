@@ -20,7 +20,8 @@ class ModelSpec:
 
     Args:
         name: registry name (``gpt2``, ``pythia-1.4b``...).
-        num_layers, hidden_dim, mlp_dim: architecture sizes (``mlp_dim`` is the down projection's input width).
+        num_layers, hidden_dim, mlp_dim: architecture sizes (``mlp_dim`` is the down projection's input
+            width).
         default_probe_layer: recommended mid-layer for first experiments.
         hf_repo_id: Hugging Face repository id, used to find weights in the local HF cache.
         architecture: adapter family in ``hookpoints.py`` (a key of ``hookpoints.ADAPTERS``).
@@ -66,7 +67,8 @@ class ModelSpec:
         return places
 
 
-_GPT2_BASE = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, bos_token_id=50256, eos_token_id=50256)
+_GPT2_BASE = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, bos_token_id=50256,
+                  eos_token_id=50256)
 
 _SPECS = (
     ModelSpec("gpt2", 12, 768, 3072, 6, "openai-community/gpt2", "gpt2",

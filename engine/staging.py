@@ -46,7 +46,8 @@ PAGE = mmap.PAGESIZE
 
 
 def _anonymous_file(nbytes: int) -> int:
-    """A descriptor of ``nbytes`` of memory with no name on any filesystem (freed when the last user closes)."""
+    """A descriptor of ``nbytes`` of memory with no name on any filesystem (freed when the last user
+    closes)."""
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("actcap-slot", os.MFD_CLOEXEC)
     else:  # macOS and others: a temporary file that is already unlinked
@@ -77,8 +78,8 @@ class SharedBuffer:
             error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
             if error:
                 self.release()
-                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed (cudaError "
-                                   f"{error}): lower pinned_slots or the batch size")
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed "
+                                   f"(cudaError {error}): lower pinned_slots or the batch size")
             self.pinned = True
 
     def typed(self, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -108,8 +109,8 @@ def point_buffer_name(key: str) -> str:
 class Slot:
     """Shared host buffers for one batch.
 
-    ``views`` maps ``"tokens"`` (2, batch, seq), ``"ids"``, ``"mask"``, ``"annotation/<name>"`` and each point's
-    key to its view for the current batch's shape (made once per shape; a steady run adds no view op).
+    ``views`` maps ``"tokens"`` (2, batch, seq), ``"ids"``, ``"mask"``, ``"annotation/<name>"`` and each
+    point's key to its view for the current batch's shape (made once per shape; a steady run adds no view op).
 
     Thread safety: owned by one side at a time: the forward process from ``SlotPool.take`` until it is handed
     to the writer process, which hands it back when its rows are copied out.
@@ -172,13 +173,15 @@ class Slot:
         tokens = self._typed_view(TOKENS, torch.int64, (2, *shape))
         views = self._views_by_shape[shape] = {TOKENS: tokens, "ids": tokens[0], "mask": tokens[1]}
         for name in self._annotations:
-            views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64, shape)
+            views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64,
+                                                                   shape)
         for key, dim in self.dims.items():
             views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, dim))
         return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
-        """(batch, seq, dim) view of one point's buffer, allocated on the first batch (when ``dim`` is known)."""
+        """(batch, seq, dim) view of one point's buffer, allocated on the first batch (when ``dim`` is
+        known)."""
         view = self.views.get(key)
         if view is None:
             if point_buffer_name(key) not in self.buffers:
@@ -310,8 +313,9 @@ class Stager:
         if self.cuda:
             if tensor.device != self.device:
                 raise HookPointError(f"{key} is on {tensor.device} but the model's first parameters are on "
-                                     f"{self.device}: capture needs a model on one device (for a model spread "
-                                     "over GPUs, capture each device's layers with their own engine)")
+                                     f"{self.device}: capture needs a model on one device (for a model "
+                                     "spread over GPUs, capture each device's layers with their own "
+                                     "engine)")
             self._copy_async(slot, destination, tensor.to(self.dtype, copy=True))
         else:
             destination.copy_(tensor)

@@ -4,8 +4,9 @@ Per array: count of rows used, mean vector, mean squared L2 norm (dictionary_lea
 ``norm_scaling_factor = sqrt(dim) / sqrt(mean_squared_norm)``), mean L2 norm (SAELens'
 ``expected_average_only_in`` scaling uses ``sqrt(dim) / mean_norm``), max norm, and the non-finite and float16
 overflow counts. Each chunk's moments are summed in float32 within blocks of at most ``BLOCK_BYTES`` and in
-float64 across blocks, and merged with Chan et al.'s pairwise update in float64, so the result depends on which
-writer thread commits which chunk first only by float64 rounding. Statistics only ever cover committed chunks.
+float64 across blocks, and merged with Chan et al.'s pairwise update in float64, so the result depends on
+which writer thread commits which chunk first only by float64 rounding. Statistics only ever cover committed
+chunks.
 
 Rows holding any non-finite value are counted but left out of the moments, and so are attention-sink rows:
 the first token of each sequence and any BOS (flags ``first`` / ``bos``). Their norms are orders of magnitude
@@ -30,7 +31,8 @@ BLOCK_BYTES = 1 << 20  # float32 temporaries are made block by block: bounded me
 
 
 def to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored rows as a new float32 array (bfloat16 is stored as its uint16 bits: the high half of a float32)."""
+    """Stored rows as a new float32 array (bfloat16 is stored as its uint16 bits: the high half of a
+    float32)."""
     if dtype == "bfloat16":
         return (rows.astype(np.uint32) << 16).view(np.float32)
     return rows.astype(np.float32)

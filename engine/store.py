@@ -218,12 +218,13 @@ def _check_existing(location: Location, exists: bool, overwrite: bool, resume: b
         raise StoreExistsError(f"output_dir {location} is not empty and not a capture store: choose a new or "
                                "empty location (nothing there was changed)")
     if exists and not (overwrite or resume):
-        raise StoreExistsError(f"a capture store already exists at {location}: pass overwrite=True to replace "
-                               "it or resume=True to continue it")
+        raise StoreExistsError(f"a capture store already exists at {location}: pass overwrite=True to "
+                               "replace it or resume=True to continue it")
 
 
 def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
-    """Whether a store exists at ``location``; raises (changing nothing) when it cannot be written as asked."""
+    """Whether a store exists at ``location``; raises (changing nothing) when it cannot be written as
+    asked."""
     path = location.local
     if path is None:
         exists = not sync(location.zarr_store().is_empty(""))
@@ -237,10 +238,11 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise StorePathError(f"cannot create {path}: {parent} is a file, not a folder; choose another output_dir")
+        raise StorePathError(f"cannot create {path}: {parent} is a file, not a folder; choose another "
+                             "output_dir")
     if not os.access(parent, os.W_OK):
-        raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an output_dir "
-                             "in a writable folder")
+        raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an "
+                             "output_dir in a writable folder")
     return exists
 
 
@@ -271,9 +273,10 @@ def _make_folders(folder: Path, durable: bool) -> None:
 
 
 def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does). ``size``: the file's
-    length, when longer than ``data`` (the rest is a hole: no disk blocks, reads as zeros). ``durable``: the
-    data reaches the disk before the rename, and the rename (and any new folder) before this returns."""
+    """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does). ``size``: the
+    file's length, when longer than ``data`` (the rest is a hole: no disk blocks, reads as zeros).
+    ``durable``: the data reaches the disk before the rename, and the rename (and any new folder) before this
+    returns."""
     _make_folders(path.parent, durable)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
@@ -373,7 +376,8 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     if point.damaged:
         warnings.warn(f"resuming {location}: cut back before damaged committed chunks, which are captured "
                       "again:\n  " + "\n  ".join(point.damaged), RuntimeWarning, stacklevel=2)
-    # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened prefix.
+    # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened
+    # prefix.
     group.update_attributes({layout.MANIFEST_ATTR: _resumed_manifest(stored, own, updates, point).to_json()})
     _cut_back(location, store, group, stored, point)
     _reserve_space(location)
@@ -439,9 +443,9 @@ class ZarrSink:
         self._compressor = compressor
         self._durable = durable
         self._root = location.local
-        # Uncompressed chunks are plain little-endian C-order bytes (zarr's bytes codec): local ones are written
-        # as files directly, skipping zarr's codec pipeline. Compressed arrays, metadata and every write to an
-        # object store go through zarr (one PUT per chunk object).
+        # Uncompressed chunks are plain little-endian C-order bytes (zarr's bytes codec): local ones are
+        # written as files directly, skipping zarr's codec pipeline. Compressed arrays, metadata and every
+        # write to an object store go through zarr (one PUT per chunk object).
         self._direct = self._root is not None and compressor is None and sys.byteorder == "little"
         self._lock = threading.Lock()
         self._group = open_group(location, mode="r+")
@@ -488,8 +492,8 @@ class ZarrSink:
 
     def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: CommitRecord) -> None:
         """Write one chunk's rows of every array, then its commit record, with each array's checksum and
-        stored size (which makes it visible). A partial chunk (the last one, at close) is written at its real length
-        plus a hole up to the chunk's size, so it takes no more disk blocks than its rows."""
+        stored size (which makes it visible). A partial chunk (the last one, at close) is written at its real
+        length plus a hole up to the chunk's size, so it takes no more disk blocks than its rows."""
         self._ensure_capacity(chunk_index * self.chunk_tokens + record.token_count)
         files = {key: self._write_rows(key, chunk_index, data) for key, data in arrays.items()}
         self._put_record(chunk_index, dataclasses.replace(record, files=files))

@@ -168,10 +168,12 @@ class SlotMemory:
         return (tokens[0] if batch.has_ids else None), (tokens[1] if batch.has_mask else None)
 
     def annotation_view(self, slot: int, name: str, batch: BatchInfo) -> np.ndarray:
-        return self._typed(slot, f"annotation/{name}", np.dtype(np.int64), (batch.batch_size * batch.seq_len,))
+        return self._typed(slot, f"annotation/{name}", np.dtype(np.int64),
+                           (batch.batch_size * batch.seq_len,))
 
     def point_rows(self, slot: int, key: str, dim: int, batch: BatchInfo) -> np.ndarray:
-        return self._typed(slot, f"point/{key}", self._spec.storage_dtype, (batch.batch_size * batch.seq_len, dim))
+        return self._typed(slot, f"point/{key}", self._spec.storage_dtype,
+                           (batch.batch_size * batch.seq_len, dim))
 
 
 @dataclasses.dataclass
@@ -322,11 +324,12 @@ class WriterPool:
                 self._dims = dict(dims)
                 if self._spec.statistics:
                     self.committed.statistics = Statistics(self._dims)
-                self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
+                self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype,
+                                                      self._spec.point_attributes[key])
                                                 for key, dim in self._dims.items()})
             elif dims != self._dims:
-                raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: resume "
-                                  "with the model and hook points the store was captured with")
+                raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: "
+                                  "resume with the model and hook points the store was captured with")
             ids, mask = self._memory.token_views(slot, batch)
             keep = None if mask is None else np.flatnonzero(mask.reshape(-1))
             if keep is not None and keep.size == mask.size:
@@ -353,7 +356,8 @@ class WriterPool:
             if self._spare:
                 return self._spare.pop()
         rows = self._chunk_tokens
-        buffers = {key: np.empty((rows, dim), dtype=self._spec.storage_dtype) for key, dim in self._dims.items()}
+        buffers = {key: np.empty((rows, dim), dtype=self._spec.storage_dtype)
+                   for key, dim in self._dims.items()}
         for key, dtype in self._spec.token_arrays.items():
             buffers[key] = np.empty(rows, dtype=dtype)
         return buffers
@@ -380,7 +384,8 @@ class WriterPool:
 
     def _fill(self, job: _Job) -> None:
         tokens = self._token_rows(job.slot, job.batch, job.ids, job.mask, job.keep)
-        rows = {key: self._memory.point_rows(job.slot, key, dim, job.batch) for key, dim in self._dims.items()}
+        rows = {key: self._memory.point_rows(job.slot, key, dim, job.batch)
+                for key, dim in self._dims.items()}
         for chunk, offset, first, last in job.pieces:
             span = slice(offset, offset + last - first)
             for key, source in rows.items():
@@ -412,8 +417,9 @@ class WriterPool:
         arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
         record, moments = self._record(chunk.index, arrays)
         self._sink.write_chunk(chunk.index, arrays, record)
-        totals = self.committed.add(chunk.index, _Committed(rows, sum(array.nbytes for array in arrays.values()),
-                                                            moments, record.stats))
+        totals = self.committed.add(chunk.index,
+                                    _Committed(rows, sum(array.nbytes for array in arrays.values()),
+                                               moments, record.stats))
         self._send(("progress", *totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
@@ -484,9 +490,10 @@ class Server:
         """Handle ``messages`` (already received), then every later one, until close.
 
         The channel is polled, not waited on: a process blocked on the socket must be woken by each message,
-        which costs the sender (the model's forward thread) tens of microseconds of interprocessor wakeup per
-        batch on virtual machines (benchmarks/results/cpu-2026-11-28/). Polling every CHANNEL_POLL_MIN_S while
-        batches come, backing off to CHANNEL_POLL_MAX_S when idle, costs this process instead.
+        which costs the sender (the model's forward thread) an interprocessor wakeup per batch (part of what
+        took the hooks' CPU per forward from ~330 to ~230 us: benchmarks/results/cpu-2026-12-03/hook_cpu.txt).
+        Polling every CHANNEL_POLL_MIN_S while batches come, backing off to CHANNEL_POLL_MAX_S when idle,
+        costs this process instead.
         """
         idle = 0.0
         while True:
@@ -526,7 +533,8 @@ class Server:
         return False
 
     def _close(self, failed: bool, sequences: int) -> None:
-        """Protocol step 4; always answers ``closed`` (``finalized`` False: the manifest was not published)."""
+        """Protocol step 4; always answers ``closed`` (``finalized`` False: the manifest was not
+        published)."""
         pool = self._pool
         status, finalized = layout.STATUS_FAILED, False
         try:

@@ -11,7 +11,8 @@ from engine import CaptureConfig, CaptureEngine, load_model, open_store
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpt2_acts.zarr")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -24,7 +25,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
         for _ in range(args.batches):
-            ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+            ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len),
+                                generator=generator)
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     print(cap.stats)
     store = open_store(args.out)

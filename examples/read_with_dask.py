@@ -34,4 +34,5 @@ def load(name: str) -> da.Array:
 acts, flags = load(key), load("tokens/flags")
 not_bos = (flags & manifest["flag_bits"]["bos"]) == 0
 print(key, acts.shape, acts.dtype, "chunks", acts.chunksize, "parts", len(parts))
-print("mean norm (BOS excluded):", float(da.linalg.norm(acts[not_bos.compute()].astype("float32"), axis=1).mean()))
+print("mean norm (BOS excluded):",
+      float(da.linalg.norm(acts[not_bos.compute()].astype("float32"), axis=1).mean()))

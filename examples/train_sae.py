@@ -33,7 +33,8 @@ def train(path: str, key: str, steps: int = 300, expansion: int = 4, l1: float =
     torch.manual_seed(seed)
     store = open_store(path)
     scale = store.manifest.statistics[key]["norm_scaling_factor"]
-    data = ActivationDataset(store, key, batch_size=batch_size, exclude=("bos", "first"), seed=seed, drop_last=True)
+    data = ActivationDataset(store, key, batch_size=batch_size, exclude=("bos", "first"), seed=seed,
+                             drop_last=True)
     sae = SparseAutoencoder(data.dim, expansion * data.dim)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     losses = []
@@ -52,7 +53,8 @@ def train(path: str, key: str, steps: int = 300, expansion: int = 4, l1: float =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
     parser.add_argument("key")
     parser.add_argument("--steps", type=int, default=300)

@@ -145,7 +145,8 @@ class Kill:
         return cls(fraction, rng.uniform(0.0, 0.8 * PACE_S), orphan)
 
     def line(self, batches: int) -> int:
-        """Progress lines to read before the kill: 1 is "ready", 2 the first batch, ``batches + 2`` "closing"."""
+        """Progress lines to read before the kill: 1 is "ready", 2 the first batch,
+        ``batches + 2`` "closing"."""
         return 1 + round(self.fraction * (batches + 1))
 
 
@@ -156,7 +157,8 @@ def launch(store, resume: bool, ranks: int = 1, count: int = N_SEQUENCES, flags=
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     args = [*launcher, str(JOB), str(store), str(count)] + (["--resume"] if resume else []) + (
         ["--distributed"] if ranks > 1 else []) + [str(flag) for flag in flags]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count: int = N_SEQUENCES,
@@ -185,9 +187,9 @@ def run_job(store, resume: bool, kill: Kill | None = None, ranks: int = 1, count
 
 
 def _kill_job(proc: subprocess.Popen, orphan: bool) -> None:
-    """SIGKILL every process of a job at once: the launcher and every descendant (torchrun starts each rank in a
-    session of its own, and the engine its writer processes too, so no process group holds them all). With
-    ``orphan``, the writer processes are spared and must exit by themselves."""
+    """SIGKILL every process of a job at once: the launcher and every descendant (torchrun starts each rank
+    in a session of its own, and the engine its writer processes too, so no process group holds them all).
+    With ``orphan``, the writer processes are spared and must exit by themselves."""
     import psutil
 
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

@@ -14,9 +14,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import overhead  # noqa: E402
 
-TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256", "--layers", "1",
-        "--batch-size", "2", "--seq-len", "16", "--num-batches", "1", "--min-round-s", "0", "--repeats", "1",
-        "--chunk-tokens", "8"]
+TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256",
+        "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--num-batches", "1", "--min-round-s", "0",
+        "--repeats", "1", "--chunk-tokens", "8"]
 REQUIRED = ["baseline_tokens_per_s", "hooked_tokens_per_s", "overhead_percent", "steady_overhead_percent",
             "peak_gpu_memory_gb", "host_rss_delta_mb", "stall_seconds", "queue_high_water", "gate_passed"]
 
@@ -35,8 +35,8 @@ def test_gate_on_cpu_reports_but_does_not_gate_tokens_per_s():
 
 def test_gate_fails_on_overhead_and_gpu_memory():
     assert not overhead.evaluate_gate(result(overhead_percent=55.0))["overhead_percent"]["passed"]
-    gpu = overhead.evaluate_gate(result(device_type="cuda", hooked_tokens_per_s=5e5, gpu_memory_overhead_gb=9.0,
-                                        gpu_total_memory_gb=80.0))
+    gpu = overhead.evaluate_gate(result(device_type="cuda", hooked_tokens_per_s=5e5,
+                                        gpu_memory_overhead_gb=9.0, gpu_total_memory_gb=80.0))
     assert gpu["tokens_per_s"]["gated"] and gpu["tokens_per_s"]["passed"]
     assert gpu["gpu_memory_overhead_gb"]["passed"] is False  # 9 GB > 10% of 80 GB
 

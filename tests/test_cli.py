@@ -75,8 +75,8 @@ def test_capture_inspect_align_read(model_dir, corpus, tmp_path):
     spans = tmp_path / "a.align.jsonl"
     first = texts[0]
     cut = first.index(" ", 10)
-    spans.write_text(json.dumps({"doc_id": 0, "spans": [[0, cut, "step1"], [cut, len(first), "step2"]]}) + "\n"
-                     + json.dumps({"doc_id": 2, "spans": [[0, 5, "step1"]]}) + "\n")
+    spans.write_text(json.dumps({"doc_id": 0, "spans": [[0, cut, "step1"], [cut, len(first), "step2"]]})
+                     + "\n" + json.dumps({"doc_id": 2, "spans": [[0, 5, "step1"]]}) + "\n")
     assert "labelled with 2 labels" in cli("align", out, spans)
     labels = open_store(out)["tokens/label"][:]
     real = end > start
@@ -217,7 +217,8 @@ def test_no_pack_reports_what_the_cut_dropped(model_dir, corpus, tmp_path):
     cut, dropped = sum(n > 24 for n in lengths), sum(max(n - 24, 0) for n in lengths)
     assert cut, "the corpus has documents longer than 24 tokens"
     total = sum(lengths)
-    assert f"{cut} of 30 documents were cut at --seq-len 24, dropping {dropped:,} of {total:,} tokens" in printed
+    assert (f"{cut} of 30 documents were cut at --seq-len 24, "
+            f"dropping {dropped:,} of {total:,} tokens") in printed
     assert open_store(tmp_path / "s.zarr").num_tokens == sum(lengths) - dropped
 
 

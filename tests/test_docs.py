@@ -115,7 +115,8 @@ def test_the_readme_first_capture_and_reading_run_as_written(tmp_path):
     assert (tmp_path / "acts.zarr").is_dir()
     for index, block in enumerate(_blocks(ROOT / "README.md", "python")):
         script = tmp_path / f"readme_{index}.py"
-        script.write_text("if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in block.splitlines()))
+        script.write_text("if __name__ == '__main__':\n"
+                          + "".join(f"    {line}\n" for line in block.splitlines()))
         result = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=900)
         assert result.returncode == 0, f"README python block {index} failed:\n{result.stderr[-3000:]}"

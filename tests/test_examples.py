@@ -42,8 +42,8 @@ def test_sae_loss_falls(store):
 
 def test_dask_example_reads_the_store(store):
     pytest.importorskip("dask")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "read_with_dask.py"), str(store), "layer_1/residual"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(EXAMPLES / "read_with_dask.py"), str(store),
+                          "layer_1/residual"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "status complete" in out.stdout and "mean norm" in out.stdout
 

@@ -1,5 +1,5 @@
-"""The CUDA path: side-stream copies into pinned shared slots, event-synchronized handoff. Skipped without a GPU
-(run with ``python -m pytest -m gpu`` on a CUDA machine; ``benchmarks/gpu_check.sh`` does)."""
+"""The CUDA path: side-stream copies into pinned shared slots, event-synchronized handoff. Skipped without a
+GPU (run with ``python -m pytest -m gpu`` on a CUDA machine; ``benchmarks/gpu_check.sh`` does)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
         with CaptureEngine(model, cfg) as cap, torch.no_grad():
             for batch in batches:
                 model(**batch)
-            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots for buffer in slot.buffers.values()]
+            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots
+                      for buffer in slot.buffers.values()]
     assert pinned and all(pinned), "every shared slot buffer is registered with CUDA (true DMA)"
     masks = [b["attention_mask"].cpu() for b in batches]
     store = open_store(cfg.output_dir)
@@ -92,7 +93,8 @@ def test_hooks_never_synchronize_the_device(tmp_path):
 
 
 def test_cuda_hooks_dispatch_few_ops_per_point(tmp_path):
-    """staging.py's table on CUDA: 2 ops per batch (stack snapshot + copy), 2 per point (cast snapshot + copy)."""
+    """staging.py's table on CUDA: 2 ops per batch (stack snapshot + copy), 2 per point
+    (cast snapshot + copy)."""
     model = tiny_model("gpt2").cuda()
     batch = cuda_batch(ragged_batch(3, 8))
     base = dispatched_ops(model, batch)

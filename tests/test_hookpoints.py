@@ -1,4 +1,5 @@
-"""Hook points resolve to the modules whose tensors mean what the names say, proved against the model itself."""
+"""Hook points resolve to the modules whose tensors mean what the names say, proved against the model
+itself."""
 
 from __future__ import annotations
 
@@ -286,7 +287,10 @@ def test_input_points_see_their_tensor_passed_positionally_or_by_keyword(variant
         finally:
             handle.remove()
         assert len(seen) == 2 and torch.equal(seen[0], args[0]) and torch.equal(seen[1], args[0]), hp.key
-        first = (lambda out: out[0] if isinstance(out, tuple) else out)
+
+        def first(out):
+            return out[0] if isinstance(out, tuple) else out
+
         torch.testing.assert_close(first(by_keyword), first(positional), atol=0, rtol=0)
 
 

@@ -34,7 +34,8 @@ def run_capture(model, cfg, batches, tokenizer=None):
 def test_stored_rows_equal_model_activations(family, side, tmp_path):
     model = tiny_model(family)
     batches = [ragged_batch(5, 9, seed=s, side=side) for s in range(4)]
-    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=7, num_writers=3, **ALL_POINTS)
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=7, num_writers=3,
+                        **ALL_POINTS)
     cap, ref = run_capture(model, cfg, batches)
     masks = [b["attention_mask"] for b in batches]
     store = open_store(cfg.output_dir)
@@ -274,7 +275,8 @@ def test_early_stop_skips_later_layers_and_stores_the_same_rows(tmp_path):
             assert model(**batches[0]) is not None and calls == ["block1", "lm_head"]
     run_capture(model, full, batches)
     for key in ("layer_0/residual", "layer_0/mlp_hidden", "tokens/sequence"):
-        np.testing.assert_array_equal(open_store(early.output_dir)[key][:], open_store(full.output_dir)[key][:])
+        np.testing.assert_array_equal(open_store(early.output_dir)[key][:],
+                                      open_store(full.output_dir)[key][:])
     assert model(**batches[0]) is not None, "the model's own forward is restored after close"
 
 
@@ -340,7 +342,8 @@ def test_annotations_are_stored_per_token(tmp_path):
     store = open_store(cfg.output_dir)
     masks = [b["attention_mask"].bool() for b in batches]
     np.testing.assert_array_equal(store["tokens/doc_id"][:],
-                                  np.concatenate([np.full(int(m.sum()), 100 + i) for i, m in enumerate(masks)]))
+                                  np.concatenate([np.full(int(m.sum()), 100 + i)
+                                                  for i, m in enumerate(masks)]))
     np.testing.assert_array_equal(store["tokens/char_start"][:],
                                   np.concatenate([torch.arange(18).view(3, 6)[m].numpy() for m in masks]))
     assert store["tokens/char_start"].dtype == np.int32 and "tokens/doc_id" in store.keys()
@@ -415,7 +418,8 @@ def test_torch_compile_captures_the_same_rows(tmp_path):
     masks = [b["attention_mask"] for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks), err_msg=key)
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
+                                      err_msg=key)
 
 
 def test_a_small_store_takes_the_disk_its_rows_need(tmp_path):

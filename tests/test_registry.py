@@ -1,4 +1,5 @@
-"""The model registry: listed sizes match the architecture configs, lookups fail helpfully, the CLI lists it."""
+"""The model registry: listed sizes match the architecture configs, lookups fail helpfully, the CLI lists
+it."""
 
 from __future__ import annotations
 

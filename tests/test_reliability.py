@@ -131,7 +131,8 @@ def small_filesystem(tmp_path):
     """A real 640 KiB tmpfs (needs root, as CI has); else None."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount)],
+                          capture_output=True)
     if done.returncode != 0:
         yield None
         return
@@ -165,7 +166,8 @@ def test_disk_full_fails_cleanly_and_keeps_committed_chunks(tmp_path, small_file
 @pytest.mark.parametrize("make_cfg, error, match", [
     (lambda p: small_cfg(p, layer_indices=[5]), engine.HookPointError, r"valid indices are 0\.\.1"),
     (lambda p: CaptureConfig(p, capture_residual=False, capture_mlp_hidden=False,
-                             extra_modules={"x": "transformer.nope"}), engine.HookPointError, "no module at path"),
+                             extra_modules={"x": "transformer.nope"}),
+     engine.HookPointError, "no module at path"),
 ])
 def test_bad_hook_points_fail_before_anything_is_written(make_cfg, error, match, tmp_path):
     with pytest.raises(error, match=match):
@@ -260,9 +262,11 @@ def test_use_after_close_is_an_error(tmp_path):
 
 def test_resume_after_a_crash_between_array_creations(tmp_path):
     """kill -9 can land while the first batch creates the arrays (a window of seconds on object storage):
-    nothing is committed yet and some arrays are missing. Resume starts over instead of refusing the widths."""
+    nothing is committed yet and some arrays are missing. Resume starts over instead of refusing the
+    widths."""
     model = tiny_model("gpt2")
-    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=1024)  # the first batches fill no chunk: nothing commits
+    # The first batches fill no chunk: nothing commits.
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=1024)
     crashed = CaptureEngine(model, cfg)
     with torch.no_grad():
         model(**ragged_batch(3, 7, seed=0))

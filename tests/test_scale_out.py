@@ -73,8 +73,9 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker: the same float results
     subprocess.run([sys.executable, "-m", "engine", *map(str, capture_args(model_dir, corpus, single))],
                    check=True, capture_output=True, env=env, timeout=300)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "engine", *map(str, capture_args(model_dir, corpus, parts))],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "engine",
+                           *map(str, capture_args(model_dir, corpus, parts))],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[capture rank 0] done" in done.stdout and "[capture rank 1] done" in done.stdout
@@ -86,8 +87,8 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
     assert manifest.committed_tokens == store.num_tokens == reference.num_tokens
     # Each process wrote only its own part; rank 0 only the root and parts/ group documents.
     assert sorted(os.listdir(parts)) == ["parts", "zarr.json"]
-    assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00000.lock", "rank_00001", "rank_00001.lock",
-                                                   "zarr.json"]
+    assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00000.lock", "rank_00001",
+                                                   "rank_00001.lock", "zarr.json"]
     sequences = [set(open_store(part.location)["tokens/sequence"][:].tolist()) for part in store.parts]
     assert not sequences[0] & sequences[1]
 
@@ -167,11 +168,13 @@ def test_each_part_is_checked_like_a_store(tmp_path, process_group_of_one):
 
 @pytest.mark.parametrize("mode", ["hooks", "resume"])
 def test_a_rank_that_cannot_start_stops_every_rank(mode, tmp_path):
-    """No rank waits in a collective for one that gave up: rank 1 fails its setup (a bad layer before the store
-    is prepared, or a resume mismatch on its part after), and both ranks fail with a message naming it."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).resolve().parent / "setup_failure_job.py"), str(tmp_path / "s.zarr"),
-                           mode], capture_output=True, text=True, timeout=240)
+    """No rank waits in a collective for one that gave up: rank 1 fails its setup (a bad layer before the
+    store is prepared, or a resume mismatch on its part after), and both ranks fail with a message naming
+    it."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2",
+                           str(Path(__file__).resolve().parent / "setup_failure_job.py"),
+                           str(tmp_path / "s.zarr"), mode], capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
     assert "rank 0 failed: CaptureError: capture could not start on every rank" in done.stdout, done.stdout
     assert "rank 1: " + ("HookPointError" if mode == "hooks" else "ResumeMismatchError") in done.stdout
@@ -213,7 +216,8 @@ def test_a_bucket_root_is_refused():
 
 def test_distributed_needs_a_process_group(tmp_path):
     with pytest.raises(Exception, match="init_process_group"):
-        CaptureEngine(tiny_model("gpt2"), CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], distributed=True))
+        CaptureEngine(tiny_model("gpt2"),
+                      CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], distributed=True))
 
 
 # ---- object storage ---------------------------------------------------------------------------------------
@@ -231,7 +235,8 @@ def s3_endpoint():
     server.stop()
 
 
-LEASE_S = 1.5  # crash jobs' lock lease here: a killed job's lock is broken after a second or two, not a minute
+# Crash jobs' lock lease here: a killed job's lock is broken after a second or two, not a minute.
+LEASE_S = 1.5
 HOLDER_LEASE_S = 4.0  # a killed holder's: long enough for a check right after the kill to fall within it
 
 
@@ -274,7 +279,8 @@ def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
     for start in ("fork", "spawn"):  # forked workers after the parent read: they must not reuse its handles
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
                                              multiprocessing_context=start, timeout=120)
-        np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), expected, err_msg=start)
+        np.testing.assert_array_equal(np.sort(torch.cat(list(loader)).numpy(), axis=0), expected,
+                                      err_msg=start)
 
     committed = remote.manifest.committed_tokens  # dask reads the zarr arrays alone, no engine code
     acts = da.from_zarr(f"{bucket}/runs/s.zarr", component=KEYS[0])[:committed]
@@ -353,8 +359,8 @@ time.sleep(600)
 
 def killed_holder(url: str) -> int:
     """A process that takes the store's lock and is killed -9 with it; returns its pid."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(HOLDER_LEASE_S)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(HOLDER_LEASE_S)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         alive = rf"pid {holder.pid} .*\(lease {HOLDER_LEASE_S:.0f} s\): one writer per store"
