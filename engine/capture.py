@@ -281,13 +281,14 @@ class CaptureEngine:
         batch_size, seq_len = shape[0], shape[1] if len(shape) > 1 else 1
         self._check_batch(batch_size, seq_len, attention_mask)
         annotations = self._pending_annotations
-        if annotations or self._annotation_names:
+        if annotations:
             self._pending_annotations = {}
-            self._check_annotations(annotations, batch_size, seq_len)
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
             self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
+        if annotations or self._annotation_names:
+            self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,

@@ -142,14 +142,15 @@ class Slot:
         self.views = {}
 
     def grow(self, tokens: int, dims: dict[str, int]) -> None:
-        """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far)."""
+        """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far, besides those
+        of points this slot staged in a forward that failed before the first batch was handed over)."""
         self.capacity = tokens
         self._allocate(TOKENS, 2 * tokens * 8)
         for name in self._annotations:
             self._allocate(annotation_buffer_name(name), tokens * 8)
-        for key, dim in dims.items():
+        self.dims = {**self.dims, **dims}
+        for key, dim in self.dims.items():
             self._allocate(point_buffer_name(key), tokens * dim * self._dtype.itemsize)
-        self.dims = dict(dims)
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
         """Start a batch: grow the buffers if it is larger than any before (by 25% at least)."""
