@@ -286,12 +286,22 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
                 f.truncate(size)
             if durable:
                 os.fsync(f.fileno())
+                _drop_cached_pages(f.fileno())
         os.replace(partial, path)
         if durable:
             _fsync_folder(path.parent)
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk gets its space back
         raise
+
+
+def _drop_cached_pages(fd: int) -> None:
+    """Let the kernel reuse the page cache of a file already on disk. A capture writes far more than it reads
+    back soon; without this the page cache grows with every chunk, each written page is a page newly taken
+    from free memory, and on virtual machines that first touch is what writing costs most
+    (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 RESERVE_BYTES = 128 * 1024
