@@ -163,8 +163,6 @@ class CaptureEngine:
         self._stall_seconds = 0.0
         self._detached_depth = 0
         self._point_count = 0
-        self._early_stop = config.early_stop
-        self._annotation_names = tuple(config.annotations)
         self._started = time.perf_counter()
         self.resume_sequences = 0
         self._next_sequence = config.first_sequence
@@ -287,7 +285,7 @@ class CaptureEngine:
         if self._skip_forward:
             self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
-        if annotations or self._annotation_names:
+        if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
@@ -336,7 +334,7 @@ class CaptureEngine:
         self._stager.stage_point(slot, point.key, tensor)
         if len(slot.captured) == self._point_count:
             self._submit(slot)
-            if self._early_stop:
+            if self.config.early_stop:
                 raise StopForward  # caught by the wrapper around the root forward
 
     def _submit(self, slot) -> None:

@@ -181,14 +181,13 @@ class Slot:
         return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
-        """(batch, seq, dim) view of one point's buffer, allocated on the first batch (when ``dim`` is
-        known)."""
+        """(batch, seq, dim) view of one point's buffer; on the point's first batch, when ``dim`` is known,
+        its buffer is allocated."""
         view = self.views.get(key)
         if view is None:
-            if point_buffer_name(key) not in self.buffers:
-                self._allocate(point_buffer_name(key), self.capacity * dim * self._dtype.itemsize)
-                self.dims[key] = dim
-                self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
+            self._allocate(point_buffer_name(key), self.capacity * dim * self._dtype.itemsize)
+            self.dims[key] = dim
+            self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
             view = self.views[key]
         return view
 

@@ -285,8 +285,7 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
             if size is not None and size > f.tell():
                 f.truncate(size)
             if durable:
-                os.fsync(f.fileno())
-                _drop_cached_pages(f.fileno())
+                _sync_to_disk(f.fileno())
         os.replace(partial, path)
         if durable:
             _fsync_folder(path.parent)
@@ -295,11 +294,12 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
         raise
 
 
-def _drop_cached_pages(fd: int) -> None:
-    """Let the kernel reuse the page cache of a file already on disk. A capture writes far more than it reads
-    back soon; without this the page cache grows with every chunk, each written page is a page newly taken
+def _sync_to_disk(fd: int) -> None:
+    """fsync, then let the kernel reuse the file's page cache. A capture writes far more than it reads back
+    soon; without the drop the page cache grows with every chunk, each written page is a page newly taken
     from free memory, and on virtual machines that first touch is what writing costs most
     (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
+    os.fsync(fd)
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -550,7 +550,7 @@ class ZarrSink:
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        _sync_to_disk(f.fileno())
 
 
 class NullSink:
