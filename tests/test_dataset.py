@@ -8,7 +8,8 @@ import torch
 
 import engine
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
-from engine.layout import FLAG_BOS
+from engine.layout import FLAG_BOS, FLAG_FIRST
+from engine.statistics import as_float32_with_range, chunk_summary
 
 from fakes import use_sink
 from helpers import assert_statistics_match, ragged_batch, tiny_model
@@ -140,6 +141,51 @@ def test_statistics_survive_resume(tmp_path):
                 model(**ragged_batch(3, 7, seed=seed))
     assert open_store(cfg.output_dir).num_tokens % 8  # the resumed run continued a cut chunk
     assert_statistics_match(cfg.output_dir, "layer_0/residual", 64)
+
+
+EVERY_HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+
+
+@pytest.mark.parametrize("finite_only", [True, False], ids=["finite", "with-inf-and-nan"])
+def test_statistics_decode_every_float16_value_exactly(finite_only):
+    """The statistics' own float16 decoding (not numpy's cast) gives numpy's float32 for every bit pattern:
+    subnormals, both zeros, the largest values, and (through the exact fallback) inf and nan."""
+    halves = EVERY_HALF[np.isfinite(EVERY_HALF)] if finite_only else EVERY_HALF
+    out = np.empty(halves.shape, dtype=np.float32)
+    if finite_only:  # the bit arithmetic alone, without the fallback
+        decoded = engine.statistics._finite_half_to_float32(halves, out)
+    else:
+        decoded, low, high = as_float32_with_range(halves, "float16", out)
+        assert np.isnan(low) and np.isnan(high)
+    np.testing.assert_array_equal(decoded.view(np.uint32), halves.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_chunk_summary_matches_float64_numpy(dtype, monkeypatch):
+    """Commit-record stats and moments of a chunk with inf, nan, subnormal and sink rows, against float64
+    numpy over numpy's own conversion; blocks of 64 rows, so that some hold an inf or nan and some not."""
+    monkeypatch.setattr(engine.statistics, "BLOCK_BYTES", 64 * 48 * 4)
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((600, 48)) * 40).astype(np.float32)
+    values[5, 3], values[9, 0], values[9, 1], values[300, 7] = np.inf, -np.inf, np.nan, 2.0 ** -20
+    flags = np.where(np.arange(600) % 50 == 0, FLAG_FIRST, 0).astype(np.uint8)
+    if dtype == "bfloat16":
+        stored = torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+        exact = torch.from_numpy(stored).view(torch.bfloat16).float().numpy().astype(np.float64)
+    else:
+        stored = values.astype(dtype)
+        exact = stored.astype(np.float64)
+    summary, moments = chunk_summary(stored, dtype, flags)
+    finite = np.isfinite(exact)
+    assert (summary.min, summary.max) == (exact[finite].min(), exact[finite].max())
+    assert summary.nonfinite == (~finite).sum() == 3
+    kept = finite.all(axis=1) & (flags == 0)
+    norms = np.linalg.norm(exact[kept], axis=1)
+    assert moments.count == kept.sum() and moments.sink_rows == 12
+    np.testing.assert_allclose(moments.total, exact[kept].sum(axis=0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(moments.squared_norms, (norms ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(moments.norms, norms.sum(), rtol=1e-5)
+    assert moments.max_norm == pytest.approx(norms.max(), rel=1e-6)
 
 
 def test_statistics_can_be_turned_off(tmp_path):
