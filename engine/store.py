@@ -27,6 +27,7 @@ from zarr.core.sync import sync
 from . import layout
 from .chunks import chunk_key, crc32c, full_chunk_nbytes, local_chunk_path, plain_encoded, store_name
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
+from .files import fsync_file, fsync_folder, write_file_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -254,56 +255,6 @@ def clear_location(location: Location) -> None:
         shutil.rmtree(location.local)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_folders(folder: Path, durable: bool) -> None:
-    """Create ``folder`` and its missing parents; when ``durable``, each new entry reaches the disk."""
-    if folder.is_dir():
-        return
-    _make_folders(folder.parent, durable)
-    folder.mkdir(exist_ok=True)
-    if durable:
-        _fsync_folder(folder.parent)
-
-
-def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it over (as LocalStore does). ``size``: the
-    file's length, when longer than ``data`` (the rest is a hole: no disk blocks, reads as zeros).
-    ``durable``: the data reaches the disk before the rename, and the rename (and any new folder) before this
-    returns."""
-    _make_folders(path.parent, durable)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-            if size is not None and size > f.tell():
-                f.truncate(size)
-            if durable:
-                _sync_to_disk(f.fileno())
-        os.replace(partial, path)
-        if durable:
-            _fsync_folder(path.parent)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # a full disk gets its space back
-        raise
-
-
-def _sync_to_disk(fd: int) -> None:
-    """fsync, then let the kernel reuse the file's page cache. A capture writes far more than it reads back
-    soon; without the drop the page cache grows with every chunk, each written page is a page newly taken
-    from free memory, and on virtual machines that first touch is what writing costs most
-    (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
-    os.fsync(fd)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 RESERVE_BYTES = 128 * 1024
 
 
@@ -519,7 +470,7 @@ class ZarrSink:
         start = chunk_index * self.chunk_tokens
         array[start:start + len(data)] = data
         if self._durable and self._root is not None:
-            _fsync_file(local_chunk_path(array, chunk_index))
+            fsync_file(local_chunk_path(array, chunk_index))
         if plain_encoded(array):
             return ChunkFile(checksum, full_chunk_nbytes(array))
         return ChunkFile(checksum, sync(array.store.getsize(chunk_key(array, chunk_index))))  # one stat/HEAD
@@ -544,13 +495,8 @@ class ZarrSink:
             self._manifest = dataclasses.replace(self._manifest, **manifest_updates)
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
             if self._durable and self._root is not None:
-                _fsync_file(self._root / "zarr.json")
-                _fsync_folder(self._root)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        _sync_to_disk(f.fileno())
+                fsync_file(self._root / "zarr.json")
+                fsync_folder(self._root)
 
 
 class NullSink:

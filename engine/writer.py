@@ -58,6 +58,7 @@ import numpy as np
 from . import layout
 from .channel import Channel, ChannelClosed
 from .errors import ConfigError
+from .files import page_aligned_empty
 from .layout import CommitRecord
 from .location import Location
 from .statistics import Statistics, chunk_summary
@@ -356,10 +357,10 @@ class WriterPool:
             if self._spare:
                 return self._spare.pop()
         rows = self._chunk_tokens
-        buffers = {key: np.empty((rows, dim), dtype=self._spec.storage_dtype)
+        buffers = {key: page_aligned_empty((rows, dim), self._spec.storage_dtype)
                    for key, dim in self._dims.items()}
         for key, dtype in self._spec.token_arrays.items():
-            buffers[key] = np.empty(rows, dtype=dtype)
+            buffers[key] = page_aligned_empty((rows,), dtype)
         return buffers
 
     def _token_rows(self, slot: int, batch: BatchInfo, ids, mask, keep) -> dict[str, np.ndarray]:

@@ -1,0 +1,145 @@
+"""Local files written for keeps: atomic replacement, fsync, and bulk rows that bypass the page cache.
+
+A durable chunk file goes to the disk with ``O_DIRECT`` when its rows allow it (a buffer from
+``page_aligned_empty``, and at least one ``DIRECT_UNIT`` of them): the disk reads the rows straight from the
+writer's buffer, where a buffered write would copy them into the page cache, write that back at the fsync,
+and then drop it. On this project's 2-core VM that is 2.8 ms of CPU per 10.5 MB instead of 6.1
+(benchmarks/results/cpu-2026-12-03b/direct_write.txt), and the capture's forward gets the difference. The
+tail past the last whole unit, and every file on a filesystem that refuses ``O_DIRECT`` (tmpfs on older
+kernels, some network filesystems), is written the ordinary way; the bytes on disk are the same either way.
+
+Torch-free: the writer process uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+DIRECT_UNIT = 4096  # O_DIRECT's unit of buffer address, length and file offset on common Linux filesystems
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; elsewhere every write is buffered
+
+
+def page_aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.empty`` whose data starts on a ``DIRECT_UNIT`` boundary, so it can be written with O_DIRECT."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + DIRECT_UNIT, dtype=np.uint8)
+    offset = -raw.ctypes.data % DIRECT_UNIT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def direct_length(data) -> int:
+    """Leading bytes of ``data`` that O_DIRECT can write: whole units from an aligned address (0: none)."""
+    if not _O_DIRECT or not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+        return 0
+    if data.ctypes.data % DIRECT_UNIT:
+        return 0
+    return data.nbytes // DIRECT_UNIT * DIRECT_UNIT
+
+
+def sync_to_disk(fd: int) -> None:
+    """fsync, then let the kernel reuse the file's page cache. A capture writes far more than it reads back
+    soon; without the drop the page cache grows with every chunk, each written page is a page newly taken
+    from free memory, and on virtual machines that first touch is what writing costs most
+    (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
+    os.fsync(fd)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        sync_to_disk(f.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_folders(folder: Path, durable: bool) -> None:
+    """Create ``folder`` and its missing parents; when ``durable``, each new entry reaches the disk."""
+    if folder.is_dir():
+        return
+    make_folders(folder.parent, durable)
+    folder.mkdir(exist_ok=True)
+    if durable:
+        fsync_folder(folder.parent)
+
+
+def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
+    """Write ``data`` (bytes, or a C-contiguous array) to a temp file beside ``path`` and rename it over (as
+    LocalStore does). ``size``: the file's length, when longer than ``data`` (the rest is a hole: no disk
+    blocks, reads as zeros). ``durable``: the data reaches the disk before the rename, and the rename (and
+    any new folder) before this returns; an aligned array's whole units go with O_DIRECT."""
+    make_folders(path.parent, durable)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        _write_new_file(partial, data, durable, size)
+        os.replace(partial, path)
+        if durable:
+            fsync_folder(path.parent)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
+
+
+def _write_new_file(path: Path, data, durable: bool, size: int | None) -> None:
+    payload = memoryview(data).cast("B")
+    direct = direct_length(data) if durable else 0
+    fd = _open_new(path, direct=direct > 0)
+    try:
+        done = 0
+        if direct and fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
+            done = _write_direct(fd, payload[:direct])
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        _write_all(fd, payload[done:])
+        if size is not None and size > len(payload):
+            os.ftruncate(fd, size)
+        if durable:
+            sync_to_disk(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_new(path: Path, direct: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    if direct:
+        try:
+            return os.open(path, flags | _O_DIRECT, 0o644)
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                raise
+    return os.open(path, flags, 0o644)
+
+
+def _write_direct(fd: int, payload: memoryview) -> int:
+    """Write whole units with O_DIRECT; returns the bytes written, short when the filesystem refuses a write
+    (EINVAL) or writes less than asked (the rest then goes buffered)."""
+    done = 0
+    while done < len(payload):
+        try:
+            written = os.write(fd, payload[done:])
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            break
+        done += written
+        if written % DIRECT_UNIT:
+            break
+    return done
+
+
+def _write_all(fd: int, payload: memoryview) -> None:
+    done = 0
+    while done < len(payload):
+        done += os.write(fd, payload[done:])
