@@ -23,6 +23,7 @@ import numpy as np
 
 DIRECT_UNIT = 4096  # O_DIRECT's unit of buffer address, length and file offset on common Linux filesystems
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; elsewhere every write is buffered
+_NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP)  # what a filesystem without O_DIRECT (FUSE, tmpfs...) answers
 
 
 def page_aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -117,20 +118,20 @@ def _open_new(path: Path, direct: bool) -> int:
         try:
             return os.open(path, flags | _O_DIRECT, 0o644)
         except OSError as error:
-            if error.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+            if error.errno not in _NO_DIRECT:
                 raise
     return os.open(path, flags, 0o644)
 
 
 def _write_direct(fd: int, payload: memoryview) -> int:
     """Write whole units with O_DIRECT; returns the bytes written, short when the filesystem refuses a write
-    (EINVAL) or writes less than asked (the rest then goes buffered)."""
+    or writes less than asked (the rest then goes buffered)."""
     done = 0
     while done < len(payload):
         try:
             written = os.write(fd, payload[done:])
         except OSError as error:
-            if error.errno != errno.EINVAL:
+            if error.errno not in _NO_DIRECT:
                 raise
             break
         done += written
