@@ -1,12 +1,13 @@
 """Local files written for keeps: atomic replacement, fsync, and bulk rows that bypass the page cache.
 
-A durable chunk file goes to the disk with ``O_DIRECT`` when its rows allow it (a buffer from
-``page_aligned_empty``, and at least one ``DIRECT_UNIT`` of them): the disk reads the rows straight from the
-writer's buffer, where a buffered write would copy them into the page cache, write that back at the fsync,
-and then drop it. On this project's 2-core VM that is 2.8 ms of CPU per 10.5 MB instead of 6.1
-(benchmarks/results/cpu-2026-12-03b/direct_write.txt), and the capture's forward gets the difference. The
-tail past the last whole unit, and every file on a filesystem that refuses ``O_DIRECT`` (tmpfs on older
-kernels, some network filesystems), is written the ordinary way; the bytes on disk are the same either way.
+A durable chunk file that the sink writes itself (a local store without compression) is written with
+``O_DIRECT`` when its rows allow it (a buffer from ``page_aligned_empty``, and at least one ``DIRECT_UNIT`` of
+them): on ext4 or XFS the disk reads the rows straight from the writer's buffer, where a buffered write would
+copy them into the page cache, write that back at the fsync, and then drop it. On this project's 2-core VM
+that is 2.8 ms of CPU per 10.5 MB instead of 6.1 (benchmarks/results/cpu-2026-12-03b/direct_write.txt), and
+the capture's forward gets the difference. The tail past the last whole unit, and every file on a filesystem
+that refuses ``O_DIRECT`` (some FUSE and older tmpfs mounts), is written the ordinary way; the bytes on disk
+are the same either way.
 
 Torch-free: the writer process uses it.
 """
@@ -77,25 +78,33 @@ def make_folders(folder: Path, durable: bool) -> None:
         fsync_folder(folder.parent)
 
 
-def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> None:
-    """Write ``data`` (bytes, or a C-contiguous array) to a temp file beside ``path`` and rename it over (as
-    LocalStore does). ``size``: the file's length, when longer than ``data`` (the rest is a hole: no disk
-    blocks, reads as zeros). ``durable``: the data reaches the disk before the rename, and the rename (and
-    any new folder) before this returns; an aligned array's whole units go with O_DIRECT."""
+def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> int:
+    """Write ``data`` (bytes, or an array) to a temp file beside ``path`` and rename it over (as LocalStore
+    does). ``size``: the file's length, when longer than ``data`` (the rest is a hole: no disk blocks, reads
+    as zeros). ``durable``: the data reaches the disk before the rename, and the rename (and any new folder)
+    before this returns; an aligned array's whole units are written with O_DIRECT where the filesystem takes
+    it. Returns the bytes written with O_DIRECT."""
     make_folders(path.parent, durable)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
-        _write_new_file(partial, data, durable, size)
+        direct = _write_new_file(partial, data, durable, size)
         os.replace(partial, path)
         if durable:
             fsync_folder(path.parent)
+        return direct
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk gets its space back
         raise
 
 
-def _write_new_file(path: Path, data, durable: bool, size: int | None) -> None:
-    payload = memoryview(data).cast("B")
+def _bytes_of(data) -> memoryview:
+    if isinstance(data, np.ndarray):
+        return memoryview(data.reshape(-1).view(np.uint8))  # also an array with no elements
+    return memoryview(data).cast("B")
+
+
+def _write_new_file(path: Path, data, durable: bool, size: int | None) -> int:
+    payload = _bytes_of(data)
     direct = direct_length(data) if durable else 0
     fd = _open_new(path, direct=direct > 0)
     try:
@@ -108,6 +117,7 @@ def _write_new_file(path: Path, data, durable: bool, size: int | None) -> None:
             os.ftruncate(fd, size)
         if durable:
             sync_to_disk(fd)
+        return done
     finally:
         os.close(fd)
 
@@ -134,6 +144,8 @@ def _write_direct(fd: int, payload: memoryview) -> int:
             if error.errno not in _NO_DIRECT:
                 raise
             break
+        if not written:
+            raise OSError(errno.EIO, f"no bytes written to descriptor {fd}")
         done += written
         if written % DIRECT_UNIT:
             break
@@ -143,4 +155,7 @@ def _write_direct(fd: int, payload: memoryview) -> int:
 def _write_all(fd: int, payload: memoryview) -> None:
     done = 0
     while done < len(payload):
-        done += os.write(fd, payload[done:])
+        written = os.write(fd, payload[done:])
+        if not written:
+            raise OSError(errno.EIO, f"no bytes written to descriptor {fd}")
+        done += written

@@ -50,17 +50,27 @@ def _finite_half_to_float32(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+_SMALLEST_HALF = np.array([1], dtype=np.uint16).view(np.float16)
+
+
+def _subnormals_survive() -> bool:
+    """False when this thread treats float32 subnormals as zero (denormals-are-zero, set for example by
+    ``torch.set_flush_denormal(True)`` or a library built with -ffast-math): the decoder's multiply would then
+    turn float16 subnormals into zeros, so numpy's cast is used instead."""
+    return bool(_finite_half_to_float32(_SMALLEST_HALF, np.empty(1, dtype=np.float32))[0])
+
+
 def as_float32_with_range(rows: np.ndarray, dtype: str, out: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Stored rows as float32 in ``out`` (float32, the rows' shape), exactly, and their min and max (numpy's:
-    nan when there is one) from the same passes. bfloat16 is stored as its uint16 bits: the high half of a
-    float32."""
+    nan when there is one); for float16 rows without inf or nan the min and max come from the passes that
+    check for them. bfloat16 is stored as its uint16 bits: the high half of a float32."""
     if not out.size:
         return out, math.inf, -math.inf
     if dtype == "bfloat16":
         bits = out.view(np.uint32)
         np.copyto(bits, rows)
         np.left_shift(bits, 16, out=bits)
-    elif dtype == "float16":
+    elif dtype == "float16" and _subnormals_survive():
         _finite_half_to_float32(rows, out)
         low, high = out.min(), out.max()
         if -_HALF_DECODED_LIMIT < low and high < _HALF_DECODED_LIMIT:

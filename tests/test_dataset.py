@@ -160,6 +160,19 @@ def test_statistics_decode_every_float16_value_exactly(finite_only):
     np.testing.assert_array_equal(decoded.view(np.uint32), halves.astype(np.float32).view(np.uint32))
 
 
+def test_float16_subnormals_stay_exact_when_the_thread_flushes_denormals():
+    """torch.set_flush_denormal(True) makes float32 arithmetic treat subnormals as zero on this thread; the
+    statistics then decode float16 with numpy's cast, and subnormals keep their values."""
+    halves = EVERY_HALF[np.isfinite(EVERY_HALF)]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        decoded, _, _ = as_float32_with_range(halves, "float16", np.empty(halves.shape, dtype=np.float32))
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(decoded.view(np.uint32), halves.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_chunk_summary_matches_float64_numpy(dtype, monkeypatch):
     """Commit-record stats and moments of a chunk with inf, nan, subnormal and sink rows, against float64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -54,15 +55,82 @@ def test_a_file_on_tmpfs_holds_exactly_the_data(tmp_path):
         path.unlink(missing_ok=True)
 
 
-@needs_o_direct
-def test_a_refused_direct_write_leaves_the_rest_to_a_buffered_one(tmp_path):
-    """The kernel refuses an O_DIRECT write from a misaligned buffer (EINVAL): nothing is written that way and
-    the caller writes everything buffered."""
-    data = page_aligned_empty((2 * DIRECT_UNIT + 1,), np.uint8)
-    data[:] = 9
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+def takes_o_direct(folder: Path) -> bool:
+    """Whether files in ``folder`` can be opened with O_DIRECT (the filesystem's answer, asked directly)."""
     try:
-        assert files._write_direct(fd, memoryview(data)[1:]) == 0
-    finally:
-        os.close(fd)
-    assert os.path.getsize(tmp_path / "f") == 0
+        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (folder / ".probe").unlink()
+    return True
+
+
+@needs_o_direct
+def test_aligned_rows_are_written_with_o_direct_where_the_filesystem_takes_it(tmp_path):
+    data = page_aligned_empty((3 * DIRECT_UNIT + 5,), np.uint8)
+    data[:] = 3
+    direct = write_file_atomic(tmp_path / "f", data, durable=True)
+    assert direct == (3 * DIRECT_UNIT if takes_o_direct(tmp_path) else 0)
+    assert write_file_atomic(tmp_path / "g", data, durable=False) == 0, "scratch files stay buffered"
+    assert write_file_atomic(tmp_path / "h", data[1:], durable=True) == 0, "misaligned rows stay buffered"
+
+
+def test_an_empty_array_writes_an_empty_file(tmp_path):
+    write_file_atomic(tmp_path / "f", page_aligned_empty((0, 8), np.float16), durable=True, size=64)
+    assert (tmp_path / "f").read_bytes() == bytes(64)
+
+
+def _refusing(monkeypatch, where: str, error: int, short_after: int | None = None) -> None:
+    """A filesystem without O_DIRECT, which cannot be made here: ``where`` = "open" refuses the flag at open,
+    "write" accepts it there and refuses the writes with ``error`` (``short_after``: the first write writes
+    only that many bytes instead)."""
+    real_open, real_write = os.open, os.write
+    calls = []
+
+    def fake_open(path, flags, *args):
+        if where == "open" and flags & os.O_DIRECT:
+            raise OSError(error, "O_DIRECT refused")
+        return real_open(path, flags, *args)
+
+    def fake_write(fd, payload):
+        if where == "write" and files.fcntl.fcntl(fd, files.fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append(len(payload))
+            if short_after is None or len(calls) > 1:
+                raise OSError(error, "O_DIRECT write refused")
+            return real_write(fd, payload[:short_after])
+        return real_write(fd, payload)
+
+    monkeypatch.setattr(files.os, "open", fake_open)
+    monkeypatch.setattr(files.os, "write", fake_write)
+
+
+@needs_o_direct
+@pytest.mark.parametrize("where, error, short_after", [
+    ("open", errno.EINVAL, None), ("open", errno.EOPNOTSUPP, None), ("write", errno.EINVAL, None),
+    ("write", errno.EINVAL, DIRECT_UNIT), ("write", errno.EINVAL, DIRECT_UNIT + 512)],
+    ids=["open-einval", "open-eopnotsupp", "write-einval", "short-whole-unit", "short-part-unit"])
+def test_a_filesystem_refusing_o_direct_gets_the_same_bytes_buffered(tmp_path, monkeypatch, where, error,
+                                                                    short_after):
+    if where == "write" and not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT: its open refuses it already")
+    data = page_aligned_empty((4 * DIRECT_UNIT + 9,), np.uint8)
+    data[:] = np.arange(data.size) % 241
+    _refusing(monkeypatch, where, error, short_after)
+    direct = write_file_atomic(tmp_path / "f", data, durable=True, size=5 * DIRECT_UNIT)
+    assert direct == (short_after or 0)
+    stored = np.fromfile(tmp_path / "f", dtype=np.uint8)
+    np.testing.assert_array_equal(stored[:data.size], data)
+    assert stored.size == 5 * DIRECT_UNIT and not stored[data.size:].any()
+
+
+@needs_o_direct
+def test_other_write_errors_are_raised_and_leave_no_file(tmp_path, monkeypatch):
+    if not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    data = page_aligned_empty((2 * DIRECT_UNIT,), np.uint8)
+    _refusing(monkeypatch, "write", errno.ENOSPC)
+    with pytest.raises(OSError) as raised:
+        write_file_atomic(tmp_path / "f", data, durable=True)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

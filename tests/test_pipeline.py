@@ -53,8 +53,8 @@ def test_stored_rows_equal_model_activations(family, side, tmp_path):
 
 
 def test_chunks_of_whole_disk_units_are_stored_exactly(tmp_path):
-    """Chunks of 8 KiB and 20 KiB per array go to the disk with O_DIRECT (durable, local, on Linux), the
-    last, partial one partly so: every row is the model's, and every checksum holds."""
+    """Chunks of 8 KiB and 20 KiB per array are written with O_DIRECT where the filesystem takes it (durable,
+    local, Linux), the last, partial one partly so: every row is the model's, and every checksum holds."""
     model = tiny_model("gpt2")
     batches = [ragged_batch(5, 30, seed=s) for s in range(5)]
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], chunk_tokens=64, num_writers=2)
