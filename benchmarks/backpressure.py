@@ -43,7 +43,7 @@ class ThrottledSink(ZarrSink):
     _lock = threading.Lock()
     _next_free = 0.0
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         nbytes = sum(a.nbytes for a in arrays.values())
         rate = float(os.environ[SINK_MB_S_ENV]) * 1e6
         with ThrottledSink._lock:  # one shared "disk": writes queue behind each other at the throttled rate
@@ -51,7 +51,7 @@ class ThrottledSink(ZarrSink):
             ThrottledSink._next_free = start + nbytes / rate
             wait = ThrottledSink._next_free - time.perf_counter()
         time.sleep(max(0.0, wait))
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)
 
 
 MEMORY_EVERY = 10  # batches between memory samples

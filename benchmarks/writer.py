@@ -1,6 +1,9 @@
-"""Writer throughput: the engine's pipeline (staging -> writer process -> zarr) vs raw ndarray.tofile of the
-same bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as ratios, for
+"""Writer throughput: the engine's pipeline (staging -> writer process -> zarr) vs raw writes of the same
+bytes, in the same chunk-sized files, on the same disk, interleaved in one run; reported as ratios, for
 durable stores (each chunk fsynced before its commit record, the default) and scratch ones (durable=False).
+Two raw baselines: ndarray.tofile into the page cache, then one os.sync() (the issue's); and each file written
+with O_DIRECT and fsynced on its own, which is the durability a durable store gives each chunk (on a virtual
+disk the first swings several-fold from run to run with the host's writeback, the second much less).
 Also what the commit records' CRC32C checksums cost (always on, so measured apart): seconds per GB of the
 writer's own checksum function over chunk-sized blocks, and the share of each pipeline's time that is.
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
 from engine.chunks import crc32c  # noqa: E402
+from engine.files import DIRECT_UNIT, page_aligned_empty  # noqa: E402
 
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
@@ -63,6 +67,32 @@ def raw_tofile(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) ->
     for k in range(n_chunks):
         for i, block in enumerate(blocks):
             block.tofile(root / f"p{i}_{k}.bin")
+    if SYNC:
+        os.sync()
+    return time.perf_counter() - start
+
+
+def raw_durable(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) -> float:
+    """Seconds to write the same files each with O_DIRECT (buffered where the filesystem or the file's length
+    refuses it) and an fsync, from page-aligned blocks: no checksums, statistics, records or renames."""
+    blocks = [page_aligned_empty((chunk_tokens, dim), np.float16) for dim in dims]
+    for block in blocks:
+        block.fill(1.5)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    start = time.perf_counter()
+    for k in range(n_chunks):
+        for i, block in enumerate(blocks):
+            path = root / f"p{i}_{k}.bin"
+            direct = getattr(os, "O_DIRECT", 0) if block.nbytes % DIRECT_UNIT == 0 else 0
+            try:
+                fd = os.open(path, flags | direct, 0o644)
+            except OSError:
+                fd = os.open(path, flags, 0o644)
+            try:
+                os.write(fd, block.data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if SYNC:
         os.sync()
     return time.perf_counter() - start
@@ -112,8 +142,9 @@ def main(argv=None) -> int:
     n_chunks = n_batches * batch_tokens // args.chunk_tokens
     nbytes_pipeline = n_batches * batch_tokens * row_bytes
     nbytes_raw = n_chunks * args.chunk_tokens * row_bytes
-    kinds = ["raw"] if args.raw_only else ["raw"] + {"on": ["durable"], "off": ["scratch"],
-                                                     "both": ["durable", "scratch"]}[args.durable]
+    raws = ["raw", "raw_durable"]
+    kinds = raws if args.raw_only else raws + {"on": ["durable"], "off": ["scratch"],
+                                               "both": ["durable", "scratch"]}[args.durable]
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     base = Path(args.output_dir or tempfile.mkdtemp(prefix="actcap_writer_"))
     try:
@@ -122,8 +153,9 @@ def main(argv=None) -> int:
                 root = base / f"{kind}{r}"
                 root.mkdir(parents=True)
                 os.sync()  # start each run with no dirty pages left by the previous one
-                if kind == "raw":
-                    seconds = raw_tofile(root, args.dims, n_chunks, args.chunk_tokens)
+                if kind in raws:
+                    write = raw_tofile if kind == "raw" else raw_durable
+                    seconds = write(root, args.dims, n_chunks, args.chunk_tokens)
                     rates[kind].append(nbytes_raw / seconds / 1e6)
                 else:
                     seconds, _ = pipeline(root, args, n_batches, durable=kind == "durable")
@@ -135,24 +167,33 @@ def main(argv=None) -> int:
     result = {"synced_to_disk": SYNC, "dims": args.dims, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers,
               "mb_per_run": nbytes_pipeline / 1e6, "raw_tofile_mb_per_s": rates["raw"],
+              "raw_durable_mb_per_s": rates["raw_durable"],
               "crc32c_seconds_per_gb": crc32c_seconds_per_gb(args.dims, args.chunk_tokens)}
     print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each, "
           f"{'ending with os.sync()' if SYNC else 'page cache only (--no-sync)'}")
     print(f"[writer] raw tofile MB/s: {', '.join(f'{x:.0f}' for x in rates['raw'])}")
-    for kind in kinds[1:]:
+    print(f"[writer] raw O_DIRECT + fsync per file MB/s: "
+          f"{', '.join(f'{x:.0f}' for x in rates['raw_durable'])}")
+    pipelines = kinds[len(raws):]
+    for kind in pipelines:
         ratios = [p / r for p, r in zip(rates[kind], rates["raw"])]
+        durable_ratios = [p / r for p, r in zip(rates[kind], rates["raw_durable"])]
         result.update({f"{kind}_mb_per_s": rates[kind], f"{kind}_ratios": ratios,
-                       f"{kind}_ratio_median": statistics.median(ratios)})
+                       f"{kind}_ratio_median": statistics.median(ratios),
+                       f"{kind}_ratios_to_raw_durable": durable_ratios,
+                       f"{kind}_ratio_to_raw_durable_median": statistics.median(durable_ratios)})
         print(f"[writer] pipeline ({kind}) MB/s: {', '.join(f'{x:.0f}' for x in rates[kind])}; "
               f"ratio to raw: median {statistics.median(ratios):.3f} "
-              f"(range {min(ratios):.3f}..{max(ratios):.3f})")
+              f"(range {min(ratios):.3f}..{max(ratios):.3f}); "
+              f"to raw O_DIRECT + fsync: median {statistics.median(durable_ratios):.3f} "
+              f"(range {min(durable_ratios):.3f}..{max(durable_ratios):.3f})")
         # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
         # of writing at this pipeline's median rate, an upper bound on their share of its time.
         crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3
         result[f"{kind}_crc32c_share"] = crc_share
     print(f"[writer] CRC32C checksums: {result['crc32c_seconds_per_gb']:.3f} s per GB"
           + "".join(f", at most {100 * result[f'{kind}_crc32c_share']:.1f}% of the {kind} pipeline's time"
-                    for kind in kinds[1:]))
+                    for kind in pipelines))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -8,6 +8,7 @@ resize/append rewrite ``zarr.json`` from in-memory shape without a lock of their
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -17,7 +18,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -391,14 +392,16 @@ class ZarrSink:
     by the writer process, which owns every metadata change from then on.
 
     Args:
-        spec: the writer process's ``WriterSpec`` (location, chunk_tokens, compressor, durable).
+        location, chunk_tokens, compressor, durable: from the writer process's ``WriterSpec``.
+        io_threads: threads that write chunk rows (``open`` gives one per writer thread).
 
     Thread safety: ``write_chunk`` from several threads for distinct chunks; every metadata change (array
     creation, capacity growth, trim, manifest) under one lock here, because zarr's resize rewrites
     ``zarr.json`` from the in-memory shape without a lock of its own.
     """
 
-    def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool):
+    def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool,
+                 io_threads: int = 1):
         self.chunk_tokens = chunk_tokens
         self._location = location
         self._compressor = compressor
@@ -419,10 +422,11 @@ class ZarrSink:
             self._group, [*self._manifest.arrays, *self._manifest.token_arrays]).items()}
         # A crash can land between two arrays' resizes: the smallest is what every array has.
         self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="actcap-rows")
 
     @classmethod
     def open(cls, spec) -> "ZarrSink":
-        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable)
+        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable, spec.num_writers)
 
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
@@ -451,13 +455,27 @@ class ZarrSink:
         for array in self._arrays.values():
             array.resize((rows, *array.shape[1:]))
 
-    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: CommitRecord) -> None:
+    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray],
+                    make_record: Callable[[], CommitRecord]) -> None:
         """Write one chunk's rows of every array, then its commit record, with each array's checksum and
         stored size (which makes it visible). A partial chunk (the last one, at close) is written at its real
-        length plus a hole up to the chunk's size, so it takes no more disk blocks than its rows."""
-        self._ensure_capacity(chunk_index * self.chunk_tokens + record.token_count)
-        files = {key: self._write_rows(key, chunk_index, data) for key, data in arrays.items()}
-        self._put_record(chunk_index, dataclasses.replace(record, files=files))
+        length plus a hole up to the chunk's size, so it takes no more disk blocks than its rows.
+
+        The rows go to the disk from an I/O thread while ``make_record`` (the chunk's statistics) runs on
+        this one: in turn, a writer thread's CPU and its disk wait added up and each sat idle most of the
+        time (benchmarks/results/cpu-2026-12-04/commit_overlap.txt)."""
+        rows = len(next(iter(arrays.values())))
+        self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
+        written = self._io.submit(self._write_all_rows, chunk_index, arrays)
+        try:
+            record = make_record()
+        except BaseException:
+            concurrent.futures.wait([written])  # no write of this chunk outlives its failure
+            raise
+        self._put_record(chunk_index, dataclasses.replace(record, files=written.result()))
+
+    def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, ChunkFile]:
+        return {key: self._write_rows(key, chunk_index, data) for key, data in arrays.items()}
 
     def _write_rows(self, key: str, chunk_index: int, data: np.ndarray) -> ChunkFile:
         """One array's rows of a chunk, written; returns what the commit record says of them."""
@@ -497,6 +515,7 @@ class ZarrSink:
             if self._durable and self._root is not None:
                 fsync_file(self._root / "zarr.json")
                 fsync_folder(self._root)
+        self._io.shutdown()
 
 
 class NullSink:
@@ -509,8 +528,9 @@ class NullSink:
     def create_point_arrays(self, specs) -> None:
         pass
 
-    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray], record: CommitRecord) -> None:
-        pass
+    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray],
+                    make_record: Callable[[], CommitRecord]) -> None:
+        make_record()
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
         pass

@@ -32,8 +32,9 @@ Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close;
 
 Ordering: writers take batches from the queue one at a time under ``_order_lock`` and reserve their row range
 there, so rows land in forward order whatever the thread timing. The copying and the chunk writes run outside
-the lock, in parallel. A chunk is written by the thread that fills its last row. Commit records can land out
-of order; readers trust the gap-free prefix only.
+the lock, in parallel. A chunk is written by the thread that fills its last row: its rows from the sink's I/O
+thread while this one computes the chunk's statistics, its commit record after both. Commit records can land
+out of order; readers trust the gap-free prefix only.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class WriterPool:
 
     Args:
         spec: the run.
-        sink: where chunks go (``write_chunk``, ``create_point_arrays``).
+        sink: where chunks go (``write_chunk(index, arrays, make_record)``, ``create_point_arrays``).
         memory: the mapped slot buffers.
         send: sends a message to the capturing process (thread-safe).
 
@@ -416,22 +417,28 @@ class WriterPool:
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
         arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
-        record, moments = self._record(chunk.index, arrays)
-        self._sink.write_chunk(chunk.index, arrays, record)
+        made: list[CommitRecord] = []
+        moments: dict = {}
+
+        def make_record() -> CommitRecord:  # the sink runs it while the chunk's rows are being written
+            made.append(self._record(chunk.index, arrays, moments))
+            return made[0]
+
+        self._sink.write_chunk(chunk.index, arrays, make_record)
         totals = self.committed.add(chunk.index,
                                     _Committed(rows, sum(array.nbytes for array in arrays.values()),
-                                               moments, record.stats))
+                                               moments, made[0].stats))
         self._send(("progress", *totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
-    def _record(self, index: int, arrays: dict[str, np.ndarray]) -> tuple[CommitRecord, dict]:
-        """The chunk's commit record (the sink adds each array's checksum and stored size), and its moments
-        per array (when statistics are kept)."""
+    def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict) -> CommitRecord:
+        """The chunk's commit record (the sink adds each array's checksum and stored size); its moments per
+        array go into ``moments`` (when statistics are kept)."""
         sequence = arrays["tokens/sequence"]
         flags = arrays["tokens/flags"]
         rows = sequence.shape[0]
-        stats, moments = {}, {}
+        stats = {}
         for key in self._dims:
             stats[key], entry = chunk_summary(arrays[key], self._spec.dtype, flags,
                                               moments=self.committed.statistics is not None)
@@ -440,12 +447,11 @@ class WriterPool:
             if stats[key].nonfinite:
                 self._note_nonfinite(key, stats[key].nonfinite)
         start = index * self._chunk_tokens
-        record = CommitRecord(
+        return CommitRecord(
             chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._dims),
             dtype=self._spec.dtype, first_sequence=int(sequence[0]), last_sequence=int(sequence[-1]),
             num_sequences=int(np.count_nonzero(sequence[1:] != sequence[:-1])) + 1,
             max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats, committed_at=time.time())
-        return record, moments
 
     def _note_nonfinite(self, key: str, count: int) -> None:
         with self._progress:

@@ -23,49 +23,58 @@ def use_sink(monkeypatch, name: str) -> None:
 class SlowSink(ZarrSink):
     """A disk slower than the model."""
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         time.sleep(0.05)
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)
 
 
 class GatedSink(ZarrSink):
     """Chunk writes from the third on wait until the file named by $ACTCAP_TEST_GATE exists."""
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         gate = Path(os.environ[GATE_ENV])
         deadline = time.monotonic() + 30
         while chunk_index >= 2 and not gate.exists():
             assert time.monotonic() < deadline, "the test never opened the gate"
             time.sleep(0.01)
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)
 
 
 class FailingSink(ZarrSink):
     """The disk fails on the second chunk."""
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         if chunk_index == 1:
             raise OSError(28, "No space left on device (test)")
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)
+
+
+class RowWriteFailingSink(ZarrSink):
+    """The disk fails while the second chunk's rows are written (on the sink's I/O thread)."""
+
+    def _write_rows(self, key, chunk_index, data):
+        if chunk_index == 1:
+            raise OSError(28, "No space left on device (test)")
+        return super()._write_rows(key, chunk_index, data)
 
 
 class FullDiskSink(ZarrSink):
     """The disk fills on the third chunk (when no small filesystem can be mounted)."""
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         if chunk_index >= 2:
             raise OSError(28, "No space left on device")
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)
 
 
 class GapSink(ZarrSink):
     """The second chunk fails, but only once the third is committed: a committed chunk after a gap."""
 
-    def write_chunk(self, chunk_index, arrays, record):
+    def write_chunk(self, chunk_index, arrays, make_record):
         if chunk_index == 1:
             deadline = time.monotonic() + 30
             while not (self._location.local / "commits" / "chunk_000000000002").exists():
                 assert time.monotonic() < deadline, "the third chunk never came"
                 time.sleep(0.01)
             raise OSError(28, "No space left on device (test)")
-        super().write_chunk(chunk_index, arrays, record)
+        super().write_chunk(chunk_index, arrays, make_record)

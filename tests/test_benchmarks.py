@@ -93,6 +93,7 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     data = json.loads(out.read_text())
     assert data["durable_ratio_median"] > 0 and data["scratch_ratio_median"] > 0
     assert len(data["durable_ratios"]) == len(data["scratch_ratios"]) == 1
+    assert data["durable_ratio_to_raw_durable_median"] > 0 and len(data["raw_durable_mb_per_s"]) == 1
     assert data["crc32c_seconds_per_gb"] > 0 and 0 < data["durable_crc32c_share"] < 1
 
 

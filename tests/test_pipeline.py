@@ -178,8 +178,10 @@ def test_failure_in_with_block_keeps_committed_chunks(tmp_path):
     model(**ragged_batch(2, 4))  # hooks are gone: the model runs as before
 
 
-def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch):
-    use_sink(monkeypatch, "FailingSink")
+@pytest.mark.parametrize("sink, failing_function", [("FailingSink", "write_chunk"),
+                                                     ("RowWriteFailingSink", "_write_rows")])
+def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch, sink, failing_function):
+    use_sink(monkeypatch, sink)
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, pinned_slots=1)
     cap = CaptureEngine(model, cfg)
@@ -188,7 +190,7 @@ def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch):
             model(**ragged_batch(2, 8, seed=seed))
         cap.close()
     assert isinstance(info.value.__cause__, OSError) and "No space left" in str(info.value)
-    assert "write_chunk" in str(info.value), "the writer's traceback is in the message"
+    assert failing_function in str(info.value), "the failing thread's traceback is in the message"
     cap.close()  # idempotent, does not raise twice
     assert not model._forward_pre_hooks and open_store(cfg.output_dir).status == "failed"
 
