@@ -22,8 +22,9 @@ Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close;
      forwards every batch it holds, then the close message.
   2. The close message comes behind every batch (one FIFO channel); the main thread puts one sentinel per
      writer thread behind the batches in the queue, so every batch submitted before close is written.
-  3. A writer thread that fails records its exception, sends it, and sets the stop event: the others exit at
-     their next queue poll; the capturing process raises it at its next forward, flush or close.
+  3. A writer thread that fails records its exception, sends it, sets the stop event and puts a sentinel in
+     the queue for each thread: the others exit at their next job; the capturing process raises it at its
+     next forward, flush or close.
   4. After the threads are joined, on a clean close only, the partial last chunk is committed, then the
      manifest is published (status ``complete`` or ``failed``), ``closed`` is sent and the process exits.
   5. If the capturing process dies (its end of the channel closes, or this process is re-parented), this one
@@ -65,7 +66,6 @@ from .location import Location
 from .statistics import Statistics, chunk_summary
 
 _SENTINEL = object()
-_QUEUE_WAIT_S = 0.05
 _PARENT_CHECK_S = 0.25
 CHANNEL_POLL_MIN_S = 0.0002  # the writer process's channel poll: every 0.2 ms while batches come ...
 CHANNEL_POLL_MAX_S = 0.02    # ... backing off to 20 ms when idle
@@ -294,9 +294,15 @@ class WriterPool:
         return self._next_row
 
     def abort(self) -> None:
-        self._stop.set()
+        self._halt()
         for thread in self._threads:
             thread.join(timeout=5)
+
+    def _halt(self) -> None:
+        """Make every writer thread stop at its next job: each waits on the queue, so each gets a sentinel."""
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(_SENTINEL)
 
     # ---- writer threads ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -307,19 +313,12 @@ class WriterPool:
             if self.error is None:
                 self.error = exc
                 send_error(self._send, exc)
-            self._stop.set()
+            self._halt()
 
     def _next_job(self) -> _Job | None:
         with self._order_lock:
-            while True:
-                if self._stop.is_set():
-                    return None
-                try:
-                    item = self._queue.get(timeout=_QUEUE_WAIT_S)
-                    break
-                except queue.Empty:
-                    continue
-            if item is _SENTINEL:
+            item = self._queue.get()  # a blocking wait: a timed poll costs an idle process CPU all day
+            if item is _SENTINEL or self._stop.is_set():
                 return None
             slot, batch, dims = item
             if self._dims is None:
@@ -496,26 +495,31 @@ class Server:
     def serve(self, messages: list) -> None:
         """Handle ``messages`` (already received), then every later one, until close.
 
-        The channel is polled, not waited on: a process blocked on the socket must be woken by each message,
-        which costs the sender (the model's forward thread) an interprocessor wakeup per batch (part of what
-        took the hooks' CPU per forward from ~330 to ~230 us: benchmarks/results/cpu-2026-12-03/hook_cpu.txt).
-        Polling every CHANNEL_POLL_MIN_S while batches come, backing off to CHANNEL_POLL_MAX_S when idle,
-        costs this process instead.
+        While batches come the channel is polled, not waited on: a process blocked on the socket must be
+        woken by each message, which costs the sender (the model's forward thread) an interprocessor wakeup
+        per batch (part of what took the hooks' CPU per forward from ~330 to ~230 us:
+        benchmarks/results/cpu-2026-12-03/hook_cpu.txt). Polling every CHANNEL_POLL_MIN_S, backing off to
+        CHANNEL_POLL_MAX_S, costs this process instead; once a whole CHANNEL_POLL_MAX_S has passed without a
+        message, it waits on the socket, so an idle writer process (batches far apart, or none) takes no CPU
+        and the sender pays one wakeup per batch that comes after such a pause
+        (benchmarks/results/cpu-2026-12-04/idle_writer.txt).
         """
         idle = 0.0
         while True:
             for message in messages:
                 if self._handle(message):
                     return
+            waiting = idle >= CHANNEL_POLL_MAX_S
             try:
-                messages = self._channel.receive(timeout=0.0)
+                messages = self._channel.receive(timeout=_PARENT_CHECK_S if waiting else 0.0)
             except ChannelClosed:
                 os._exit(EXIT_ORPHANED)  # protocol step 5
             if messages:
                 idle = 0.0
                 continue
-            idle = min(max(2 * idle, CHANNEL_POLL_MIN_S), CHANNEL_POLL_MAX_S)
-            time.sleep(idle)
+            if not waiting:
+                idle = min(max(2 * idle, CHANNEL_POLL_MIN_S), CHANNEL_POLL_MAX_S)
+                time.sleep(idle)
             if os.getppid() != self._spec.parent_pid:
                 os._exit(EXIT_ORPHANED)
 

@@ -123,3 +123,25 @@ def test_close_raises_a_death_that_the_close_message_found(tmp_path, monkeypatch
     with pytest.raises(engine.CaptureError, match="writer process .* died .*signal 9"):
         cap.close()
     assert open_store(tmp_path / "s.zarr").status == "failed"
+
+
+def test_batches_after_the_writer_process_went_idle_are_written(tmp_path):
+    """After a pause longer than its polling back-off the writer process waits on the socket, and the next
+    batch (and then close) must still wake it."""
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(2, 8, seed=s) for s in range(3)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4)
+    pause = 4 * engine.writer.CHANNEL_POLL_MAX_S + 0.1
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        with CaptureEngine(model, cfg) as cap:
+            for batch in batches:
+                time.sleep(pause)
+                model(**batch)
+            time.sleep(pause)
+            cap.flush()
+            time.sleep(pause)
+    store = open_store(cfg.output_dir)
+    masks = [b["attention_mask"] for b in batches]
+    assert store.status == "complete"
+    np.testing.assert_array_equal(store["layer_0/residual"][:].astype(np.float32),
+                                  expected_rows(ref["layer_0/residual"][:len(batches)], masks))
