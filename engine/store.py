@@ -395,9 +395,9 @@ class ZarrSink:
         location, chunk_tokens, compressor, durable: from the writer process's ``WriterSpec``.
         io_threads: threads that write chunk rows (``open`` gives one per writer thread).
 
-    Thread safety: ``write_chunk`` from several threads for distinct chunks; every metadata change (array
-    creation, capacity growth, trim, manifest) under one lock here, because zarr's resize rewrites
-    ``zarr.json`` from the in-memory shape without a lock of its own.
+    Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_rows`` calls run on
+    the I/O threads); every metadata change (array creation, capacity growth, trim, manifest) under one lock
+    here, because zarr's resize rewrites ``zarr.json`` from the in-memory shape without a lock of its own.
     """
 
     def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool,
@@ -471,6 +471,8 @@ class ZarrSink:
             record = make_record()
         except BaseException:
             concurrent.futures.wait([written])  # no write of this chunk outlives its failure
+            if written.exception() is not None:
+                raise written.exception()  # the disk's error first; the statistics' one is its context
             raise
         self._put_record(chunk_index, dataclasses.replace(record, files=written.result()))
 

@@ -424,9 +424,10 @@ class WriterPool:
             return made[0]
 
         self._sink.write_chunk(chunk.index, arrays, make_record)
+        record = made[0] if made else make_record()  # a sink of a test's own may not have called it
         totals = self.committed.add(chunk.index,
                                     _Committed(rows, sum(array.nbytes for array in arrays.values()),
-                                               moments, made[0].stats))
+                                               moments, record.stats))
         self._send(("progress", *totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
@@ -523,6 +524,10 @@ class Server:
             if os.getppid() != self._spec.parent_pid:
                 os._exit(EXIT_ORPHANED)
 
+    def abort(self) -> None:
+        """Stop the writer threads after a failure of this (the main) thread."""
+        self._pool.abort()
+
     def _handle(self, message: tuple) -> bool:
         kind = message[0]
         if kind == "buffer":
@@ -572,17 +577,21 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m engine.writer FD``: serve the capturing process over the socket ``FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the capturing process's to handle (it closes us)
     channel = Channel(socket.socket(fileno=int((argv or sys.argv)[1])))
+    server = None
     try:
         messages = []
         while not messages:
             messages = channel.receive(timeout=None)
         (_, spec), *messages = messages
-        Server(spec, channel).serve(messages)
+        server = Server(spec, channel)
+        server.serve(messages)
         return 0
     except ChannelClosed:
         return EXIT_ORPHANED
     except BaseException as exc:
         send_error(channel.send, exc)
+        if server is not None:
+            server.abort()  # nothing more is written once this process has failed
         _wait_for_close(channel)
         return 1
 

@@ -58,6 +58,19 @@ class RowWriteFailingSink(ZarrSink):
         return super()._write_rows(key, chunk_index, data)
 
 
+class DiskAndStatisticsFailingSink(RowWriteFailingSink):
+    """The second chunk's statistics fail while its rows fail to be written: the disk's error is the one
+    raised, the other rides along as its context."""
+
+    def write_chunk(self, chunk_index, arrays, make_record):
+        def failing_record():
+            if chunk_index == 1:
+                raise ValueError("statistics failed (test)")
+            return make_record()
+
+        super().write_chunk(chunk_index, arrays, failing_record)
+
+
 class FullDiskSink(ZarrSink):
     """The disk fills on the third chunk (when no small filesystem can be mounted)."""
 

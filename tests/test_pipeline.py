@@ -178,8 +178,9 @@ def test_failure_in_with_block_keeps_committed_chunks(tmp_path):
     model(**ragged_batch(2, 4))  # hooks are gone: the model runs as before
 
 
-@pytest.mark.parametrize("sink, failing_function", [("FailingSink", "write_chunk"),
-                                                     ("RowWriteFailingSink", "_write_rows")])
+@pytest.mark.parametrize("sink, failing_function", [
+    ("FailingSink", "write_chunk"), ("RowWriteFailingSink", "_write_rows"),
+    ("DiskAndStatisticsFailingSink", "statistics failed (test)")])
 def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch, sink, failing_function):
     use_sink(monkeypatch, sink)
     model = tiny_model("gpt2")
