@@ -1,9 +1,9 @@
 """Local files written for keeps: atomic replacement, fsync, and bulk rows that bypass the page cache.
 
-A durable chunk file that the sink writes itself (a local store without compression) is written with
-``O_DIRECT`` when its rows allow it (a buffer from ``page_aligned_empty``, and at least one ``DIRECT_UNIT`` of
-them): on ext4 or XFS the disk reads the rows straight from the writer's buffer, where a buffered write would
-copy them into the page cache, write that back at the fsync, and then drop it. On this project's 2-core VM
+A chunk file that the sink writes itself (a local store without compression, durable or scratch) is
+written with ``O_DIRECT`` when its rows allow it (a buffer from ``page_aligned_empty``, and at least one
+``DIRECT_UNIT`` of them): on ext4 or XFS the disk reads the rows straight from the writer's buffer, where a
+buffered write would copy them into the page cache and write that back later. On this project's 2-core VM
 that is 2.8 ms of CPU per 10.5 MB instead of 6.1 (benchmarks/results/cpu-2026-12-03b/direct_write.txt), and
 the capture's forward gets the difference. The tail past the last whole unit, and every file on a filesystem
 that refuses ``O_DIRECT`` (some FUSE and older tmpfs mounts), is written the ordinary way; the bytes on disk
@@ -82,8 +82,8 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
     """Write ``data`` (bytes, or an array) to a temp file beside ``path`` and rename it over (as LocalStore
     does). ``size``: the file's length, when longer than ``data`` (the rest is a hole: no disk blocks, reads
     as zeros). ``durable``: the data reaches the disk before the rename, and the rename (and any new folder)
-    before this returns; an aligned array's whole units are written with O_DIRECT where the filesystem takes
-    it. Returns the bytes written with O_DIRECT."""
+    before this returns. An aligned array's whole units are written with O_DIRECT where the filesystem takes
+    it, durable or not. Returns the bytes written with O_DIRECT."""
     make_folders(path.parent, durable)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
@@ -105,7 +105,7 @@ def _bytes_of(data) -> memoryview:
 
 def _write_new_file(path: Path, data, durable: bool, size: int | None) -> int:
     payload = _bytes_of(data)
-    direct = direct_length(data) if durable else 0
+    direct = direct_length(data)
     fd = _open_new(path, direct=direct > 0)
     try:
         done = 0
