@@ -57,6 +57,10 @@ class Channel:
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
+        # poll, not select: select.select refuses descriptors >= 1024, which a process with many files open
+        # (datasets, shards, sockets) hands out
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         _OPEN.add(self)
         self._send_lock = threading.Lock()
         self._pending = bytearray()
@@ -88,7 +92,7 @@ class Channel:
             messages = self._complete_messages()
             if messages:
                 return messages
-        if timeout != 0.0 and not select.select([self._sock], [], [], timeout)[0]:
+        if timeout != 0.0 and not self._poll.poll(None if timeout is None else timeout * 1000):
             return []
         while True:
             try:
