@@ -28,8 +28,8 @@ Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close;
   4. After the threads are joined, on a clean close only, the partial last chunk is committed, then the
      manifest is published (status ``complete`` or ``failed``), ``closed`` is sent and the process exits.
   5. If the capturing process dies (its end of the channel closes, or this process is re-parented), this one
-     exits at once, mid-write if need be: no orphan keeps writing into a store that a resume may be repairing
-     (it also holds the store's lock until it exits, see ``engine.lock``).
+     exits at once, mid-write or mid-drain if need be: no orphan keeps writing into a store that a resume may
+     be repairing (it also holds the store's lock until it exits, see ``engine.lock``).
 
 Ordering: writers take batches from the queue one at a time under ``_order_lock`` and reserve their row range
 there, so rows land in forward order whatever the thread timing. The copying and the chunk writes run outside
@@ -282,12 +282,15 @@ class WriterPool:
                 return
         self._send(("flushed", request))
 
-    def close(self, commit_tail: bool) -> int:
-        """Drain and stop the threads (see the protocol above). Returns the rows assigned so far."""
+    def close(self, commit_tail: bool, while_draining) -> int:
+        """Drain and stop the threads (see the protocol above), calling ``while_draining()`` every
+        _PARENT_CHECK_S meanwhile. Returns the rows assigned so far."""
         for _ in self._threads:
             self._queue.put(_SENTINEL)
         for thread in self._threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(timeout=_PARENT_CHECK_S)
+                while_draining()
         if commit_tail and self.error is None:
             for index in sorted(self._open):
                 self._commit(self._open.pop(index))
@@ -521,8 +524,13 @@ class Server:
             if not waiting:
                 idle = min(max(2 * idle, CHANNEL_POLL_MIN_S), CHANNEL_POLL_MAX_S)
                 time.sleep(idle)
-            if os.getppid() != self._spec.parent_pid:
-                os._exit(EXIT_ORPHANED)
+            self._exit_if_orphaned()
+
+    def _exit_if_orphaned(self) -> None:
+        """Protocol step 5, also while a close drains: the capturing process is gone when this one has been
+        re-parented."""
+        if os.getppid() != self._spec.parent_pid:
+            os._exit(EXIT_ORPHANED)
 
     def abort(self) -> None:
         """Stop the writer threads after a failure of this (the main) thread."""
@@ -554,7 +562,7 @@ class Server:
         pool = self._pool
         status, finalized = layout.STATUS_FAILED, False
         try:
-            rows = pool.close(commit_tail=not failed)
+            rows = pool.close(commit_tail=not failed, while_draining=self._exit_if_orphaned)
             if not failed and pool.error is None:
                 status = layout.STATUS_COMPLETE
             committed = pool.committed

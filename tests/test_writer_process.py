@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -16,6 +19,7 @@ import torch
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
+from fakes import GATE_ENV
 from helpers import expected_rows, ragged_batch, reference_capture, tiny_model
 
 
@@ -145,3 +149,53 @@ def test_batches_after_the_writer_process_went_idle_are_written(tmp_path):
     assert store.status == "complete"
     np.testing.assert_array_equal(store["layer_0/residual"][:].astype(np.float32),
                                   expected_rows(ref["layer_0/residual"][:len(batches)], masks))
+
+
+_CLOSING_JOB = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from engine import CaptureConfig, CaptureEngine
+from helpers import ragged_batch, tiny_model
+CaptureEngine.sink_factory["zarr"] = "fakes:GatedSink"
+model = tiny_model("gpt2")
+cap = CaptureEngine(model, CaptureConfig({store!r}, layer_indices=[0], chunk_tokens=4, num_writers=1))
+with torch.no_grad():
+    for seed in range(3):  # fewer batches than slots: the forwards never wait on the stuck writer
+        model(**ragged_batch(2, 8, seed=seed))
+print("closing", cap.writer_pid, flush=True)
+cap.close()
+"""
+
+
+def test_a_writer_process_draining_at_close_exits_when_the_capturing_process_dies(tmp_path):
+    """kill -9 lands while close() waits for the writer process to drain (here a chunk write that never
+    ends): the writer process must still exit by itself within a second, not finish the drain into a store
+    that a resume may be repairing."""
+    script = _CLOSING_JOB.format(tests=str(Path(__file__).parent), store=str(tmp_path / "s.zarr"))
+    env = {**os.environ, GATE_ENV: str(tmp_path / "gate")}  # never opened
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env, start_new_session=True)
+    line = job.stdout.readline()
+    assert line.startswith("closing"), job.stderr.read()
+    writer = psutil.Process(int(line.split()[1]))
+    time.sleep(0.5)  # the close message is in: the writer process is draining, its thread at the gate
+    assert writer.is_running() and writer.status() != psutil.STATUS_ZOMBIE
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(timeout=10)
+    job.stdout.close()
+    job.stderr.close()
+    deadline = time.monotonic() + 1.5  # the promise is a second; half a second more for a loaded machine
+    while not _exited(writer):
+        if time.monotonic() > deadline:
+            writer.kill()
+            pytest.fail("the writer process kept draining after the capturing process died")
+        time.sleep(0.02)
+
+
+def _exited(process: psutil.Process) -> bool:
+    """Gone, or a zombie: an orphan's exit status waits for an init process that may reap it late."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
