@@ -471,8 +471,9 @@ class ZarrSink:
             record = make_record()
         except BaseException:
             concurrent.futures.wait([written])  # no write of this chunk outlives its failure
-            if written.exception() is not None:
-                raise written.exception()  # the disk's error first; the statistics' one is its context
+            disk_error = written.exception()
+            if disk_error is not None:
+                raise disk_error  # the disk's error first; the statistics' one is its context
             raise
         self._put_record(chunk_index, dataclasses.replace(record, files=written.result()))
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib
 import mmap
 import os
@@ -53,7 +54,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -282,7 +283,7 @@ class WriterPool:
                 return
         self._send(("flushed", request))
 
-    def close(self, commit_tail: bool, while_draining) -> int:
+    def close(self, commit_tail: bool, while_draining: Callable[[], None]) -> int:
         """Drain and stop the threads (see the protocol above), calling ``while_draining()`` every
         _PARENT_CHECK_S meanwhile. Returns the rows assigned so far."""
         for _ in self._threads:
@@ -419,15 +420,12 @@ class WriterPool:
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
         arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
-        made: list[CommitRecord] = []
         moments: dict = {}
-
-        def make_record() -> CommitRecord:  # the sink runs it while the chunk's rows are being written
-            made.append(self._record(chunk.index, arrays, moments))
-            return made[0]
-
+        # The sink runs it while the chunk's rows are being written; cached, so the call below only
+        # computes it for a sink (of a test's own) that did not.
+        make_record = functools.cache(lambda: self._record(chunk.index, arrays, moments))
         self._sink.write_chunk(chunk.index, arrays, make_record)
-        record = made[0] if made else make_record()  # a sink of a test's own may not have called it
+        record = make_record()
         totals = self.committed.add(chunk.index,
                                     _Committed(rows, sum(array.nbytes for array in arrays.values()),
                                                moments, record.stats))
