@@ -68,14 +68,13 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def make_folders(folder: Path, durable: bool) -> None:
-    """Create ``folder`` and its missing parents; when ``durable``, each new entry reaches the disk."""
+def _make_folders(folder: Path, changed: set[Path]) -> None:
+    """Create ``folder`` and its missing parents; adds to ``changed`` each folder that got a new entry."""
     if folder.is_dir():
         return
-    make_folders(folder.parent, durable)
+    _make_folders(folder.parent, changed)
     folder.mkdir(exist_ok=True)
-    if durable:
-        fsync_folder(folder.parent)
+    changed.add(folder.parent)
 
 
 def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) -> int:
@@ -84,17 +83,47 @@ def write_file_atomic(path: Path, data, durable: bool, size: int | None = None) 
     as zeros). ``durable``: the data reaches the disk before the rename, and the rename (and any new folder)
     before this returns. An aligned array's whole units are written with O_DIRECT where the filesystem takes
     it, durable or not. Returns the bytes written with O_DIRECT."""
-    make_folders(path.parent, durable)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    return write_files_atomic([(path, data, size)], durable)
+
+
+def write_files_atomic(files: list[tuple[Path, object, int | None]], durable: bool) -> int:
+    """``write_file_atomic`` for several files (path, data, size) at once, in passes: every file written, then
+    (``durable``) every file synced, every rename, every changed folder synced. Each file gets the same
+    guarantees as from ``write_file_atomic``; a chunk's files share the disk's round trips, so the same syncs
+    took 0.51 ms each instead of 1.22 (benchmarks/results/cpu-2026-12-04b/batched_sync.txt).
+    A failure leaves no temp file; files renamed before it stay. Returns the bytes written with O_DIRECT."""
+    changed: set[Path] = set()
+    partials: list[Path] = []
+    descriptors: list[int] = []
+    direct = 0
     try:
-        direct = _write_new_file(partial, data, durable, size)
-        os.replace(partial, path)
+        for path, data, size in files:
+            _make_folders(path.parent, changed)
+            partials.append(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial"))
+            fd, written = _write_new_file(partials[-1], data, size)
+            descriptors.append(fd)
+            direct += written
         if durable:
-            fsync_folder(path.parent)
+            for fd in descriptors:
+                sync_to_disk(fd)
+        _close_all(descriptors)
+        for partial, (path, _, _) in zip(partials, files):
+            os.replace(partial, path)
+            changed.add(path.parent)
+        if durable:
+            for folder in changed:
+                fsync_folder(folder)
         return direct
     except BaseException:
-        partial.unlink(missing_ok=True)  # a full disk gets its space back
+        _close_all(descriptors)
+        for partial in partials:
+            partial.unlink(missing_ok=True)  # a full disk gets its space back
         raise
+
+
+def _close_all(descriptors: list[int]) -> None:
+    while descriptors:
+        os.close(descriptors.pop())
 
 
 def _bytes_of(data) -> memoryview:
@@ -103,7 +132,9 @@ def _bytes_of(data) -> memoryview:
     return memoryview(data).cast("B")
 
 
-def _write_new_file(path: Path, data, durable: bool, size: int | None) -> int:
+def _write_new_file(path: Path, data, size: int | None) -> tuple[int, int]:
+    """Create ``path`` holding ``data`` (``size`` long); returns its open descriptor and the bytes written
+    with O_DIRECT."""
     payload = _bytes_of(data)
     direct = direct_length(data)
     fd = _open_new(path, direct=direct > 0)
@@ -115,11 +146,10 @@ def _write_new_file(path: Path, data, durable: bool, size: int | None) -> int:
         _write_all(fd, payload[done:])
         if size is not None and size > len(payload):
             os.ftruncate(fd, size)
-        if durable:
-            sync_to_disk(fd)
-        return done
-    finally:
+        return fd, done
+    except BaseException:
         os.close(fd)
+        raise
 
 
 def _open_new(path: Path, direct: bool) -> int:

@@ -28,7 +28,7 @@ from zarr.core.sync import sync
 from . import layout
 from .chunks import chunk_key, crc32c, full_chunk_nbytes, local_chunk_path, plain_encoded, store_name
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import fsync_file, fsync_folder, write_file_atomic
+from .files import fsync_file, fsync_folder, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -395,9 +395,10 @@ class ZarrSink:
         location, chunk_tokens, compressor, durable: from the writer process's ``WriterSpec``.
         io_threads: threads that write chunk rows (``open`` gives one per writer thread).
 
-    Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_rows`` calls run on
-    the I/O threads); every metadata change (array creation, capacity growth, trim, manifest) under one lock
-    here, because zarr's resize rewrites ``zarr.json`` from the in-memory shape without a lock of its own.
+    Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_all_rows`` calls run
+    on the I/O threads); every metadata change (array creation, capacity growth, trim, manifest) under one
+    lock here, because zarr's resize rewrites ``zarr.json`` from the in-memory shape without a lock of its
+    own.
     """
 
     def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool,
@@ -461,40 +462,45 @@ class ZarrSink:
         stored size (which makes it visible). A partial chunk (the last one, at close) is written at its real
         length plus a hole up to the chunk's size, so it takes no more disk blocks than its rows.
 
-        The rows go to the disk from an I/O thread while ``make_record`` (the chunk's statistics) runs on
-        this one: in turn, a writer thread's CPU and its disk wait added up and each sat idle most of the
-        time (benchmarks/results/cpu-2026-12-04/commit_overlap.txt)."""
+        The rows go to the disk from an I/O thread while ``make_record`` (the chunk's statistics) and the
+        checksums run on this one: in turn, a writer thread's CPU and its disk wait added up and each sat idle
+        most of the time (benchmarks/results/cpu-2026-12-04/commit_overlap.txt), and checksums computed on
+        the I/O thread kept the disk idle meanwhile (benchmarks/results/cpu-2026-12-04b/batched_sync.txt)."""
         rows = len(next(iter(arrays.values())))
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
         written = self._io.submit(self._write_all_rows, chunk_index, arrays)
         try:
             record = make_record()
+            checksums = {key: crc32c(data) for key, data in arrays.items()}
         except BaseException:
             concurrent.futures.wait([written])  # no write of this chunk outlives its failure
             disk_error = written.exception()
             if disk_error is not None:
                 raise disk_error  # the disk's error first; the statistics' one is its context
             raise
-        self._put_record(chunk_index, dataclasses.replace(record, files=written.result()))
+        files = {key: ChunkFile(checksums[key], nbytes) for key, nbytes in written.result().items()}
+        self._put_record(chunk_index, dataclasses.replace(record, files=files))
 
-    def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, ChunkFile]:
-        return {key: self._write_rows(key, chunk_index, data) for key, data in arrays.items()}
+    def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        """Every array's rows of a chunk, written; returns each one's stored size. Local files go in one
+        ``write_files_atomic`` pass, so the chunk's files share their syncs."""
+        if not self._direct:
+            return {key: self._write_through_zarr(key, chunk_index, data) for key, data in arrays.items()}
+        sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in arrays}
+        write_files_atomic([(local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
+                            for key, data in arrays.items()], self._durable)
+        return sizes
 
-    def _write_rows(self, key: str, chunk_index: int, data: np.ndarray) -> ChunkFile:
-        """One array's rows of a chunk, written; returns what the commit record says of them."""
+    def _write_through_zarr(self, key: str, chunk_index: int, data: np.ndarray) -> int:
+        """One array's rows of a chunk, through zarr's codecs and store; returns the stored size."""
         array = self._arrays[key]
-        checksum = crc32c(data)
-        if self._direct:
-            path, nbytes = local_chunk_path(array, chunk_index), full_chunk_nbytes(array)
-            write_file_atomic(path, data, self._durable, nbytes)
-            return ChunkFile(checksum, nbytes)
         start = chunk_index * self.chunk_tokens
         array[start:start + len(data)] = data
         if self._durable and self._root is not None:
             fsync_file(local_chunk_path(array, chunk_index))
         if plain_encoded(array):
-            return ChunkFile(checksum, full_chunk_nbytes(array))
-        return ChunkFile(checksum, sync(array.store.getsize(chunk_key(array, chunk_index))))  # one stat/HEAD
+            return full_chunk_nbytes(array)
+        return sync(array.store.getsize(chunk_key(array, chunk_index)))  # one stat/HEAD
 
     def _put_record(self, chunk_index: int, record: CommitRecord) -> None:
         doc = layout.group_document(record.to_json())

@@ -179,7 +179,7 @@ def test_failure_in_with_block_keeps_committed_chunks(tmp_path):
 
 
 @pytest.mark.parametrize("sink, failing_function", [
-    ("FailingSink", "write_chunk"), ("RowWriteFailingSink", "_write_rows"),
+    ("FailingSink", "write_chunk"), ("RowWriteFailingSink", "_write_all_rows"),
     ("DiskAndStatisticsFailingSink", "statistics failed (test)")])
 def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch, sink, failing_function):
     use_sink(monkeypatch, sink)
