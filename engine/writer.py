@@ -624,8 +624,11 @@ def _exit_now(code: int) -> None:
     pool's join at exit). When ``main`` returns, the store is finalized and every reply sent, or the run
     failed and nothing more may be written; ``close()`` in the capturing process waits for this exit, and
     the teardown made it 45 ms slower (benchmarks/results/cpu-2026-12-04b/writer_exit.txt)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+            pass
     os._exit(code)
 
 
