@@ -111,9 +111,9 @@ def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) 
 
 
 def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, float | None]:
-    """Seconds end to end (engine start to close and sync), and in steady state: from the first chunk's
-    commit (its slots mapped, arrays made, buffers touched) to the same end, for the batches after it
-    (None when there are none)."""
+    """Seconds end to end (engine start to close and sync, including a flush() once the first chunk's
+    batches are in), and in steady state: from that flush (the first chunk committed: slots mapped, arrays
+    made, buffers touched) to the same end, for the batches after it (None when there are none)."""
     names = {f"p{i}": dim for i, dim in enumerate(args.dims)}
     model = SyntheticModel(names, args.batch_size, args.seq_len)
     cfg = CaptureConfig(root / "w.zarr", points=[], extra_modules={name: f"points.{name}" for name in names},

@@ -51,6 +51,13 @@ def local_chunk_path(array: zarr.Array, chunk_index: int) -> Path | None:
     return store.root / chunk_key(array, chunk_index) if isinstance(store, zarr.storage.LocalStore) else None
 
 
+def local_chunk_folder(array: zarr.Array) -> Path | None:
+    """The folder every chunk file of a local array lies under (``<array>/c`` with zarr's default chunk key
+    encoding, the array's own folder with the v2 one); None on other stores."""
+    first = local_chunk_path(array, 0)
+    return None if first is None else Path(os.path.commonpath([first, local_chunk_path(array, 1)]))
+
+
 def store_name(store: zarr.abc.store.Store) -> str:
     """Where a zarr store is, for messages: its folder, or its URL."""
     return str(store.root) if isinstance(store, zarr.storage.LocalStore) else str(store)

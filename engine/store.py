@@ -26,9 +26,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import layout
-from .chunks import chunk_key, crc32c, full_chunk_nbytes, local_chunk_path, plain_encoded, store_name
+from .chunks import (
+    chunk_key,
+    crc32c,
+    full_chunk_nbytes,
+    local_chunk_folder,
+    local_chunk_path,
+    plain_encoded,
+    store_name,
+)
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import fsync_file, fsync_folder, write_file_atomic, write_files_atomic
+from .files import fsync_file, fsync_folder, make_folders, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -396,7 +404,8 @@ class ZarrSink:
         io_threads: threads that write chunk rows (``open`` gives one per writer thread).
 
     Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_all_rows`` calls run
-    on the I/O threads); every metadata change (array creation, capacity growth, trim, manifest) under one
+    on the I/O threads, which read the chunk's arrays while the calling thread does too: they must not change
+    until it returns); every metadata change (array creation, capacity growth, trim, manifest) under one
     lock here, because zarr's resize rewrites ``zarr.json`` from the in-memory shape without a lock of its
     own.
     """
@@ -421,6 +430,7 @@ class ZarrSink:
         # a chunk that is not there.
         self._arrays = {key: array.with_config(_ARRAY_CONFIG) for key, array in existing_arrays(
             self._group, [*self._manifest.arrays, *self._manifest.token_arrays]).items()}
+        self._make_chunk_folders(self._arrays.values())
         # A crash can land between two arrays' resizes: the smallest is what every array has.
         self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="actcap-rows")
@@ -442,6 +452,16 @@ class ZarrSink:
             for key, (dim, dtype, attributes) in specs.items():
                 self._arrays[key] = _create_array(self._group, key, self._capacity, (dim,), dtype,
                                                   self.chunk_tokens, self._compressor, attributes)
+            self._make_chunk_folders(self._arrays[key] for key in specs)
+
+    def _make_chunk_folders(self, arrays) -> None:
+        """Make each array's chunk folder (zarr's ``c/``) before any chunk is written, synced when durable:
+        two writer threads' chunks would otherwise race to make it, and the one that lost could commit a
+        chunk under a folder entry the other had not synced yet."""
+        if self._root is None:
+            return
+        for array in arrays:
+            make_folders(local_chunk_folder(array), self._durable)
 
     def _ensure_capacity(self, rows: int) -> None:
         with self._lock:
@@ -463,9 +483,8 @@ class ZarrSink:
         length plus a hole up to the chunk's size, so it takes no more disk blocks than its rows.
 
         The rows go to the disk from an I/O thread while ``make_record`` (the chunk's statistics) and the
-        checksums run on this one: in turn, a writer thread's CPU and its disk wait added up and each sat idle
-        most of the time (benchmarks/results/cpu-2026-12-04/commit_overlap.txt), and checksums computed on
-        the I/O thread kept the disk idle meanwhile (benchmarks/results/cpu-2026-12-04b/batched_sync.txt)."""
+        checksums run on this one, so that the disk is not idle while the CPU works, nor the other way round
+        (benchmarks/results/cpu-2026-12-04/commit_overlap.txt, cpu-2026-12-04b/batched_sync.txt)."""
         rows = len(next(iter(arrays.values())))
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
         written = self._io.submit(self._write_all_rows, chunk_index, arrays)
@@ -497,7 +516,7 @@ class ZarrSink:
         start = chunk_index * self.chunk_tokens
         array[start:start + len(data)] = data
         if self._durable and self._root is not None:
-            fsync_file(local_chunk_path(array, chunk_index))
+            _sync_chunk_file(array, chunk_index)
         if plain_encoded(array):
             return full_chunk_nbytes(array)
         return sync(array.store.getsize(chunk_key(array, chunk_index)))  # one stat/HEAD
@@ -525,6 +544,18 @@ class ZarrSink:
                 fsync_file(self._root / "zarr.json")
                 fsync_folder(self._root)
         self._io.shutdown()
+
+
+def _sync_chunk_file(array: zarr.Array, chunk_index: int) -> None:
+    """A chunk file that zarr wrote (a temp file renamed over, new folders) on disk: the file, then each
+    folder from its own up to the array's chunk folder."""
+    path = local_chunk_path(array, chunk_index)
+    fsync_file(path)
+    folder, top = path.parent, local_chunk_folder(array)
+    fsync_folder(folder)
+    while folder != top:
+        folder = folder.parent
+        fsync_folder(folder)
 
 
 class NullSink:

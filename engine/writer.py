@@ -34,8 +34,8 @@ Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close;
 Ordering: writers take batches from the queue one at a time under ``_order_lock`` and reserve their row range
 there, so rows land in forward order whatever the thread timing. The copying and the chunk writes run outside
 the lock, in parallel. A chunk is written by the thread that fills its last row: its rows from the sink's I/O
-thread while this one computes the chunk's statistics, its commit record after both. Commit records can land
-out of order; readers trust the gap-free prefix only.
+thread while this one computes the chunk's statistics and checksums, its commit record after both. Commit
+records can land out of order; readers trust the gap-free prefix only.
 """
 
 from __future__ import annotations
@@ -624,12 +624,14 @@ def _exit_now(code: int) -> None:
     pool's join at exit). When ``main`` returns, the store is finalized and every reply sent, or the run
     failed and nothing more may be written; ``close()`` in the capturing process waits for this exit, and
     the teardown made it 45 ms slower (benchmarks/results/cpu-2026-12-04b/writer_exit.txt)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
-            pass
-    os._exit(code)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: started with that descriptor closed
+                stream.flush()
+    except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+        pass
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,16 @@ class GapSink(ZarrSink):
                 time.sleep(0.01)
             raise OSError(28, "No space left on device (test)")
         super().write_chunk(chunk_index, arrays, make_record)
+
+
+class ChunkFolderCheckingSink(ZarrSink):
+    """Fails a chunk whose arrays' shared chunk folders (zarr's ``c/``) are not there before it is written:
+    two writer threads must not race to make them."""
+
+    def write_chunk(self, chunk_index, arrays, make_record):
+        from engine.chunks import local_chunk_folder
+
+        missing = [key for key in arrays if not local_chunk_folder(self._arrays[key]).is_dir()]
+        if missing:
+            raise AssertionError(f"chunk {chunk_index}: no chunk folder yet for {missing}")
+        super().write_chunk(chunk_index, arrays, make_record)

@@ -134,3 +134,118 @@ def test_other_write_errors_are_raised_and_leave_no_file(tmp_path, monkeypatch):
         write_file_atomic(tmp_path / "f", data, durable=True)
     assert raised.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _three_files(tmp_path: Path) -> list[tuple[Path, np.ndarray, int | None]]:
+    rng = np.random.default_rng(7)
+    files = []
+    for i, path in enumerate([tmp_path / "a" / "c" / "0" / "0", tmp_path / "b" / "c" / "0",
+                              tmp_path / "b" / "c" / "1"]):
+        data = page_aligned_empty((DIRECT_UNIT + 100 * i,), np.uint8)
+        data[:] = rng.integers(0, 256, data.shape, dtype=np.uint8)
+        files.append((path, data, None))
+    return files
+
+
+@pytest.mark.parametrize("per_pass", [64, 2], ids=["one-pass", "two-passes"])
+def test_several_files_are_synced_before_any_rename_and_their_folders_after(tmp_path, monkeypatch, per_pass):
+    """Durable order, per pass: every file's data on disk before the first rename, every rename and new folder
+    entry after the last one (a power loss then keeps whole files or none)."""
+    monkeypatch.setattr(files, "FILES_PER_PASS", per_pass)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    def recording_fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    monkeypatch.setattr(files.os, "replace",
+                        lambda src, dst: (events.append(("rename", str(dst))), real_replace(src, dst)))
+    written = _three_files(tmp_path)
+    files.write_files_atomic(written, durable=True)
+    monkeypatch.undo()
+    for path, data, _ in written:
+        np.testing.assert_array_equal(np.fromfile(path, dtype=np.uint8), data)
+    passes = [written[start:start + per_pass] for start in range(0, len(written), per_pass)]
+    for one_pass in passes:
+        names = {str(path) for path, _, _ in one_pass}
+        renames = [i for i, (kind, path) in enumerate(events) if kind == "rename" and path in names]
+        data_syncs = [i for i, (kind, path) in enumerate(events)
+                      if kind == "sync" and path.endswith(".partial") and
+                      any(Path(path).name.startswith(f".{Path(name).name}.") and
+                          Path(path).parent == Path(name).parent for name in names)]
+        assert len(renames) == len(one_pass) and len(data_syncs) == len(one_pass)
+        assert max(data_syncs) < min(renames), "a file renamed into place before every file was synced"
+    folder_syncs = {path: i for i, (kind, path) in enumerate(events)
+                    if kind == "sync" and not path.endswith(".partial")}
+    last_rename = max(i for i, (kind, _) in enumerate(events) if kind == "rename")
+    new_entries = {tmp_path, tmp_path / "a", tmp_path / "a" / "c", tmp_path / "a" / "c" / "0", tmp_path / "b",
+                   tmp_path / "b" / "c"}
+    assert {str(folder) for folder in new_entries} <= set(folder_syncs), "a new entry's folder never synced"
+    if per_pass >= len(written):
+        assert min(folder_syncs.values()) > last_rename, "a folder synced before the renames it must hold"
+
+
+def test_a_failure_among_several_files_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch):
+    written = _three_files(tmp_path)
+    real_write = os.write
+    calls = []
+
+    def failing_second_file(fd, payload):
+        calls.append(fd)
+        if len(set(calls)) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        return real_write(fd, payload)
+
+    before = _open_descriptors()
+    monkeypatch.setattr(files.os, "write", failing_second_file)
+    with pytest.raises(OSError) as raised:
+        files.write_files_atomic(written, durable=True)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert _open_descriptors() == before, "a descriptor left open"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "a temp or final file left behind"
+
+
+def test_a_pass_holds_at_most_files_per_pass_descriptors(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "FILES_PER_PASS", 3)
+    real_write_new_file = files._write_new_file
+    peak = []
+
+    def counting(*args):
+        result = real_write_new_file(*args)
+        peak.append(_open_descriptors())
+        return result
+
+    monkeypatch.setattr(files, "_write_new_file", counting)
+    data = page_aligned_empty((DIRECT_UNIT,), np.uint8)
+    data[:] = 5
+    before = _open_descriptors()
+    files.write_files_atomic([(tmp_path / "c" / str(i), data, None) for i in range(10)], durable=True)
+    assert max(peak) - before <= 3 and _open_descriptors() == before
+    assert all((tmp_path / "c" / str(i)).read_bytes() == data.tobytes() for i in range(10))
+
+
+@pytest.mark.parametrize("row_shape", [(4,), ()], ids=["2-d", "1-d"])
+def test_a_chunk_zarr_wrote_is_synced_up_to_its_chunk_folder(tmp_path, monkeypatch, row_shape):
+    """A durable compressed chunk goes through zarr (a temp file renamed over, a new ``c/<i>`` folder): the
+    file and each folder that got an entry reach the disk before its commit record is written."""
+    import zarr
+
+    from engine import store
+
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    array = group.create_array("x", shape=(8, *row_shape), chunks=(4, *row_shape), dtype="f2",
+                               compressors=zarr.codecs.ZstdCodec())
+    array[4:8] = 1.5
+    synced = []
+    monkeypatch.setattr(store, "fsync_file", lambda path: synced.append(Path(path)))
+    monkeypatch.setattr(store, "fsync_folder", lambda path: synced.append(Path(path)))
+    store._sync_chunk_file(array, 1)
+    chunks = tmp_path / "s.zarr" / "x" / "c"
+    expected = [chunks / "1" / "0", chunks / "1", chunks] if row_shape else [chunks / "1", chunks]
+    assert synced == expected

@@ -196,6 +196,20 @@ def test_writer_error_reaches_caller_with_cause(tmp_path, monkeypatch, sink, fai
     assert not model._forward_pre_hooks and open_store(cfg.output_dir).status == "failed"
 
 
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_every_chunk_folder_is_made_before_the_first_chunk(tmp_path, monkeypatch, compressor):
+    """Writer threads committing chunks at once never race to make an array's shared chunk folder (the thread
+    that lost could commit a chunk under a folder entry not yet on disk)."""
+    use_sink(monkeypatch, "ChunkFolderCheckingSink")
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 8, seed=s) for s in range(6)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4, num_writers=3,
+                        compressor=compressor)
+    _, ref = run_capture(model, cfg, batches)
+    expected = expected_rows(ref["layer_0/residual"], [b["attention_mask"] for b in batches])
+    np.testing.assert_array_equal(open_store(cfg.output_dir)["layer_0/residual"][:], expected)
+
+
 def test_null_sink_runs_pipeline_and_writes_nothing(tmp_path):
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], sink="null", chunk_tokens=4)

@@ -199,3 +199,15 @@ def _exited(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@pytest.mark.parametrize("closed", ["", ">&-", "2>&-"], ids=["open", "stdout-closed", "stderr-closed"])
+def test_the_writer_process_exits_with_its_code_and_its_output_flushed(closed):
+    """The writer process skips the interpreter's teardown at exit: its status and what it printed still
+    come out, and a closed output descriptor cannot stop the exit."""
+    script = "import engine.writer as w; print('last words'); w._exit_now(3)"
+    done = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -c "{script}" {closed}'],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert ("last words" in done.stdout) == (closed != ">&-")
+    assert "Traceback" not in done.stderr
