@@ -120,11 +120,12 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, fl
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
                         pinned_slots=args.pinned_slots, durable=durable)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
+    warm_batches = first_chunk_batches(args)
     start = steady_start = time.perf_counter()
     with CaptureEngine(model, cfg) as engine, torch.no_grad():
         for done in range(1, n_batches + 1):
             model(input_ids=ids)
-            if done == first_chunk_batches(args):
+            if done == warm_batches:
                 engine.flush()
                 steady_start = time.perf_counter()
     if SYNC:
@@ -135,7 +136,7 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, fl
     assert rows == n_batches * args.batch_size * args.seq_len, "rows lost"
     check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
     assert np.array_equal(check[:, -1], row_values(rows, args.batch_size * args.seq_len)[rows - 1000:])
-    return end - start, (end - steady_start if n_batches > first_chunk_batches(args) else None)
+    return end - start, (end - steady_start if n_batches > warm_batches else None)
 
 
 def first_chunk_batches(args) -> int:

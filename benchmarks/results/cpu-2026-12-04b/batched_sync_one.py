@@ -1,5 +1,5 @@
-"""One run of batched_sync.txt's A/B (run by batched_sync_ab.py with PYTHONPATH naming one tree). raw_durable is
-copied from benchmarks/writer.py, not imported: importing that module puts the main tree on sys.path, and the
+"""One run of batched_sync.txt's A/B (run by batched_sync_ab.py with PYTHONPATH naming one tree). It takes
+raw_durable from benchmarks/writer.py and then restores sys.path: that module puts the main tree first, and the
 writer process, which inherits the path, would then run the main tree's code in both arms."""
 import sys, time, os, shutil, json, torch, numpy as np
 from pathlib import Path
@@ -7,32 +7,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: syn
 import engine
 from engine import CaptureConfig, CaptureEngine
 from synthetic import SyntheticModel
-from engine.files import DIRECT_UNIT, page_aligned_empty
-def raw_durable(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) -> float:
-    """Seconds to write the same files each with O_DIRECT (buffered where the filesystem or the file's length
-    refuses it) and an fsync, from page-aligned blocks: no checksums, statistics, records or renames."""
-    blocks = [page_aligned_empty((chunk_tokens, dim), np.float16) for dim in dims]
-    for block in blocks:
-        block.fill(1.5)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    start = time.perf_counter()
-    for k in range(n_chunks):
-        for i, block in enumerate(blocks):
-            path = root / f"p{i}_{k}.bin"
-            direct = getattr(os, "O_DIRECT", 0) if block.nbytes % DIRECT_UNIT == 0 else 0
-            try:
-                fd = os.open(path, flags | direct, 0o644)
-            except OSError:
-                fd = os.open(path, flags, 0o644)
-            try:
-                os.write(fd, block.data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    os.sync()
-    return time.perf_counter() - start
-
-
+_path = list(sys.path)
+import writer as writer_benchmark  # benchmarks/writer.py, for raw_durable (engine is already the tree's)
+sys.path[:] = _path  # writer.py puts the main tree first, and the writer process would inherit it
+raw_durable = writer_benchmark.raw_durable
 
 dims=[768,3072]; B,S=8,512
 names={f"p{i}":d for i,d in enumerate(dims)}
