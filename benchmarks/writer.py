@@ -5,7 +5,11 @@ Two raw baselines: ndarray.tofile into the page cache, then one os.sync() (the i
 with O_DIRECT and fsynced on its own, which is the durability a durable store gives each chunk (on a virtual
 disk the first swings several-fold from run to run with the host's writeback, the second much less).
 Also what the commit records' CRC32C checksums cost (always on, so measured apart): seconds per GB of the
-writer's own checksum function over chunk-sized blocks, and the share of each pipeline's time that is.
+writer's own checksum function over chunk-sized blocks, and the share of each pipeline's time that is. And
+what each pipeline run cost in CPU: seconds per GB in the capturing process (this one: the hooks' copies into
+the shared slots) and in its writer process (compaction, statistics, checksums, the writes' system time), and
+how many cores that kept busy on average: a ratio to raw writes below 1 with cores to spare points at the
+pipeline's waits; with every core busy, at its CPU cost per byte.
 
     python benchmarks/writer.py --total-mb 1024 --repeats 3 --json out.json
     python benchmarks/writer.py --raw-only --total-mb 8192     # what the disk allows, for the GPU check
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,10 +115,20 @@ def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) 
     return (time.perf_counter() - start) / (repeats * sum(block.nbytes for block in blocks)) * 1e9
 
 
-def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, float | None]:
+class RunCost(NamedTuple):
+    """One pipeline run: seconds end to end and in steady state (None: no batch after the first chunk), and
+    CPU seconds of the capturing process and of its writer process (a child, counted once it has exited)."""
+
+    seconds: float
+    steady_seconds: float | None
+    capture_cpu: float
+    writer_cpu: float
+
+
+def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
     """Seconds end to end (engine start to close and sync, including a flush() once the first chunk's
     batches are in), and in steady state: from that flush (the first chunk committed: slots mapped, arrays
-    made, buffers touched) to the same end, for the batches after it (None when there are none)."""
+    made, buffers touched) to the same end, for the batches after it; and the CPU both processes took."""
     names = {f"p{i}": dim for i, dim in enumerate(args.dims)}
     model = SyntheticModel(names, args.batch_size, args.seq_len)
     cfg = CaptureConfig(root / "w.zarr", points=[], extra_modules={name: f"points.{name}" for name in names},
@@ -121,6 +136,7 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, fl
                         pinned_slots=args.pinned_slots, durable=durable)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
     warm_batches = first_chunk_batches(args)
+    cpu_before = os.times()
     start = steady_start = time.perf_counter()
     with CaptureEngine(model, cfg) as engine, torch.no_grad():
         for done in range(1, n_batches + 1):
@@ -131,12 +147,14 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> tuple[float, fl
     if SYNC:
         os.sync()
     end = time.perf_counter()
+    cpu = [after - before for after, before in zip(os.times(), cpu_before)]
     store = open_store(cfg.output_dir)
     rows = store.num_tokens
     assert rows == n_batches * args.batch_size * args.seq_len, "rows lost"
     check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
     assert np.array_equal(check[:, -1], row_values(rows, args.batch_size * args.seq_len)[rows - 1000:])
-    return end - start, (end - steady_start if n_batches > warm_batches else None)
+    return RunCost(end - start, end - steady_start if n_batches > warm_batches else None,
+                   capture_cpu=cpu[0] + cpu[1], writer_cpu=cpu[2] + cpu[3])
 
 
 def first_chunk_batches(args) -> int:
@@ -162,6 +180,18 @@ def report_against_raw_durable(result: dict, prefix: str, rates: list[float], ra
           f"(range {min(ratios):.3f}..{max(ratios):.3f})")
 
 
+def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int) -> None:
+    """CPU seconds per GB of each process, and the cores kept busy, over one pipeline's runs (medians)."""
+    gigabytes = nbytes / 1e9
+    capture = statistics.median(cost.capture_cpu / gigabytes for cost in costs)
+    writer = statistics.median(cost.writer_cpu / gigabytes for cost in costs)
+    busy = statistics.median((cost.capture_cpu + cost.writer_cpu) / cost.seconds for cost in costs)
+    result.update({f"{kind}_capture_cpu_s_per_gb": capture, f"{kind}_writer_cpu_s_per_gb": writer,
+                   f"{kind}_cores_busy": busy})
+    print(f"[writer]   {kind} CPU per GB: capturing process {capture:.2f} s, writer process {writer:.2f} s; "
+          f"{busy:.2f} of {os.cpu_count()} cores busy (medians)")
+
+
 def main(argv=None) -> int:
     global SYNC
     args = parse_args(argv)
@@ -178,6 +208,7 @@ def main(argv=None) -> int:
                                                "both": ["durable", "scratch"]}[args.durable]
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     steady_rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    costs: dict[str, list[RunCost]] = {kind: [] for kind in kinds}
     base = Path(args.output_dir or tempfile.mkdtemp(prefix="actcap_writer_"))
     try:
         if not args.raw_only:
@@ -192,10 +223,11 @@ def main(argv=None) -> int:
                     seconds = write(root, args.dims, n_chunks, args.chunk_tokens)
                     rates[kind].append(nbytes_raw / seconds / 1e6)
                 else:
-                    seconds, steady = pipeline(root, args, n_batches, durable=kind == "durable")
-                    rates[kind].append(nbytes_pipeline / seconds / 1e6)
-                    if steady is not None:
-                        steady_rates[kind].append(nbytes_steady / steady / 1e6)
+                    cost = pipeline(root, args, n_batches, durable=kind == "durable")
+                    costs[kind].append(cost)
+                    rates[kind].append(nbytes_pipeline / cost.seconds / 1e6)
+                    if cost.steady_seconds is not None:
+                        steady_rates[kind].append(nbytes_steady / cost.steady_seconds / 1e6)
                 shutil.rmtree(root)
     finally:
         if args.output_dir is None:
@@ -221,6 +253,7 @@ def main(argv=None) -> int:
         for label, series in (("", rates[kind]), ("steady_", steady_rates[kind])):
             if series:
                 report_against_raw_durable(result, f"{kind}_{label}", series, rates["raw_durable"])
+        report_cpu(result, kind, costs[kind], nbytes_pipeline)
         # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
         # of writing at this pipeline's median rate, an upper bound on their share of its time.
         crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3

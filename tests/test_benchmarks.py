@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     assert len(data["durable_ratios"]) == len(data["scratch_ratios"]) == 1
     assert data["durable_ratio_to_raw_durable_median"] > 0 and len(data["raw_durable_mb_per_s"]) == 1
     assert data["crc32c_seconds_per_gb"] > 0 and 0 < data["durable_crc32c_share"] < 1
+    # the writer process's CPU is counted only once close() has waited for it to exit
+    assert data["durable_writer_cpu_s_per_gb"] > 0 and data["scratch_capture_cpu_s_per_gb"] > 0
+    assert 0 < data["durable_cores_busy"] <= os.cpu_count() * 1.05
 
 
 def test_reader_benchmark_reports_throughput_and_mixing(tmp_path):
