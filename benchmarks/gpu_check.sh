@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a machine with a CUDA GPU. Installs carried zarr wheels when zarr
-# is missing (see benchmarks/README.md), records the card and versions, runs the `gpu` tests, then the gate for
-# gpt2 shapes (4x512 and 32x512; steady-state rounds of at least 2 s) with the null and zarr sinks, four
-# writer threads and one, early stop against a forward truncated after the hooked layer, and a raw sequential
-# write of chunk-sized files to the same disk (what the zarr sink can reach at all).
+# The prepared GPU check: one command on a machine with a CUDA GPU. Installs carried wheels when zarr,
+# numcodecs or crc32c is missing (see benchmarks/README.md), records the card and versions, runs the `gpu`
+# tests, then the gate for gpt2 shapes (4x512 and 32x512; steady-state rounds of at least 2 s) with the null
+# and zarr sinks, four writer threads and one, early stop against a forward truncated after the hooked layer,
+# and a raw sequential write of chunk-sized files to the same disk (what the zarr sink can reach at all).
 # Output (at most 12 files): $OUT/gpu.log and one JSON per run; default OUT=benchmarks/results/gpu-<date>.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-if ! python3 -c "import zarr" 2>/dev/null; then
+if ! python3 -c "import zarr, numcodecs, crc32c" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$TMPDIR/site" .whl/*.whl || exit 1
   export PYTHONPATH="$TMPDIR/site:$PWD"
 else

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import google_crc32c
+import crc32c as _crc32c
 import numpy as np
 import zarr
 from zarr.core.sync import sync
@@ -28,10 +28,13 @@ DAMAGE_FIX = ("restore the store from a copy, or resume the capture (a resume ve
 
 
 def crc32c(rows: np.ndarray) -> int:
-    """CRC32C of an array's bytes in C order (no copy of a C-contiguous array)."""
-    data = np.ascontiguousarray(rows).view()
-    data.flags.writeable = False  # google_crc32c takes read-only buffers only
-    return google_crc32c.value(data)
+    """CRC32C of an array's bytes in C order (no copy of a C-contiguous array).
+
+    The ``crc32c`` package releases the GIL while it runs (on buffers of 32 KiB and more), so the writer
+    process's threads checksum their chunks side by side, and beside their statistics: google-crc32c (which
+    zarr brings) holds it, and two threads took as long as one did for both
+    (benchmarks/results/cpu-2026-12-04c/gil.txt)."""
+    return _crc32c.crc32c(np.ascontiguousarray(rows))
 
 
 def plain_encoded(array: zarr.Array) -> bool:

@@ -27,7 +27,10 @@ import numpy as np
 from .layout import FLAG_BOS, FLAG_FIRST, ChunkStats
 
 SINK_FLAGS = FLAG_BOS | FLAG_FIRST
-BLOCK_BYTES = 1 << 20  # float32 temporaries are made block by block: bounded memory, cache-sized blocks
+# float32 temporaries are made block by block (bounded memory); 4 MiB blocks took 11-12 ms per 50 MB of
+# float16 rows against 13-14 for 1 MiB ones, with fewer numpy calls for the writer threads to take the GIL
+# back after (benchmarks/results/cpu-2026-12-04c/gil.txt)
+BLOCK_BYTES = 4 << 20
 
 
 _HALF_SCALE = np.float32(2.0 ** 112)  # float16's exponent bias (15) to float32's (127)
