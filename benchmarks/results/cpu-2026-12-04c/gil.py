@@ -1,7 +1,7 @@
 """Does the writer process's per-chunk CPU work run side by side in its threads? Times the statistics
-(engine.statistics.chunk_summary, at several BLOCK_BYTES) and the CRC32C (google-crc32c, which zarr brings, and
-the crc32c package) over two 50 MB float16 chunk arrays (8192 x 3072), both in one thread and in two threads
-at once; and, for reference, the statistics in two processes at once (no GIL). Best of 5.
+(engine.statistics.chunk_summary, at several BLOCK_BYTES) and the CRC32C (google-crc32c, which zarr brings,
+and the crc32c package) over two 50 MB float16 chunk arrays (8192 x 3072), both in one thread and in two
+threads at once; and, for reference, the statistics in two processes at once (no GIL). Best of 5.
 
     python benchmarks/results/cpu-2026-12-04c/gil.py
 """
@@ -77,7 +77,7 @@ def in_process(block_bytes):
 
 def main():
     xs = arrays()
-    print(f"# per 50 MB chunk array, ms: one thread doing both arrays | two threads, one array each | speedup")
+    print("# per 50 MB chunk array, ms: one thread doing both arrays | two threads, one array each | speedup")
     for mib in (1, 2, 4, 8, 16):
         S.BLOCK_BYTES = mib << 20
         a, b, s = one_vs_two_threads(statistics_work, xs)
@@ -89,8 +89,9 @@ def main():
         for mib in (1, 4):
             alone = pool.apply(in_process, (mib << 20,))
             both = max(pool.map(in_process, [mib << 20] * 2))
-            print(f"statistics, BLOCK_BYTES {mib:2d} MiB, two processes: alone {alone / REPEATS * 1e3:5.1f} ms "
-                  f"per chunk array | both at once {both / REPEATS * 1e3:5.1f} each | speedup {2 * alone / both:.2f}")
+            print(f"statistics, BLOCK_BYTES {mib:2d} MiB, two processes: "
+                  f"alone {alone / REPEATS * 1e3:5.1f} ms per chunk array | "
+                  f"both at once {both / REPEATS * 1e3:5.1f} each | speedup {2 * alone / both:.2f}")
 
 
 if __name__ == "__main__":
