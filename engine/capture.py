@@ -198,22 +198,21 @@ class CaptureEngine:
                         undo: contextlib.ExitStack) -> None:
         config = self.config
         dtype = _TORCH_DTYPES[config.dtype]
-        self._pool = SlotPool(config.pinned_slots, self._device.type == "cuda", dtype,
-                              tuple(config.annotations))
+        gpu = self._device if self._device.type == "cuda" else None
+        self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations))
         undo.callback(self._pool.release)
         self._stager = Stager(self._device, dtype)
         if resume is not None:
             self.resume_sequences = max(resume.sequences - config.first_sequence, 0)
             self._next_sequence = config.first_sequence + self.resume_sequences
-        self._writer = WriterProcess(self._writer_spec(model, tokenizer, resume), self._pool,
-                                     self._stager.cuda,
+        self._writer = WriterProcess(self._writer_spec(model, tokenizer, resume), self._pool, gpu,
                                      self._destination.lock.fd if self._destination and self._destination.lock
                                      else None)
         undo.callback(self._writer.abort)
         if self._destination is not None and self._destination.lock is not None:
             self._destination.lock.on_lost(self._stop_writing)
-        self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_point,
-                                 config.early_stop)
+        self._hooks = ModelHooks(model, self.points, self, self._on_forward, self._on_forward_end,
+                                 self._on_point, config.early_stop)
         self._hooks.attach()
 
     def _writer_spec(self, model: torch.nn.Module, tokenizer: Any, resume: ResumePoint | None) -> WriterSpec:
@@ -263,12 +262,12 @@ class CaptureEngine:
         except BaseException:
             self._hooks.remove()  # a failed engine must not keep intercepting the model
             raise
-        if self._current is not None:
-            self._abandon_current()
         if self._stager.cuda and torch.cuda.is_current_stream_capturing():
             raise HookPointError("capture cannot run inside CUDA graph capture (the hooks hand slots to "
                                  "another process on every forward): capture the graph inside "
                                  "engine.detached() and run the captured model eagerly")
+        if self._current is not None:
+            self._abandon_current()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -277,7 +276,7 @@ class CaptureEngine:
                                  "one of them as a keyword or first argument")
         shape = reference.shape
         batch_size, seq_len = shape[0], shape[1] if len(shape) > 1 else 1
-        self._check_batch(batch_size, seq_len, attention_mask)
+        self._check_batch(batch_size, seq_len, reference, attention_mask)
         annotations = self._pending_annotations
         if annotations:
             self._pending_annotations = {}
@@ -295,7 +294,24 @@ class CaptureEngine:
         self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
         self._stall_seconds += waited
 
-    def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> None:
+    def _on_forward_end(self, module, args, kwargs, output) -> None:
+        """A forward that returned with its slot still open ran without some hooked points: their rows would
+        be missing, so the batch is dropped with an error instead of being dropped in silence."""
+        slot = self._current
+        if slot is None:
+            return
+        missing = sorted({point.key for point in self.points} - slot.captured)
+        self._abandon_current()
+        raise HookPointError(
+            f"the forward returned without running the hooks of {', '.join(missing)}: nothing of this batch "
+            "is stored. A model compiled with torch.compile and run before the engine was created keeps "
+            "running code that skips hooks added later: create the CaptureEngine before the first compiled "
+            "forward, or call torch._dynamo.reset() first. Otherwise these modules did not run in this "
+            "forward: capture points that every forward runs")
+
+    def _check_batch(self, batch_size: int, seq_len: int, reference: torch.Tensor,
+                     attention_mask: torch.Tensor | None) -> None:
+        self._check_device("input_ids", reference)
         if self._max_positions is not None and seq_len > self._max_positions:
             raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} "
                              f"positions: truncate inputs to at most {self._max_positions} tokens (tokenizer "
@@ -308,6 +324,13 @@ class CaptureEngine:
         if attention_mask.device != self._device:
             raise BatchError(f"attention_mask is on {attention_mask.device} but the model on {self._device}: "
                              "pass the mask on the model's device, like input_ids")
+
+    def _check_device(self, name: str, tensor: torch.Tensor) -> None:
+        """A GPU tensor on another device than the model's would be copied on a stream the batch's event does
+        not cover (host tensors are copied synchronously: they are fine)."""
+        if tensor.is_cuda and tensor.device != self._device:
+            raise BatchError(f"{name} is on {tensor.device} but the model on {self._device}: pass it on the "
+                             "model's device (or on the CPU)")
 
     def _abandon_current(self) -> None:
         """Release the slot of a forward that raised before its last point, once its copies have landed."""
@@ -339,21 +362,24 @@ class CaptureEngine:
 
     def _submit(self, slot) -> None:
         self._stager.finish(slot)
-        self._current = None
         if not self._dims:  # the first batch told the widths: size every slot now, before the second forward
             self._first_batch(slot)
         elif slot.unannounced:
             self._writer.announce(slot)
+        self._current = None  # after the steps that can fail: until then a failure gives the slot back
         self._batches += 1
         self._tokens_staged += slot.batch.batch_size * slot.batch.seq_len
         self._writer.submit(slot)
 
     def _first_batch(self, slot) -> None:
-        self._dims = dict(slot.dims)
-        self._writer.send_dims(self._dims)
+        """Send the widths, size every slot and hand the writer process every buffer; if any of it fails
+        (pinning memory can), the next batch does it again."""
+        dims = dict(slot.dims)
+        self._writer.send_dims(dims)
         self._pool.allocate_all(slot)
         for each in self._pool.slots:
             self._writer.announce(each)
+        self._dims = dims
 
     # ---- public --------------------------------------------------------------------------------
     @property
@@ -381,6 +407,7 @@ class CaptureEngine:
                              f"{sorted(declared)}: call engine.annotate(...) with exactly those before each "
                              "forward")
         for name, tensor in values.items():
+            self._check_device(f"annotation {name!r}", tensor)
             if tensor.is_floating_point() or tensor.is_complex():
                 raise BatchError(f"annotation {name!r} is {tensor.dtype}: pass integer values")
             if tuple(tensor.shape) != (batch_size, seq_len):
@@ -398,9 +425,12 @@ class CaptureEngine:
 
     @contextlib.contextmanager
     def detached(self):
-        """Run the model without capture inside this block (hooks come back after it; nests)."""
+        """Run the model without capture inside this block (hooks come back after it; nests). On CUDA the
+        batches already captured are handed over first, so no thread of the engine synchronizes with the
+        device inside the block (CUDA graph capture forbids it)."""
         if self._closed:
             raise CaptureClosedError("this CaptureEngine is closed")
+        self._writer.drain()
         self._detached_depth += 1
         self._hooks.remove()
         try:
@@ -443,20 +473,31 @@ class CaptureEngine:
             self._parts.publish()
 
     def _close_part(self, failed: bool) -> None:
-        """Close this process's store (the whole store, unless distributed)."""
+        """Close this process's store (the whole store, unless distributed). A device error here (a CUDA
+        error is sticky: every later call raises it) still closes the writer process, with the run failed,
+        and frees the slots and the lock; it is raised after that."""
         self._hooks.remove()  # the producer stops first
-        self._abandon_current()
-        try:
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self._release_destination)
+            cleanup.callback(self._pool.release)
+            cleanup.callback(self._stager.synchronize)  # no copy may land in a slot about to be unmapped
+            try:
+                self._abandon_current()
+            except BaseException:
+                self._writer.close(True, self._next_sequence)
+                raise
             self._writer.close(failed, self._next_sequence)
+
+    def _release_destination(self) -> None:
+        """Mark the store failed if the writer process did not publish its manifest, then free the lock (the
+        writer process has exited)."""
+        if self._destination is None:
+            return
+        try:
+            if not self._writer.finalized and self._destination.owned:
+                mark_failed(self._destination.location, repr(self._writer.error))
         finally:
-            self._stager.synchronize()  # no copy may still land in a slot that is about to be unmapped
-            self._pool.release()
-            if self._destination is not None:
-                try:
-                    if not self._writer.finalized and self._destination.owned:
-                        mark_failed(self._destination.location, repr(self._writer.error))
-                finally:
-                    self._destination.release()  # the writer process has exited: the lock is free
+            self._destination.release()
 
     def __enter__(self) -> "CaptureEngine":
         if self._closed:

@@ -6,9 +6,11 @@ store's lock, and sends it the ``WriterSpec``. See ``engine.writer`` for the mes
 protocol.
 
 On CPU the forward thread sends each batch itself once its last point is staged (the copies are
-synchronous). On CUDA a small handoff thread waits on each batch's event (``synchronize`` releases the GIL),
-drops the batch's device snapshots and sends it: the forward thread never waits for a copy. Control messages
-(flush, close) travel behind the batches, in order, the same way.
+synchronous). On CUDA a small handoff thread waits on each batch's event (``synchronize`` releases the GIL,
+and the event sleeps instead of spinning a core), drops the batch's device snapshots and sends it: the forward
+thread never waits for a copy. Flush messages travel behind the batches, in order, the same way; at close the
+handoff thread forwards what it holds and ends first, and the close message goes after it, saying the run
+failed if the thread did (the batches behind its failure were never sent).
 
 The forward thread reads what comes back (free slots, committed totals, errors) without blocking, at every
 forward; it blocks only when every slot is in use (backpressure), and then at most ``_LIVENESS_CHECK_S`` at a
@@ -24,6 +26,8 @@ import sys
 import threading
 import time
 import warnings
+
+import torch
 
 from .channel import ChannelClosed, channel_pair
 from .errors import CaptureError
@@ -59,14 +63,17 @@ class WriterProcess:
     Args:
         spec: what the writer process writes.
         pool: the slot pool (slots come back to it).
-        cuda: batches wait on their CUDA event in the handoff thread before they are sent.
+        cuda_device: the model's GPU: batches wait on their CUDA event in the handoff thread (which makes it
+            its current device, so that it uses the model's CUDA context, not one of its own on GPU 0)
+            before they are sent; None on CPU.
         lock_fd: the store lock's descriptor (the writer process holds the lock too), or None.
 
     Thread safety: ``submit``, ``poll``, ``acquire``, ``flush`` and ``close`` from the forward thread;
     ``stop`` and ``progress`` from any thread.
     """
 
-    def __init__(self, spec: WriterSpec, pool: SlotPool, cuda: bool, lock_fd: int | None):
+    def __init__(self, spec: WriterSpec, pool: SlotPool, cuda_device: torch.device | None,
+                 lock_fd: int | None):
         self._pool = pool
         self._channel, theirs = channel_pair()
         fds = (theirs.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
@@ -94,10 +101,10 @@ class WriterProcess:
         self._thread_error: BaseException | None = None
         try:
             self._channel.send(("spec", spec))
-            if cuda:
+            if cuda_device is not None:
                 self._handoff = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._forward_batches, name="actcap-handoff",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._forward_batches, args=(cuda_device,),
+                                                name="actcap-handoff", daemon=True)
                 self._thread.start()
         except BaseException:
             self.abort()
@@ -144,17 +151,33 @@ class WriterProcess:
         else:
             self._handoff.put((None, message))
 
-    def _forward_batches(self) -> None:
-        """Handoff thread (CUDA): wait for each batch's copies, then send it; control messages in order."""
+    def _forward_batches(self, device: torch.device) -> None:
+        """Handoff thread (CUDA): wait for each batch's copies, then send it; flush messages in order; a
+        ``threading.Event`` item is set once everything before it is sent (``drain``)."""
         try:
+            torch.cuda.set_device(device)
             while (item := self._handoff.get()) is not None:
                 slot, message = item
+                if isinstance(message, threading.Event):
+                    message.set()
+                    continue
                 if slot is not None:
                     slot.event.synchronize()
                     slot.snapshots.clear()
                 self._channel.send(message)
         except BaseException as exc:  # reported by the forward thread's next check
             self._thread_error = exc
+
+    def drain(self) -> None:
+        """CUDA: return once the handoff thread has sent every batch handed to it, so that it waits on no
+        event afterwards (a CUDA graph captured in global mode must not see another thread synchronize)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        sent = threading.Event()
+        self._handoff.put((None, sent))
+        while not sent.wait(_LIVENESS_CHECK_S):
+            if not self._thread.is_alive():
+                return  # it failed: the next forward, flush or close raises why
 
     def stop(self, error: CaptureError) -> None:
         """Kill the writer process now, from any thread (its store is no longer this run's); the forward
@@ -172,15 +195,19 @@ class WriterProcess:
 
     def check(self) -> None:
         """Raise the writer process's failure (once it has been raised, ``close`` does not raise it again)."""
+        self._adopt_thread_error()
+        if self._error is not None:
+            self.error_delivered = True
+            raise self._error
+
+    def _adopt_thread_error(self) -> None:
+        """The handoff thread's failure becomes this run's error (unless one came first)."""
         if self._error is None and self._thread_error is not None:
             if isinstance(self._thread_error, OSError):
                 self._died()  # the handoff thread could not send: the writer process is gone
             else:
                 self._error = CaptureError(f"the handoff thread failed: {self._thread_error!r}")
                 self._error.__cause__ = self._thread_error
-        if self._error is not None:
-            self.error_delivered = True
-            raise self._error
 
     def refresh(self) -> None:
         """Take in what the writer process sent, from any thread (``stats``); a failure it reports is raised
@@ -263,9 +290,10 @@ class WriterProcess:
         the manifest. Raises the writer's failure unless it was raised before."""
         delivered = self.error_delivered
         try:
+            self._stop_handoff()
+            self._adopt_thread_error()
             if not self._dead:
-                self._send_in_order(("close", failed, sequences))
-                self._stop_handoff(sequences)
+                self._send(("close", failed or self._thread_error is not None, sequences))
             while self._closed_reply is None and not self._dead:
                 self._receive(_LIVENESS_CHECK_S)
         except CaptureError:  # it was gone before the close message could be sent: raised below
@@ -276,15 +304,15 @@ class WriterProcess:
             self.error_delivered = True
             raise self._error
 
-    def _stop_handoff(self, sequences: int) -> None:
-        """CUDA: let the handoff thread send what it holds (the close message last) and end. If it failed
-        first, the close message never went: send it from here, saying the run failed (batches were lost)."""
+    def _stop_handoff(self) -> None:
+        """CUDA: let the handoff thread send every batch it holds, and end. A thread still waiting after
+        _EXIT_WAIT_S (a hung device) is left behind, counted as failed: the run's close says so."""
         if self._thread is None:
             return
         self._handoff.put(None)
-        self._thread.join()
-        if self._thread_error is not None and not isinstance(self._thread_error, OSError):
-            self._send(("close", True, sequences))
+        self._thread.join(timeout=_EXIT_WAIT_S)
+        if self._thread.is_alive() and self._thread_error is None:
+            self._thread_error = TimeoutError(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
 
     @property
     def pid(self) -> int:

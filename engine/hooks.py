@@ -43,6 +43,7 @@ class ModelHooks:
         points: resolved hook points.
         owner: the engine (recorded on the model while attached).
         on_forward: ``(module, args, kwargs)`` root pre-hook.
+        on_forward_end: ``(module, args, kwargs, output)`` root hook, after a forward that returned.
         on_point: ``(point, tensor)`` for each hooked point.
         early_stop: wrap the root forward so that ``StopForward`` ends it (returning None).
 
@@ -50,13 +51,15 @@ class ModelHooks:
     """
 
     def __init__(self, model: torch.nn.Module, points: list[HookPoint], owner: Any,
-                 on_forward: Callable, on_point: Callable[[HookPoint, torch.Tensor], None], early_stop: bool):
+                 on_forward: Callable, on_forward_end: Callable,
+                 on_point: Callable[[HookPoint, torch.Tensor], None], early_stop: bool):
         self._model = model
         self._points = points
         self._owner = owner
         # torch.compile never traces the hooks (their slots and messages are not tensors): they run eagerly,
         # between graphs, and see exactly the tensors eager mode would.
         self._on_forward = torch.compiler.disable(on_forward)
+        self._on_forward_end = torch.compiler.disable(on_forward_end)
         self._on_point = torch.compiler.disable(on_point)
         self._early_stop = early_stop
         self._handles: list = []
@@ -73,6 +76,7 @@ class ModelHooks:
         if self._early_stop:
             self._wrap_forward()
         self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._handles.append(self._model.register_forward_hook(self._on_forward_end, with_kwargs=True))
         for point in self._points:
             self._handles.append(point.attach(functools.partial(self._on_point, point)))
 

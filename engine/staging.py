@@ -58,29 +58,31 @@ def _anonymous_file(nbytes: int) -> int:
 
 
 class SharedBuffer:
-    """Host memory shared with the writer process (and pinned for DMA when ``pin``).
+    """Host memory shared with the writer process (and pinned for DMA when ``pin_device`` is given).
 
     Args:
         nbytes: size (rounded up to whole pages).
-        pin: register with CUDA so device-to-host copies into it are asynchronous DMA.
+        pin_device: the GPU whose copies fill it: registered with CUDA (in that device's context) so that
+            device-to-host copies into it are asynchronous DMA; None: not pinned.
 
     Thread safety: the owner allocates and releases it; its bytes belong to whoever holds the slot.
     """
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin_device: torch.device | None):
         self.nbytes = max(PAGE, -(-nbytes // PAGE) * PAGE)
         self.fd = _anonymous_file(self.nbytes)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault pages in now, not in a hook
         self._map = mmap.mmap(self.fd, self.nbytes, flags=flags)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.pinned = False
-        if pin:
-            error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
+        self._pin_device = None
+        if pin_device is not None:
+            with torch.cuda.device(pin_device):
+                error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
             if error:
                 self.release()
                 raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed "
                                    f"(cudaError {error}): lower pinned_slots or the batch size")
-            self.pinned = True
+            self._pin_device = pin_device
 
     def typed(self, dtype: torch.dtype, count: int) -> torch.Tensor:
         """The first ``count`` elements as a flat tensor of ``dtype``."""
@@ -88,9 +90,10 @@ class SharedBuffer:
 
     def release(self) -> None:
         """Unpin and close; the memory is freed once the writer has dropped its mapping too."""
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-            self.pinned = False
+        if self._pin_device is not None:
+            with torch.cuda.device(self._pin_device):
+                torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+            self._pin_device = None
         self.bytes = None
         os.close(self.fd)
 
@@ -116,9 +119,10 @@ class Slot:
     to the writer process, which hands it back when its rows are copied out.
     """
 
-    def __init__(self, index: int, pin: bool, dtype: torch.dtype, annotations: tuple[str, ...]):
+    def __init__(self, index: int, pin_device: torch.device | None, dtype: torch.dtype,
+                 annotations: tuple[str, ...]):
         self.index = index
-        self._pin = pin
+        self._pin_device = pin_device
         self._dtype = dtype
         self._annotations = annotations
         self.capacity = 0
@@ -132,25 +136,36 @@ class Slot:
         self.views: dict[str, torch.Tensor] = {}
         self._views_by_shape: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
-    def _allocate(self, name: str, nbytes: int) -> None:
-        old = self.buffers.pop(name, None)
-        if old is not None:
-            old.release()
-        self.buffers[name] = SharedBuffer(nbytes, self._pin)
-        self.unannounced.append(name)
+    def _allocate(self, sizes: dict[str, int]) -> None:
+        """New buffers of these sizes (name -> bytes), replacing any of the same name. All or nothing: if one
+        cannot be made (pinning can fail), the slot keeps the buffers it had."""
+        made: dict[str, SharedBuffer] = {}
+        try:
+            for name, nbytes in sizes.items():
+                made[name] = SharedBuffer(nbytes, self._pin_device)
+        except BaseException:
+            for buffer in made.values():
+                buffer.release()
+            raise
+        for name, buffer in made.items():
+            old = self.buffers.pop(name, None)
+            if old is not None:
+                old.release()
+            self.buffers[name] = buffer
+            self.unannounced.append(name)
         self._views_by_shape.clear()
         self.views = {}
 
     def grow(self, tokens: int, dims: dict[str, int]) -> None:
         """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far, besides those
         of points this slot staged in a forward that failed before the first batch was handed over)."""
-        self.capacity = tokens
-        self._allocate(TOKENS, 2 * tokens * 8)
-        for name in self._annotations:
-            self._allocate(annotation_buffer_name(name), tokens * 8)
-        self.dims = {**self.dims, **dims}
-        for key, dim in self.dims.items():
-            self._allocate(point_buffer_name(key), tokens * dim * self._dtype.itemsize)
+        dims = {**self.dims, **dims}
+        itemsize = self._dtype.itemsize
+        sizes = {TOKENS: 2 * tokens * 8}
+        sizes.update({annotation_buffer_name(name): tokens * 8 for name in self._annotations})
+        sizes.update({point_buffer_name(key): tokens * dim * itemsize for key, dim in dims.items()})
+        self._allocate(sizes)
+        self.capacity, self.dims = tokens, dims
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
         """Start a batch: grow the buffers if it is larger than any before (by 25% at least)."""
@@ -185,7 +200,7 @@ class Slot:
         its buffer is allocated."""
         view = self.views.get(key)
         if view is None:
-            self._allocate(point_buffer_name(key), self.capacity * dim * self._dtype.itemsize)
+            self._allocate({point_buffer_name(key): self.capacity * dim * self._dtype.itemsize})
             self.dims[key] = dim
             self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
             view = self.views[key]
@@ -216,8 +231,9 @@ class SlotPool:
     Thread safety: from the forward thread only.
     """
 
-    def __init__(self, count: int, pin: bool, dtype: torch.dtype, annotations: tuple[str, ...]):
-        self.slots = [Slot(i, pin, dtype, annotations) for i in range(count)]
+    def __init__(self, count: int, pin_device: torch.device | None, dtype: torch.dtype,
+                 annotations: tuple[str, ...]):
+        self.slots = [Slot(i, pin_device, dtype, annotations) for i in range(count)]
         self._free = list(range(count - 1, -1, -1))
 
     def take(self) -> Slot | None:
@@ -316,7 +332,9 @@ class Stager:
                                      f"{self.device}: capture needs a model on one device (for a model "
                                      "spread over GPUs, capture each device's layers with their own "
                                      "engine)")
-            self._copy_async(slot, destination, tensor.to(self.dtype, copy=True))
+            # contiguous: a strided snapshot would cost the copy stream a kernel and a buffer of its own
+            self._copy_async(slot, destination,
+                             tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format))
         else:
             destination.copy_(tensor)
         slot.captured.add(key)
@@ -329,5 +347,5 @@ class Stager:
     def finish(self, slot: Slot) -> None:
         """After the batch's last copy: record the event the handoff waits on before the writer reads."""
         if self.cuda:
-            slot.event = torch.cuda.Event()
+            slot.event = torch.cuda.Event(blocking=True)  # the handoff thread sleeps on it, not spins
             slot.event.record(self._stream)

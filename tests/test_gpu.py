@@ -116,6 +116,76 @@ def test_cuda_graph_capture_is_refused(tmp_path):
                 model(**batch)
 
 
+def test_a_cuda_graph_captured_inside_detached_while_batches_are_in_flight(tmp_path):
+    """detached() is where the engine tells users to capture CUDA graphs. The batches captured just before may
+    still be on their way to the writer process, and during a global-mode graph capture no other thread may
+    synchronize with the device: detached() hands them over first."""
+    model = tiny_model("gpt2").cuda()
+    batches = [cuda_batch(ragged_batch(8, 64, seed=s)) for s in range(6)]
+    layer = torch.nn.Linear(64, 64).cuda()
+    static = torch.zeros(16, 64, device="cuda")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=128, pinned_slots=4)
+    with reference_capture(model, [0], list(cfg.points)) as ref:
+        with CaptureEngine(model, cfg) as cap, torch.no_grad():
+            for batch in batches[:3]:
+                model(**batch)
+            with cap.detached():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    layer(static)  # warm-up on a side stream, as torch.cuda.graph's documentation does
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    layer(static)
+            graph.replay()
+            for batch in batches[3:]:
+                model(**batch)
+    masks = [b["attention_mask"].cpu() for b in batches]
+    store = open_store(cfg.output_dir)
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
+
+
+def test_cuda_rows_exact_under_a_user_stream_with_growing_batches_in_bfloat16(tmp_path):
+    """The model runs on a stream of the caller's; every batch is larger than the last, so the pinned slots
+    are unregistered, reallocated and announced again; storage is bfloat16 (uint16 bits)."""
+    model = tiny_model("gpt2").cuda()
+    batches = [cuda_batch(ragged_batch(2 + 2 * s, 16 + 8 * s, seed=s)) for s in range(5)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=64, pinned_slots=2,
+                        dtype="bfloat16")
+    stream = torch.cuda.Stream()
+    with reference_capture(model, [0], list(cfg.points)) as ref:
+        with CaptureEngine(model, cfg), torch.no_grad(), torch.cuda.stream(stream):
+            for batch in batches:
+                model(**batch)
+    masks = [b["attention_mask"].cpu() for b in batches]
+    store = open_store(cfg.output_dir)
+    for key in ref:
+        bits = store[key][:]
+        stored = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(stored, expected_rows(ref[key], masks, dtype=torch.bfloat16))
+
+
+def test_gpu_annotations_for_a_model_on_the_cpu_are_refused(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], annotations={"doc_id": "int64"})
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        cap.annotate(doc_id=torch.zeros(2, 6, dtype=torch.long, device="cuda"))
+        with pytest.raises(engine.BatchError, match="annotation 'doc_id' is on cuda:0 but the model on cpu"):
+            model(**ragged_batch(2, 6))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ids_on_another_gpu_than_the_model_are_refused(tmp_path):
+    model = tiny_model("gpt2").to("cuda:1")
+    batch = {key: value.to("cuda:0") for key, value in ragged_batch(2, 6).items()}
+    batch["attention_mask"] = batch["attention_mask"].to("cuda:1")
+    with CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])), torch.no_grad():
+        with pytest.raises(engine.BatchError, match="input_ids is on cuda:0 but the model on cuda:1"):
+            model(**batch)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_model_on_two_gpus_is_refused_at_attach(tmp_path):
     model = tiny_model("gpt2").cuda(0)

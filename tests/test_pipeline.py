@@ -467,22 +467,53 @@ def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
     assert held == sum(-(-n // staging.PAGE) * staging.PAGE for n in allocations), "whole mapped pages"
 
 
-def test_torch_compile_captures_the_same_rows(tmp_path):
-    model = tiny_model("gpt2")
-    batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
-    compiled = torch.compile(model, backend="aot_eager")
-    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
-    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
-        for batch in batches:
-            model(**batch)
-    with CaptureEngine(model, cfg), torch.no_grad():
-        for batch in batches:
-            compiled(**batch)
+def assert_store_rows(cfg, ref, batches):
+    """Every point's stored rows are the reference forwards' non-pad rows, in order."""
     masks = [b["attention_mask"] for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
                                       err_msg=key)
+
+
+def compiled_gpt2_and_reference(tmp_path, backend):
+    """A tiny gpt2, its ``torch.compile`` form (not run yet), 3 ragged batches, a layer-0 config and the
+    reference rows of those batches."""
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    return model, torch.compile(model, backend=backend), batches, cfg, ref
+
+
+def test_torch_compile_captures_the_same_rows(tmp_path):
+    model, compiled, batches, cfg, ref = compiled_gpt2_and_reference(tmp_path, "aot_eager")
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for batch in batches:
+            compiled(**batch)
+    assert_store_rows(cfg, ref, batches)
+
+
+def test_a_model_compiled_and_run_before_the_engine_is_refused_not_captured_empty(tmp_path):
+    """Compiled code made before the hooks existed runs without them (dynamo does not guard on hooks by
+    default): the root forward still runs, the points do not. The forward raises, naming them, instead of the
+    store ending complete and empty; after torch._dynamo.reset() the same compiled model is captured."""
+    model, compiled, batches, cfg, ref = compiled_gpt2_and_reference(tmp_path, "eager")
+    try:
+        with torch.no_grad():
+            compiled(**batches[0])  # compiled before the engine exists
+        with CaptureEngine(model, cfg) as cap, torch.no_grad():
+            with pytest.raises(engine.HookPointError, match="layer_0/residual.*torch._dynamo.reset"):
+                compiled(**batches[0])
+            assert cap.stats.batches == 0 and cap._pool.free_count == cfg.pinned_slots, "the slot came back"
+            torch._dynamo.reset()
+            for batch in batches:
+                compiled(**batch)
+    finally:
+        torch._dynamo.reset()
+    assert_store_rows(cfg, ref, batches)
 
 
 def test_a_small_store_takes_the_disk_its_rows_need(tmp_path):

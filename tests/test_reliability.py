@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -26,11 +27,13 @@ from helpers import (
     N_SEQUENCES,
     assert_same_store,
     crash_and_resume,
+    expected_rows,
     finish,
     hold_mid_run,
     launch,
     race_two_resumes,
     ragged_batch,
+    reference_capture,
     run_job,
     tiny_model,
 )
@@ -161,6 +164,83 @@ def test_disk_full_fails_cleanly_and_keeps_committed_chunks(tmp_path, small_file
     assert store.status == "failed" and store.num_tokens > 0 and store.num_tokens % 128 == 0
     assert np.isfinite(store["layer_0/residual"][:].astype(np.float32)).all()
     assert not list(Path(cfg.output_dir).rglob("*.partial")), "temp files are cleaned up"
+
+
+def raise_in_layer_1(model):
+    """A forward that fails after layer 0 was staged (its slot is still the forward's): once."""
+    def fail_once(module, args, output):
+        handle.remove()
+        raise RuntimeError("the model failed mid-forward")
+    handle = model.transformer.h[1].register_forward_hook(fail_once)
+
+
+def test_a_device_error_at_close_still_closes_the_writer_and_frees_the_store(tmp_path, monkeypatch):
+    """On CUDA, releasing the slot of a forward that failed waits on its copies, and after a device error
+    (a sticky CUDA error) that wait raises too. Close must still end the writer process with the run failed,
+    free the slots and the lock, then raise. The device error is stood in for by the release raising it."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8)
+    cap = CaptureEngine(model, cfg)
+    with torch.no_grad():
+        for seed in range(4):
+            model(**ragged_batch(4, 8, seed=seed))
+        cap.flush()
+        raise_in_layer_1(model)
+        with pytest.raises(RuntimeError, match="mid-forward"):
+            model(**ragged_batch(4, 8, seed=9))
+
+    def device_error():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (test)")
+
+    monkeypatch.setattr(cap, "_abandon_current", device_error)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cap.close()
+    cap.close()  # closed: does not raise again
+    assert not psutil.pid_exists(cap.writer_pid) and not model._forward_pre_hooks
+    store = open_store(cfg.output_dir)
+    assert store.status == "failed" and store.num_tokens > 0
+    CaptureEngine(model, small_cfg(tmp_path / "s.zarr", chunk_tokens=8, resume=True)).close()  # lock free
+
+
+@pytest.mark.parametrize("fail_at", ["first batch", "growth"])
+def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at, tmp_path, monkeypatch):
+    """Pinning a slot buffer (cudaHostRegister) can fail, stood in for here by making a buffer fail midway
+    through a slot's allocation: the forward raises, the slot keeps the buffers it had (or comes back, when
+    the first batch was sizing every slot), and the next batches are captured exactly."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
+    kept = [ragged_batch(3, 8, seed=s) for s in range(1, 4)]
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in kept:
+            model(**batch)
+    countdown, original = [0], engine.staging.SharedBuffer
+
+    def flaky(nbytes, pin_device):
+        countdown[0] -= 1
+        if countdown[0] == 0:
+            raise RuntimeError("cudaHostRegister of shared memory failed (test)")
+        return original(nbytes, pin_device)
+
+    monkeypatch.setattr(engine.staging, "SharedBuffer", flaky)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        if fail_at == "growth":
+            model(**kept[0])
+            countdown[0] = 2  # the second of the three new buffers fails
+            with pytest.raises(RuntimeError, match="cudaHostRegister"):
+                model(**ragged_batch(6, 8, seed=9))  # larger than the slots: one must grow
+        else:
+            countdown[0] = 5  # a first batch makes its slot's 3 buffers, then sizes the other slot
+            with pytest.raises(RuntimeError, match="cudaHostRegister"):
+                model(**ragged_batch(3, 8, seed=0))
+        for batch in kept[1 if fail_at == "growth" else 0:]:
+            model(**batch)
+        cap.flush()
+        assert cap._pool.free_count == 2, "every slot came back"
+    store = open_store(cfg.output_dir)
+    masks = [b["attention_mask"] for b in kept]
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
+                                      err_msg=key)
 
 
 @pytest.mark.parametrize("make_cfg, error, match", [
