@@ -276,7 +276,8 @@ class CaptureEngine:
                                  "one of them as a keyword or first argument")
         shape = reference.shape
         batch_size, seq_len = shape[0], shape[1] if len(shape) > 1 else 1
-        self._check_batch(batch_size, seq_len, reference, attention_mask)
+        self._check_device("input_ids" if input_ids is not None else "inputs_embeds", reference)
+        self._check_batch(batch_size, seq_len, attention_mask)
         annotations = self._pending_annotations
         if annotations:
             self._pending_annotations = {}
@@ -301,6 +302,7 @@ class CaptureEngine:
         if slot is None:
             return
         missing = sorted({point.key for point in self.points} - slot.captured)
+        self._next_sequence -= slot.batch.batch_size  # refused whole, like a bad batch: a retry leaves no gap
         self._abandon_current()
         raise HookPointError(
             f"the forward returned without running the hooks of {', '.join(missing)}: nothing of this batch "
@@ -309,9 +311,7 @@ class CaptureEngine:
             "forward, or call torch._dynamo.reset() first. Otherwise these modules did not run in this "
             "forward: capture points that every forward runs")
 
-    def _check_batch(self, batch_size: int, seq_len: int, reference: torch.Tensor,
-                     attention_mask: torch.Tensor | None) -> None:
-        self._check_device("input_ids", reference)
+    def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> None:
         if self._max_positions is not None and seq_len > self._max_positions:
             raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} "
                              f"positions: truncate inputs to at most {self._max_positions} tokens (tokenizer "
@@ -473,20 +473,39 @@ class CaptureEngine:
             self._parts.publish()
 
     def _close_part(self, failed: bool) -> None:
-        """Close this process's store (the whole store, unless distributed). A device error here (a CUDA
-        error is sticky: every later call raises it) still closes the writer process, with the run failed,
-        and frees the slots and the lock; it is raised after that."""
+        """Close this process's store (the whole store, unless distributed): the writer process, then the
+        store (marked failed if the writer did not publish it; the lock), then the slots. Every step runs
+        whatever failed before it: a device error (a CUDA error is sticky: every later call raises it) still
+        closes the writer process, as failed, and frees the lock and the slots. The first error is raised,
+        the later ones noted on it."""
         self._hooks.remove()  # the producer stops first
-        with contextlib.ExitStack() as cleanup:
-            cleanup.callback(self._release_destination)
-            cleanup.callback(self._pool.release)
-            cleanup.callback(self._stager.synchronize)  # no copy may land in a slot about to be unmapped
+        errors: list[BaseException] = []
+        try:
+            self._abandon_current()
+        except BaseException as error:
+            errors.append(error)
+        steps = (lambda: self._writer.close(failed or bool(errors), self._next_sequence),
+                 self._release_destination, self._release_slots)
+        for step in steps:
             try:
-                self._abandon_current()
-            except BaseException:
-                self._writer.close(True, self._next_sequence)
-                raise
-            self._writer.close(failed, self._next_sequence)
+                step()
+            except BaseException as error:
+                errors.append(error)
+        if errors:
+            first, *later = errors
+            for error in later:
+                first.add_note(f"while closing, after it: {error!r}")
+            raise first
+
+    def _release_slots(self) -> None:
+        """Unmap the slots once no copy can land in them any more. A device that never finished a copy (the
+        handoff thread gave up waiting) leaves them mapped until the process exits."""
+        if self._writer.copies_stuck:
+            return
+        try:
+            self._stager.synchronize()
+        finally:
+            self._pool.release()
 
     def _release_destination(self) -> None:
         """Mark the store failed if the writer process did not publish its manifest, then free the lock (the

@@ -38,6 +38,10 @@ _LIVENESS_CHECK_S = 0.05
 _EXIT_WAIT_S = 30.0
 
 
+class HandoffStuck(RuntimeError):
+    """The handoff thread still waited on a batch's copies when close gave up on it (a hung device)."""
+
+
 class Progress:
     """What the writer process has reported. Thread safety: written by the thread that reads the channel,
     read from any thread (each field is replaced whole)."""
@@ -99,6 +103,7 @@ class WriterProcess:
         self._handoff: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._handoff_stopped = False
         try:
             self._channel.send(("spec", spec))
             if cuda_device is not None:
@@ -170,14 +175,16 @@ class WriterProcess:
 
     def drain(self) -> None:
         """CUDA: return once the handoff thread has sent every batch handed to it, so that it waits on no
-        event afterwards (a CUDA graph captured in global mode must not see another thread synchronize)."""
+        event afterwards (a CUDA graph captured in global mode must not see another thread synchronize).
+        Costs the caller the wait for the copies in flight (the device itself is not synchronized)."""
         if self._thread is None or not self._thread.is_alive():
             return
         sent = threading.Event()
         self._handoff.put((None, sent))
+        deadline = time.monotonic() + _EXIT_WAIT_S
         while not sent.wait(_LIVENESS_CHECK_S):
-            if not self._thread.is_alive():
-                return  # it failed: the next forward, flush or close raises why
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                return  # it failed (the next forward, flush or close raises why), or a copy never ends
 
     def stop(self, error: CaptureError) -> None:
         """Kill the writer process now, from any thread (its store is no longer this run's); the forward
@@ -305,14 +312,21 @@ class WriterProcess:
             raise self._error
 
     def _stop_handoff(self) -> None:
-        """CUDA: let the handoff thread send every batch it holds, and end. A thread still waiting after
-        _EXIT_WAIT_S (a hung device) is left behind, counted as failed: the run's close says so."""
-        if self._thread is None:
+        """CUDA: let the handoff thread send every batch it holds, and end (once; later calls return). A
+        thread still waiting after _EXIT_WAIT_S (a device that never finishes a copy) is left behind and
+        counted as failed: the run's close says so, and ``copies_stuck`` tells to keep its slots mapped."""
+        if self._thread is None or self._handoff_stopped:
             return
+        self._handoff_stopped = True
         self._handoff.put(None)
         self._thread.join(timeout=_EXIT_WAIT_S)
         if self._thread.is_alive() and self._thread_error is None:
-            self._thread_error = TimeoutError(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
+            self._thread_error = HandoffStuck(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
+
+    @property
+    def copies_stuck(self) -> bool:
+        """The handoff thread was left waiting on a copy at close: its slot may still be written."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def pid(self) -> int:
@@ -328,9 +342,7 @@ class WriterProcess:
         return self._error
 
     def _shut_down(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._handoff.put(None)
-            self._thread.join(timeout=_EXIT_WAIT_S)
+        self._stop_handoff()
         try:
             self._process.wait(timeout=_EXIT_WAIT_S if self._closed_reply is not None else 1)
         except BaseException:  # too slow, or a second Ctrl-C: nothing may outlive close()
@@ -348,9 +360,7 @@ class WriterProcess:
 
     def abort(self) -> None:
         """Stop without draining (a failed construction): the writer process exits as its channel closes."""
-        if self._thread is not None:
-            self._handoff.put(None)
-            self._thread.join(timeout=_EXIT_WAIT_S)
+        self._stop_handoff()
         self._close_channel()
         try:
             self._process.wait(timeout=5)

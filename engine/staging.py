@@ -89,13 +89,29 @@ class SharedBuffer:
         return self.bytes[: count * dtype.itemsize].view(dtype)
 
     def release(self) -> None:
-        """Unpin and close; the memory is freed once the writer has dropped its mapping too."""
-        if self._pin_device is not None:
-            with torch.cuda.device(self._pin_device):
-                torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-            self._pin_device = None
-        self.bytes = None
-        os.close(self.fd)
+        """Unpin and close; the memory is freed once the writer has dropped its mapping too. Closes even if
+        unpinning raises (after a CUDA error)."""
+        try:
+            if self._pin_device is not None:
+                device, self._pin_device = self._pin_device, None
+                with torch.cuda.device(device):
+                    torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+        finally:
+            self.bytes = None
+            os.close(self.fd)
+
+
+def release_each(items) -> None:
+    """``release()`` every item, then raise the first failure: one that fails (a CUDA error) must not leave
+    the rest held."""
+    first = None
+    for item in items:
+        try:
+            item.release()
+        except BaseException as error:
+            first = first or error
+    if first is not None:
+        raise first
 
 
 TOKENS = "tokens"
@@ -137,24 +153,31 @@ class Slot:
         self._views_by_shape: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def _allocate(self, sizes: dict[str, int]) -> None:
-        """New buffers of these sizes (name -> bytes), replacing any of the same name. All or nothing: if one
-        cannot be made (pinning can fail), the slot keeps the buffers it had."""
-        made: dict[str, SharedBuffer] = {}
-        try:
-            for name, nbytes in sizes.items():
-                made[name] = SharedBuffer(nbytes, self._pin_device)
-        except BaseException:
-            for buffer in made.values():
-                buffer.release()
-            raise
-        for name, buffer in made.items():
-            old = self.buffers.pop(name, None)
-            if old is not None:
-                old.release()
-            self.buffers[name] = buffer
-            self.unannounced.append(name)
+        """New buffers of these sizes (name -> bytes), replacing any of the same name; each old one goes
+        first, so the slot never holds two sets of page-locked memory. If one cannot be made (pinning can
+        fail), none of these names has a buffer afterwards; the others are untouched (copies of the batch in
+        progress may still be landing in them)."""
         self._views_by_shape.clear()
         self.views = {}
+        try:
+            release_each([self.buffers.pop(name) for name in sizes if name in self.buffers])
+            for name, nbytes in sizes.items():
+                self.buffers[name] = SharedBuffer(nbytes, self._pin_device)
+                self.unannounced.append(name)
+        except BaseException:
+            self.unannounced = [name for name in self.unannounced if name not in sizes]
+            release_each([self.buffers.pop(name) for name in sizes if name in self.buffers])
+            raise
+
+    def release(self) -> None:
+        """Release every buffer; the slot holds nothing until it grows again."""
+        self._views_by_shape.clear()
+        self.views = {}
+        self.snapshots.clear()
+        self.unannounced.clear()
+        self.capacity = 0
+        buffers, self.buffers = list(self.buffers.values()), {}
+        release_each(buffers)
 
     def grow(self, tokens: int, dims: dict[str, int]) -> None:
         """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far, besides those
@@ -164,7 +187,11 @@ class Slot:
         sizes = {TOKENS: 2 * tokens * 8}
         sizes.update({annotation_buffer_name(name): tokens * 8 for name in self._annotations})
         sizes.update({point_buffer_name(key): tokens * dim * itemsize for key, dim in dims.items()})
-        self._allocate(sizes)
+        try:
+            self._allocate(sizes)
+        except BaseException:
+            self.release()  # a slot grows only while free (no copy in flight): empty, the next batch retries
+            raise
         self.capacity, self.dims = tokens, dims
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
@@ -216,13 +243,7 @@ class Slot:
         """Host memory this slot holds (whole pages, as mapped)."""
         return sum(buffer.nbytes for buffer in self.buffers.values())
 
-    def release(self) -> None:
-        self._views_by_shape.clear()
-        self.views = {}
-        self.snapshots.clear()
-        for buffer in self.buffers.values():
-            buffer.release()
-        self.buffers.clear()
+
 
 
 class SlotPool:
@@ -264,8 +285,7 @@ class SlotPool:
         return sum(slot.nbytes for slot in self.slots)
 
     def release(self) -> None:
-        for slot in self.slots:
-            slot.release()
+        release_each(self.slots)
 
 
 class Stager:

@@ -19,7 +19,8 @@ writer process -> capturing process:
 
 Shutdown protocol (cited by CaptureEngine.close and handoff.WriterProcess.close; keep all three in step):
   1. The producer stops first: hooks are removed, so nothing more is submitted; on CUDA the handoff thread
-     forwards every batch it holds, then the close message.
+     forwards every batch it holds and ends, then the capturing process sends the close message (``failed``
+     if the handoff thread failed: batches behind its failure were never sent).
   2. The close message comes behind every batch (one FIFO channel); the main thread puts one sentinel per
      writer thread behind the batches in the queue, so every batch submitted before close is written.
   3. A writer thread that fails records its exception, sends it, sets the stop event and puts a sentinel in

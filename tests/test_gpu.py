@@ -3,6 +3,8 @@ GPU (run with ``python -m pytest -m gpu`` on a CUDA machine; ``benchmarks/gpu_ch
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -156,15 +158,37 @@ def test_cuda_rows_exact_under_a_user_stream_with_growing_batches_in_bfloat16(tm
                         dtype="bfloat16")
     stream = torch.cuda.Stream()
     with reference_capture(model, [0], list(cfg.points)) as ref:
-        with CaptureEngine(model, cfg), torch.no_grad(), torch.cuda.stream(stream):
+        with CaptureEngine(model, cfg) as cap, torch.no_grad(), torch.cuda.stream(stream):
             for batch in batches:
                 model(**batch)
+            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots
+                      for buffer in slot.buffers.values()]
+    assert pinned and all(pinned), "regrown slot buffers are registered with CUDA too"
     masks = [b["attention_mask"].cpu() for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
         bits = store[key][:]
         stored = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
         np.testing.assert_array_equal(stored, expected_rows(ref[key], masks, dtype=torch.bfloat16))
+
+
+def test_detached_waits_until_every_batch_in_flight_is_handed_over(tmp_path, monkeypatch):
+    """The handoff thread is held on a batch's event (a gate another thread opens 0.5 s later): detached()
+    enters only once that batch has been sent, so the gate is open by then and nothing is left to wait on."""
+    gate = threading.Event()
+
+    class GatedEvent(torch.cuda.Event):
+        def synchronize(self):
+            gate.wait()
+            super().synchronize()
+
+    monkeypatch.setattr(engine.staging.torch.cuda, "Event", GatedEvent)
+    model = tiny_model("gpt2").cuda()
+    with CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])) as cap, torch.no_grad():
+        model(**cuda_batch(ragged_batch(2, 16)))
+        threading.Timer(0.5, gate.set).start()
+        with cap.detached():
+            assert gate.is_set() and cap._writer._handoff.empty()
 
 
 def test_gpu_annotations_for_a_model_on_the_cpu_are_refused(tmp_path):

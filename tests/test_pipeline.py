@@ -513,6 +513,8 @@ def test_a_model_compiled_and_run_before_the_engine_is_refused_not_captured_empt
                 compiled(**batch)
     finally:
         torch._dynamo.reset()
+    sequences = open_store(cfg.output_dir)["tokens/sequence"][:]
+    assert list(np.unique(sequences)) == list(range(9)), "the refused batch left no gap in the numbering"
     assert_store_rows(cfg, ref, batches)
 
 

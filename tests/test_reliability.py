@@ -189,14 +189,20 @@ def test_a_device_error_at_close_still_closes_the_writer_and_frees_the_store(tmp
         with pytest.raises(RuntimeError, match="mid-forward"):
             model(**ragged_batch(4, 8, seed=9))
 
-    def device_error():
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (test)")
+    def device_error(where):
+        def fail():
+            raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({where})")
+        return fail
 
-    monkeypatch.setattr(cap, "_abandon_current", device_error)
-    with pytest.raises(RuntimeError, match="illegal memory access"):
+    monkeypatch.setattr(cap, "_abandon_current", device_error("releasing the slot"))
+    monkeypatch.setattr(cap._stager, "synchronize", device_error("synchronize"))  # sticky: it raises again
+    with pytest.raises(RuntimeError, match=r"illegal memory access .*\(releasing the slot\)") as info:
         cap.close()
+    assert any("(synchronize)" in note for note in info.value.__notes__), "the later error is noted, not lost"
     cap.close()  # closed: does not raise again
-    assert not psutil.pid_exists(cap.writer_pid) and not model._forward_pre_hooks
+    assert not psutil.pid_exists(cap.writer_pid)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not any(slot.buffers for slot in cap._pool.slots), "the slots were released"
     store = open_store(cfg.output_dir)
     assert store.status == "failed" and store.num_tokens > 0
     CaptureEngine(model, small_cfg(tmp_path / "s.zarr", chunk_tokens=8, resume=True)).close()  # lock free
@@ -205,8 +211,9 @@ def test_a_device_error_at_close_still_closes_the_writer_and_frees_the_store(tmp
 @pytest.mark.parametrize("fail_at", ["first batch", "growth"])
 def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at, tmp_path, monkeypatch):
     """Pinning a slot buffer (cudaHostRegister) can fail, stood in for here by making a buffer fail midway
-    through a slot's allocation: the forward raises, the slot keeps the buffers it had (or comes back, when
-    the first batch was sizing every slot), and the next batches are captured exactly."""
+    through a slot's allocation: the forward raises, the slot is left empty (its old buffers went first, so
+    that it never holds two sets of pinned memory) and comes back, and the next batches, which allocate it
+    again, are captured exactly."""
     model = tiny_model("gpt2")
     cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
     kept = [ragged_batch(3, 8, seed=s) for s in range(1, 4)]

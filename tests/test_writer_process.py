@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,3 +213,60 @@ def test_the_writer_process_exits_with_its_code_and_its_output_flushed(closed):
     assert done.returncode == 3, done.stderr
     assert ("last words" in done.stdout) == (closed != ">&-")
     assert "Traceback" not in done.stderr
+
+
+class _CopyEvent:
+    """Stands in for a batch's CUDA event (no device here): its ``synchronize`` returns, raises the device's
+    error, or waits until the test releases it (a copy that never finishes)."""
+
+    def __init__(self, behaviour: str, released: threading.Event):
+        self.behaviour, self.released = behaviour, released
+
+    def synchronize(self):
+        if self.behaviour == "fail":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (test)")
+        if self.behaviour == "hang":
+            self.released.wait()
+
+
+@pytest.mark.parametrize("third_batch", ["lands", "fail", "hang"])
+def test_the_cuda_handoff_thread_at_close(third_batch, tmp_path, monkeypatch):
+    """The CUDA path's handoff thread, on CPU: batches go through it (their events stood in for), and close
+    lets it send what it holds before the close message. When its wait on the third batch's copies fails, or
+    never returns (given up after _EXIT_WAIT_S), that batch never reached the writer process: the store must
+    end failed with the first two batches, close must raise why, and a stuck copy's slots stay mapped."""
+    monkeypatch.setattr(engine.handoff, "_EXIT_WAIT_S", 1.0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    released = threading.Event()
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=4)
+    cap = CaptureEngine(model, cfg)
+    writer = cap._writer
+    writer._handoff = queue.SimpleQueue()
+    writer._thread = threading.Thread(target=writer._forward_batches, args=("cuda:0",), daemon=True)
+    writer._thread.start()
+    events = iter(["lands", "lands", third_batch])
+    monkeypatch.setattr(cap._stager, "finish",
+                        lambda slot: setattr(slot, "event", _CopyEvent(next(events), released)))
+    batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        if third_batch == "fail":
+            writer._thread.join(timeout=10)  # it failed before close: close must still say the run failed
+        if third_batch == "lands":
+            cap.close()
+        else:
+            with pytest.raises(engine.CaptureError, match="RuntimeError|HandoffStuck"):
+                cap.close()
+    finally:
+        released.set()
+    store = open_store(cfg.output_dir)
+    sent = sum(int(b["attention_mask"].sum()) for b in (batches if third_batch == "lands" else batches[:2]))
+    if third_batch == "lands":
+        assert store.status == "complete" and store.num_tokens == sent
+    else:  # a failed run keeps whole chunks only
+        assert store.status == "failed" and store.num_tokens == sent // 8 * 8 > 0
+    assert not psutil.pid_exists(cap.writer_pid)
+    assert any(slot.buffers for slot in cap._pool.slots) == (third_batch == "hang")
