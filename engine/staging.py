@@ -160,14 +160,18 @@ class Slot:
         self._views_by_shape.clear()
         self.views = {}
         try:
-            release_each([self.buffers.pop(name) for name in sizes if name in self.buffers])
+            self._drop(sizes)
             for name, nbytes in sizes.items():
                 self.buffers[name] = SharedBuffer(nbytes, self._pin_device)
                 self.unannounced.append(name)
         except BaseException:
-            self.unannounced = [name for name in self.unannounced if name not in sizes]
-            release_each([self.buffers.pop(name) for name in sizes if name in self.buffers])
+            self._drop(sizes)
             raise
+
+    def _drop(self, names) -> None:
+        """Release the buffers of these names that the slot holds."""
+        self.unannounced = [name for name in self.unannounced if name not in names]
+        release_each([self.buffers.pop(name) for name in names if name in self.buffers])
 
     def release(self) -> None:
         """Release every buffer; the slot holds nothing until it grows again."""

@@ -23,6 +23,12 @@ def cuda_batch(batch: dict) -> dict:
     return {k: v.cuda() for k, v in batch.items()}
 
 
+def assert_slots_pinned(cap: CaptureEngine) -> None:
+    """Every shared slot buffer is registered with CUDA (device-to-host copies are true DMA)."""
+    pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots for buffer in slot.buffers.values()]
+    assert pinned and all(pinned)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16])
 def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
@@ -34,9 +40,7 @@ def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
         with CaptureEngine(model, cfg) as cap, torch.no_grad():
             for batch in batches:
                 model(**batch)
-            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots
-                      for buffer in slot.buffers.values()]
-    assert pinned and all(pinned), "every shared slot buffer is registered with CUDA (true DMA)"
+            assert_slots_pinned(cap)
     masks = [b["attention_mask"].cpu() for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
@@ -161,9 +165,7 @@ def test_cuda_rows_exact_under_a_user_stream_with_growing_batches_in_bfloat16(tm
         with CaptureEngine(model, cfg) as cap, torch.no_grad(), torch.cuda.stream(stream):
             for batch in batches:
                 model(**batch)
-            pinned = [buffer.bytes.is_pinned() for slot in cap._pool.slots
-                      for buffer in slot.buffers.values()]
-    assert pinned and all(pinned), "regrown slot buffers are registered with CUDA too"
+            assert_slots_pinned(cap)  # regrown ones too
     masks = [b["attention_mask"].cpu() for b in batches]
     store = open_store(cfg.output_dir)
     for key in ref:
