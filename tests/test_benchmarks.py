@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import overhead  # noqa: E402
+import writer  # noqa: E402
 
 TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256",
         "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--num-batches", "1", "--min-round-s", "0",
@@ -112,3 +115,16 @@ def test_reader_benchmark_reports_throughput_and_mixing(tmp_path):
     # one chunk of 8 sequences (+ the leftover) bounds a small buffer's batch; uniform batches see ~all 128
     assert small["distinct_sequences_per_batch"] <= 16 < large["distinct_sequences_per_batch"]
     assert small["mixing_ratio"] < large["mixing_ratio"] <= 1.05
+
+
+def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():
+    """gpu_check.sh runs once on a lent GPU with minutes of device time: a refused argument would waste it."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    common = shlex.split(re.search(r"benchmarks/overhead\.py (.*?) --json", text).group(1))
+    gates = [shlex.split(line)[2:] for line in text.splitlines() if line.startswith("gate ")]
+    assert len(gates) >= 8 and any("--early-stop" in args for args in gates)
+    for args in gates:
+        overhead.parse_args(common + args)  # argparse exits on an argument it refuses
+    writer.parse_args(shlex.split(re.search(r"benchmarks/writer\.py (.*?) --json", text).group(1)))
