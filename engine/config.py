@@ -69,9 +69,9 @@ class CaptureConfig:
         first_sequence: global index of this process's first input sequence (``tokens/sequence`` counts
             from it): with ``distributed``, the start of this rank's share of the corpus, so sequence
             numbers are those of a single-process run.
-        durable: each chunk's files reach the disk (fsync) before its commit record, and the record before
-            the next; off for scratch stores, where a power loss may then lose committed chunks (a crash of
-            the process never does).
+        durable: each chunk's files reach the disk (fsync, or syncfs where it is as strong: see
+            ``engine.files``) before its commit record, and the record before the next; off for scratch
+            stores, where a power loss may then lose committed chunks (a crash of the process never does).
 
     Thread safety: immutable.
     """

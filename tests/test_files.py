@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -151,43 +153,106 @@ def _three_files(tmp_path: Path) -> list[tuple[Path, np.ndarray, int | None]]:
     return files
 
 
-@pytest.mark.parametrize("per_pass", [64, 2], ids=["one-pass", "two-passes"])
-def test_several_files_are_synced_before_any_rename_and_their_folders_after(tmp_path, monkeypatch, per_pass):
-    """Durable order, per pass: every file's data on disk before the first rename, every rename and new folder
-    entry after the last one (a power loss then keeps whole files or none)."""
-    monkeypatch.setattr(files, "FILES_PER_PASS", per_pass)
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    def recording_fsync(fd):
-        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
+@pytest.fixture(params=["tmp_path", "tmpfs"])
+def folder(request, tmp_path):
+    """A test folder on the tests' filesystem (ext4 here: one syncfs per pass), or on tmpfs (an fsync per
+    file and folder)."""
+    if request.param == "tmp_path":
+        yield tmp_path
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    shm = Path(f"/dev/shm/actcap-test-{os.getpid()}")
+    shm.mkdir()
+    try:
+        yield shm
+    finally:
+        shutil.rmtree(shm)
 
-    monkeypatch.setattr(files.os, "fsync", recording_fsync)
-    monkeypatch.setattr(files.os, "replace",
-                        lambda src, dst: (events.append(("rename", str(dst))), real_replace(src, dst)))
-    written = _three_files(tmp_path)
+
+def _whole_filesystem_sync(folder: Path) -> bool:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        return files.whole_filesystem_sync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("per_pass", [64, 2], ids=["one-pass", "two-passes"])
+def test_several_files_are_synced_before_any_rename_and_their_folders_after(folder, monkeypatch, per_pass):
+    """Durable order, per pass: every file's data on disk before the first rename, every rename and new folder
+    entry after the last one (a power loss then keeps whole files or none). One syncfs covers a pass's files,
+    and another its folders, where the filesystem's syncfs is as strong as an fsync of each."""
+    monkeypatch.setattr(files, "FILES_PER_PASS", per_pass)
+    whole = _whole_filesystem_sync(folder)
+    events = []
+
+    def recording(kind, real, named):
+        def call(*args):
+            events.append((kind, named(*args)))
+            return real(*args)
+        return call
+
+    by_fd = lambda fd: os.readlink(f"/proc/self/fd/{fd}")  # noqa: E731
+    monkeypatch.setattr(files.os, "fsync", recording("sync", os.fsync, by_fd))
+    monkeypatch.setattr(files, "_syncfs", recording("syncfs", files._syncfs, by_fd))
+    monkeypatch.setattr(files.os, "replace", recording("rename", os.replace, lambda _, dst: str(dst)))
+    monkeypatch.setattr(files, "_write_new_file", recording("create", files._write_new_file,
+                                                            lambda path, *_: str(path)))
+    written = _three_files(folder)
     files.write_files_atomic(written, durable=True)
     monkeypatch.undo()
     for path, data, _ in written:
         np.testing.assert_array_equal(np.fromfile(path, dtype=np.uint8), data)
+    kinds = {kind for kind, _ in events}
+    assert kinds == ({"syncfs", "rename", "create"} if whole else {"sync", "rename", "create"})
+    events = [event for event in events if event[0] != "create"] if not whole else events
     passes = [written[start:start + per_pass] for start in range(0, len(written), per_pass)]
     for one_pass in passes:
         names = {str(path) for path, _, _ in one_pass}
         renames = [i for i, (kind, path) in enumerate(events) if kind == "rename" and path in names]
-        data_syncs = [i for i, (kind, path) in enumerate(events)
-                      if kind == "sync" and path.endswith(".partial") and
-                      any(Path(path).name.startswith(f".{Path(name).name}.") and
-                          Path(path).parent == Path(name).parent for name in names)]
-        assert len(renames) == len(one_pass) and len(data_syncs) == len(one_pass)
-        assert max(data_syncs) < min(renames), "a file renamed into place before every file was synced"
+        assert len(renames) == len(one_pass)
+        if whole:
+            last_create = max(i for i, (kind, _) in enumerate(events[:min(renames)]) if kind == "create")
+            assert "syncfs" in {kind for kind, _ in events[last_create:min(renames)]}, \
+                "a file renamed into place before a syncfs after its writing"
+            assert any(kind == "syncfs" for kind, _ in events[max(renames):]), "renames never synced"
+        else:
+            data_syncs = [i for i, (kind, path) in enumerate(events)
+                          if kind == "sync" and path.endswith(".partial") and
+                          any(Path(path).name.startswith(f".{Path(name).name}.") and
+                              Path(path).parent == Path(name).parent for name in names)]
+            assert len(data_syncs) == len(one_pass)
+            assert max(data_syncs) < min(renames), "a file renamed into place before every file was synced"
+    if whole:
+        return
     folder_syncs = {path: i for i, (kind, path) in enumerate(events)
                     if kind == "sync" and not path.endswith(".partial")}
     last_rename = max(i for i, (kind, _) in enumerate(events) if kind == "rename")
-    new_entries = {tmp_path, tmp_path / "a", tmp_path / "a" / "c", tmp_path / "a" / "c" / "0", tmp_path / "b",
-                   tmp_path / "b" / "c"}
-    assert {str(folder) for folder in new_entries} <= set(folder_syncs), "a new entry's folder never synced"
+    new_entries = {folder, folder / "a", folder / "a" / "c", folder / "a" / "c" / "0", folder / "b",
+                   folder / "b" / "c"}
+    assert {str(entry) for entry in new_entries} <= set(folder_syncs), "a new entry's folder never synced"
     if per_pass >= len(written):
         assert min(folder_syncs.values()) > last_rename, "a folder synced before the renames it must hold"
+
+
+def test_syncfs_is_used_only_where_it_is_as_strong_as_fsync(tmp_path):
+    """ext4, XFS and btrfs on Linux 5.8 or later (syncfs reports writeback errors there); tmpfs and anything
+    unknown (FUSE, NFS...) get an fsync per file. The answer matches the filesystem type stat names."""
+    release = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2])
+    kind = subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True).stdout
+    expected = release >= (5, 8) and int(kind, 16) in (0xEF53, 0x58465342, 0x9123683E)
+    assert _whole_filesystem_sync(tmp_path) == expected
+    if os.path.isdir("/dev/shm"):
+        assert not _whole_filesystem_sync(Path("/dev/shm"))
+
+
+def test_a_failing_syncfs_is_an_error_that_names_it():
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(OSError, match="syncfs") as raised:
+        files._syncfs(fd)  # closed: the kernel refuses it, as it would report a failed writeback
+    assert raised.value.errno == errno.EBADF
 
 
 def test_a_failure_among_several_files_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch):
