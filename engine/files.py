@@ -13,8 +13,8 @@ A durable pass syncs its files, and then their folders, with one ``syncfs`` per 
 strong as an fsync of each (``whole_filesystem_sync``: ext4, XFS or btrfs on Linux 5.8 or later, which
 reports writeback errors to syncfs), and with an fsync of each elsewhere (FUSE, NFS, older kernels, macOS,
 where syncfs may not sync or not report a failure). Each fsync is a round trip to the disk's cache: a
-chunk's 6 files and commit record ran at 0.77-0.81 of the raw 2-file baseline with an fsync each, at
-0.89-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
+chunk's 6 files and commit record ran at 0.77-0.85 of the raw 2-file baseline with an fsync each, at
+0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
 ``recovery_init_sync_method = syncfs`` makes the same trade for the same reason.
 
 Torch-free: the writer process uses it.
