@@ -10,12 +10,15 @@ that refuses ``O_DIRECT`` (some FUSE and older tmpfs mounts), is written the ord
 are the same either way.
 
 A durable pass syncs its files, and then their folders, with one ``syncfs`` per filesystem where that is as
-strong as an fsync of each (``whole_filesystem_sync``: ext4, XFS or btrfs on Linux 5.8 or later, which
-reports writeback errors to syncfs), and with an fsync of each elsewhere (FUSE, NFS, older kernels, macOS,
-where syncfs may not sync or not report a failure). Each fsync is a round trip to the disk's cache: a
-chunk's 6 files and commit record ran at 0.77-0.85 of the raw 2-file baseline with an fsync each, at
-0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
-``recovery_init_sync_method = syncfs`` makes the same trade for the same reason.
+strong as an fsync of each (``whole_filesystem_sync``: ext4, XFS or btrfs on Linux 5.17 or later, whose
+syncfs reports writeback and journal errors), and with an fsync of each elsewhere (FUSE, NFS, overlay,
+tmpfs, older kernels, macOS, where syncfs may not sync or not report a failure). Each fsync is a round trip
+to the disk's cache: a chunk's 6 files and commit record ran at 0.77-0.85 of the raw 2-file baseline with
+an fsync each, at 0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
+``recovery_init_sync_method = syncfs`` makes the same trade for the same reason. A failed syncfs may be
+another program's error, so the pass's own files are then fsynced one by one; a filesystem found read-only
+after the sync fails the pass. Not covered: an ext2 volume mounted by the old ext2 driver shares ext4's
+type, and its syncfs does not flush the disk's cache (distributions mount ext2 with the ext4 driver).
 
 Torch-free: the writer process uses it.
 """
@@ -40,7 +43,8 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; elsewhere every write is b
 _NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP)  # what a filesystem without O_DIRECT (FUSE, tmpfs...) answers
 # statfs f_type of the filesystems whose syncfs writes back and commits every file and reports errors
 _SYNCFS_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
-_SYNCFS_REPORTS_ERRORS = (5, 8)  # Linux release since which syncfs returns writeback errors
+# Linux release since which syncfs returns writeback errors (5.8) and the filesystem's commit errors (5.17)
+_SYNCFS_REPORTS_ERRORS = (5, 17)
 
 
 def page_aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -91,27 +95,34 @@ def _kernel_release() -> tuple[int, ...]:
     return tuple(int(n) for n in numbers if n.isdigit())
 
 
-_WHOLE_SYNC_BY_DEVICE: dict[int, bool] = {}  # st_dev -> answer: a mounted filesystem keeps its type
-
-
 def whole_filesystem_sync(fd: int) -> bool:
     """Whether one ``syncfs`` on ``fd``'s filesystem makes every file on it as durable as an fsync would,
-    and reports any failure."""
+    and reports any failure. Asked of the filesystem each time (one ``fstatfs``): a device number can come
+    back for another filesystem after an unmount, and an overlay's files report their upper layer's."""
     if not sys.platform.startswith("linux") or _kernel_release() < _SYNCFS_REPORTS_ERRORS:
         return False
-    device = os.fstat(fd).st_dev
-    answer = _WHOLE_SYNC_BY_DEVICE.get(device)
-    if answer is None:
-        result = _StatFs()
-        known = _libc().fstatfs(fd, ctypes.byref(result)) == 0
-        answer = _WHOLE_SYNC_BY_DEVICE[device] = known and result.f_type & 0xFFFFFFFF in _SYNCFS_FILESYSTEMS
-    return answer
+    result = _StatFs()
+    known = _libc().fstatfs(fd, ctypes.byref(result)) == 0
+    return known and result.f_type & 0xFFFFFFFF in _SYNCFS_FILESYSTEMS
 
 
 def _syncfs(fd: int) -> None:
     if _libc().syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"syncfs: {os.strerror(code)}")
+
+
+def _sync_one_filesystem(fds: list[int]) -> None:
+    """One syncfs; if it fails, the error may be another program's on the same filesystem (syncfs reports
+    every file's), so each of ours is asked with fsync, which raises only for an error of its own."""
+    try:
+        _syncfs(fds[0])
+    except OSError:
+        for fd in fds:
+            os.fsync(fd)
+    if os.fstatvfs(fds[0]).f_flag & os.ST_RDONLY:  # its syncfs (and maybe fsync) do nothing and say 0
+        raise OSError(errno.EROFS, "the filesystem is read-only (remounted so after an error?): what was "
+                                   "written since is not on disk")
 
 
 def sync_all(descriptors: list[int]) -> None:
@@ -122,7 +133,7 @@ def sync_all(descriptors: list[int]) -> None:
         by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
     for fds in by_device.values():
         if whole_filesystem_sync(fds[0]):
-            _syncfs(fds[0])
+            _sync_one_filesystem(fds)
         else:
             for fd in fds:
                 os.fsync(fd)

@@ -36,7 +36,7 @@ from .chunks import (
     store_name,
 )
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import fsync_file, fsync_folder, make_folders, write_file_atomic, write_files_atomic
+from .files import fsync_file, fsync_folder, make_folders, sync_folders, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -551,11 +551,10 @@ def _sync_chunk_file(array: zarr.Array, chunk_index: int) -> None:
     folder from its own up to the array's chunk folder."""
     path = local_chunk_path(array, chunk_index)
     fsync_file(path)
-    folder, top = path.parent, local_chunk_folder(array)
-    fsync_folder(folder)
-    while folder != top:
-        folder = folder.parent
-        fsync_folder(folder)
+    folders, top = [path.parent], local_chunk_folder(array)
+    while folders[-1] != top:
+        folders.append(folders[-1].parent)
+    sync_folders(folders)  # one syncfs for them all where the filesystem takes it
 
 
 class NullSink:

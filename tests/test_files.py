@@ -6,6 +6,8 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,17 +155,22 @@ def _three_files(tmp_path: Path) -> list[tuple[Path, np.ndarray, int | None]]:
     return files
 
 
-@pytest.fixture(params=["tmp_path", "tmpfs"])
-def folder(request, tmp_path):
-    """A test folder on the tests' filesystem (ext4 here: one syncfs per pass), or on tmpfs (an fsync per
-    file and folder)."""
+def _shm_folder() -> Path:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    return Path(tempfile.mkdtemp(prefix="actcap-test-", dir="/dev/shm"))
+
+
+@pytest.fixture(params=["tmp_path", "tmpfs", "tmpfs-syncfs"])
+def folder(request, tmp_path, monkeypatch):
+    """A test folder on the tests' filesystem (ext4 here: one syncfs per pass), on tmpfs (an fsync per file
+    and folder), or on tmpfs taken for a syncfs filesystem (the syncfs path, whatever the tests' one is)."""
     if request.param == "tmp_path":
         yield tmp_path
         return
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    shm = Path(f"/dev/shm/actcap-test-{os.getpid()}")
-    shm.mkdir()
+    if request.param == "tmpfs-syncfs":
+        monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: True)
+    shm = _shm_folder()
     try:
         yield shm
     finally:
@@ -171,7 +178,7 @@ def folder(request, tmp_path):
 
 
 def _whole_filesystem_sync(folder: Path) -> bool:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY)  # files.whole_filesystem_sync: the fixture may stand in for it
     try:
         return files.whole_filesystem_sync(fd)
     finally:
@@ -236,23 +243,94 @@ def test_several_files_are_synced_before_any_rename_and_their_folders_after(fold
         assert min(folder_syncs.values()) > last_rename, "a folder synced before the renames it must hold"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs is Linux only")
 def test_syncfs_is_used_only_where_it_is_as_strong_as_fsync(tmp_path):
-    """ext4, XFS and btrfs on Linux 5.8 or later (syncfs reports writeback errors there); tmpfs and anything
+    """ext4, XFS and btrfs on Linux 5.17 or later (syncfs reports their errors there); tmpfs and anything
     unknown (FUSE, NFS...) get an fsync per file. The answer matches the filesystem type stat names."""
     release = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2])
     kind = subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True).stdout
-    expected = release >= (5, 8) and int(kind, 16) in (0xEF53, 0x58465342, 0x9123683E)
+    expected = release >= (5, 17) and int(kind, 16) in (0xEF53, 0x58465342, 0x9123683E)
     assert _whole_filesystem_sync(tmp_path) == expected
     if os.path.isdir("/dev/shm"):
         assert not _whole_filesystem_sync(Path("/dev/shm"))
 
 
 def test_a_failing_syncfs_is_an_error_that_names_it():
-    fd = os.open(os.devnull, os.O_RDONLY)
-    os.close(fd)
     with pytest.raises(OSError, match="syncfs") as raised:
-        files._syncfs(fd)  # closed: the kernel refuses it, as it would report a failed writeback
+        files._syncfs(-1)  # the kernel refuses it, as it would report a failed writeback
     assert raised.value.errno == errno.EBADF
+
+
+def _recorded_durable_pass(monkeypatch, written) -> list[tuple[str, str]]:
+    events = []
+
+    def recording(kind, real):
+        def call(fd):
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(files.os, "fsync", recording("sync", os.fsync))
+    monkeypatch.setattr(files, "_syncfs", recording("syncfs", files._syncfs))
+    files.write_files_atomic(written, durable=True)
+    monkeypatch.undo()
+    for path, data, _ in written:
+        np.testing.assert_array_equal(np.fromfile(path, dtype=np.uint8), data)
+    return events
+
+
+def test_a_pass_over_two_filesystems_syncs_each_its_own_way(tmp_path, monkeypatch):
+    """Files of one pass on a syncfs filesystem and on tmpfs: the tmpfs file gets its own fsync, the others
+    one syncfs (or an fsync each, where the tests' filesystem does not take syncfs)."""
+    shm = _shm_folder()
+    try:
+        if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("the tests' folder is on /dev/shm's filesystem")
+        written = _three_files(tmp_path)
+        written[1] = (shm / "c" / "0", written[1][1], None)
+        whole = _whole_filesystem_sync(tmp_path)
+        events = _recorded_durable_pass(monkeypatch, written)
+        shm_syncs = [path for kind, path in events if kind == "sync" and path.startswith(str(shm))]
+        assert len([path for path in shm_syncs if path.endswith(".partial")]) == 1, events  # and its folders
+        assert sum(kind == "syncfs" for kind, _ in events) == (2 if whole else 0), events
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_a_syncfs_that_fails_falls_back_to_an_fsync_of_each_file(tmp_path, monkeypatch):
+    """syncfs reports any file's writeback error on its filesystem, another program's too: the pass's own
+    files are then asked one by one, and only their own error fails the pass."""
+    monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: True)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "syncfs: Input/output error (test)")
+
+    monkeypatch.setattr(files, "_syncfs", failing)
+    written = _three_files(tmp_path)
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+    files.write_files_atomic(written, durable=True)
+    assert len(fsynced) >= len(written)  # every file, then the folders
+    for path, data, _ in written:
+        np.testing.assert_array_equal(np.fromfile(path, dtype=np.uint8), data)
+
+
+def test_a_filesystem_gone_read_only_fails_the_pass(tmp_path, monkeypatch):
+    """A filesystem remounted read-only after an error (ext4 errors=remount-ro) answers syncfs with 0 and
+    writes nothing: the pass raises instead of calling its files durable."""
+    monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: True)
+    real_fstatvfs = os.fstatvfs
+
+    class ReadOnly:
+        def __init__(self, fd):
+            self.f_flag = real_fstatvfs(fd).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(files.os, "fstatvfs", ReadOnly)
+    with pytest.raises(OSError) as raised:
+        files.write_files_atomic(_three_files(tmp_path), durable=True)
+    assert raised.value.errno == errno.EROFS
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "a file renamed into place"
 
 
 def test_a_failure_among_several_files_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch):
@@ -309,7 +387,7 @@ def test_a_chunk_zarr_wrote_is_synced_up_to_its_chunk_folder(tmp_path, monkeypat
     array[4:8] = 1.5
     synced = []
     monkeypatch.setattr(store, "fsync_file", lambda path: synced.append(Path(path)))
-    monkeypatch.setattr(store, "fsync_folder", lambda path: synced.append(Path(path)))
+    monkeypatch.setattr(store, "sync_folders", lambda paths: synced.extend(Path(path) for path in paths))
     store._sync_chunk_file(array, 1)
     chunks = tmp_path / "s.zarr" / "x" / "c"
     expected = [chunks / "1" / "0", chunks / "1", chunks] if row_shape else [chunks / "1", chunks]
