@@ -1,7 +1,7 @@
 # Quiet runs at 98de448 (the hooks gained a root forward hook and a device check): rounds of the passive
 # bare-model capture, the dispatch-bound proxy with the zarr sink and with the null sink.
 set -u
-R=benchmarks/results/cpu-2026-12-04c
+R=${1:-benchmarks/results/cpu-2026-12-04c}  # where the outputs go (later sessions re-run it into their own folder)
 SMALL="--model gpt2 --config n_layer=4 n_embd=256 n_head=4 n_positions=128 --layers 2 --batch-size 32 --seq-len 128 --num-batches 4 --repeats 5 --sink zarr"
 PROXY="--model gpt2 --config n_layer=12 n_embd=64 n_head=4 n_positions=64 --layers 6 --batch-size 1 --seq-len 32 --num-batches 200 --repeats 5"
 for i in 1 2 3; do
