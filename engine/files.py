@@ -42,7 +42,7 @@ DIRECT_UNIT = 4096  # O_DIRECT's unit of buffer address, length and file offset 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; elsewhere every write is buffered
 _NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP)  # what a filesystem without O_DIRECT (FUSE, tmpfs...) answers
 # statfs f_type of the filesystems whose syncfs writes back and commits every file and reports errors
-_SYNCFS_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
+_SYNCFS_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E})  # ext4 (and ext2/3), XFS, btrfs
 # Linux release since which syncfs returns writeback errors (5.8) and the filesystem's commit errors (5.17)
 _SYNCFS_REPORTS_ERRORS = (5, 17)
 
@@ -95,11 +95,15 @@ def _kernel_release() -> tuple[int, ...]:
     return tuple(int(n) for n in numbers if n.isdigit())
 
 
+# whether this kernel's syncfs reports every failure at all (the filesystem's type is asked per pass)
+_KERNEL_SYNCFS_REPORTS = sys.platform.startswith("linux") and _kernel_release() >= _SYNCFS_REPORTS_ERRORS
+
+
 def whole_filesystem_sync(fd: int) -> bool:
     """Whether one ``syncfs`` on ``fd``'s filesystem makes every file on it as durable as an fsync would,
     and reports any failure. Asked of the filesystem each time (one ``fstatfs``): a device number can come
     back for another filesystem after an unmount, and an overlay's files report their upper layer's."""
-    if not sys.platform.startswith("linux") or _kernel_release() < _SYNCFS_REPORTS_ERRORS:
+    if not _KERNEL_SYNCFS_REPORTS:
         return False
     result = _StatFs()
     known = _libc().fstatfs(fd, ctypes.byref(result)) == 0
@@ -142,10 +146,6 @@ def sync_all(descriptors: list[int]) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         sync_to_disk(f.fileno())
-
-
-def fsync_folder(folder: Path) -> None:
-    sync_folders([folder])
 
 
 def sync_folders(folders) -> None:

@@ -248,8 +248,6 @@ class Slot:
         return sum(buffer.nbytes for buffer in self.buffers.values())
 
 
-
-
 class SlotPool:
     """A fixed number of slots and the indices of the free ones (the writer process returns them).
 

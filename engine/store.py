@@ -36,7 +36,7 @@ from .chunks import (
     store_name,
 )
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import fsync_file, fsync_folder, make_folders, sync_folders, write_file_atomic, write_files_atomic
+from .files import fsync_file, make_folders, sync_folders, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -542,7 +542,7 @@ class ZarrSink:
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
             if self._durable and self._root is not None:
                 fsync_file(self._root / "zarr.json")
-                fsync_folder(self._root)
+                sync_folders([self._root])
         self._io.shutdown()
 
 

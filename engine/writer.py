@@ -7,7 +7,8 @@ writer thread. It imports no torch (numpy and zarr only), so it starts in a frac
 Messages (``engine.channel``), capturing process -> writer process:
   ("spec", WriterSpec)                          first message: what to write and where
   ("buffer", slot, name, nbytes) + 1 fd        a slot buffer was (re)allocated: map it
-  ("dims", {key: width})                       the points' widths (once, before the first batch)
+  ("dims", {key: width})                       the points' widths, before the first batch (again if the
+                                               first batch's slots could not be made)
   ("batch", slot, *BatchInfo)                  a staged batch whose copies have landed
   ("flush", n, request)                        answer ("flushed", request) once n batches are done
   ("close", failed, sequences)                 drain, commit the tail (unless failed), publish the manifest
