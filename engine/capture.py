@@ -427,7 +427,12 @@ class CaptureEngine:
     def detached(self):
         """Run the model without capture inside this block (hooks come back after it; nests). On CUDA the
         batches already captured are handed over first, so no thread of the engine synchronizes with the
-        device inside the block (CUDA graph capture forbids it)."""
+        device inside the block (CUDA graph capture forbids it).
+
+        Raises:
+            CaptureError: a batch in flight could not be handed over (its copies failed or never finished),
+                or the writer process failed; the block does not run.
+        """
         if self._closed:
             raise CaptureClosedError("this CaptureEngine is closed")
         self._writer.drain()

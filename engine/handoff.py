@@ -39,7 +39,10 @@ _EXIT_WAIT_S = 30.0
 
 
 class HandoffStuck(RuntimeError):
-    """The handoff thread still waited on a batch's copies when close gave up on it (a hung device)."""
+    """The handoff thread still waited on a batch's copies after ``_EXIT_WAIT_S`` (a hung device)."""
+
+    def __init__(self):
+        super().__init__(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
 
 
 class Progress:
@@ -176,15 +179,21 @@ class WriterProcess:
     def drain(self) -> None:
         """CUDA: return once the handoff thread has sent every batch handed to it, so that it waits on no
         event afterwards (a CUDA graph captured in global mode must not see another thread synchronize).
-        Costs the caller the wait for the copies in flight (the device itself is not synchronized)."""
-        if self._thread is None or not self._thread.is_alive():
-            return
-        sent = threading.Event()
-        self._handoff.put((None, sent))
-        deadline = time.monotonic() + _EXIT_WAIT_S
-        while not sent.wait(_LIVENESS_CHECK_S):
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                return  # it failed (the next forward, flush or close raises why), or a copy never ends
+        Costs the caller the wait for the copies in flight (the device itself is not synchronized).
+
+        Raises:
+            CaptureError: the handoff thread failed, or still waited on a copy after ``_EXIT_WAIT_S`` (it
+                would synchronize inside the caller's block); the writer process's failure likewise.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            sent = threading.Event()
+            self._handoff.put((None, sent))
+            deadline = time.monotonic() + _EXIT_WAIT_S
+            while not sent.wait(_LIVENESS_CHECK_S) and self._thread.is_alive():
+                if time.monotonic() > deadline:
+                    self._thread_error = HandoffStuck()
+                    break
+        self.check()
 
     def stop(self, error: CaptureError) -> None:
         """Kill the writer process now, from any thread (its store is no longer this run's); the forward
@@ -321,7 +330,7 @@ class WriterProcess:
         self._handoff.put(None)
         self._thread.join(timeout=_EXIT_WAIT_S)
         if self._thread.is_alive() and self._thread_error is None:
-            self._thread_error = HandoffStuck(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
+            self._thread_error = HandoffStuck()
 
     @property
     def copies_stuck(self) -> bool:

@@ -229,25 +229,32 @@ class _CopyEvent:
             self.released.wait()
 
 
+def _use_cuda_handoff(cap: CaptureEngine, behaviours: list[str], released: threading.Event, monkeypatch):
+    """Give ``cap`` the CUDA path's handoff thread, on CPU: batch i's event behaves as ``behaviours[i]``
+    (``_CopyEvent``), and the thread gives up after 1 s."""
+    monkeypatch.setattr(engine.handoff, "_EXIT_WAIT_S", 1.0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    writer = cap._writer
+    writer._handoff = queue.SimpleQueue()
+    writer._thread = threading.Thread(target=writer._forward_batches, args=("cuda:0",), daemon=True)
+    writer._thread.start()
+    events = iter(behaviours)
+    monkeypatch.setattr(cap._stager, "finish",
+                        lambda slot: setattr(slot, "event", _CopyEvent(next(events), released)))
+
+
 @pytest.mark.parametrize("third_batch", ["lands", "fail", "hang"])
 def test_the_cuda_handoff_thread_at_close(third_batch, tmp_path, monkeypatch):
     """The CUDA path's handoff thread, on CPU: batches go through it (their events stood in for), and close
     lets it send what it holds before the close message. When its wait on the third batch's copies fails, or
     never returns (given up after _EXIT_WAIT_S), that batch never reached the writer process: the store must
     end failed with the first two batches, close must raise why, and a stuck copy's slots stay mapped."""
-    monkeypatch.setattr(engine.handoff, "_EXIT_WAIT_S", 1.0)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     released = threading.Event()
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=4)
     cap = CaptureEngine(model, cfg)
     writer = cap._writer
-    writer._handoff = queue.SimpleQueue()
-    writer._thread = threading.Thread(target=writer._forward_batches, args=("cuda:0",), daemon=True)
-    writer._thread.start()
-    events = iter(["lands", "lands", third_batch])
-    monkeypatch.setattr(cap._stager, "finish",
-                        lambda slot: setattr(slot, "event", _CopyEvent(next(events), released)))
+    _use_cuda_handoff(cap, ["lands", "lands", third_batch], released, monkeypatch)
     batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
     try:
         with torch.no_grad():
@@ -270,3 +277,30 @@ def test_the_cuda_handoff_thread_at_close(third_batch, tmp_path, monkeypatch):
         assert store.status == "failed" and store.num_tokens == sent // 8 * 8 > 0
     assert not psutil.pid_exists(cap.writer_pid)
     assert any(slot.buffers for slot in cap._pool.slots) == (third_batch == "hang")
+
+
+@pytest.mark.parametrize("last_batch", ["fail", "hang"])
+def test_detached_refuses_when_a_batch_in_flight_cannot_be_handed_over(last_batch, tmp_path, monkeypatch):
+    """detached() promises that no engine thread synchronizes with the device inside its block. When the
+    handoff thread's wait on a batch's copies fails, or is still waiting after _EXIT_WAIT_S, that promise
+    cannot be kept: detached() must raise why before running the block, and the store must end failed."""
+    released = threading.Event()
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=4)
+    cap = CaptureEngine(model, cfg)
+    _use_cuda_handoff(cap, ["lands", last_batch], released, monkeypatch)
+    ran_block = False
+    try:
+        with torch.no_grad():
+            for seed in range(2):
+                model(**ragged_batch(3, 8, seed=seed))
+        why = "RuntimeError" if last_batch == "fail" else "HandoffStuck"
+        with pytest.raises(engine.CaptureError, match=why):
+            with cap.detached():
+                ran_block = True
+        cap.close()  # the error was raised once: close ends the run without raising it again
+    finally:
+        released.set()
+    assert not ran_block
+    assert open_store(cfg.output_dir).status == "failed"
+    assert not psutil.pid_exists(cap.writer_pid)
