@@ -288,10 +288,12 @@ class CaptureEngine:
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
-        self._current = slot  # from here on, a failure (even in reserve) gives the slot back
-        slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
-                               attention_mask is not None), self._dims)
+        batch = BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
+                          attention_mask is not None)
+        # From here on a failure (even in reserve) gives the slot back, and its sequence numbers with it.
+        self._current = slot
         self._next_sequence += batch_size
+        slot.reserve(batch, self._dims)
         self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
         self._stall_seconds += waited
 
@@ -302,7 +304,6 @@ class CaptureEngine:
         if slot is None:
             return
         missing = sorted({point.key for point in self.points} - slot.captured)
-        self._next_sequence -= slot.batch.batch_size  # refused whole, like a bad batch: a retry leaves no gap
         self._abandon_current()
         raise HookPointError(
             f"the forward returned without running the hooks of {', '.join(missing)}: nothing of this batch "
@@ -333,10 +334,13 @@ class CaptureEngine:
                              "model's device (or on the CPU)")
 
     def _abandon_current(self) -> None:
-        """Release the slot of a forward that raised before its last point, once its copies have landed."""
+        """Release the slot of a forward that failed before its last point, once its copies have landed. Its
+        sequence numbers are given back: a batch that is not stored is not counted as fed (like one refused by
+        the checks), so a retry leaves no gap in ``tokens/sequence`` and a resume does not skip it."""
         slot, self._current = self._current, None
         if slot is None:
             return
+        self._next_sequence -= slot.batch.batch_size
         if self._stager.cuda:
             self._stager.finish(slot)
             slot.event.synchronize()  # error path only: in-flight copies must not hit a reused slot

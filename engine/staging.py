@@ -199,11 +199,12 @@ class Slot:
         self.capacity, self.dims = tokens, dims
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
-        """Start a batch: grow the buffers if it is larger than any before (by 25% at least)."""
+        """Start a batch (it is the slot's batch even if growing fails): grow the buffers if it is larger than
+        any before (by 25% at least)."""
+        self.batch = batch
         tokens = batch.batch_size * batch.seq_len
         if tokens > self.capacity:
             self.grow(max(tokens, self.capacity + self.capacity // 4), dims)
-        self.batch = batch
         self.captured.clear()
         self.event = None
         shape = (batch.batch_size, batch.seq_len)

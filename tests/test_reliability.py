@@ -213,7 +213,7 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
     """Pinning a slot buffer (cudaHostRegister) can fail, stood in for here by making a buffer fail midway
     through a slot's allocation: the forward raises, the slot is left empty (its old buffers went first, so
     that it never holds two sets of pinned memory) and comes back, and the next batches, which allocate it
-    again, are captured exactly."""
+    again, are captured exactly, numbered as if the lost batch had never been fed."""
     model = tiny_model("gpt2")
     cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
     kept = [ragged_batch(3, 8, seed=s) for s in range(1, 4)]
@@ -244,7 +244,43 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
         cap.flush()
         assert cap._pool.free_count == 2, "every slot came back"
     store = open_store(cfg.output_dir)
+    assert list(np.unique(store["tokens/sequence"][:])) == list(range(9)), "the lost batch left a gap"
+    assert store.manifest.sequences == 9
     masks = [b["attention_mask"] for b in kept]
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
+                                      err_msg=key)
+
+
+def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_leaves_no_gap(tmp_path):
+    """A forward that raises between two hooked points (an out-of-memory error, say): nothing of its batch
+    is stored, its slot comes back, and the same batch fed again is numbered where it would have been."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=8, pinned_slots=2)
+    batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
+    with reference_capture(model, [0, 1], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    failures = [1]
+
+    def out_of_memory(module, args):
+        if failures[0]:
+            failures[0] -= 1
+            raise torch.OutOfMemoryError("out of memory (test)")
+
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batches[0])
+        handle = model.transformer.h[1].register_forward_pre_hook(out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            model(**batches[1])  # layer 0 is staged, layer 1 never runs
+        handle.remove()
+        for batch in batches[1:]:
+            model(**batch)
+        assert cap.resume_sequences == 0 and cap.stats.batches == 3
+    store = open_store(cfg.output_dir)
+    assert list(np.unique(store["tokens/sequence"][:])) == list(range(9))
+    assert store.manifest.sequences == 9
+    masks = [b["attention_mask"] for b in batches]
     for key in ref:
         np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
                                       err_msg=key)
