@@ -31,6 +31,7 @@ import errno
 import fcntl
 import functools
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -65,17 +66,11 @@ def direct_length(data) -> int:
     return data.nbytes // DIRECT_UNIT * DIRECT_UNIT
 
 
-def sync_to_disk(fd: int) -> None:
-    """fsync, then let the kernel reuse the file's page cache. A capture writes far more than it reads back
-    soon; without the drop the page cache grows with every chunk, each written page is a page newly taken
-    from free memory, and on virtual machines that first touch is what writing costs most
-    (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
-    os.fsync(fd)
-    _drop_cached_pages([fd])
-
-
 def _drop_cached_pages(descriptors: list[int]) -> None:
-    """After a sync: the pages are clean, and the kernel may take them back."""
+    """After a sync: the pages are clean, and the kernel may take them back. A capture writes far more than it
+    reads back soon; without the drop the page cache grows with every chunk, each written page is a page
+    newly taken from free memory, and on virtual machines that first touch is what writing costs most
+    (benchmarks/results/cpu-2026-12-03/page_cache.txt)."""
     if hasattr(os, "posix_fadvise"):
         for fd in descriptors:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -143,18 +138,15 @@ def sync_all(descriptors: list[int]) -> None:
                 os.fsync(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        sync_to_disk(f.fileno())
-
-
-def sync_folders(folders) -> None:
-    """Make the folders' entries durable (``sync_all`` of them)."""
+def sync_paths(paths) -> None:
+    """Make the files and folders at ``paths`` durable with one ``sync_all`` (so one syncfs per filesystem
+    where that is as strong), then let the files' cached pages go."""
     descriptors: list[int] = []
     try:
-        for folder in folders:
-            descriptors.append(os.open(folder, os.O_RDONLY))
+        for path in paths:
+            descriptors.append(os.open(path, os.O_RDONLY))
         sync_all(descriptors)
+        _drop_cached_pages([fd for fd in descriptors if stat.S_ISREG(os.fstat(fd).st_mode)])
     finally:
         for fd in descriptors:
             os.close(fd)
@@ -165,7 +157,7 @@ def make_folders(folder: Path, durable: bool) -> None:
     changed: set[Path] = set()
     _make_folders(folder, changed)
     if durable:
-        sync_folders(changed)
+        sync_paths(changed)
 
 
 def _make_folders(folder: Path, changed: set[Path]) -> None:
@@ -219,7 +211,7 @@ def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> 
             os.replace(partial, path)
             changed.add(path.parent)
         if durable:
-            sync_folders(changed)
+            sync_paths(changed)
         return direct
     except BaseException:
         for fd in descriptors:  # the error raised is the first one, not a cleanup's

@@ -36,7 +36,7 @@ from .chunks import (
     store_name,
 )
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import fsync_file, make_folders, sync_folders, write_file_atomic, write_files_atomic
+from .files import make_folders, sync_paths, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -504,7 +504,10 @@ class ZarrSink:
         """Every array's rows of a chunk, written; returns each one's stored size. Local files go in one
         ``write_files_atomic`` pass, so the chunk's files share their syncs."""
         if not self._direct:
-            return {key: self._write_through_zarr(key, chunk_index, data) for key, data in arrays.items()}
+            sizes = {key: self._write_through_zarr(key, chunk_index, data) for key, data in arrays.items()}
+            if self._durable and self._root is not None:
+                sync_paths(_chunk_paths([self._arrays[key] for key in arrays], chunk_index))
+            return sizes
         sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in arrays}
         write_files_atomic([(local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
                             for key, data in arrays.items()], self._durable)
@@ -515,8 +518,6 @@ class ZarrSink:
         array = self._arrays[key]
         start = chunk_index * self.chunk_tokens
         array[start:start + len(data)] = data
-        if self._durable and self._root is not None:
-            _sync_chunk_file(array, chunk_index)
         if plain_encoded(array):
             return full_chunk_nbytes(array)
         return sync(array.store.getsize(chunk_key(array, chunk_index)))  # one stat/HEAD
@@ -541,20 +542,21 @@ class ZarrSink:
             self._manifest = dataclasses.replace(self._manifest, **manifest_updates)
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
             if self._durable and self._root is not None:
-                fsync_file(self._root / "zarr.json")
-                sync_folders([self._root])
+                sync_paths([self._root / "zarr.json", self._root])
         self._io.shutdown()
 
 
-def _sync_chunk_file(array: zarr.Array, chunk_index: int) -> None:
-    """A chunk file that zarr wrote (a temp file renamed over, new folders) on disk: the file, then each
-    folder from its own up to the array's chunk folder."""
-    path = local_chunk_path(array, chunk_index)
-    fsync_file(path)
-    folders, top = [path.parent], local_chunk_folder(array)
-    while folders[-1] != top:
-        folders.append(folders[-1].parent)
-    sync_folders(folders)  # one syncfs for them all where the filesystem takes it
+def _chunk_paths(arrays: list[zarr.Array], chunk_index: int) -> list[Path]:
+    """What must reach the disk for chunk files that zarr wrote (each a temp file renamed over, in folders it
+    may have made): each file, and each folder from its own up to its array's chunk folder."""
+    paths: dict[Path, None] = {}  # in order, each once (the arrays' chunk folders share none, but say so)
+    for array in arrays:
+        path, top = local_chunk_path(array, chunk_index), local_chunk_folder(array)
+        paths[path] = None
+        while path != top:
+            path = path.parent
+            paths[path] = None
+    return list(paths)
 
 
 class NullSink:

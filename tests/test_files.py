@@ -369,22 +369,25 @@ def test_a_pass_holds_at_most_files_per_pass_descriptors(tmp_path, monkeypatch):
     assert all((tmp_path / "c" / str(i)).read_bytes() == data.tobytes() for i in range(10))
 
 
-@pytest.mark.parametrize("row_shape", [(4,), ()], ids=["2-d", "1-d"])
-def test_a_chunk_zarr_wrote_is_synced_up_to_its_chunk_folder(tmp_path, monkeypatch, row_shape):
-    """A durable compressed chunk goes through zarr (a temp file renamed over, a new ``c/<i>`` folder): the
-    file and each folder that got an entry reach the disk before its commit record is written."""
+def test_the_chunk_files_zarr_wrote_are_synced_together_up_to_their_chunk_folders(folder, monkeypatch):
+    """A durable compressed chunk goes through zarr (for each array a temp file renamed over, maybe in a new
+    ``c/<i>`` folder): every array's file and every folder that got an entry reach the disk together, with
+    one syncfs where the filesystem takes it, before the chunk's commit record is written."""
     import zarr
 
     from engine import store
 
-    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
-    array = group.create_array("x", shape=(8, *row_shape), chunks=(4, *row_shape), dtype="f2",
-                               compressors=zarr.codecs.ZstdCodec())
-    array[4:8] = 1.5
-    synced = []
-    monkeypatch.setattr(store, "fsync_file", lambda path: synced.append(Path(path)))
-    monkeypatch.setattr(store, "sync_folders", lambda paths: synced.extend(Path(path) for path in paths))
-    store._sync_chunk_file(array, 1)
-    chunks = tmp_path / "s.zarr" / "x" / "c"
-    expected = [chunks / "1" / "0", chunks / "1", chunks] if row_shape else [chunks / "1", chunks]
-    assert synced == expected
+    group = zarr.open_group(folder / "s.zarr", mode="w")
+    arrays = [group.create_array(name, shape=(8, *row_shape), chunks=(4, *row_shape), dtype="f2",
+                                 compressors=zarr.codecs.ZstdCodec())
+              for name, row_shape in (("x", (4,)), ("t", ()))]
+    for array in arrays:
+        array[4:8] = 1.5
+    paths = store._chunk_paths(arrays, 1)
+    x, t = folder / "s.zarr" / "x" / "c", folder / "s.zarr" / "t" / "c"
+    assert paths == [x / "1" / "0", x / "1", x, t / "1", t]
+    synced, real_fsync, real_syncfs = [], os.fsync, files._syncfs
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(files, "_syncfs", lambda fd: synced.append("syncfs") or real_syncfs(fd))
+    files.sync_paths(paths)
+    assert synced == (["syncfs"] if _whole_filesystem_sync(folder) else ["fsync"] * len(paths))
