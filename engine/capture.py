@@ -322,13 +322,11 @@ class CaptureEngine:
         if attention_mask.shape != (batch_size, seq_len):
             raise BatchError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{(batch_size, seq_len)}: pass one mask value per token")
-        if attention_mask.device != self._device:
-            raise BatchError(f"attention_mask is on {attention_mask.device} but the model on {self._device}: "
-                             "pass the mask on the model's device, like input_ids")
+        self._check_device("attention_mask", attention_mask)
 
     def _check_device(self, name: str, tensor: torch.Tensor) -> None:
-        """A GPU tensor on another device than the model's would be copied on a stream the batch's event does
-        not cover (host tensors are copied synchronously: they are fine)."""
+        """Ids, mask and annotations: a GPU tensor on another device than the model's would be copied on a
+        stream the batch's event does not cover (host tensors are copied synchronously: they are fine)."""
         if tensor.is_cuda and tensor.device != self._device:
             raise BatchError(f"{name} is on {tensor.device} but the model on {self._device}: pass it on the "
                              "model's device (or on the CPU)")
@@ -489,11 +487,8 @@ class CaptureEngine:
         the later ones noted on it."""
         self._hooks.remove()  # the producer stops first
         errors: list[BaseException] = []
-        try:
-            self._abandon_current()
-        except BaseException as error:
-            errors.append(error)
-        steps = (lambda: self._writer.close(failed or bool(errors), self._next_sequence),
+        steps = (self._abandon_current,  # before the close message: it gives back the batch's sequences
+                 lambda: self._writer.close(failed or bool(errors), self._next_sequence),
                  self._release_destination, self._release_slots)
         for step in steps:
             try:

@@ -314,33 +314,32 @@ class Stager:
             destination.copy_(snapshot, non_blocking=True)
         slot.snapshots.append(snapshot)  # freed once the batch's event has completed
 
+    def _copy_integers(self, slot: Slot, destination: torch.Tensor, values: torch.Tensor) -> None:
+        """Ids, a mask or an annotation into its int64 view: from the model's GPU through a snapshot (the
+        caller may write the tensor once the forward returns), from the CPU at once."""
+        if values.is_cuda:
+            self._copy_async(slot, destination, values.to(torch.int64, copy=True))
+        else:
+            destination.copy_(values)
+
     def stage_tokens(self, slot: Slot, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      annotations: dict[str, torch.Tensor]) -> None:
+        """Stage a batch's ids, mask and annotations (each on the model's device or on the CPU)."""
         if torch.is_grad_enabled():  # never record autograd history into a slot (the usual caller has it off)
             with torch.no_grad():
                 return self.stage_tokens(slot, input_ids, attention_mask, annotations)
         views = slot.views
         for name, values in annotations.items():
-            if values.is_cuda:
-                self._copy_async(slot, views[annotation_buffer_name(name)], values.to(torch.int64, copy=True))
-            else:
-                views[annotation_buffer_name(name)].copy_(values)
-        reference = input_ids if input_ids is not None else attention_mask
-        if reference is None:
-            return
-        if not self.cuda or not reference.is_cuda:
-            if input_ids is not None:
-                views["ids"].copy_(input_ids)
-            if attention_mask is not None:
-                views["mask"].copy_(attention_mask)
-        elif input_ids is not None and attention_mask is not None:
+            self._copy_integers(slot, views[annotation_buffer_name(name)], values)
+        if (input_ids is not None and attention_mask is not None
+                and input_ids.is_cuda and attention_mask.is_cuda):  # one snapshot and one copy, not two
             if attention_mask.dtype != input_ids.dtype:
                 attention_mask = attention_mask.to(input_ids.dtype)
             self._copy_async(slot, views[TOKENS], torch.stack((input_ids, attention_mask)))
-        elif input_ids is not None:
-            self._copy_async(slot, views["ids"], input_ids.to(torch.int64, copy=True))
-        else:
-            self._copy_async(slot, views["mask"], attention_mask.to(torch.int64, copy=True))
+            return
+        for name, values in (("ids", input_ids), ("mask", attention_mask)):
+            if values is not None:
+                self._copy_integers(slot, views[name], values)
 
     def stage_point(self, slot: Slot, key: str, tensor: torch.Tensor) -> None:
         if torch.is_grad_enabled():
