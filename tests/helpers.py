@@ -99,6 +99,15 @@ def expected_rows(tensors: list[torch.Tensor], masks: list[torch.Tensor], dtype=
     return torch.cat(rows).to(dtype).float().numpy()
 
 
+def assert_store_rows(path, ref, batches):
+    """Every point's stored rows are the reference forwards' non-pad rows, in order."""
+    masks = [b["attention_mask"].cpu() for b in batches]
+    store = open_store(path)
+    for key in ref:
+        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
+                                      err_msg=key)
+
+
 def assert_statistics_match(path, key, dim):
     """The manifest's statistics equal float64 numpy over the stored rows, attention sinks left out."""
     store = open_store(path)

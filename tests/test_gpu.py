@@ -13,7 +13,14 @@ from test_pipeline import dispatched_ops
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
 
-from helpers import assert_statistics_match, expected_rows, ragged_batch, reference_capture, tiny_model
+from helpers import (
+    assert_statistics_match,
+    assert_store_rows,
+    expected_rows,
+    ragged_batch,
+    reference_capture,
+    tiny_model,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -41,10 +48,9 @@ def test_cuda_rows_equal_model_activations(family, model_dtype, tmp_path):
             for batch in batches:
                 model(**batch)
             assert_slots_pinned(cap)
-    masks = [b["attention_mask"].cpu() for b in batches]
+    assert_store_rows(cfg.output_dir, ref, batches)
     store = open_store(cfg.output_dir)
     for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
         assert_statistics_match(cfg.output_dir, key, store[key].shape[1])
 
 
@@ -147,10 +153,7 @@ def test_a_cuda_graph_captured_inside_detached_while_batches_are_in_flight(tmp_p
             graph.replay()
             for batch in batches[3:]:
                 model(**batch)
-    masks = [b["attention_mask"].cpu() for b in batches]
-    store = open_store(cfg.output_dir)
-    for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 def test_cuda_rows_exact_under_a_user_stream_with_growing_batches_in_bfloat16(tmp_path):
@@ -256,6 +259,4 @@ def test_nccl_process_group_writes_a_parts_store(tmp_path):
         torch.distributed.destroy_process_group()
     store = open_store(cfg.output_dir)
     assert store.manifest.world_size == 1 and store.status == "complete" and len(store.parts) == 1
-    masks = [b["attention_mask"].cpu() for b in batches]
-    for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks))
+    assert_store_rows(cfg.output_dir, ref, batches)

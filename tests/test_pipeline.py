@@ -17,7 +17,15 @@ from engine.hookpoints import resolve_hook_points
 from engine.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
 
 from fakes import GATE_ENV, use_sink
-from helpers import D_MLP, D_MODEL, expected_rows, ragged_batch, reference_capture, tiny_model
+from helpers import (
+    D_MLP,
+    D_MODEL,
+    assert_store_rows,
+    expected_rows,
+    ragged_batch,
+    reference_capture,
+    tiny_model,
+)
 
 ALL_POINTS = dict(capture_residual=True, capture_mlp_hidden=True, capture_mlp_out=True, capture_attn_out=True)
 POINT_NAMES = ["residual", "mlp_hidden", "mlp_out", "attn_out"]
@@ -467,15 +475,6 @@ def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
     assert held == sum(-(-n // staging.PAGE) * staging.PAGE for n in allocations), "whole mapped pages"
 
 
-def assert_store_rows(cfg, ref, batches):
-    """Every point's stored rows are the reference forwards' non-pad rows, in order."""
-    masks = [b["attention_mask"] for b in batches]
-    store = open_store(cfg.output_dir)
-    for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
-                                      err_msg=key)
-
-
 def compiled_gpt2_and_reference(tmp_path, backend):
     """A tiny gpt2, its ``torch.compile`` form (not run yet), 3 ragged batches, a layer-0 config and the
     reference rows of those batches."""
@@ -493,7 +492,7 @@ def test_torch_compile_captures_the_same_rows(tmp_path):
     with CaptureEngine(model, cfg), torch.no_grad():
         for batch in batches:
             compiled(**batch)
-    assert_store_rows(cfg, ref, batches)
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 def test_a_model_compiled_and_run_before_the_engine_is_refused_not_captured_empty(tmp_path):
@@ -515,7 +514,7 @@ def test_a_model_compiled_and_run_before_the_engine_is_refused_not_captured_empt
         torch._dynamo.reset()
     sequences = open_store(cfg.output_dir)["tokens/sequence"][:]
     assert list(np.unique(sequences)) == list(range(9)), "the refused batch left no gap in the numbering"
-    assert_store_rows(cfg, ref, batches)
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 def test_a_small_store_takes_the_disk_its_rows_need(tmp_path):

@@ -26,8 +26,8 @@ from helpers import (
     JOB,
     N_SEQUENCES,
     assert_same_store,
+    assert_store_rows,
     crash_and_resume,
-    expected_rows,
     finish,
     hold_mid_run,
     launch,
@@ -246,10 +246,7 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
     store = open_store(cfg.output_dir)
     assert list(np.unique(store["tokens/sequence"][:])) == list(range(9)), "the lost batch left a gap"
     assert store.manifest.sequences == 9
-    masks = [b["attention_mask"] for b in kept]
-    for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
-                                      err_msg=key)
+    assert_store_rows(cfg.output_dir, ref, kept)
 
 
 def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_leaves_no_gap(tmp_path):
@@ -280,10 +277,7 @@ def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_le
     store = open_store(cfg.output_dir)
     assert list(np.unique(store["tokens/sequence"][:])) == list(range(9))
     assert store.manifest.sequences == 9
-    masks = [b["attention_mask"] for b in batches]
-    for key in ref:
-        np.testing.assert_array_equal(store[key][:].astype(np.float32), expected_rows(ref[key], masks),
-                                      err_msg=key)
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 @pytest.mark.parametrize("make_cfg, error, match", [
