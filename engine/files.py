@@ -17,8 +17,12 @@ to the disk's cache: a chunk's 6 files and commit record ran at 0.77-0.85 of the
 an fsync each, at 0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
 ``recovery_init_sync_method = syncfs`` makes the same trade for the same reason. A failed syncfs may be
 another program's error, so the pass's own files are then fsynced one by one; a filesystem found read-only
-after the sync fails the pass. Not covered: an ext2 volume mounted by the old ext2 driver shares ext4's
-type, and its syncfs does not flush the disk's cache (distributions mount ext2 with the ext4 driver).
+after the sync fails the pass. The syncfs runs on a descriptor opened before the pass's first write (a
+"witness"): syncfs reports the failures since its descriptor was opened, so one opened later would miss a
+failed writeback of this pass that another syncfs (the other writer thread's) had already reported.
+
+Not covered: an ext2 volume mounted by the old ext2 driver shares ext4's type, and its syncfs does not
+flush the disk's cache (distributions mount ext2 with the ext4 driver).
 
 Torch-free: the writer process uses it.
 """
@@ -31,7 +35,6 @@ import errno
 import fcntl
 import functools
 import os
-import stat
 import sys
 import threading
 from pathlib import Path
@@ -111,53 +114,96 @@ def _syncfs(fd: int) -> None:
         raise OSError(code, f"syncfs: {os.strerror(code)}")
 
 
-def _sync_one_filesystem(fds: list[int]) -> None:
-    """One syncfs; if it fails, the error may be another program's on the same filesystem (syncfs reports
-    every file's), so each of ours is asked with fsync, which raises only for an error of its own."""
+def _sync_one_filesystem(witness: int, items: list, fsync_one) -> None:
+    """One syncfs, on a descriptor opened before the writes it vouches for. If it fails, the error may be
+    another program's on the same filesystem (syncfs reports every file's), so each of ours is asked with
+    fsync, which raises only for an error of its own."""
     try:
-        _syncfs(fds[0])
+        _syncfs(witness)
     except OSError:
-        for fd in fds:
-            os.fsync(fd)
-    if os.fstatvfs(fds[0]).f_flag & os.ST_RDONLY:  # its syncfs (and maybe fsync) do nothing and say 0
+        for item in items:
+            fsync_one(item)
+    if os.fstatvfs(witness).f_flag & os.ST_RDONLY:  # its syncfs (and maybe fsync) do nothing and say 0
         raise OSError(errno.EROFS, "the filesystem is read-only (remounted so after an error?): what was "
                                    "written since is not on disk")
 
 
-def sync_all(descriptors: list[int]) -> None:
-    """Make the files (or folders) open at ``descriptors`` durable: one syncfs per filesystem that takes it
-    (``whole_filesystem_sync``), an fsync each elsewhere."""
-    by_device: dict[int, list[int]] = {}
-    for fd in descriptors:
-        by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
-    for fds in by_device.values():
-        if whole_filesystem_sync(fds[0]):
-            _sync_one_filesystem(fds)
+def _sync_each_filesystem(items: list, device_of, fsync_one, witnesses: list[int]) -> None:
+    """Group ``items`` by filesystem: one syncfs on the group's witness where the filesystem takes it
+    (``whole_filesystem_sync``), an fsync of each item where it does not or no witness is on it."""
+    by_device: dict[int, list] = {}
+    for item in items:
+        by_device.setdefault(device_of(item), []).append(item)
+    witness_on = {os.fstat(fd).st_dev: fd for fd in reversed(witnesses)}
+    for device, group in by_device.items():
+        witness = witness_on.get(device)
+        if witness is not None and whole_filesystem_sync(witness):
+            _sync_one_filesystem(witness, group, fsync_one)
         else:
-            for fd in fds:
-                os.fsync(fd)
+            for item in group:
+                fsync_one(item)
 
 
-def sync_paths(paths) -> None:
-    """Make the files and folders at ``paths`` durable with one ``sync_all`` (so one syncfs per filesystem
-    where that is as strong), then let the files' cached pages go."""
-    descriptors: list[int] = []
+def sync_all(descriptors: list[int], witnesses: list[int]) -> None:
+    """Make the files (or folders) open at ``descriptors`` durable.
+
+    Args:
+        witnesses: descriptors opened before any of the writes being made durable. A syncfs reports only
+            the failures since its descriptor was opened (and older ones nobody has seen), so a descriptor
+            opened after a failed writeback that another syncfs already reported would hide it: only a
+            witness's filesystem gets one syncfs, every other item an fsync of its own.
+    """
+    _sync_each_filesystem(descriptors, lambda fd: os.fstat(fd).st_dev, os.fsync, witnesses)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        for path in paths:
-            descriptors.append(os.open(path, os.O_RDONLY))
-        sync_all(descriptors)
-        _drop_cached_pages([fd for fd in descriptors if stat.S_ISREG(os.fstat(fd).st_mode)])
+        os.fsync(fd)  # a file's own writeback errors: reported to a descriptor opened later too (unseen)
     finally:
-        for fd in descriptors:
-            os.close(fd)
+        os.close(fd)
+
+
+def sync_paths(paths, witnesses: list[int]) -> None:
+    """``sync_all`` of the files and folders at ``paths``, then let the files' cached pages go. Opens one
+    descriptor at a time, however many paths there are."""
+    paths = list(paths)
+    _sync_each_filesystem(paths, lambda path: os.stat(path).st_dev, _fsync_path, witnesses)
+    for path in paths:
+        if not os.path.isdir(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _drop_cached_pages([fd])
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def sync_witness(path: Path):
+    """A witness for ``sync_all`` / ``sync_paths``: a descriptor on ``path`` (an existing file or folder, on
+    the filesystem about to be written), to open before the writes and keep until they are synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    while not folder.is_dir():
+        folder = folder.parent
+    return folder
 
 
 def make_folders(folder: Path, durable: bool) -> None:
     """Create ``folder`` and its missing parents; when ``durable``, each new entry reaches the disk first."""
     changed: set[Path] = set()
-    _make_folders(folder, changed)
-    if durable:
-        sync_paths(changed)
+    if not durable:
+        _make_folders(folder, changed)
+        return
+    with sync_witness(_existing_ancestor(folder)) as witness:
+        _make_folders(folder, changed)
+        sync_paths(changed, [witness])
 
 
 def _make_folders(folder: Path, changed: set[Path]) -> None:
@@ -191,6 +237,15 @@ def write_files_atomic(files: list[tuple[Path, object, int | None]], durable: bo
 
 
 def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> int:
+    if not durable:
+        return _write_and_rename(files, False, [])
+    # Its files all sit on one filesystem, as a rule: elsewhere, each of them gets an fsync of its own.
+    with sync_witness(_existing_ancestor(files[0][0].parent)) as witness:
+        return _write_and_rename(files, True, [witness])
+
+
+def _write_and_rename(files: list[tuple[Path, object, int | None]], durable: bool,
+                      witnesses: list[int]) -> int:
     changed: set[Path] = set()
     partials: list[Path] = []
     descriptors: list[int] = []
@@ -203,7 +258,7 @@ def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> 
             descriptors.append(fd)
             direct += written
         if durable:
-            sync_all(descriptors)
+            sync_all(descriptors, witnesses)
             _drop_cached_pages(descriptors)
         while descriptors:
             os.close(descriptors.pop())  # popped first: a close that fails is not closed again below
@@ -211,7 +266,7 @@ def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> 
             os.replace(partial, path)
             changed.add(path.parent)
         if durable:
-            sync_paths(changed)
+            sync_paths(changed, witnesses)
         return direct
     except BaseException:
         for fd in descriptors:  # the error raised is the first one, not a cleanup's

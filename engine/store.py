@@ -36,7 +36,7 @@ from .chunks import (
     store_name,
 )
 from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathError
-from .files import make_folders, sync_paths, write_file_atomic, write_files_atomic
+from .files import make_folders, sync_paths, sync_witness, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
 from .resume import ResumePoint, scan_committed
@@ -504,23 +504,38 @@ class ZarrSink:
         """Every array's rows of a chunk, written; returns each one's stored size. Local files go in one
         ``write_files_atomic`` pass, so the chunk's files share their syncs."""
         if not self._direct:
-            sizes = {key: self._write_through_zarr(key, chunk_index, data) for key, data in arrays.items()}
-            if self._durable and self._root is not None:
-                sync_paths(_chunk_paths([self._arrays[key] for key in arrays], chunk_index))
-            return sizes
+            return self._write_through_zarr(chunk_index, arrays)
         sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in arrays}
         write_files_atomic([(local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
                             for key, data in arrays.items()], self._durable)
         return sizes
 
-    def _write_through_zarr(self, key: str, chunk_index: int, data: np.ndarray) -> int:
-        """One array's rows of a chunk, through zarr's codecs and store; returns the stored size."""
+    def _write_through_zarr(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        """Every array's rows of a chunk through zarr's codecs and store; returns each one's stored size. A
+        durable local chunk's files and folders are synced in one call once all are written."""
+        with self._sync_witness() as witness:
+            sizes = {key: self._write_array_chunk(key, chunk_index, data) for key, data in arrays.items()}
+            if witness is not None:
+                sync_paths(_chunk_paths([self._arrays[key] for key in arrays], chunk_index), [witness])
+        return sizes
+
+    def _write_array_chunk(self, key: str, chunk_index: int, data: np.ndarray) -> int:
         array = self._arrays[key]
         start = chunk_index * self.chunk_tokens
         array[start:start + len(data)] = data
         if plain_encoded(array):
             return full_chunk_nbytes(array)
         return sync(array.store.getsize(chunk_key(array, chunk_index)))  # one stat/HEAD
+
+    @contextlib.contextmanager
+    def _sync_witness(self):
+        """A durable local store: a sync witness on its root, to open before the writes it will sync
+        (``engine.files.sync_all``); None otherwise."""
+        if not self._durable or self._root is None:
+            yield None
+            return
+        with sync_witness(self._root) as witness:
+            yield witness
 
     def _put_record(self, chunk_index: int, record: CommitRecord) -> None:
         doc = layout.group_document(record.to_json())
@@ -540,16 +555,20 @@ class ZarrSink:
                 self._capacity = rows
                 self._resize_all(rows)
             self._manifest = dataclasses.replace(self._manifest, **manifest_updates)
-            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
-            if self._durable and self._root is not None:
-                sync_paths([self._root / "zarr.json", self._root])
+            self._publish_manifest()
         self._io.shutdown()
+
+    def _publish_manifest(self) -> None:
+        with self._sync_witness() as witness:
+            self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
+            if witness is not None:
+                sync_paths([self._root / "zarr.json", self._root], [witness])
 
 
 def _chunk_paths(arrays: list[zarr.Array], chunk_index: int) -> list[Path]:
     """What must reach the disk for chunk files that zarr wrote (each a temp file renamed over, in folders it
     may have made): each file, and each folder from its own up to its array's chunk folder."""
-    paths: dict[Path, None] = {}  # in order, each once (the arrays' chunk folders share none, but say so)
+    paths: dict[Path, None] = {}  # in order, each once
     for array in arrays:
         path, top = local_chunk_path(array, chunk_index), local_chunk_folder(array)
         paths[path] = None

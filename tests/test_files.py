@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
 
+import engine
 from engine import files
 from engine.files import DIRECT_UNIT, direct_length, page_aligned_empty, write_file_atomic
 
@@ -365,29 +368,92 @@ def test_a_pass_holds_at_most_files_per_pass_descriptors(tmp_path, monkeypatch):
     data[:] = 5
     before = _open_descriptors()
     files.write_files_atomic([(tmp_path / "c" / str(i), data, None) for i in range(10)], durable=True)
-    assert max(peak) - before <= 3 and _open_descriptors() == before
+    assert max(peak) - before <= 3 + 1 and _open_descriptors() == before  # its files and its sync witness
     assert all((tmp_path / "c" / str(i)).read_bytes() == data.tobytes() for i in range(10))
 
 
-def test_the_chunk_files_zarr_wrote_are_synced_together_up_to_their_chunk_folders(folder, monkeypatch):
-    """A durable compressed chunk goes through zarr (for each array a temp file renamed over, maybe in a new
-    ``c/<i>`` folder): every array's file and every folder that got an entry reach the disk together, with
-    one syncfs where the filesystem takes it, before the chunk's commit record is written."""
+def test_the_chunk_paths_of_files_zarr_wrote_reach_up_to_their_chunk_folders(tmp_path):
+    """zarr writes a compressed chunk as a temp file renamed over, maybe in a new ``c/<i>`` folder: each
+    array's file and each folder that may have got an entry, each once."""
     import zarr
 
     from engine import store
 
-    group = zarr.open_group(folder / "s.zarr", mode="w")
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
     arrays = [group.create_array(name, shape=(8, *row_shape), chunks=(4, *row_shape), dtype="f2",
                                  compressors=zarr.codecs.ZstdCodec())
               for name, row_shape in (("x", (4,)), ("t", ()))]
-    for array in arrays:
-        array[4:8] = 1.5
-    paths = store._chunk_paths(arrays, 1)
-    x, t = folder / "s.zarr" / "x" / "c", folder / "s.zarr" / "t" / "c"
-    assert paths == [x / "1" / "0", x / "1", x, t / "1", t]
-    synced, real_fsync, real_syncfs = [], os.fsync, files._syncfs
-    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append("fsync") or real_fsync(fd))
-    monkeypatch.setattr(files, "_syncfs", lambda fd: synced.append("syncfs") or real_syncfs(fd))
-    files.sync_paths(paths)
-    assert synced == (["syncfs"] if _whole_filesystem_sync(folder) else ["fsync"] * len(paths))
+    x, t = tmp_path / "s.zarr" / "x" / "c", tmp_path / "s.zarr" / "t" / "c"
+    assert store._chunk_paths(arrays, 1) == [x / "1" / "0", x / "1", x, t / "1", t]
+
+
+def _recording_syncs(monkeypatch) -> list[tuple[str, str]]:
+    """(kind, what its descriptor names) of each fsync and syncfs from now on (they still run)."""
+    events, real_fsync, real_syncfs = [], os.fsync, files._syncfs
+
+    def recording(kind, real):
+        def call(fd):
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(files.os, "fsync", recording("fsync", real_fsync))
+    monkeypatch.setattr(files, "_syncfs", recording("syncfs", real_syncfs))
+    return events
+
+
+def test_sync_paths_syncs_the_whole_filesystem_only_through_a_witness(folder, monkeypatch):
+    """syncfs reports only the failures since its descriptor was opened: it runs on the witness (opened
+    before the writes), once for all the paths; without a witness every path gets an fsync of its own."""
+    paths = [folder / "a", folder / "b", folder]
+    for path in paths[:2]:
+        path.write_bytes(b"rows")
+    whole = _whole_filesystem_sync(folder)
+    with files.sync_witness(folder) as witness:
+        events = _recording_syncs(monkeypatch)
+        files.sync_paths(paths, [witness])
+        assert events == ([("syncfs", str(folder))] if whole else [("fsync", str(p)) for p in paths])
+        events.clear()
+        files.sync_paths(paths, [])
+        assert events == [("fsync", str(p)) for p in paths]
+
+
+@pytest.mark.parametrize("compressor", ["zstd", None])
+def test_a_durable_chunk_is_synced_through_a_witness_opened_before_its_first_write(tmp_path, monkeypatch,
+                                                                                  compressor):
+    """Whether the sink writes a chunk's files itself or zarr does (compressed): the syncfs that vouches for
+    them runs on a descriptor opened before the chunk's first write, and before its commit record."""
+    from engine import store as store_module
+    from engine.location import Location
+
+    from helpers import ragged_batch, tiny_model
+
+    if not _whole_filesystem_sync(tmp_path):
+        pytest.skip("the tests' filesystem takes no syncfs: an fsync each (tested above)")
+    model = tiny_model("gpt2")
+    cfg = engine.CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, compressor=compressor)
+    with engine.CaptureEngine(model, cfg), torch.no_grad():
+        model(**ragged_batch(3, 8))
+    sink = store_module.ZarrSink(Location.of(cfg.output_dir), 8, compressor, durable=True)
+    rows = {key: np.ascontiguousarray(array[:8]) for key, array in sink.all_arrays().items()}
+    sink._ensure_capacity(6 * 8)
+    events = _recording_syncs(monkeypatch)
+    real_open, real_setitem, real_new_file = files.os.open, zarr.Array.__setitem__, files._write_new_file
+    monkeypatch.setattr(files.os, "open",
+                        lambda path, *a, **k: events.append(("open", str(path))) or real_open(path, *a, **k))
+    monkeypatch.setattr(zarr.Array, "__setitem__",
+                        lambda *a: events.append(("write", "zarr")) or real_setitem(*a))
+    monkeypatch.setattr(files, "_write_new_file",
+                        lambda path, *a: events.append(("write", str(path))) or real_new_file(path, *a))
+    try:
+        written = sink._write_all_rows(5, rows)
+    finally:
+        monkeypatch.undo()
+        sink._io.shutdown()
+    assert set(written) == set(rows)
+    writes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
+    syncfs = [(i, path) for i, (kind, path) in enumerate(events) if kind == "syncfs"]
+    assert syncfs and writes and all(i > max(writes) for i, _ in syncfs), events
+    for i, path in syncfs:
+        opened = [j for j, event in enumerate(events[:i]) if event == ("open", path)]
+        assert opened and opened[0] < min(writes), f"syncfs on {path}, opened after the chunk's first write"
