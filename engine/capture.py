@@ -288,12 +288,10 @@ class CaptureEngine:
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
-        batch = BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
-                          attention_mask is not None)
-        # From here on a failure (even in reserve) gives the slot back, and its sequence numbers with it.
-        self._current = slot
+        self._current = slot  # from here on, a failure (even in reserve) gives the slot back
+        slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
+                               attention_mask is not None), self._dims)
         self._next_sequence += batch_size
-        slot.reserve(batch, self._dims)
         self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
         self._stall_seconds += waited
 
@@ -338,7 +336,8 @@ class CaptureEngine:
         slot, self._current = self._current, None
         if slot is None:
             return
-        self._next_sequence -= slot.batch.batch_size
+        if slot.batch is not None:  # None: interrupted before reserve began (a free slot has no batch)
+            self._next_sequence = slot.batch.first_sequence
         if self._stager.cuda:
             self._stager.finish(slot)
             slot.event.synchronize()  # error path only: in-flight copies must not hit a reused slot

@@ -41,8 +41,8 @@ _EXIT_WAIT_S = 30.0
 class HandoffStuck(RuntimeError):
     """The handoff thread still waited on a batch's copies after ``_EXIT_WAIT_S`` (a hung device)."""
 
-    def __init__(self):
-        super().__init__(f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
+    def __init__(self, message: str | None = None):
+        super().__init__(message or f"a batch's copies did not finish in {_EXIT_WAIT_S:.0f} s")
 
 
 class Progress:
@@ -182,18 +182,21 @@ class WriterProcess:
         Costs the caller the wait for the copies in flight (the device itself is not synchronized).
 
         Raises:
-            CaptureError: the handoff thread failed, or still waited on a copy after ``_EXIT_WAIT_S`` (it
-                would synchronize inside the caller's block); the writer process's failure likewise.
+            CaptureError: the run has failed: the handoff thread failed, or still waited on a copy after
+                ``_EXIT_WAIT_S`` (it would synchronize inside the caller's block), or the writer process
+                failed (as far as its messages have arrived).
         """
+        self.check()  # a copy already found stuck is not waited for again
         if self._thread is not None and self._thread.is_alive():
             sent = threading.Event()
             self._handoff.put((None, sent))
             deadline = time.monotonic() + _EXIT_WAIT_S
             while not sent.wait(_LIVENESS_CHECK_S) and self._thread.is_alive():
                 if time.monotonic() > deadline:
-                    self._thread_error = HandoffStuck()
+                    if self._thread_error is None:  # else the thread's own failure came first
+                        self._thread_error = HandoffStuck()
                     break
-        self.check()
+        self.poll()
 
     def stop(self, error: CaptureError) -> None:
         """Kill the writer process now, from any thread (its store is no longer this run's); the forward
@@ -328,7 +331,7 @@ class WriterProcess:
             return
         self._handoff_stopped = True
         self._handoff.put(None)
-        self._thread.join(timeout=_EXIT_WAIT_S)
+        self._thread.join(timeout=0 if isinstance(self._thread_error, HandoffStuck) else _EXIT_WAIT_S)
         if self._thread.is_alive() and self._thread_error is None:
             self._thread_error = HandoffStuck()
 

@@ -20,7 +20,7 @@ Work on the forward thread, in dispatched torch ops (counted by ``tests/test_pip
   =======================  ======  ====================================================
   per                       CPU     CUDA
   =======================  ======  ====================================================
-  batch: ids + mask         2       2 (one ``stack`` snapshot, one copy)
+  batch: ids + mask         2       2 (one ``stack`` snapshot, one copy); 3 with a host mask
   batch: each annotation    1       1 (host tensors) or 2 (device tensors)
   hooked point              1       2 (one cast snapshot, one copy)
   =======================  ======  ====================================================

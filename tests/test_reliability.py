@@ -251,7 +251,8 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
 
 def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_leaves_no_gap(tmp_path):
     """A forward that raises between two hooked points (an out-of-memory error, say): nothing of its batch
-    is stored, its slot comes back, and the same batch fed again is numbered where it would have been."""
+    is stored, its slot comes back, and the same batch fed again is numbered where it would have been. A
+    last forward that fails just before close is not counted in the manifest's sequences either."""
     model = tiny_model("gpt2")
     cfg = small_cfg(tmp_path / "s.zarr", layer_indices=[0, 1], chunk_tokens=8, pinned_slots=2)
     batches = [ragged_batch(3, 8, seed=s) for s in range(3)]
@@ -274,6 +275,10 @@ def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_le
         for batch in batches[1:]:
             model(**batch)
         assert cap.resume_sequences == 0 and cap.stats.batches == 3
+        failures[0] = 1
+        model.transformer.h[1].register_forward_pre_hook(out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            model(**batches[0])  # its slot is still out when close begins
     store = open_store(cfg.output_dir)
     assert list(np.unique(store["tokens/sequence"][:])) == list(range(9))
     assert store.manifest.sequences == 9

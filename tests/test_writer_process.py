@@ -231,7 +231,7 @@ class _CopyEvent:
 
 def _use_cuda_handoff(cap: CaptureEngine, behaviours: list[str], released: threading.Event, monkeypatch):
     """Give ``cap`` the CUDA path's handoff thread, on CPU: batch i's event behaves as ``behaviours[i]``
-    (``_CopyEvent``), and the thread gives up after 1 s."""
+    (``_CopyEvent``), and drain and close wait 1 s for a copy, not 30."""
     monkeypatch.setattr(engine.handoff, "_EXIT_WAIT_S", 1.0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     writer = cap._writer
