@@ -9,17 +9,20 @@ the capture's forward gets the difference. The tail past the last whole unit, an
 that refuses ``O_DIRECT`` (some FUSE and older tmpfs mounts), is written the ordinary way; the bytes on disk
 are the same either way.
 
-A durable pass syncs its files, and then their folders, with one ``syncfs`` per filesystem where that is as
-strong as an fsync of each (``whole_filesystem_sync``: ext4, XFS or btrfs on Linux 5.17 or later, whose
-syncfs reports writeback and journal errors), and with an fsync of each elsewhere (FUSE, NFS, overlay,
-tmpfs, older kernels, macOS, where syncfs may not sync or not report a failure). Each fsync is a round trip
-to the disk's cache: a chunk's 6 files and commit record ran at 0.77-0.85 of the raw 2-file baseline with
-an fsync each, at 0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
+A durable pass syncs its files, and then their folders, with one ``syncfs`` each where that is as strong as
+an fsync of each (``whole_filesystem_sync``: ext4, XFS or btrfs on Linux 5.17 or later, whose syncfs
+reports writeback and journal errors), and with an fsync of each elsewhere (FUSE, NFS, overlay, tmpfs,
+older kernels, macOS, where syncfs may not sync or not report a failure). Each fsync is a round trip to the
+disk's cache: a chunk's 6 files and commit record ran at 0.77-0.85 of the raw 2-file baseline with an
+fsync each, at 0.88-0.93 with syncfs (benchmarks/results/cpu-2026-12-05/chunk_files.txt). PostgreSQL's
 ``recovery_init_sync_method = syncfs`` makes the same trade for the same reason. A failed syncfs may be
 another program's error, so the pass's own files are then fsynced one by one; a filesystem found read-only
-after the sync fails the pass. The syncfs runs on a descriptor opened before the pass's first write (a
-"witness"): syncfs reports the failures since its descriptor was opened, so one opened later would miss a
-failed writeback of this pass that another syncfs (the other writer thread's) had already reported.
+after the sync fails the pass.
+
+Each syncfs runs on a descriptor opened before the pass's first write (a "witness", on the filesystem of
+the pass's first file): syncfs reports the failures since its descriptor was opened, so one opened later
+would miss a failed writeback of this pass that another syncfs (the other writer thread's) had already
+reported. Files of the pass on another filesystem (rare) get an fsync each.
 
 Not covered: an ext2 volume mounted by the old ext2 driver shares ext4's type, and its syncfs does not
 flush the disk's cache (distributions mount ext2 with the ext4 driver).
@@ -171,11 +174,19 @@ def sync_paths(paths, witnesses: list[int]) -> None:
     _sync_each_filesystem(paths, lambda path: os.stat(path).st_dev, _fsync_path, witnesses)
     for path in paths:
         if not os.path.isdir(path):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                _drop_cached_pages([fd])
-            finally:
-                os.close(fd)
+            _drop_cached_pages_of(path)
+
+
+def _drop_cached_pages_of(path: Path) -> None:
+    """Best effort: the file is already on disk, so a file gone since costs nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        _drop_cached_pages([fd])
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -200,6 +211,8 @@ def make_folders(folder: Path, durable: bool) -> None:
     changed: set[Path] = set()
     if not durable:
         _make_folders(folder, changed)
+        return
+    if folder.is_dir():
         return
     with sync_witness(_existing_ancestor(folder)) as witness:
         _make_folders(folder, changed)
@@ -238,14 +251,18 @@ def write_files_atomic(files: list[tuple[Path, object, int | None]], durable: bo
 
 def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> int:
     if not durable:
-        return _write_and_rename(files, False, [])
-    # Its files all sit on one filesystem, as a rule: elsewhere, each of them gets an fsync of its own.
-    with sync_witness(_existing_ancestor(files[0][0].parent)) as witness:
-        return _write_and_rename(files, True, [witness])
+        return _write_and_rename(files, None)
+    # One witness per syncfs: each descriptor's syncfs reports a failure once, so the folders' syncfs needs
+    # its own to see a failure (of a folder made by this pass) that the files' syncfs reported first. The
+    # pass's files sit on one filesystem as a rule; any elsewhere get an fsync each.
+    ancestor = _existing_ancestor(files[0][0].parent)
+    with sync_witness(ancestor) as for_files, sync_witness(ancestor) as for_folders:
+        return _write_and_rename(files, (for_files, for_folders))
 
 
-def _write_and_rename(files: list[tuple[Path, object, int | None]], durable: bool,
-                      witnesses: list[int]) -> int:
+def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: tuple[int, int] | None) -> int:
+    """The pass: durable when given witnesses (for the files' sync, for the folders' sync)."""
+    durable = witnesses is not None
     changed: set[Path] = set()
     partials: list[Path] = []
     descriptors: list[int] = []
@@ -258,7 +275,7 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], durable: boo
             descriptors.append(fd)
             direct += written
         if durable:
-            sync_all(descriptors, witnesses)
+            sync_all(descriptors, [witnesses[0]])
             _drop_cached_pages(descriptors)
         while descriptors:
             os.close(descriptors.pop())  # popped first: a close that fails is not closed again below
@@ -266,7 +283,7 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], durable: boo
             os.replace(partial, path)
             changed.add(path.parent)
         if durable:
-            sync_paths(changed, witnesses)
+            sync_paths(changed, [witnesses[1]])
         return direct
     except BaseException:
         for fd in descriptors:  # the error raised is the first one, not a cleanup's
