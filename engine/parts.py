@@ -26,7 +26,7 @@ from .layout import Manifest
 from .location import Location
 from .opening import claim
 from .statistics import merge_statistics
-from .store import load_manifest, put_json
+from .store import load_manifest, put_document
 
 # Collectives here wait for the slowest rank's whole share (a resumed rank whose part was complete waits at
 # close for the others to finish theirs): a dedicated gloo group with a long timeout, not the default one's
@@ -53,8 +53,7 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _put_manifest(root: Location, manifest: Manifest) -> None:
-    document = layout.group_document({layout.MANIFEST_ATTR: manifest.to_json()})
-    put_json(root.zarr_store(), "zarr.json", document)
+    put_document(root, "zarr.json", layout.group_document({layout.MANIFEST_ATTR: manifest.to_json()}))
 
 
 def _prepare_root(root: Location, manifest: Manifest, world_size: int, exists: bool) -> None:
@@ -74,7 +73,7 @@ def _prepare_root(root: Location, manifest: Manifest, world_size: int, exists: b
         manifest, part=None, first_sequence=0, resumes=[], world_size=world_size,
         parts=[{"path": layout.part_path(rank), "status": layout.STATUS_OPEN, "committed_tokens": 0}
                for rank in range(world_size)]))
-    put_json(root.zarr_store(), f"{layout.PARTS_GROUP}/zarr.json", layout.group_document(None))
+    put_document(root, f"{layout.PARTS_GROUP}/zarr.json", layout.group_document(None))
 
 
 def _part_manifest(part: Location) -> Manifest | None:

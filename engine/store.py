@@ -56,6 +56,16 @@ def put_json(store: zarr.abc.store.Store, key: str, doc: dict) -> None:
     sync(store.set(key, _json_bytes(doc)))
 
 
+def put_document(location: Location, key: str, doc: dict) -> None:
+    """A document the store cannot be opened without (a multi-process store's root or group ``zarr.json``),
+    written once or twice a run: on disk before this returns for a local store, whether or not the run is
+    durable; one PUT for an object store."""
+    if location.local is None:
+        put_json(location.zarr_store(), key, doc)
+    else:
+        write_file_atomic(location.local / key, json.dumps(doc, sort_keys=True).encode(), durable=True)
+
+
 async def _get_many(store, keys: list[str]) -> list[bytes | None]:
     async def one(key):
         buf = await store.get(key, prototype=default_buffer_prototype())
@@ -473,8 +483,15 @@ class ZarrSink:
             self._resize_all(self._capacity)
 
     def _resize_all(self, rows: int) -> None:
-        for array in self._arrays.values():
-            array.resize((rows, *array.shape[1:]))
+        """Resize every array (under the lock). A durable local store's array documents reach the disk
+        before a chunk that needs the new shape commits: each is a file renamed over, and after a power loss
+        an unsynced one may read empty, leaving its array unreadable."""
+        with self._sync_witness() as witness:
+            for array in self._arrays.values():
+                array.resize((rows, *array.shape[1:]))
+            if witness is not None:
+                sync_paths([path for key in self._arrays for path in (self._root / key / "zarr.json",
+                                                                     self._root / key)], [witness])
 
     def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray],
                     make_record: Callable[[], CommitRecord]) -> None:

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import zarr
 
-import engine
 from engine import files
 from engine.files import DIRECT_UNIT, direct_length, page_aligned_empty, write_file_atomic
 
@@ -368,7 +365,7 @@ def test_a_pass_holds_at_most_files_per_pass_descriptors(tmp_path, monkeypatch):
     data[:] = 5
     before = _open_descriptors()
     files.write_files_atomic([(tmp_path / "c" / str(i), data, None) for i in range(10)], durable=True)
-    assert max(peak) - before <= 3 + 1 and _open_descriptors() == before  # its files and its sync witness
+    assert max(peak) - before <= 3 + 2 and _open_descriptors() == before  # its files, its 2 sync witnesses
     assert all((tmp_path / "c" / str(i)).read_bytes() == data.tobytes() for i in range(10))
 
 
@@ -387,13 +384,14 @@ def test_the_chunk_paths_of_files_zarr_wrote_reach_up_to_their_chunk_folders(tmp
     assert store._chunk_paths(arrays, 1) == [x / "1" / "0", x / "1", x, t / "1", t]
 
 
-def _recording_syncs(monkeypatch) -> list[tuple[str, str]]:
-    """(kind, what its descriptor names) of each fsync and syncfs from now on (they still run)."""
+def _recording_syncs(monkeypatch) -> list[tuple[str, str, int]]:
+    """(kind, what its descriptor names, the descriptor) of each fsync and syncfs from now on (they still
+    run)."""
     events, real_fsync, real_syncfs = [], os.fsync, files._syncfs
 
     def recording(kind, real):
         def call(fd):
-            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}"), fd))
             return real(fd)
         return call
 
@@ -412,48 +410,121 @@ def test_sync_paths_syncs_the_whole_filesystem_only_through_a_witness(folder, mo
     with files.sync_witness(folder) as witness:
         events = _recording_syncs(monkeypatch)
         files.sync_paths(paths, [witness])
-        assert events == ([("syncfs", str(folder))] if whole else [("fsync", str(p)) for p in paths])
+        assert events == ([("syncfs", str(folder), witness)] if whole else
+                          [("fsync", str(p), fd) for p, (_, _, fd) in zip(paths, events)])
         events.clear()
         files.sync_paths(paths, [])
-        assert events == [("fsync", str(p)) for p in paths]
+        assert [(kind, path) for kind, path, _ in events] == [("fsync", str(p)) for p in paths]
 
 
-@pytest.mark.parametrize("compressor", ["zstd", None])
-def test_a_durable_chunk_is_synced_through_a_witness_opened_before_its_first_write(tmp_path, monkeypatch,
-                                                                                  compressor):
-    """Whether the sink writes a chunk's files itself or zarr does (compressed): the syncfs that vouches for
-    them runs on a descriptor opened before the chunk's first write, and before its commit record."""
-    from engine import store as store_module
+def _opened_before(events, fd_event_index: int, first_write: int) -> bool:
+    """Whether the descriptor of ``events[fd_event_index]`` was opened (an ``open`` event naming its path,
+    the last such before it) before ``events[first_write]``."""
+    _, path, _ = events[fd_event_index]
+    opened = [i for i, event in enumerate(events[:fd_event_index]) if event[:2] == ("open", path)]
+    return bool(opened) and opened[-1] < first_write
+
+
+def _noting(events, kind, real, name=lambda path, *_, **__: str(path)):
+    def call(*args, **kwargs):
+        events.append((kind, name(*args, **kwargs), None))
+        return real(*args, **kwargs)
+    return call
+
+
+def _record_writes(monkeypatch, events) -> None:
+    """Add ``open``, ``write`` (file writes, folders made, zarr array writes and resizes) to ``events``."""
+    import zarr
+
+    monkeypatch.setattr(files.os, "open", _noting(events, "open", files.os.open))
+    monkeypatch.setattr(files.os, "mkdir", _noting(events, "write", files.os.mkdir))
+    monkeypatch.setattr(files, "_write_new_file", _noting(events, "write", files._write_new_file))
+    monkeypatch.setattr(zarr.Array, "__setitem__",
+                        _noting(events, "write", zarr.Array.__setitem__, lambda *_: "zarr"))
+    monkeypatch.setattr(zarr.Array, "resize",
+                        _noting(events, "write", zarr.Array.resize, lambda *_, **__: "resize"))
+
+
+def _captured_sink(tmp_path, compressor):
+    """A durable ZarrSink on a store a tiny capture made (two chunks of 8 rows at least)."""
+    import torch
+
+    import engine
     from engine.location import Location
+    from engine.store import ZarrSink
 
     from helpers import ragged_batch, tiny_model
 
-    if not _whole_filesystem_sync(tmp_path):
-        pytest.skip("the tests' filesystem takes no syncfs: an fsync each (tested above)")
     model = tiny_model("gpt2")
     cfg = engine.CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, compressor=compressor)
     with engine.CaptureEngine(model, cfg), torch.no_grad():
         model(**ragged_batch(3, 8))
-    sink = store_module.ZarrSink(Location.of(cfg.output_dir), 8, compressor, durable=True)
+    return ZarrSink(Location.of(cfg.output_dir), 8, compressor, durable=True)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", None])
+def test_a_durable_chunk_is_synced_through_witnesses_opened_before_its_first_write(tmp_path, monkeypatch,
+                                                                                   compressor):
+    """Whether the sink writes a chunk's files itself or zarr does (compressed): each syncfs that vouches for
+    them runs on a descriptor opened before the chunk's first write (a folder made counts), after its last,
+    and no descriptor serves two syncfs (each reports a failure once)."""
+    sink = _captured_sink(tmp_path, compressor)
     rows = {key: np.ascontiguousarray(array[:8]) for key, array in sink.all_arrays().items()}
     sink._ensure_capacity(6 * 8)
+    monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: True)  # the syncfs path on any filesystem
     events = _recording_syncs(monkeypatch)
-    real_open, real_setitem, real_new_file = files.os.open, zarr.Array.__setitem__, files._write_new_file
-    monkeypatch.setattr(files.os, "open",
-                        lambda path, *a, **k: events.append(("open", str(path))) or real_open(path, *a, **k))
-    monkeypatch.setattr(zarr.Array, "__setitem__",
-                        lambda *a: events.append(("write", "zarr")) or real_setitem(*a))
-    monkeypatch.setattr(files, "_write_new_file",
-                        lambda path, *a: events.append(("write", str(path))) or real_new_file(path, *a))
+    _record_writes(monkeypatch, events)
     try:
         written = sink._write_all_rows(5, rows)
     finally:
         monkeypatch.undo()
         sink._io.shutdown()
     assert set(written) == set(rows)
-    writes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
-    syncfs = [(i, path) for i, (kind, path) in enumerate(events) if kind == "syncfs"]
-    assert syncfs and writes and all(i > max(writes) for i, _ in syncfs), events
-    for i, path in syncfs:
-        opened = [j for j, event in enumerate(events[:i]) if event == ("open", path)]
-        assert opened and opened[0] < min(writes), f"syncfs on {path}, opened after the chunk's first write"
+    writes = [i for i, event in enumerate(events) if event[0] == "write"]
+    syncfs = [i for i, event in enumerate(events) if event[0] == "syncfs"]
+    assert writes and len(syncfs) == (1 if compressor else 2), events
+    assert all(i > max(writes) for i in syncfs)
+    assert all(_opened_before(events, i, min(writes)) for i in syncfs), "a syncfs witness opened too late"
+    assert len({events[i][2] for i in syncfs}) == len(syncfs), "one descriptor served two syncfs"
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["syncfs", "fsync-each"])
+def test_a_durable_store_grown_for_a_chunk_has_its_array_documents_on_disk_first(tmp_path, monkeypatch,
+                                                                                 whole):
+    """Growing the arrays rewrites each array's zarr.json (a file renamed over): on disk before the chunk
+    that needs the new shape can commit, through a witness opened before the first rewrite or with an
+    fsync of each document."""
+    sink = _captured_sink(tmp_path, None)
+    monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: whole)
+    events = _recording_syncs(monkeypatch)
+    _record_writes(monkeypatch, events)
+    try:
+        sink._ensure_capacity(1000 * 8)
+    finally:
+        monkeypatch.undo()
+        sink._io.shutdown()
+    writes = [i for i, event in enumerate(events) if event[:2] == ("write", "resize")]
+    assert len(writes) == len(sink.all_arrays())
+    if whole:
+        syncfs = [i for i, event in enumerate(events) if event[0] == "syncfs"]
+        assert len(syncfs) == 1 and syncfs[0] > max(writes) and _opened_before(events, syncfs[0], min(writes))
+    else:
+        synced = {path for kind, path, _ in events if kind == "fsync"}
+        documents = {str(tmp_path / "s.zarr" / key / "zarr.json") for key in sink.all_arrays()}
+        assert documents <= synced
+
+
+def test_a_multi_process_stores_root_document_is_on_disk_when_written(tmp_path, monkeypatch):
+    """The root and parts-group documents of a multi-process store are what opens it: synced when written,
+    whatever the run's durability."""
+    from engine.location import Location
+    from engine.store import put_document
+
+    monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: False)
+    events = _recording_syncs(monkeypatch)
+    put_document(Location.of(tmp_path / "s.zarr"), "parts/zarr.json", {"zarr_format": 3})
+    monkeypatch.undo()
+    assert (tmp_path / "s.zarr" / "parts" / "zarr.json").read_bytes() == b'{"zarr_format": 3}'
+    synced = [path for kind, path, _ in events if kind == "fsync"]
+    assert any(path.endswith(".partial") for path in synced), "the document's data was never synced"
+    assert {str(tmp_path / "s.zarr" / "parts"), str(tmp_path / "s.zarr"), str(tmp_path)} <= set(synced)
