@@ -56,14 +56,15 @@ def put_json(store: zarr.abc.store.Store, key: str, doc: dict) -> None:
     sync(store.set(key, _json_bytes(doc)))
 
 
-def put_document(location: Location, key: str, doc: dict) -> None:
-    """A document the store cannot be opened without (a multi-process store's root or group ``zarr.json``),
-    written once or twice a run: on disk before this returns for a local store, whether or not the run is
-    durable; one PUT for an object store."""
+def put_document(location: Location, key: str, doc: dict, durable: bool = True,
+                 store: zarr.abc.store.Store | None = None) -> None:
+    """One JSON document: a local store's with ``write_file_atomic`` (on disk before this returns when
+    ``durable``, the default: a multi-process store's root and group documents, written once or twice a
+    run, are what opens it), an object store's as one PUT (through ``store`` when one is open)."""
     if location.local is None:
-        put_json(location.zarr_store(), key, doc)
+        put_json(store or location.zarr_store(), key, doc)
     else:
-        write_file_atomic(location.local / key, json.dumps(doc, sort_keys=True).encode(), durable=True)
+        write_file_atomic(location.local / key, json.dumps(doc, sort_keys=True).encode(), durable)
 
 
 async def _get_many(store, keys: list[str]) -> list[bytes | None]:
@@ -555,12 +556,8 @@ class ZarrSink:
             yield witness
 
     def _put_record(self, chunk_index: int, record: CommitRecord) -> None:
-        doc = layout.group_document(record.to_json())
-        if self._root is None:
-            put_json(self._store, layout.commit_record_key(chunk_index), doc)
-        else:
-            write_file_atomic(self._root / layout.commit_record_key(chunk_index),
-                              json.dumps(doc, sort_keys=True).encode(), self._durable)
+        put_document(self._location, layout.commit_record_key(chunk_index),
+                     layout.group_document(record.to_json()), self._durable, self._store)
 
     def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
         """Trim arrays to the committed rows (clean close) and publish the manifest, last
