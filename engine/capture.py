@@ -41,8 +41,9 @@ from . import layout
 from .config import CaptureConfig
 from .errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from .handoff import WriterProcess
-from .hookpoints import HookPoint, resolve_hook_points
+from .hookpoints import HookPoint, expected_widths, resolve_hook_points
 from .hooks import ModelHooks, StopForward, check_unclaimed
+from .kvcache import CacheTracker, Placement, cache_of
 from .manifest import build_manifest, point_attributes
 from .opening import check_destination, open_destination
 from .parts import PartCoordinator
@@ -158,6 +159,7 @@ class CaptureEngine:
         self._skip_forward = False        # the forward in progress has no tokens
         self._pending_annotations: dict[str, torch.Tensor] = {}
         self._dims: dict[str, int] = {}   # point widths, known after the first batch
+        self._caches = CacheTracker()     # which sequences a forward with a KV cache continues
         self._batches = 0
         self._tokens_staged = 0
         self._stall_seconds = 0.0
@@ -178,6 +180,8 @@ class CaptureEngine:
                 self._point_count = len({point.key for point in self.points})
                 self._device = _model_device(model)
                 self._max_positions = _max_positions(model)
+                self._expected_widths = expected_widths(model, self.points)
+                self._keeps_cache = bool(getattr(getattr(model, "config", None), "use_cache", False))
                 # As its JSON document: engine.opening merges manifests as dicts.
                 manifest = (build_manifest(model, config, self.points, tokenizer).to_json()
                             if config.sink == "zarr" else None)
@@ -222,6 +226,9 @@ class CaptureEngine:
                    *_token_ids(model_config, "pad_token_id"),
                    *(getattr(tokenizer, "all_special_ids", None) or [])}
         bos = _token_ids(model_config, "bos_token_id") or [getattr(tokenizer, "bos_token_id", None)]
+        # documents are packed after a BOS or an EOS (engine.corpus): the token after one starts a document
+        separators = {*bos, *_token_ids(model_config, "eos_token_id"),
+                      getattr(tokenizer, "eos_token_id", None)}
         return WriterSpec(
             sink=self.sink_factory[config.sink],
             location=self._destination.location if self._destination else None,
@@ -229,10 +236,25 @@ class CaptureEngine:
             point_attributes=point_attributes(self.points, config.dtype),
             token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
             annotations=tuple(config.annotations), bos_id=bos[0], special_ids=tuple(sorted(special)),
+            separator_ids=tuple(sorted(token for token in separators if token is not None)),
+            outlier_norm_ratio=self._outlier_norm_ratio(),
             num_writers=config.num_writers, statistics=config.statistics,
             start_row=resume.rows if resume is not None else 0,
             kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
             parent_pid=os.getpid())
+
+    def _outlier_norm_ratio(self) -> float | None:
+        """The config's, but a resumed store captured without outlier flags goes on without them (the rows and
+        statistics of one store follow one rule; a store's ratio itself must match, see manifest.py)."""
+        stored = self._destination.stored if self._destination is not None else None
+        ratio = self.config.outlier_norm_ratio
+        if stored is not None and layout.Manifest.of(stored, "a stored manifest").outlier_norm_ratio is None:
+            if ratio is not None:
+                warnings.warn(f"{self.config.location} was captured without outlier flags "
+                              "(outlier_norm_ratio None, or an engine before them): the resume goes on "
+                              "without them", stacklevel=4)
+            return None
+        return ratio
 
     def _stop_writing(self, lost: StoreLockedError) -> None:
         """Heartbeat thread: another process broke this run's lock, so the store is no longer this run's."""
@@ -277,27 +299,44 @@ class CaptureEngine:
         shape = reference.shape
         batch_size, seq_len = shape[0], shape[1] if len(shape) > 1 else 1
         self._check_device("input_ids" if input_ids is not None else "inputs_embeds", reference)
-        self._check_batch(batch_size, seq_len, attention_mask)
+        placement = self._caches.place(kwargs, batch_size)
+        attention_mask = self._check_batch(batch_size, seq_len, attention_mask, placement.past)
         annotations = self._pending_annotations
         if annotations:
             self._pending_annotations = {}
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
-            self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
+            if not placement.continues:
+                self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
             return
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
-        slot.reserve(BatchInfo(self._batches, batch_size, seq_len, self._next_sequence, input_ids is not None,
-                               attention_mask is not None), self._dims)
-        self._next_sequence += batch_size
+        first = placement.first_sequence if placement.continues else self._next_sequence
+        slot.reserve(BatchInfo(self._batches, batch_size, seq_len, first, input_ids is not None,
+                               attention_mask is not None, placement.continues,
+                               self._may_continue(kwargs, placement)), self._dims)
+        if not placement.continues:
+            self._next_sequence += batch_size
+        self._caches.begin(placement, kwargs, batch_size, first, seq_len)
         self._stager.stage_tokens(slot, input_ids, attention_mask, annotations)
         self._stall_seconds += waited
 
+    def _may_continue(self, kwargs: dict, placement: Placement) -> bool:
+        """Whether the next forward may continue this one's sequences: it keeps a KV cache (one was passed,
+        or the model returns one) and returns at all (early stop returns None)."""
+        if self.config.early_stop:
+            return False
+        keeps = kwargs.get("use_cache")
+        return placement.continues or cache_of(kwargs) is not None or (
+            self._keeps_cache if keeps is None else bool(keeps))
+
     def _on_forward_end(self, module, args, kwargs, output) -> None:
         """A forward that returned with its slot still open ran without some hooked points: their rows would
-        be missing, so the batch is dropped with an error instead of being dropped in silence."""
+        be missing, so the batch is dropped with an error instead of being dropped in silence. A KV cache the
+        model made and returned belongs to the sequences just captured."""
+        self._caches.returned(output)
         slot = self._current
         if slot is None:
             return
@@ -310,17 +349,26 @@ class CaptureEngine:
             "forward, or call torch._dynamo.reset() first. Otherwise these modules did not run in this "
             "forward: capture points that every forward runs")
 
-    def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> None:
-        if self._max_positions is not None and seq_len > self._max_positions:
-            raise BatchError(f"sequence length {seq_len} exceeds the model's {self._max_positions} "
+    def _check_batch(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None,
+                     past: int) -> torch.Tensor | None:
+        """Check a forward's shapes; returns the mask of its new tokens (a forward that continues a KV cache
+        may pass the mask of the cached tokens too, as generate() does)."""
+        if self._max_positions is not None and past + seq_len > self._max_positions:
+            raise BatchError(f"sequence length {past + seq_len} exceeds the model's {self._max_positions} "
                              f"positions: truncate inputs to at most {self._max_positions} tokens (tokenizer "
                              "truncation=True)")
         if attention_mask is None:
-            return
-        if attention_mask.shape != (batch_size, seq_len):
+            return None
+        if past and attention_mask.shape == (batch_size, past + seq_len):
+            attention_mask = attention_mask[:, past:]
+        elif attention_mask.shape != (batch_size, seq_len):
+            cached = (f" after a KV cache of {past} tokens: pass the mask of the new tokens, or of the "
+                      f"cached and new ones {(batch_size, past + seq_len)}" if past
+                      else ": pass one mask value per token")
             raise BatchError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                             f"{(batch_size, seq_len)}: pass one mask value per token")
+                             f"{(batch_size, seq_len)}{cached}")
         self._check_device("attention_mask", attention_mask)
+        return attention_mask
 
     def _check_device(self, name: str, tensor: torch.Tensor) -> None:
         """Ids, mask and annotations: a GPU tensor on another device than the model's would be copied on a
@@ -336,7 +384,8 @@ class CaptureEngine:
         slot, self._current = self._current, None
         if slot is None:
             return
-        if slot.batch is not None:  # None: interrupted before reserve began (a free slot has no batch)
+        self._caches.end("whose forward failed (the cache may hold part of it)")
+        if slot.batch is not None and not slot.batch.continues:  # None: interrupted before reserve began
             self._next_sequence = slot.batch.first_sequence
         if self._stager.cuda:
             self._stager.finish(slot)
@@ -355,11 +404,22 @@ class CaptureEngine:
         if len(shape) != 3 or shape[0] != batch.batch_size or shape[1] != batch.seq_len:
             raise HookPointError(f"{point.module_path} produced shape {tuple(shape)}; expected "
                                  f"({batch.batch_size}, {batch.seq_len}, dim) like input_ids")
+        if not self._dims:  # the first batch: its widths become the store's
+            self._check_width(point, shape[-1])
         self._stager.stage_point(slot, point.key, tensor)
         if len(slot.captured) == self._point_count:
             self._submit(slot)
             if self.config.early_stop:
                 raise StopForward  # caught by the wrapper around the root forward
+
+    def _check_width(self, point: HookPoint, width: int) -> None:
+        expected = self._expected_widths.get(point.key)
+        if expected is not None and width != expected:
+            raise HookPointError(
+                f"{point.key} ({point.module_path}) has width {width} but the model's config says "
+                f"{expected}: nothing of this batch is stored. A tensor-parallel shard or a model changed "
+                "after loading holds part of each activation: capture the whole model on one device (or "
+                "gather the shards into one tensor and capture that module through extra_modules)")
 
     def _submit(self, slot) -> None:
         self._stager.finish(slot)
@@ -419,9 +479,14 @@ class CaptureEngine:
         """Wait until every captured batch has left its slot and every full chunk is committed (the partial
         last chunk waits for more rows or close()).
 
+        Sequences a KV cache could still continue end here: call it after a decode loop, not between its
+        forwards (a later forward continuing them is refused).
+
         Raises:
             CaptureError: the writer process failed or died.
         """
+        self._caches.end("whose sequences flush() ended (call flush() after a decode loop, not between "
+                         "its forwards)")
         self._writer.flush()
 
     @contextlib.contextmanager
@@ -437,6 +502,7 @@ class CaptureEngine:
         if self._closed:
             raise CaptureClosedError("this CaptureEngine is closed")
         self._writer.drain()
+        self._caches.end("whose sequences a detached() block ended (its forwards are not captured)")
         self._detached_depth += 1
         self._hooks.remove()
         try:

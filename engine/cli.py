@@ -46,10 +46,10 @@ from .errors import (
     StoreExistsError,
 )
 from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widths, resolve_hook_points
-from .layout import FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
+from .layout import EXCLUDED_BY_DEFAULT, FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
-from .lock import check_unlocked
+from .lock import acquire, check_unlocked
 from .reader import StorePart, open_store
 from .registry import find_model, list_models
 from .resume import find_resume_point
@@ -498,8 +498,10 @@ def _print_arrays(store) -> None:
             nonfinite = sum(c.stats[key].nonfinite for c in store.chunks)
             line += (f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} "
                      f"fp16_overflow {overflow}")
-            stats = m.statistics.get(key)
-            if stats and stats.get("count") and stats.get("norm_scaling_factor") is not None:
+            stats = m.statistics.get(key) or {}
+            if "outlier_rows" in stats:
+                line += f"  outliers {stats['outlier_rows']} (left out of the statistics and of reads)"
+            if stats.get("count") and stats.get("norm_scaling_factor") is not None:
                 line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
                          f"norm_scale {stats['norm_scaling_factor']:.4g}")
         print(line)
@@ -530,6 +532,17 @@ def _add_token_array(location, key: str, values, attributes: dict) -> None:
 
 
 def _align(args: argparse.Namespace) -> int:
+    """Label a store's tokens, holding its lock (a capture running into it, or another align, is refused:
+    either would rewrite the manifest from its own copy and lose the other's arrays)."""
+    lock = acquire(Location.of(args.store))
+    try:
+        return _label_tokens(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _label_tokens(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     if "tokens/doc_id" not in store.keys():
         raise ConfigError("this store has no tokens/doc_id (capture it with `python -m engine capture`)")
@@ -595,7 +608,8 @@ def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
                      help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
     exp.add_argument("--buffer-chunks", type=_positive_int, default=64, help="chunks mixed while shuffling")
-    exp.add_argument("--exclude", nargs="*", default=["bos", "first"], help="flags whose tokens are left out")
+    exp.add_argument("--exclude", nargs="*", default=list(EXCLUDED_BY_DEFAULT),
+                     help="flags whose tokens are left out")
     exp.set_defaults(run=_export)
 
 

@@ -69,6 +69,11 @@ class CaptureConfig:
         first_sequence: global index of this process's first input sequence (``tokens/sequence`` counts
             from it): with ``distributed``, the start of this rank's share of the corpus, so sequence
             numbers are those of a single-process run.
+        outlier_norm_ratio: rows whose L2 norm at some captured point exceeds this many times the median norm
+            of their neighbours (the rows of their chunk in blocks of at most 4 MiB as float32) are flagged
+            ``outlier`` ("massive activations": in SmolLM2-135M's layer 15 they sit at 130x the median,
+            every other row within 2x); the manifest statistics and ``ActivationDataset`` leave them out by
+            default, and they stay readable. None: no row is flagged. ``engine.statistics`` has the rule.
         durable: each chunk's files reach the disk (fsync, or syncfs where it is as strong: see
             ``engine.files``) before its commit record, and the record before the next; off for scratch
             stores, where a power loss may then lose committed chunks (a crash of the process never does).
@@ -101,6 +106,7 @@ class CaptureConfig:
     first_sequence: int = 0
     durable: bool = True
     break_lock: bool = False
+    outlier_norm_ratio: float | None = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_indices, int):
@@ -161,6 +167,12 @@ class CaptureConfig:
             raise ConfigError(f"first_sequence must be a non-negative int, got {self.first_sequence!r}")
         if self.distributed and self.sink != "zarr":
             raise ConfigError("distributed=True writes parts of one store: use sink='zarr'")
+        ratio = self.outlier_norm_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not ratio > 1 or ratio == float("inf")):
+            raise ConfigError(f"outlier_norm_ratio must be a finite number above 1 (how many times the "
+                              "median norm a row must exceed to be flagged an outlier) or None, got "
+                              f"{ratio!r}")
         if self.compressor not in COMPRESSORS:
             raise ConfigError(f"compressor {self.compressor!r}: use None, 'zstd' or 'blosc'")
 

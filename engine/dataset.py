@@ -60,9 +60,11 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         shuffle: random chunk order and row mixing; False reads rows in store order.
         seed: base seed; the order depends on (seed, epoch).
         drop_last: drop each iterator's final short batch.
-        exclude: flags whose rows are skipped: any of ``bos``, ``special``, ``first``, ``last`` (``pad``
-            rows are never stored). Default: attention sinks, i.e. BOS and each sequence's first token,
-            the rows the manifest statistics leave out too. Zipped stores use the first store's flags.
+        exclude: flags whose rows are skipped: any of ``engine.layout.FLAG_BITS`` (``bos``, ``special``,
+            ``first``, ``last``, ``doc_start``, ``outlier``; ``pad`` rows are never stored). Default
+            (``layout.EXCLUDED_BY_DEFAULT``): attention sinks, i.e. BOS and each sequence's first token, and
+            norm outliers, the rows the manifest statistics leave out too. Zipped stores use the first store's
+            flags.
         dtype: dtype of the yielded activations (stored float16 / bfloat16 / float32 is converted).
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
         buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of each array read.
@@ -95,7 +97,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, store: StoreLike | Mapping[str, StoreLike], key: str | Sequence[str],
                  batch_size: int = 4096, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 exclude: Sequence[str] = ("bos", "first"),
+                 exclude: Sequence[str] = layout.EXCLUDED_BY_DEFAULT,
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
                  buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None,
                  stack: bool = False, follow: bool = False, follow_timeout: float | None = 900.0,

@@ -244,7 +244,9 @@ def write_files_atomic(files: list[tuple[Path, object, int | None]], durable: bo
     the disk's round trips, so the same syncs took 0.51 ms each instead of 1.22
     (benchmarks/results/cpu-2026-12-04b/batched_sync.txt). A folder made by another call that has not
     returned yet may not be on disk: create shared folders first (``make_folders``). A failure leaves no
-    temp file; files renamed before it stay. Returns the bytes written with O_DIRECT."""
+    temp file; files renamed before it stay. ``data`` may be a callable returning the data, called when its
+    file's turn comes (a chunk's flags, final once its statistics are). Returns the bytes written with
+    O_DIRECT."""
     return sum(_write_pass(files[start:start + FILES_PER_PASS], durable)
                for start in range(0, len(files), FILES_PER_PASS))
 
@@ -271,7 +273,7 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: t
         for path, data, size in files:
             _make_folders(path.parent, changed)
             partials.append(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial"))
-            fd, written = _write_new_file(partials[-1], data, size)
+            fd, written = _write_new_file(partials[-1], data() if callable(data) else data, size)
             descriptors.append(fd)
             direct += written
         if durable:

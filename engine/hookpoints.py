@@ -255,6 +255,43 @@ def _extra_point(model: torch.nn.Module, name: str, path: str) -> HookPoint:
     return HookPoint(extra_array_key(name), path, module, "output", None, name, None)
 
 
+def expected_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> dict[str, int]:
+    """The width each point must have, ``{key: width}``, by the model's config (canonical points: d_model,
+    or d_mlp for ``mlp_hidden``) or its module (an extra module that is a linear, embedding or layer norm);
+    points whose width neither tells are left out. Capture checks the first batch against it."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    widths = {}
+    for point in hook_points:
+        if point.layer is None:
+            width = _module_width(point.module)
+        elif point.point == "mlp_hidden":
+            width = _mlp_width(config, hidden)
+        else:
+            width = hidden
+        if isinstance(width, int) and not isinstance(width, bool):
+            widths[point.key] = width
+    return widths
+
+
+def _mlp_width(config, hidden: int | None) -> int | None:
+    """d_mlp: ``intermediate_size``, or GPT-2's ``n_inner`` (None there means 4 x d_model)."""
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    if width is None and getattr(config, "model_type", None) == "gpt2" and isinstance(hidden, int):
+        return 4 * hidden
+    return width
+
+
+def _module_width(module: torch.nn.Module) -> int | None:
+    """The output width of a module that says it (linear: ``out_features``, GPT-2's Conv1D: ``nf``,
+    embedding: ``embedding_dim``, layer norm: its normalized shape)."""
+    for name in ("out_features", "nf", "embedding_dim"):
+        if isinstance(getattr(module, name, None), int):
+            return getattr(module, name)
+    shape = getattr(module, "normalized_shape", None)
+    return shape[-1] if isinstance(module, torch.nn.LayerNorm) and shape else None
+
+
 def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> dict[str, int]:
     """Width (last dimension) of each point's tensor, ``{key: width}``, measured by one forward pass of one
     token. On a model whose weights are on the ``meta`` device this computes shapes only (no memory, no time).

@@ -82,11 +82,18 @@ def token_arrays(annotations: dict[str, str]) -> dict[str, np.dtype]:
 
 
 # Bits of tokens/flags.
-FLAG_BOS = 1       # token id is the model's BOS id
-FLAG_SPECIAL = 2   # token id is one of the model's special ids (bos / eos / pad / tokenizer specials)
-FLAG_FIRST = 4     # first stored token of its sequence
-FLAG_LAST = 8      # last stored token of its sequence
-FLAG_BITS = {"bos": FLAG_BOS, "special": FLAG_SPECIAL, "first": FLAG_FIRST, "last": FLAG_LAST}
+FLAG_BOS = 1        # token id is the model's BOS id
+FLAG_SPECIAL = 2    # token id is one of the model's special ids (bos / eos / pad / tokenizer specials)
+FLAG_FIRST = 4      # first stored token of its sequence
+FLAG_LAST = 8       # last stored token of its sequence
+FLAG_DOC_START = 16  # first token of a document packed after a separator (the previous token is BOS or EOS)
+FLAG_OUTLIER = 32   # its norm at some captured point is far above its neighbours' (engine.statistics)
+FLAG_BITS = {"bos": FLAG_BOS, "special": FLAG_SPECIAL, "first": FLAG_FIRST, "last": FLAG_LAST,
+             "doc_start": FLAG_DOC_START, "outlier": FLAG_OUTLIER}
+# Rows readers and the manifest statistics leave out unless told otherwise: attention sinks (BOS, each
+# sequence's first token) and norm outliers ("massive activations"), whose norms are orders of magnitude above
+# the rest and would steer normalization (docs/reading.md has the measurement).
+EXCLUDED_BY_DEFAULT = ("bos", "first", "outlier")
 
 # Manifest status values.
 STATUS_OPEN = "open"
@@ -402,6 +409,8 @@ class Manifest(_ReadsLikeJson):
     annotations: dict = _json_field((dict,), factory=dict)
     flag_bits: dict = _json_field((dict,), factory=lambda: dict(FLAG_BITS))
     first_sequence: int = _json_field((int,), 0)
+    # None: no row was flagged ``outlier`` (every store captured before the flag existed)
+    outlier_norm_ratio: float | None = _json_field((int, float, _NONE), None)
     committed_tokens: int = _json_field((int,), 0)
     committed_chunks: int = _json_field((int,), 0)
     sequences: int = _json_field((int,), 0)

@@ -49,6 +49,7 @@ def build_manifest(model: torch.nn.Module, config: CaptureConfig, points: list[H
         compressor=config.compressor,
         first_sequence=config.first_sequence,
         sequences=config.first_sequence,
+        outlier_norm_ratio=config.outlier_norm_ratio,
     )
 
 
@@ -69,6 +70,8 @@ def _resume_fields(stored: Manifest, new: Manifest) -> Iterator[tuple[str, Any, 
     yield "architecture", stored.model.get("architecture"), new.model.get("architecture")
     for field in ("layers", "points", "extra_modules", "dtype", "chunk_tokens", "compressor", "annotations"):
         yield field, getattr(stored, field), getattr(new, field)
+    if stored.outlier_norm_ratio is not None:  # a store without outlier flags goes on without (CaptureEngine)
+        yield "outlier_norm_ratio", stored.outlier_norm_ratio, new.outlier_norm_ratio
     yield "first_sequence", stored.first_sequence, new.first_sequence
     # A multi-process store's root is resumed by rank 0 (parts.py); a single process must not take it over.
     yield "world_size (processes writing parts; resume with torchrun)", stored.world_size, None

@@ -1,7 +1,11 @@
 """Where a store can be continued, and what a resume keeps.
 
-A resume keeps the rows up to the last sequence end (flag ``last``) inside the committed prefix whose chunks
-are whole and intact. ``scan_committed`` finds that point with one read of the committed chunks, which also
+A resume keeps the rows up to the last sequence end inside the committed prefix whose chunks are whole and
+intact: the last row flagged ``last`` after which no sequence is open, i.e. where as many sequences have ended
+(``last``) as have begun (``first``). Sequences are stored one after the other, except the sequences a decode
+loop over a KV cache continues, whose rows interleave step by step (``engine.writer``): there the count is
+what tells a sequence end that leaves nothing open. Input sequences handled are then those up to the highest
+sequence number kept. ``scan_committed`` finds that point with one read of the committed chunks, which also
 verifies each of them (size and CRC32C, see ``engine.layout``) and computes the statistics of the whole chunks
 kept: the writer process starts from those, reading nothing again but the kept rows of the cut chunk.
 
@@ -42,19 +46,32 @@ class ResumePoint:
     damaged: tuple[str, ...] = ()
 
 
+def closing_ends(flags: np.ndarray, open_before: int) -> tuple[np.ndarray, int]:
+    """The rows of a chunk's ``flags`` that end a sequence and leave none open (``open_before``: sequences
+    open before its first row), and the sequences open after its last row."""
+    begun = (flags & layout.FLAG_FIRST) != 0
+    ended = (flags & layout.FLAG_LAST) != 0
+    open_after = open_before + np.cumsum(begun, dtype=np.int64) - np.cumsum(ended, dtype=np.int64)
+    return np.flatnonzero(ended & (open_after == 0)), int(open_after[-1]) if open_after.size else open_before
+
+
 def find_resume_point(group: zarr.Group, prefix: list[CommitRecord], manifest: Manifest) -> ResumePoint:
-    """The last row that ends a sequence (flag ``last``) within the committed prefix, read backwards from its
-    end (no verification: ``inspect`` shows it; a resume uses ``scan_committed``)."""
+    """The last sequence end that leaves no sequence open within the committed prefix, from its flags (no
+    verification: ``inspect`` shows it; a resume uses ``scan_committed``)."""
     committed = prefix[-1].row_stop if prefix else 0
     if manifest.status == layout.STATUS_COMPLETE and committed == manifest.committed_tokens:
         return ResumePoint(committed, manifest.sequences, committed)
-    flags, sequence = group["tokens/flags"], group["tokens/sequence"]
-    for record in reversed(prefix):
-        ends = np.flatnonzero(flags[record.row_start:record.row_stop] & layout.FLAG_LAST)
+    flags, open_sequences, last_end = group["tokens/flags"], 0, None
+    for number, record in enumerate(prefix):
+        ends, open_sequences = closing_ends(flags[record.row_start:record.row_stop], open_sequences)
         if ends.size:
-            last = record.row_start + int(ends[-1])
-            return ResumePoint(last + 1, int(sequence[last]) + 1, committed)
-    return ResumePoint(0, 0, committed)
+            last_end = (number, record.row_start + int(ends[-1]))
+    if last_end is None:
+        return ResumePoint(0, 0, committed)
+    number, row = last_end
+    highest = max([int(group["tokens/sequence"][prefix[number].row_start:row + 1].max()),
+                   *(record.last_sequence for record in prefix[:number])])
+    return ResumePoint(row + 1, highest + 1, committed)
 
 
 @dataclasses.dataclass
@@ -64,7 +81,10 @@ class _Scan:
 
     statistics: Statistics
     chunk_tokens: int
-    last_end: tuple[int, int] | None = None   # (row, sequence) of the last sequence end read
+    outlier_ratio: float | None
+    last_end: tuple[int, int] | None = None   # (row, highest sequence up to it) of the last closing end read
+    open_sequences: int = 0                   # sequences begun and not ended after the rows read
+    highest_sequence: int = -1
     committed: int = 0
     pending: list[tuple[int, dict[str, tuple[layout.ChunkStats, ChunkMoments]]]] = dataclasses.field(
         default_factory=list)
@@ -85,7 +105,7 @@ def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord],
     return the resume point within the intact chunks with the statistics of the whole chunks before it."""
     activations = {key: array for key, array in arrays.items() if not key.startswith("tokens/")}
     widths = {key: array.shape[1] for key, array in activations.items()}
-    scan = _Scan(Statistics(widths), manifest.chunk_tokens)
+    scan = _Scan(Statistics(widths), manifest.chunk_tokens, manifest.outlier_norm_ratio)
     buffers = {key: np.empty((manifest.chunk_tokens, *array.shape[1:]), dtype=array.dtype)
                for key, array in arrays.items()}
     damaged: list[str] = []
@@ -115,13 +135,18 @@ def _read_verified(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray]
 
 def _measure(scan: _Scan, record: CommitRecord, rows: dict[str, np.ndarray],
              activations: dict[str, zarr.Array], dtype: str) -> None:
-    """Note an intact chunk's last sequence end and its moments; merge the chunks now known to be kept."""
+    """Note an intact chunk's last closing sequence end and its moments; merge the chunks now known to be
+    kept."""
     flags = rows["tokens/flags"]
-    ends = np.flatnonzero(flags & layout.FLAG_LAST)
+    ends, scan.open_sequences = closing_ends(flags, scan.open_sequences)
+    highest = np.maximum.accumulate(rows["tokens/sequence"])
     if ends.size:
-        scan.last_end = (record.row_start + int(ends[-1]), int(rows["tokens/sequence"][ends[-1]]))
+        scan.last_end = (record.row_start + int(ends[-1]), max(scan.highest_sequence, int(highest[ends[-1]])))
+    if highest.size:
+        scan.highest_sequence = max(scan.highest_sequence, int(highest[-1]))
     scan.committed = record.row_stop
-    summaries = {key: chunk_summary(rows[key], dtype, flags) for key in activations}
+    summaries = {key: chunk_summary(rows[key], dtype, flags, outlier_ratio=scan.outlier_ratio)[:2]
+                 for key in activations}
     scan.pending.append((record.chunk_index, summaries))
     if scan.last_end is not None:
         scan.keep_whole_chunks_before(scan.last_end[0] + 1)

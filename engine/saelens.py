@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from . import layout
 from .dataset import ActivationDataset
 from .errors import ConfigError, StoreExistsError, StoreFormatError
 from .reader import CaptureStore, open_store
@@ -70,7 +71,7 @@ class SaelensExport:
 
 def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLike, key: str,
                    context_size: int, hook_name: str | None = None, dtype: str | None = None, seed: int = 0,
-                   buffer_chunks: int = 64, exclude: Sequence[str] = ("bos", "first"),
+                   buffer_chunks: int = 64, exclude: Sequence[str] = layout.EXCLUDED_BY_DEFAULT,
                    storage_options: dict | None = None) -> SaelensExport:
     """Write one array of a store as a SAELens cached-activations dataset, rows shuffled.
 
@@ -90,7 +91,8 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
         seed: the shuffle's seed.
         buffer_chunks: chunks mixed together (memory: ``buffer_chunks + 1`` chunks of the array; 64 chunks of
             8192 tokens x 768 float16 are 0.8 GB).
-        exclude: flags whose tokens are left out (default the attention sinks, as ``ActivationDataset``).
+        exclude: flags whose tokens are left out (default as ``ActivationDataset``: attention sinks and
+            outliers).
         storage_options: fsspec options when ``store`` is a URL.
 
     Returns: a SaelensExport describing the folder.

@@ -8,10 +8,18 @@ float64 across blocks, and merged with Chan et al.'s pairwise update in float64,
 which writer thread commits which chunk first only by float64 rounding. Statistics only ever cover committed
 chunks.
 
-Rows holding any non-finite value are counted but left out of the moments, and so are attention-sink rows:
-the first token of each sequence and any BOS (flags ``first`` / ``bos``). Their norms are orders of magnitude
-above the rest (SmolLM2-135M's layer-15 residual: ~22,000 at position 0, median 173), SAE trainers exclude
-them, and norm scaling must match. ``sink_rows`` counts them.
+Rows holding any non-finite value are counted but left out of the moments, and so are attention-sink rows
+(the first token of each sequence and any BOS: flags ``first`` / ``bos``, counted in ``sink_rows``) and norm
+outliers (``outlier_rows``). Outliers are what the writer flags ``outlier`` as it commits a chunk: rows
+whose L2 norm exceeds ``outlier_norm_ratio`` (``CaptureConfig``, default 10) times the median norm of their
+block, the chunk's rows taken in near-equal blocks of at most ``BLOCK_BYTES`` of float32 (1,820 rows at
+width 576), sinks and non-finite rows left out of the median. "Massive activations" sit there: in
+SmolLM2-135M's layer-15 residual (Python docs, 20k tokens) every row lies within 2x the median norm (169)
+but 162 rows at 22,000-29,000 (130x): 156 first tokens and six at position 1 ("\n" or a repeated token)
+that no other flag marks. Those six alone made ``mean_squared_norm`` 2.1e5 instead of 2.9e4 and
+``norm_scaling_factor`` 0.052 instead of 0.140. A block median, not a running one, keeps a row's flag
+independent of which writer thread commits first, and the same after a resume. SAE trainers exclude these
+rows, and norm scaling must match.
 
 Torch-free (numpy): it runs in the writer process.
 """
@@ -24,7 +32,7 @@ import threading
 
 import numpy as np
 
-from .layout import FLAG_BOS, FLAG_FIRST, ChunkStats
+from .layout import FLAG_BOS, FLAG_FIRST, FLAG_OUTLIER, ChunkStats
 
 SINK_FLAGS = FLAG_BOS | FLAG_FIRST
 # float32 temporaries are made block by block (bounded memory); 4 MiB blocks took 11-12 ms per 50 MB of
@@ -86,7 +94,7 @@ def as_float32_with_range(rows: np.ndarray, dtype: str, out: np.ndarray) -> tupl
 
 @dataclasses.dataclass(frozen=True)
 class ChunkMoments:
-    """Sums of one chunk's rows that enter the moments (sinks and non-finite rows left out)."""
+    """Sums of one chunk's rows that enter the moments (sinks, outliers and non-finite rows left out)."""
 
     count: int
     total: np.ndarray        # float64 sum of the rows
@@ -94,23 +102,45 @@ class ChunkMoments:
     norms: float             # sum of L2 norms
     max_norm: float
     sink_rows: int
+    outlier_rows: int
 
 
-def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray,
-                  moments: bool = True) -> tuple[ChunkStats, ChunkMoments | None]:
-    """A chunk's commit-record stats (min/max of finite values, non-finite and float16-overflow counts) and,
-    when ``moments``, its moments; one pass over float32 blocks of the rows."""
+def _blocks(count: int, dim: int) -> list[slice]:
+    """The chunk's rows in near-equal blocks of at most BLOCK_BYTES as float32 (equal: a short last block
+    would give its rows' outlier test a median of few neighbours)."""
+    step = max(1, BLOCK_BYTES // (4 * max(dim, 1)))
+    pieces = max(1, -(-count // step))
+    bounds = [count * i // pieces for i in range(pieces + 1)]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def _outliers(row_squared: np.ndarray, usable: np.ndarray, ratio: float) -> np.ndarray:
+    """Rows whose L2 norm exceeds ``ratio`` times the median norm of the ``usable`` rows (compared squared:
+    the median of squares is the square of the median)."""
+    if not usable.any():
+        return np.zeros(row_squared.shape, dtype=bool)
+    reference = float(np.median(row_squared[usable]))
+    return row_squared > ratio * ratio * reference
+
+
+def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray, moments: bool = True,
+                  outlier_ratio: float | None = None
+                  ) -> tuple[ChunkStats, ChunkMoments | None, np.ndarray | None]:
+    """A chunk's commit-record stats (min/max of finite values, non-finite and float16-overflow counts),
+    when ``moments`` its moments, and when ``outlier_ratio`` the rows that are norm outliers (bool per row;
+    the module docstring has the rule); one pass over float32 blocks of the rows."""
     count, dim = rows.shape
     low, high, nonfinite, overflow = math.inf, -math.inf, 0, 0
     sink = (flags & SINK_FLAGS) != 0
+    outliers = np.zeros(count, dtype=bool) if outlier_ratio is not None else None
     total = np.zeros(dim, dtype=np.float64)
     squared, norm_sum, max_norm, kept = 0.0, 0.0, 0.0, 0
-    step = max(1, BLOCK_BYTES // (4 * max(dim, 1)))
-    buffer = np.empty((min(step, count), dim), dtype=np.float32)
-    for start in range(0, count, step):
-        stored = rows[start:start + step]
+    blocks = _blocks(count, dim)
+    buffer = np.empty((blocks[0].stop, dim), dtype=np.float32)
+    for rows_of_block in blocks:
+        stored = rows[rows_of_block]
         block, block_low, block_high = as_float32_with_range(stored, dtype, buffer[:len(stored)])
-        drop = sink[start:start + step]
+        drop = sink[rows_of_block]
         if np.isfinite(block_low) and np.isfinite(block_high):
             low, high = min(low, block_low), max(high, block_high)
         elif block.size:
@@ -121,13 +151,21 @@ def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray,
             if finite.any():
                 low, high = min(low, float(block[finite].min())), max(high, float(block[finite].max()))
             drop = drop | ~finite.all(axis=1)
-        if not moments:
+        if not moments and outliers is None:
             continue
         if drop.any():
             block[drop] = 0.0
+        row_squared = np.einsum("ij,ij->i", block, block)
+        if outliers is not None:
+            flagged = outliers[rows_of_block] = _outliers(row_squared, ~drop, outlier_ratio)
+            drop = drop | flagged
+            if flagged.any():
+                block[flagged] = 0.0
+                row_squared[flagged] = 0.0
+        if not moments:
+            continue
         kept += int(drop.size - np.count_nonzero(drop))
         total += block.sum(axis=0, dtype=np.float32)
-        row_squared = np.einsum("ij,ij->i", block, block)
         squared += float(row_squared.sum(dtype=np.float64))
         row_norms = np.sqrt(row_squared)
         norm_sum += float(row_norms.sum(dtype=np.float64))
@@ -136,8 +174,17 @@ def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray,
     finite = count and low <= high
     summary = ChunkStats(low if finite else None, high if finite else None, nonfinite, overflow)
     if not moments:
-        return summary, None
-    return summary, ChunkMoments(kept, total, squared, norm_sum, max_norm, int(np.count_nonzero(sink)))
+        return summary, None, outliers
+    outlier_rows = int(np.count_nonzero(outliers)) if outliers is not None else 0
+    return summary, ChunkMoments(kept, total, squared, norm_sum, max_norm, int(np.count_nonzero(sink)),
+                                 outlier_rows), outliers
+
+
+def mark_outliers(flags: np.ndarray, outliers: np.ndarray) -> None:
+    """Set the ``outlier`` bit of exactly the rows ``outliers`` says (a resumed chunk's kept rows are judged
+    again with the rest of their chunk)."""
+    np.bitwise_and(flags, np.uint8(0xFF ^ FLAG_OUTLIER), out=flags)
+    flags[outliers] |= FLAG_OUTLIER
 
 
 class RunningMoments:
@@ -152,6 +199,7 @@ class RunningMoments:
         self.nonfinite = 0
         self.fp16_overflow = 0
         self.sink_rows = 0
+        self.outlier_rows = 0
 
     def merge(self, count: int, mean: np.ndarray, mean_squared_norm: float, mean_norm: float,
               max_norm: float) -> None:
@@ -170,6 +218,7 @@ class RunningMoments:
         self.merge(moments.count, moments.total / kept, moments.squared_norms / kept, moments.norms / kept,
                    moments.max_norm)
         self.sink_rows += moments.sink_rows
+        self.outlier_rows += moments.outlier_rows
 
     @classmethod
     def from_json(cls, entry: dict) -> RunningMoments:
@@ -179,6 +228,7 @@ class RunningMoments:
         moments.mean_norm = entry.get("mean_norm", 0.0)  # absent in stores of format version 1
         moments.nonfinite, moments.fp16_overflow = entry["nonfinite"], entry["fp16_overflow"]
         moments.sink_rows = entry["sink_rows"]
+        moments.outlier_rows = entry.get("outlier_rows", 0)  # absent in stores captured before the flag
         return moments
 
     def to_json(self) -> dict:
@@ -186,6 +236,7 @@ class RunningMoments:
         return {"count": self.count, "mean": self.mean.tolist(), "mean_squared_norm": self.mean_squared_norm,
                 "mean_norm": self.mean_norm, "max_norm": self.max_norm, "nonfinite": self.nonfinite,
                 "fp16_overflow": self.fp16_overflow, "sink_rows": self.sink_rows,
+                "outlier_rows": self.outlier_rows,
                 "norm_scaling_factor": (math.sqrt(dim / self.mean_squared_norm)
                                         if self.mean_squared_norm > 0 else None)}
 
@@ -228,5 +279,6 @@ def merge_statistics(entries: list[dict]) -> dict:
             total.nonfinite += part.nonfinite
             total.fp16_overflow += part.fp16_overflow
             total.sink_rows += part.sink_rows
+            total.outlier_rows += part.outlier_rows
     return {key: moments.to_json() for key, moments in merged.items()}
 

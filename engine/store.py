@@ -43,6 +43,7 @@ from .resume import ResumePoint, scan_committed
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
 _ARRAY_CONFIG = {"write_empty_chunks": True}
+_FLAGS = "tokens/flags"  # written last: the commit record's statistics set its outlier bits
 _METADATA_FIX = ("the store's metadata is damaged: restore it from a copy (the other arrays can still be "
                  "read with zarr alone)")
 
@@ -502,37 +503,52 @@ class ZarrSink:
 
         The rows go to the disk from an I/O thread while ``make_record`` (the chunk's statistics) and the
         checksums run on this one, so that the disk is not idle while the CPU works, nor the other way round
-        (benchmarks/results/cpu-2026-12-04/commit_overlap.txt, cpu-2026-12-04b/batched_sync.txt)."""
+        (benchmarks/results/cpu-2026-12-04/commit_overlap.txt, cpu-2026-12-04b/batched_sync.txt).
+        ``make_record`` sets the ``outlier`` bits of ``tokens/flags``, so that array is written last, once it
+        has returned (in the same pass: the same syncs)."""
         rows = len(next(iter(arrays.values())))
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
-        written = self._io.submit(self._write_all_rows, chunk_index, arrays)
+        flags_final = concurrent.futures.Future()
+        written = self._io.submit(self._write_all_rows, chunk_index, arrays, flags_final)
         try:
             record = make_record()
+            flags_final.set_result(None)
             checksums = {key: crc32c(data) for key, data in arrays.items()}
-        except BaseException:
+        except BaseException as error:
+            if not flags_final.done():
+                flags_final.set_exception(error)  # the I/O thread drops the chunk's files
             concurrent.futures.wait([written])  # no write of this chunk outlives its failure
             disk_error = written.exception()
-            if disk_error is not None:
+            if disk_error is not None and disk_error is not error:
                 raise disk_error  # the disk's error first; the statistics' one is its context
             raise
         files = {key: ChunkFile(checksums[key], nbytes) for key, nbytes in written.result().items()}
         self._put_record(chunk_index, dataclasses.replace(record, files=files))
 
-    def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
-        """Every array's rows of a chunk, written; returns each one's stored size. Local files go in one
-        ``write_files_atomic`` pass, so the chunk's files share their syncs."""
+    def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray],
+                        flags_final: concurrent.futures.Future) -> dict[str, int]:
+        """Every array's rows of a chunk, written, ``tokens/flags`` last once ``flags_final`` is done; returns
+        each one's stored size. Local files go in one ``write_files_atomic`` pass, so the chunk's files share
+        their syncs."""
+        def flags_when_final() -> np.ndarray:
+            flags_final.result()  # raises the statistics' failure: the pass then leaves no file
+            return arrays[_FLAGS]
+
+        ordered = {**{key: data for key, data in arrays.items() if key != _FLAGS}, _FLAGS: flags_when_final}
         if not self._direct:
-            return self._write_through_zarr(chunk_index, arrays)
-        sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in arrays}
+            return self._write_through_zarr(chunk_index, ordered)
+        sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in ordered}
         write_files_atomic([(local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
-                            for key, data in arrays.items()], self._durable)
+                            for key, data in ordered.items()], self._durable)
         return sizes
 
-    def _write_through_zarr(self, chunk_index: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
-        """Every array's rows of a chunk through zarr's codecs and store; returns each one's stored size. A
-        durable local chunk's files and folders are synced in one call once all are written."""
+    def _write_through_zarr(self, chunk_index: int, arrays: dict) -> dict[str, int]:
+        """Every array's rows of a chunk through zarr's codecs and store (a callable's when its turn comes);
+        returns each one's stored size. A durable local chunk's files and folders are synced in one call once
+        all are written."""
         with self._sync_witness() as witness:
-            sizes = {key: self._write_array_chunk(key, chunk_index, data) for key, data in arrays.items()}
+            sizes = {key: self._write_array_chunk(key, chunk_index, data() if callable(data) else data)
+                     for key, data in arrays.items()}
             if witness is not None:
                 sync_paths(_chunk_paths([self._arrays[key] for key in arrays], chunk_index), [witness])
         return sizes

@@ -10,7 +10,8 @@ Messages (``engine.channel``), capturing process -> writer process:
   ("dims", {key: width})                       the points' widths, before the first batch (again if the
                                                first batch's slots could not be made)
   ("batch", slot, *BatchInfo)                  a staged batch whose copies have landed
-  ("flush", n, request)                        answer ("flushed", request) once n batches are done
+  ("flush", n, request)                        end the sequences still open (below), answer
+                                               ("flushed", request) once n batches are done
   ("close", failed, sequences)                 drain, commit the tail (unless failed), publish the manifest
 writer process -> capturing process:
   ("free", slot)                               the slot's rows are copied out: reuse it
@@ -38,6 +39,15 @@ there, so rows land in forward order whatever the thread timing. The copying and
 the lock, in parallel. A chunk is written by the thread that fills its last row: its rows from the sink's I/O
 thread while this one computes the chunk's statistics and checksums, its commit record after both. Commit
 records can land out of order; readers trust the gap-free prefix only.
+
+Sequences that continue (forwards with a KV cache: ``generate()``, decode loops): a batch may continue the
+sequences of the batch before it, row for row (``BatchInfo.continues``: the capturing process checked that
+its cache is the one that batch filled). Its rows then keep their sequence numbers, their positions count on
+from the tokens already stored, and ``doc_start`` looks at the token before across the two forwards. Whether
+a row is the ``last`` of its sequence is known only when the next batch, ``flush`` or ``close`` comes, so the
+newest stored row of each sequence that may continue stays undecided until then (``_OpenSequences``), and a
+chunk holding an undecided row is not committed: its ``last`` bits are set as it commits. ``flush`` and
+``close`` end the open sequences (the capturing process refuses to continue them afterwards).
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ from .errors import ConfigError
 from .files import page_aligned_empty
 from .layout import CommitRecord
 from .location import Location
-from .statistics import Statistics, chunk_summary
+from .statistics import Statistics, chunk_summary, mark_outliers
 
 _SENTINEL = object()
 _PARENT_CHECK_S = 0.25
@@ -89,6 +99,10 @@ class WriterSpec:
         token_arrays: per-token array key -> numpy dtype name (``layout.token_arrays``).
         annotations: names of the per-token annotations (slot buffers ``annotation/<name>``).
         bos_id, special_ids: token ids flagged ``bos`` / ``special``.
+        separator_ids: token ids that end a packed document (BOS, EOS): the token after one is flagged
+            ``doc_start``.
+        outlier_norm_ratio: rows whose norm exceeds this many times their neighbours' median are flagged
+            ``outlier`` (``engine.statistics``); None: never.
         num_writers: writer threads.
         statistics: keep the manifest's running statistics.
         start_row: rows already in the store (a resume continues after them).
@@ -109,6 +123,8 @@ class WriterSpec:
     annotations: tuple[str, ...]
     bos_id: int | None
     special_ids: tuple[int, ...]
+    separator_ids: tuple[int, ...]
+    outlier_norm_ratio: float | None
     num_writers: int
     statistics: bool
     start_row: int
@@ -130,6 +146,8 @@ class BatchInfo(NamedTuple):
     first_sequence: int   # global sequence index of row 0
     has_ids: bool         # False for an inputs_embeds forward: ids are stored as -1
     has_mask: bool        # False: every token is real
+    continues: bool = False      # its rows continue the previous batch's sequences, row for row (KV cache)
+    may_continue: bool = False   # the next forward may continue its sequences (it kept a KV cache)
 
 
 @dataclasses.dataclass
@@ -137,6 +155,8 @@ class _Chunk:
     index: int
     arrays: dict[str, np.ndarray]
     filled: int = 0
+    undecided: int = 0      # rows whose ``last`` bit waits for the next batch, flush or close
+    last: list[int] = dataclasses.field(default_factory=list)  # offsets of rows decided ``last``
 
 
 @dataclasses.dataclass
@@ -147,6 +167,48 @@ class _Job:
     mask: np.ndarray | None       # (batch, seq) attention mask (None: every token is real)
     keep: np.ndarray | None       # flat indices of the batch's non-pad tokens (None: every token)
     pieces: list[tuple[_Chunk, int, int, int]]  # (chunk, offset in chunk, first, last) over the kept rows
+    stored: np.ndarray            # per row: its sequence's tokens stored before this batch (positions go on)
+    previous: np.ndarray          # per row: the token before this batch's first (-1: none)
+    released: list[_Chunk]        # chunks this batch's decisions completed: its thread commits them
+
+
+@dataclasses.dataclass
+class _Flush:
+    """A flush, queued behind the batches it waits for: it ends the open sequences in order."""
+
+    target: int
+    request: int
+    released: list[_Chunk] = dataclasses.field(default_factory=list)
+
+
+class _OpenSequences:
+    """The sequences of the newest batch while the next forward may continue them (see the module docstring).
+
+    Per batch row: ``newest``, the store row of its newest token, whose ``last`` bit is undecided (-1: none
+    stored yet); ``stored``, its tokens stored so far; ``last_token``, the id of the newest (-1: none).
+
+    Thread safety: under the pool's order lock.
+    """
+
+    def __init__(self, batch_size: int):
+        self.newest = np.full(batch_size, -1, dtype=np.int64)
+        self.stored = np.zeros(batch_size, dtype=np.int64)
+        self.last_token = np.full(batch_size, -1, dtype=np.int64)
+
+    def extend(self, start: int, real: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Add a batch whose kept rows start at store row ``start`` (``real``: (batch, seq) bool). Returns the
+        rows whose ``last`` bit this decides as not last (superseded) and those now undecided."""
+        per_row = real.sum(axis=1)
+        has = per_row > 0
+        newest = start + np.cumsum(per_row) - 1
+        superseded = self.newest[has]
+        self.newest[has] = newest[has]
+        self.stored += per_row
+        if ids is not None and has.any():
+            rows = np.flatnonzero(has)
+            columns = real.shape[1] - 1 - np.argmax(real[rows, ::-1], axis=1)
+            self.last_token[rows] = ids[rows, columns]
+        return superseded, newest[has]
 
 
 class SlotMemory:
@@ -238,6 +300,8 @@ class WriterPool:
         self._send = send
         self._chunk_tokens = spec.chunk_tokens
         self._special_ids = np.array(sorted(spec.special_ids), dtype=np.int64)
+        self._separator_ids = np.array(sorted(spec.separator_ids), dtype=np.int64)
+        self._sequences: _OpenSequences | None = None  # the newest batch's, while they may continue
         self._queue: queue.Queue = queue.Queue()
         self._order_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
@@ -278,12 +342,9 @@ class WriterPool:
         self._queue.put((slot, batch, dims))
 
     def request_flush(self, target: int, request: int) -> None:
-        """Send ("flushed", request) once ``target`` batches are done (now, if they are)."""
-        with self._progress:
-            if self._done < target:
-                self._flush_targets.append((target, request))
-                return
-        self._send(("flushed", request))
+        """End the open sequences behind every batch submitted so far, then send ("flushed", request) once
+        ``target`` batches are done."""
+        self._queue.put(_Flush(target, request))
 
     def close(self, commit_tail: bool, while_draining: Callable[[], None]) -> int:
         """Drain and stop the threads (see the protocol above), calling ``while_draining()`` every
@@ -295,8 +356,10 @@ class WriterPool:
                 thread.join(timeout=_PARENT_CHECK_S)
                 while_draining()
         if commit_tail and self.error is None:
-            for index in sorted(self._open):
-                self._commit(self._open.pop(index))
+            released = self._end_sequences()
+            for chunk in sorted([*released, *self._open.values()], key=lambda chunk: chunk.index):
+                self._commit(chunk)
+            self._open.clear()
         return self._next_row
 
     def abort(self) -> None:
@@ -314,29 +377,26 @@ class WriterPool:
     def _run(self) -> None:
         try:
             while (job := self._next_job()) is not None:
-                self._fill(job)
+                if isinstance(job, _Flush):
+                    self._finish_flush(job)
+                else:
+                    self._fill(job)
         except BaseException as exc:  # every failure reaches the capturing process
             if self.error is None:
                 self.error = exc
                 send_error(self._send, exc)
             self._halt()
 
-    def _next_job(self) -> _Job | None:
+    def _next_job(self) -> _Job | _Flush | None:
         with self._order_lock:
-            item = self._queue.get()  # a blocking wait: a timed poll costs an idle process CPU all day
+            item = self._queue.get()
             if item is _SENTINEL or self._stop.is_set():
                 return None
+            if isinstance(item, _Flush):
+                item.released = self._end_sequences()
+                return item
             slot, batch, dims = item
-            if self._dims is None:
-                self._dims = dict(dims)
-                if self._spec.statistics:
-                    self.committed.statistics = Statistics(self._dims)
-                self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype,
-                                                      self._spec.point_attributes[key])
-                                                for key, dim in self._dims.items()})
-            elif dims != self._dims:
-                raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: "
-                                  "resume with the model and hook points the store was captured with")
+            self._check_dims(dims)
             ids, mask = self._memory.token_views(slot, batch)
             keep = None if mask is None else np.flatnonzero(mask.reshape(-1))
             if keep is not None and keep.size == mask.size:
@@ -344,7 +404,77 @@ class WriterPool:
             count = batch.batch_size * batch.seq_len if keep is None else keep.size
             start = self._next_row
             self._next_row += count
-            return _Job(slot, batch, ids, mask, keep, self._plan(start, count))
+            pieces = self._plan(start, count)
+            real = np.ones((batch.batch_size, batch.seq_len), dtype=bool) if mask is None else mask != 0
+            stored, previous, released = self._place(batch, start, real, ids)
+            return _Job(slot, batch, ids, mask, keep, pieces, stored, previous, released)
+
+    def _check_dims(self, dims: dict[str, int]) -> None:
+        """The first batch fixes the widths and creates the activation arrays; later ones must match."""
+        if self._dims is None:
+            self._dims = dict(dims)
+            if self._spec.statistics:
+                self.committed.statistics = Statistics(self._dims)
+            self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype,
+                                                  self._spec.point_attributes[key])
+                                            for key, dim in self._dims.items()})
+        elif dims != self._dims:
+            raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: "
+                              "resume with the model and hook points the store was captured with")
+
+    def _place(self, batch: BatchInfo, start: int, real: np.ndarray,
+               ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
+        """Where a batch's sequences stand (under the order lock): each row's tokens stored before it and the
+        token before its first, and the ``last`` decisions it makes: the open sequences it does not continue
+        end; of those it continues, each row's newest token is superseded by this batch's; its own newest rows
+        are decided now unless the next forward may continue them. Returns (stored, previous, the chunks the
+        decisions completed)."""
+        decisions: list[tuple[np.ndarray, bool]] = []
+        sequences = self._sequences
+        if not (batch.continues and sequences is not None and len(sequences.newest) == batch.batch_size):
+            decisions += self._take_open_sequences()
+            sequences = _OpenSequences(batch.batch_size)
+        stored, previous = sequences.stored.copy(), sequences.last_token.copy()
+        superseded, undecided = sequences.extend(start, real, ids)
+        self._count_undecided(undecided)
+        decisions.append((superseded, False))
+        self._sequences = sequences
+        if not batch.may_continue:
+            decisions += self._take_open_sequences()
+        return stored, previous, self._decide(decisions)
+
+    def _take_open_sequences(self) -> list[tuple[np.ndarray, bool]]:
+        """End the open sequences: their newest rows are decided ``last``."""
+        sequences, self._sequences = self._sequences, None
+        return [] if sequences is None else [(sequences.newest, True)]
+
+    def _end_sequences(self) -> list[_Chunk]:
+        """Flush and close: end the open sequences; returns the chunks that completes."""
+        return self._decide(self._take_open_sequences())
+
+    def _count_undecided(self, rows: np.ndarray) -> None:
+        indices, counts = np.unique(rows // self._chunk_tokens, return_counts=True)
+        with self._chunk_lock:
+            for index, count in zip(indices.tolist(), counts.tolist()):
+                self._open[index].undecided += count
+
+    def _decide(self, decisions: list[tuple[np.ndarray, bool]]) -> list[_Chunk]:
+        """Record each (store rows, last?) decision in the rows' chunks; returns the chunks that are now full
+        and decided, taken out of the open ones for the caller to commit."""
+        released = []
+        with self._chunk_lock:
+            for rows, last in decisions:
+                rows = rows[rows >= 0]
+                indices, offsets = np.divmod(rows, self._chunk_tokens)
+                for index in np.unique(indices).tolist():
+                    chunk = self._open[index]
+                    in_chunk = indices == index
+                    chunk.undecided -= int(np.count_nonzero(in_chunk))
+                    if last:
+                        chunk.last += offsets[in_chunk].tolist()
+                    if chunk.filled == self._chunk_tokens and not chunk.undecided:
+                        released.append(self._open.pop(index))
+        return released
 
     def _plan(self, start: int, count: int) -> list[tuple[_Chunk, int, int, int]]:
         pieces, done = [], 0
@@ -369,28 +499,33 @@ class WriterPool:
             buffers[key] = page_aligned_empty((rows,), dtype)
         return buffers
 
-    def _token_rows(self, slot: int, batch: BatchInfo, ids, mask, keep) -> dict[str, np.ndarray]:
-        """The kept tokens' ids, sequence numbers, positions, flags and annotations."""
-        shape = (batch.batch_size, batch.seq_len)
-        real = np.ones(shape, dtype=bool) if mask is None else mask != 0
+    def _token_rows(self, job: _Job) -> dict[str, np.ndarray]:
+        """The kept tokens' ids, sequence numbers, positions, flags and annotations. Positions count on from
+        the tokens each row's sequence had stored; ``last`` is set as the chunk commits (``_place``)."""
+        batch, keep = job.batch, job.keep
+        real = np.ones((batch.batch_size, batch.seq_len), dtype=bool) if job.mask is None else job.mask != 0
         flat = slice(None) if keep is None else keep
-        positions = (np.cumsum(real, axis=1) - 1).reshape(-1)[flat]
+        positions = (np.cumsum(real, axis=1) - 1 + job.stored[:, None]).reshape(-1)[flat]
         rows_of = (np.arange(real.size) // batch.seq_len)[flat]
-        lengths = real.sum(axis=1)[rows_of]
-        token_ids = np.full(len(positions), -1, dtype=np.int64) if ids is None else ids.reshape(-1)[flat]
+        token_ids = (np.full(len(positions), -1, dtype=np.int64) if job.ids is None
+                     else job.ids.reshape(-1)[flat])
+        previous = np.empty_like(token_ids)
+        previous[1:] = token_ids[:-1]
+        starts = positions == job.stored[rows_of]  # each row's first token in this batch
+        previous[starts] = job.previous[rows_of[starts]]
         flags = (np.where(positions == 0, layout.FLAG_FIRST, 0)
-                 | np.where(positions == lengths - 1, layout.FLAG_LAST, 0)
-                 | np.where(np.isin(token_ids, self._special_ids), layout.FLAG_SPECIAL, 0))
+                 | np.where(np.isin(token_ids, self._special_ids), layout.FLAG_SPECIAL, 0)
+                 | np.where(np.isin(previous, self._separator_ids), layout.FLAG_DOC_START, 0))
         if self._spec.bos_id is not None:
             flags |= np.where(token_ids == self._spec.bos_id, layout.FLAG_BOS, 0)
         values = {"tokens/input_ids": token_ids, "tokens/sequence": rows_of + batch.first_sequence,
                   "tokens/position": positions, "tokens/flags": flags}
         for name in self._spec.annotations:
-            values[f"tokens/{name}"] = self._memory.annotation_view(slot, name, batch)[flat]
+            values[f"tokens/{name}"] = self._memory.annotation_view(job.slot, name, batch)[flat]
         return values
 
     def _fill(self, job: _Job) -> None:
-        tokens = self._token_rows(job.slot, job.batch, job.ids, job.mask, job.keep)
+        tokens = self._token_rows(job)
         rows = {key: self._memory.point_rows(job.slot, key, dim, job.batch)
                 for key, dim in self._dims.items()}
         for chunk, offset, first, last in job.pieces:
@@ -407,9 +542,9 @@ class WriterPool:
         with self._chunk_lock:
             for chunk, _, first, last in job.pieces:
                 chunk.filled += last - first
-                if chunk.filled == self._chunk_tokens:
+                if chunk.filled == self._chunk_tokens and not chunk.undecided:
                     full.append(self._open.pop(chunk.index))
-        for chunk in full:
+        for chunk in job.released + full:
             self._commit(chunk)
         with self._progress:
             self._done += 1
@@ -419,9 +554,22 @@ class WriterPool:
         for request in reached:
             self._send(("flushed", request))
 
+    def _finish_flush(self, flush: _Flush) -> None:
+        """Commit the chunks ending the open sequences completed, then answer once the flush's batches are
+        done (their threads commit their own full chunks first)."""
+        for chunk in flush.released:
+            self._commit(chunk)
+        with self._progress:
+            if self._done < flush.target:
+                self._flush_targets.append((flush.target, flush.request))
+                return
+        self._send(("flushed", flush.request))
+
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
         arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
+        if chunk.last:
+            arrays["tokens/flags"][chunk.last] |= layout.FLAG_LAST
         moments: dict = {}
         # The sink runs it while the chunk's rows are being written; cached, so the call below only
         # computes it for a sink (of a test's own) that did not.
@@ -437,24 +585,32 @@ class WriterPool:
 
     def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict) -> CommitRecord:
         """The chunk's commit record (the sink adds each array's checksum and stored size); its moments per
-        array go into ``moments`` (when statistics are kept)."""
+        array go into ``moments`` (when statistics are kept). Sets the ``outlier`` bits of ``tokens/flags``:
+        a sink writes that array once this has returned."""
         sequence = arrays["tokens/sequence"]
         flags = arrays["tokens/flags"]
         rows = sequence.shape[0]
+        ratio = self._spec.outlier_norm_ratio
+        outliers = np.zeros(rows, dtype=bool)
         stats = {}
         for key in self._dims:
-            stats[key], entry = chunk_summary(arrays[key], self._spec.dtype, flags,
-                                              moments=self.committed.statistics is not None)
+            stats[key], entry, flagged = chunk_summary(arrays[key], self._spec.dtype, flags,
+                                                       moments=self.committed.statistics is not None,
+                                                       outlier_ratio=ratio)
             if entry is not None:
                 moments[key] = entry
+            if flagged is not None:
+                outliers |= flagged
             if stats[key].nonfinite:
                 self._note_nonfinite(key, stats[key].nonfinite)
+        mark_outliers(flags, outliers)
         start = index * self._chunk_tokens
+        sequences = np.unique(sequence)  # a decode loop interleaves its sequences row by row
         return CommitRecord(
             chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._dims),
-            dtype=self._spec.dtype, first_sequence=int(sequence[0]), last_sequence=int(sequence[-1]),
-            num_sequences=int(np.count_nonzero(sequence[1:] != sequence[:-1])) + 1,
-            max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats, committed_at=time.time())
+            dtype=self._spec.dtype, first_sequence=int(sequences[0]), last_sequence=int(sequences[-1]),
+            num_sequences=len(sequences), max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats,
+            committed_at=time.time())
 
     def _note_nonfinite(self, key: str, count: int) -> None:
         with self._progress:

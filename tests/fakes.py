@@ -52,10 +52,10 @@ class FailingSink(ZarrSink):
 class RowWriteFailingSink(ZarrSink):
     """The disk fails while the second chunk's rows are written (on the sink's I/O thread)."""
 
-    def _write_all_rows(self, chunk_index, arrays):
+    def _write_all_rows(self, chunk_index, arrays, flags_final):
         if chunk_index == 1:
             raise OSError(28, "No space left on device (test)")
-        return super()._write_all_rows(chunk_index, arrays)
+        return super()._write_all_rows(chunk_index, arrays, flags_final)
 
 
 class DiskAndStatisticsFailingSink(RowWriteFailingSink):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import shutil
@@ -475,7 +476,9 @@ def test_a_durable_chunk_is_synced_through_witnesses_opened_before_its_first_wri
     events = _recording_syncs(monkeypatch)
     _record_writes(monkeypatch, events)
     try:
-        written = sink._write_all_rows(5, rows)
+        flags_final = concurrent.futures.Future()
+        flags_final.set_result(None)
+        written = sink._write_all_rows(5, rows, flags_final)
     finally:
         monkeypatch.undo()
         sink._io.shutdown()

@@ -450,6 +450,11 @@ def _cli_capture(model_dir, corpus, store, *options) -> subprocess.CompletedProc
                           text=True, timeout=300)
 
 
+def _cli_align(store, alignment) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", "align", str(store), str(alignment)],
+                          capture_output=True, text=True, timeout=300)
+
+
 def _engine_job(store, *flags) -> subprocess.CompletedProcess:
     proc = launch(store, resume=False, flags=flags)
     out, err = proc.communicate(timeout=300)
@@ -463,6 +468,8 @@ SECOND_WRITERS = {
     "resume": (lambda model_dir, corpus, store: _cli_capture(model_dir, corpus, store, "--resume",
                                                              "--max-tokens", "100"),
                lambda model_dir, corpus, store: _engine_job(store, "--resume")),
+    # align adds tokens/label and rewrites the manifest: racing a capture, one of the two would lose its part
+    "align": (lambda model_dir, corpus, store: _cli_align(store, corpus),) * 2,
 }
 
 
@@ -486,7 +493,7 @@ def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
     assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
 
 
-@pytest.mark.parametrize("race, trial", [("overwrite", 0), ("resume", 1)])  # a CLI loser, an engine loser
+@pytest.mark.parametrize("race, trial", [("overwrite", 0), ("resume", 1), ("align", 0)])  # CLI, engine, CLI
 def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, reference, model_dir, corpus):
     """``capture & sleep; capture --overwrite`` deleted the running capture's store (which still ended
     ``complete``, with zero rows); ``... capture --resume --max-tokens N`` appended over it."""
