@@ -13,13 +13,13 @@ Rows holding any non-finite value are counted but left out of the moments, and s
 outliers (``outlier_rows``). Outliers are what the writer flags ``outlier`` as it commits a chunk: rows
 whose L2 norm exceeds ``outlier_norm_ratio`` (``CaptureConfig``, default 10) times the median norm of their
 block, the chunk's rows taken in near-equal blocks of at most ``BLOCK_BYTES`` of float32 (1,820 rows at
-width 576), sinks and non-finite rows left out of the median. "Massive activations" sit there: in
-SmolLM2-135M's layer-15 residual (Python docs, 20k tokens) every row lies within 2x the median norm (169)
-but 162 rows at 22,000-29,000 (130x): 156 first tokens and six at position 1 ("\n" or a repeated token)
-that no other flag marks. Those six alone made ``mean_squared_norm`` 2.1e5 instead of 2.9e4 and
-``norm_scaling_factor`` 0.052 instead of 0.140. A block median, not a running one, keeps a row's flag
-independent of which writer thread commits first, and the same after a resume. SAE trainers exclude these
-rows, and norm scaling must match.
+width 576). Sinks and rows with a non-finite value are left out already: they are neither in the median nor
+flagged. "Massive activations" sit there: in SmolLM2-135M's layer-15 residual (Python docs, 20k tokens) every
+row lies within 2x the median norm (169) but 162 rows at 22,000-29,000 (130x): 156 first tokens and six at
+position 1 ("\n" or a repeated token) that no other flag marks. Those six alone made ``mean_squared_norm``
+2.1e5 instead of 2.9e4 and ``norm_scaling_factor`` 0.052 instead of 0.140. A block median, not a running
+one, keeps a row's flag independent of which writer thread commits first, and the same after a resume. SAE
+trainers exclude these rows, and norm scaling must match.
 
 Torch-free (numpy): it runs in the writer process.
 """
@@ -136,7 +136,7 @@ def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray, moments: bool
     total = np.zeros(dim, dtype=np.float64)
     squared, norm_sum, max_norm, kept = 0.0, 0.0, 0.0, 0
     blocks = _blocks(count, dim)
-    buffer = np.empty((blocks[0].stop, dim), dtype=np.float32)
+    buffer = np.empty((max(block.stop - block.start for block in blocks), dim), dtype=np.float32)
     for rows_of_block in blocks:
         stored = rows[rows_of_block]
         block, block_low, block_high = as_float32_with_range(stored, dtype, buffer[:len(stored)])

@@ -175,26 +175,29 @@ def test_float16_subnormals_stay_exact_when_the_thread_flushes_denormals():
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_chunk_summary_matches_float64_numpy(dtype, monkeypatch):
-    """Commit-record stats and moments of a chunk with inf, nan, subnormal and sink rows, against float64
-    numpy over numpy's own conversion; blocks of 64 rows, so that some hold an inf or nan and some not."""
+    """Commit-record stats, moments and outliers of a chunk with inf, nan, subnormal, sink and massive rows,
+    against float64 numpy over numpy's own conversion; blocks of at most 64 rows (603 rows: blocks of 60 and
+    61), so that some hold an inf or nan and some not."""
     monkeypatch.setattr(engine.statistics, "BLOCK_BYTES", 64 * 48 * 4)
     rng = np.random.default_rng(0)
-    values = (rng.standard_normal((600, 48)) * 40).astype(np.float32)
+    values = (rng.standard_normal((603, 48)) * 40).astype(np.float32)
     values[5, 3], values[9, 0], values[9, 1], values[300, 7] = np.inf, -np.inf, np.nan, 2.0 ** -20
-    flags = np.where(np.arange(600) % 50 == 0, FLAG_FIRST, 0).astype(np.uint8)
+    values[[100, 101, 401]] *= 50  # massive rows: 50x the others' norms (100 is a sink: not an outlier)
+    flags = np.where(np.arange(603) % 50 == 0, FLAG_FIRST, 0).astype(np.uint8)
     if dtype == "bfloat16":
         stored = torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
         exact = torch.from_numpy(stored).view(torch.bfloat16).float().numpy().astype(np.float64)
     else:
         stored = values.astype(dtype)
         exact = stored.astype(np.float64)
-    summary, moments, _ = chunk_summary(stored, dtype, flags)
+    summary, moments, outliers = chunk_summary(stored, dtype, flags, outlier_ratio=10)
     finite = np.isfinite(exact)
     assert (summary.min, summary.max) == (exact[finite].min(), exact[finite].max())
     assert summary.nonfinite == (~finite).sum() == 3
-    kept = finite.all(axis=1) & (flags == 0)
+    assert np.flatnonzero(outliers).tolist() == [101, 401] and moments.outlier_rows == 2
+    kept = finite.all(axis=1) & (flags == 0) & ~outliers
     norms = np.linalg.norm(exact[kept], axis=1)
-    assert moments.count == kept.sum() and moments.sink_rows == 12
+    assert moments.count == kept.sum() and moments.sink_rows == 13
     np.testing.assert_allclose(moments.total, exact[kept].sum(axis=0), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(moments.squared_norms, (norms ** 2).sum(), rtol=1e-5)
     np.testing.assert_allclose(moments.norms, norms.sum(), rtol=1e-5)
