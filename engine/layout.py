@@ -87,6 +87,8 @@ FLAG_SPECIAL = 2   # token id is one of the model's special ids (bos / eos / pad
 FLAG_FIRST = 4     # first stored token of its sequence
 FLAG_LAST = 8      # last stored token of its sequence
 FLAG_BITS = {"bos": FLAG_BOS, "special": FLAG_SPECIAL, "first": FLAG_FIRST, "last": FLAG_LAST}
+# The flags whose rows readers leave out unless told otherwise: attention sinks (BOS, each sequence's first).
+EXCLUDED_BY_DEFAULT = ("bos", "first")
 
 # Manifest status values.
 STATUS_OPEN = "open"
