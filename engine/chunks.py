@@ -205,8 +205,21 @@ def _read_file(array: zarr.Array, path: Path, out: np.ndarray, file: ChunkFile |
     return None
 
 
+def _kind_problem(array: zarr.Array, chunk_index: int) -> str | None:
+    """What is wrong with the kind of a local chunk file zarr is to read (zarr follows a symbolic link)."""
+    path = local_chunk_path(array, chunk_index)
+    try:
+        if path is not None:
+            _check_regular(os.lstat(path))
+    except FileNotFoundError:
+        return None  # size_problem says whether it may be absent
+    except ChunkFileError as error:
+        return str(error)
+    return None
+
+
 def _read_zarr(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
-    problem = size_problem(array, chunk_index, file)
+    problem = _kind_problem(array, chunk_index) or size_problem(array, chunk_index, file)
     if problem is not None:
         return problem
     start = chunk_index * array.chunks[0]
