@@ -5,13 +5,14 @@ A ``ChunkWindow`` holds an ``AddressRange`` per column. An ``AddressRange`` rese
 ``PROT_NONE``) and maps each chunk file read-only at a fixed place in it (``MAP_FIXED``), or memory that
 rows are read into (compressed chunks, object stores). Row ``r`` of the window's chunk ``s`` then is row
 ``s * slot_rows + r`` of one ndarray over the range, and gathering a batch from the whole window is one
-``np.take``: with one call per chunk instead, a batch from 49 chunks took 25% more CPU, from 325 chunks 80%
-more (benchmarks/results/cpu-2026-12-07/gather_calls.txt).
+``np.take``: with one call per chunk instead, a batch from 49 chunks took 30% more CPU, from 325 chunks
+70-80% more (benchmarks/results/cpu-2026-12-07/gather_calls.txt).
 
 Each slot starts on a 2 MiB boundary when its chunk is at least that large: a page cache that holds the
 file in 2 MiB folios (what a read through a ``MADV_HUGEPAGE`` mapping leaves, see ``populate``) is then
-mapped with one page fault per 2 MiB instead of one per 64 KiB: 294 instead of 9,408 faults, 4-13 instead of
-73-111 ms, per 614 MB of store on this project's VM (benchmarks/results/cpu-2026-12-07/page_faults.txt).
+mapped with one page fault per 2 MiB instead of one per 64 KiB: gathering every row of 614 MB took 294
+instead of 9,408 faults and 142-191 instead of 268-346 ms of CPU on this project's VM
+(benchmarks/results/cpu-2026-12-07/page_faults.txt).
 
 POSIX only (``mmap`` with ``MAP_FIXED`` through libc; Linux and macOS). Torch-free.
 """
@@ -79,6 +80,15 @@ def slot_rows(chunk_rows: int, row_bytes: list[int]) -> int:
     return _round_up(chunk_rows, unit)
 
 
+class _Addresses:
+    """Memory at an address, as numpy's array interface describes it (numpy keeps this object alive, not
+    the memory: ``AddressRange.close`` unmaps it)."""
+
+    def __init__(self, address: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.__array_interface__ = {"data": (address, False), "typestr": dtype.str, "shape": shape,
+                                    "version": 3}
+
+
 class AddressRange:
     """Reserved addresses for one column of a window: chunk files mapped read-only, or memory, at fixed
     offsets, all seen through one ndarray (``array``).
@@ -113,8 +123,8 @@ class AddressRange:
     def array(self, dtype: np.dtype, row_shape: tuple[int, ...]) -> np.ndarray:
         """The whole range as rows of ``dtype`` (only mapped rows may be read)."""
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        buffer = (ctypes.c_char * self.nbytes).from_address(self.base)
-        return np.frombuffer(buffer, dtype=dtype).reshape(self.nbytes // row_bytes, *row_shape)
+        rows = self.nbytes // row_bytes
+        return np.asarray(_Addresses(self.base, np.dtype(dtype), (rows, *row_shape)))
 
     def populate(self, offset: int, length: int) -> bool:
         """Read a mapped file's bytes into the page cache and map them (Linux 5.14+), so gathering rows later
