@@ -62,7 +62,9 @@ def _mmap(address: int | None, length: int, prot: int, flags: int, fd: int = -1)
     result = _libc().mmap(address, length, prot, flags, fd, 0)
     if result in (None, _MAP_FAILED):
         code = ctypes.get_errno()
-        raise OSError(code, f"mmap of {length} bytes: {os.strerror(code)}")
+        raise OSError(code, f"mmap of {length} bytes for a window of chunks: {os.strerror(code)}. If the "
+                      "process ran out of addresses or mappings (vm.max_map_count), lower "
+                      "ActivationDataset's window_bytes")
     return result
 
 
@@ -145,7 +147,6 @@ class AddressRange:
         """madvise; 0 or the errno (advice is a hint: the caller decides whether a refusal matters)."""
         if advice is None:
             return 0
-        ctypes.set_errno(0)
         if _libc().madvise(self.base + offset, length, advice) == 0:
             return 0
         return ctypes.get_errno()
