@@ -1,32 +1,54 @@
-"""Reader throughput and shuffle quality. Throughput: ActivationDataset's shuffled batches vs a raw random
-read of the same bytes from a memmap (random row permutation, read batch by batch), interleaved in one run,
-reported as a ratio. Mixing: distinct sequences per batch against uniform random batches of the same store
-(the best any shuffle can do), for the default buffer and a larger one.
+"""Reader throughput, shuffle quality and memory, in ActivationDataset's default configuration.
 
-    python benchmarks/reader.py --rows 400000 --dim 768 --repeats 3 --json out.json
-    python benchmarks/reader.py --rows 2000000 --dim 16 --seq-len 128 --repeats 1   # mixing at scale, cheaply
+Throughput: an epoch of ActivationDataset's shuffled batches against a raw read of the same bytes, interleaved
+and repeated, as ratios. Page cache warm (default): the raw read is a random memmap read of the committed
+rows from one flat file (a random row permutation, batch by batch). ``--cold``: before every timed epoch the
+store's files and the baseline's are dropped from the page cache (POSIX_FADV_DONTNEED, no root needed), and
+the raw read is a sequential read of the same chunk files. CPU times (the whole process, the read-ahead thread
+included) are reported beside wall times: on a shared machine they move less.
+
+Mixing: distinct sequences per batch, against uniform random batches of the same rows (the best any shuffle
+can do); mixing = ours / uniform. Memory: the process's anonymous memory (RSS less file-backed pages: mapped
+chunk files are page cache) at its peak during an epoch, less before it, the largest over every epoch (the
+first included, when the allocator grows), against the buffer of the reader before windows (5 chunks).
+``--s3``: the same store copied to a loopback S3 server (moto), read once: rate and mixing (its chunks are
+read into memory, ``buffer_chunks`` per window).
+
+    python benchmarks/reader.py --seq-len 128 512 --repeats 3 --json out.json
+    python benchmarks/reader.py --seq-len 512 --cold --repeats 3
+    python benchmarks/reader.py --rows 100000 --s3 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store  # noqa: E402
+from engine import ActivationDataset, open_store  # noqa: E402
+from engine.dataset import WINDOW_BYTES  # noqa: E402
 
-from synthetic import SyntheticModel  # noqa: E402
+from synthetic import synthetic_store  # noqa: E402
+
+KEY = "extra/x"
+OLD_BUFFER_CHUNKS = 4  # the reader before windows mixed 4 chunks in a buffer of 5
 
 
 def parse_args(argv=None):
@@ -35,107 +57,219 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--chunk-tokens", type=int, default=8192)
-    p.add_argument("--buffer-chunks", type=int, default=4, help="the default buffer")
-    p.add_argument("--large-buffer-chunks", type=int, default=64, help="the larger buffer compared with it")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence of the synthetic store")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[512],
+                   help="tokens per sequence of the synthetic store; one store and run per length")
+    p.add_argument("--window-bytes", type=int, default=WINDOW_BYTES, help="ActivationDataset's window_bytes")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs of each reader, interleaved")
+    p.add_argument("--cold", action="store_true", help="drop the files from the page cache before each epoch")
+    p.add_argument("--s3", action="store_true", help="also read the store from a loopback S3 server")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
 
-def build_store(root: Path, args) -> Path:
-    batch, seq = 8, args.seq_len
-    model = SyntheticModel({"x": args.dim}, batch, seq)
-    cfg = CaptureConfig(root / "r.zarr", capture_residual=False, capture_mlp_hidden=False,
-                        extra_modules={"x": "points.x"}, chunk_tokens=args.chunk_tokens)
-    ids = torch.zeros(batch, seq, dtype=torch.long)
-    with CaptureEngine(model, cfg):
-        for _ in range(-(-args.rows // (batch * seq))):
-            model(input_ids=ids)
-    return cfg.location.local
+def files_under(folder: Path) -> list[Path]:
+    return [Path(root) / name for root, _, names in os.walk(folder) for name in names]
 
 
-def time_dataset(ds: ActivationDataset, epoch: int) -> tuple[float, int]:
+def drop_cached(paths: list[Path]) -> None:
+    """Drop files from the page cache (clean pages only: the caller synced them)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def anonymous_bytes(process: psutil.Process) -> int:
+    """Resident memory that is not file-backed (mapped chunk files are page cache, not the process's)."""
+    info = process.memory_info()
+    return info.rss - info.shared
+
+
+class Epoch:
+    """Times one pass: wall and process CPU seconds, bytes, and the peak anonymous memory above the start."""
+
+    def __init__(self):
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        self.start_anon = self.peak_anon = anonymous_bytes(self.process)
+        self.wall, self.cpu, self.nbytes = time.perf_counter(), time.process_time(), 0
+        return self
+
+    def batch(self, tensor: torch.Tensor) -> None:
+        self.nbytes += tensor.numel() * tensor.element_size()
+        self.peak_anon = max(self.peak_anon, anonymous_bytes(self.process))
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def dataset_epoch(ds: ActivationDataset, epoch: int) -> Epoch:
     """One epoch (a trainer builds the dataset once and iterates it many times)."""
     ds.set_epoch(epoch)
-    start, nbytes = time.perf_counter(), 0
-    for batch in ds:
-        nbytes += batch.numel() * 2
-    return time.perf_counter() - start, nbytes
+    with Epoch() as timed:
+        for batch in ds:
+            timed.batch(batch)
+    return timed
 
 
-def time_memmap(flat: Path, rows: int, args, epoch: int) -> tuple[float, int]:
+def memmap_epoch(flat: Path, rows: int, args, epoch: int) -> Epoch:
+    """The warm baseline: a random permutation of the rows, read batch by batch from one memmap. Drawing the
+    permutation is timed, as the dataset's is."""
     data = np.memmap(flat, dtype=np.float16, mode="r", shape=(rows, args.dim))
-    order = np.random.default_rng(epoch).permutation(rows)
-    start, nbytes = time.perf_counter(), 0
-    for i in range(0, rows, args.batch_size):
-        batch = torch.from_numpy(data[np.sort(order[i:i + args.batch_size])])
-        nbytes += batch.numel() * 2
-    return time.perf_counter() - start, nbytes
+    with Epoch() as timed:
+        order = np.random.default_rng(epoch).permutation(rows)
+        for i in range(0, rows, args.batch_size):
+            timed.batch(torch.from_numpy(data[np.sort(order[i:i + args.batch_size])]))
+    return timed
 
 
-def measure_mixing(store: Path, args, buffer_chunks: int) -> dict:
-    """Mean distinct sequences per whole batch: the dataset's batches, and uniform random batches (no
-    replacement) of the same rows, as many of them."""
-    data = ActivationDataset(store, ["tokens/sequence"], batch_size=args.batch_size, exclude=(),
-                             drop_last=True, buffer_chunks=buffer_chunks)
+def sequential_epoch(chunk_files: list[Path], chunk_bytes: int) -> Epoch:
+    """The cold baseline: each chunk file read in order into one reused buffer."""
+    buffer = bytearray(chunk_bytes)
+    with Epoch() as timed:
+        for path in chunk_files:
+            with open(path, "rb", buffering=0) as f:
+                while got := f.readinto(buffer):
+                    timed.nbytes += got
+    return timed
+
+
+def mixing(store: str | Path, args, rate: bool = False, **options) -> dict:
+    """Mean distinct sequences per whole batch of the default reader of ``KEY`` (its window holds the same
+    chunks as when reading ``KEY`` alone, a little fewer), and of uniform random batches (no replacement) of
+    the same rows, as many of them. ``rate``: also the MB/s of that pass."""
+    data = ActivationDataset(store, [KEY, "tokens/sequence"], batch_size=args.batch_size, exclude=(),
+                             drop_last=True, window_bytes=args.window_bytes, **options)
+    started = time.perf_counter()
     ours = [len(torch.unique(batch["tokens/sequence"])) for batch in data]
-    sequences = open_store(store)["tokens/sequence"][:]
+    seconds = time.perf_counter() - started
+    sequences = open_store(store, options.get("storage_options"))["tokens/sequence"][:]
     rng = np.random.default_rng(0)
     uniform = [len(np.unique(rng.choice(sequences, args.batch_size, replace=False))) for _ in ours]
-    return {"buffer_chunks": buffer_chunks, "distinct_sequences_per_batch": statistics.mean(ours),
-            "uniform_distinct_sequences_per_batch": statistics.mean(uniform),
-            "mixing_ratio": statistics.mean(ours) / statistics.mean(uniform)}
+    result = {"distinct_sequences_per_batch": statistics.mean(ours),
+              "uniform_distinct_sequences_per_batch": statistics.mean(uniform),
+              "mixing": statistics.mean(ours) / statistics.mean(uniform), "batches": len(ours)}
+    if rate:
+        result["mb_per_s"] = len(ours) * args.batch_size * (args.dim * 2 + 8) / seconds / 1e6
+    return result
+
+
+def timed_runs(store: Path, root: Path, args) -> dict:
+    """Interleaved epochs of the dataset and the raw read; ratios pair each dataset epoch with the raw one
+    after it."""
+    ds = ActivationDataset(store, KEY, batch_size=args.batch_size, exclude=(), dtype=torch.float16,
+                           window_bytes=args.window_bytes)
+    chunk_files = sorted(files_under(store / KEY / "c"))
+    rows = open_store(store).num_tokens
+    flat = root / "flat.bin"
+    open_store(store)[KEY][:].tofile(flat)
+    os.sync()  # clean pages: what the cold runs drop
+    # The flat file stays cached as its writing left it (large folios, the baseline's best case); the chunk
+    # files leave the cache that reading them here filled, to be read by the dataset as it reads them.
+    drop_cached(files_under(store))
+    chunk_bytes = args.chunk_tokens * args.dim * 2
+    raw = (lambda epoch: sequential_epoch(chunk_files, chunk_bytes)) if args.cold else (
+        lambda epoch: memmap_epoch(flat, rows, args, epoch))
+    ours, theirs = [dataset_epoch(ds, 0)], []  # warms the page cache and the allocator (memory counts it)
+    raw(0)
+    for epoch in range(1, args.repeats + 1):
+        for runs, run in ((ours, lambda: dataset_epoch(ds, epoch)), (theirs, lambda: raw(epoch))):
+            if args.cold:
+                drop_cached(files_under(store) + [flat])
+            runs.append(run())
+    timed = ours[1:]
+    return {"rows": rows, "dataset_mb_per_s": [e.nbytes / e.wall / 1e6 for e in timed],
+            "raw_mb_per_s": [e.nbytes / e.wall / 1e6 for e in theirs],
+            "ratios": [t.wall / o.wall * o.nbytes / t.nbytes for o, t in zip(timed, theirs)],
+            "cpu_ratios": [t.cpu / o.cpu * o.nbytes / t.nbytes for o, t in zip(timed, theirs)],
+            "dataset_cpu_s": [e.cpu for e in timed], "raw_cpu_s": [e.cpu for e in theirs],
+            "peak_anonymous_mb": max(e.peak_anon - e.start_anon for e in ours) / 1e6}
+
+
+@contextlib.contextmanager
+def loopback_s3():
+    """A moto S3 server on 127.0.0.1 and a fresh bucket; yields (bucket URL, storage_options)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+        bucket = f"actcap-{uuid.uuid4().hex[:12]}"
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(bucket)
+        yield f"s3://{bucket}", options
+    finally:
+        server.stop()
+
+
+def s3_run(store: Path, args) -> dict:
+    import s3fs
+
+    with loopback_s3() as (bucket, options):
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).put(str(store), f"{bucket}/r.zarr",
+                                                                   recursive=True)
+        return mixing(f"{bucket}/r.zarr", args, rate=True, storage_options=options)
+
+
+def run_one(args, seq_len: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="actcap_reader_"))
+    try:
+        batch = 8
+        store = synthetic_store(root / "r.zarr", args.dim, batch, seq_len, -(-args.rows // (batch * seq_len)),
+                                args.chunk_tokens)
+        result = {"seq_len": seq_len, **timed_runs(store, root, args), "mixing": mixing(store, args)}
+        if args.s3:
+            result["s3"] = s3_run(store, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for name in ("ratios", "cpu_ratios"):
+        result[f"{name[:-1]}_median"] = statistics.median(result[name])
+    return result
+
+
+def mixing_line(mix: dict) -> str:
+    return (f"mixing {mix['mixing']:.3f}: {mix['distinct_sequences_per_batch']:.1f} distinct sequences per "
+            f"batch vs uniform {mix['uniform_distinct_sequences_per_batch']:.1f}")
+
+
+def report(result: dict, args) -> None:
+    old_mb = (OLD_BUFFER_CHUNKS + 1) * args.chunk_tokens * args.dim * 2 / 1e6
+    raw = "sequential read" if args.cold else "random memmap read"
+    print(f"[reader] {result['rows']} rows x {args.dim} float16, sequences of {result['seq_len']}, batch "
+          f"{args.batch_size}, chunks of {args.chunk_tokens}, page cache {'cold' if args.cold else 'warm'}")
+    print(f"[reader] dataset MB/s {', '.join(f'{x:.0f}' for x in result['dataset_mb_per_s'])}; raw {raw} "
+          f"MB/s {', '.join(f'{x:.0f}' for x in result['raw_mb_per_s'])}")
+    print(f"[reader] ratio median {result['ratio_median']:.3f} "
+          f"({', '.join(f'{x:.3f}' for x in result['ratios'])}); CPU-time ratio median "
+          f"{result['cpu_ratio_median']:.3f}")
+    print(f"[reader] {mixing_line(result['mixing'])}")
+    print(f"[reader] peak anonymous memory +{result['peak_anonymous_mb']:.1f} MB (the 4-chunk buffer before "
+          f"windows: {old_mb:.0f} MB)")
+    if "s3" in result:
+        s3 = result["s3"]
+        print(f"[reader] s3 (loopback moto): {s3['mb_per_s']:.0f} MB/s, {mixing_line(s3)}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="actcap_reader_"))
-    buffers = (args.buffer_chunks, args.large_buffer_chunks)
-    try:
-        store = build_store(root, args)
-        values = open_store(store)["extra/x"][:]
-        rows = values.shape[0]
-        flat = root / "flat.bin"
-        values.tofile(flat)
-        del values
-        datasets = {n: ActivationDataset(store, "extra/x", batch_size=args.batch_size, exclude=(),
-                                         dtype=torch.float16, buffer_chunks=n) for n in buffers}
-        for ds in datasets.values():
-            time_dataset(ds, 0)  # warm the page cache for both
-        time_memmap(flat, rows, args, 0)
-        ours, raw = {n: [] for n in buffers}, []
-        for r in range(1, args.repeats + 1):
-            for n, ds in datasets.items():
-                seconds, nbytes = time_dataset(ds, r)
-                ours[n].append(nbytes / seconds / 1e6)
-            seconds, nbytes = time_memmap(flat, rows, args, r)
-            raw.append(nbytes / seconds / 1e6)
-        mixing = [measure_mixing(store, args, n) for n in buffers]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    chunk_mb = args.chunk_tokens * args.dim * 2 / 1e6
-    for entry in mixing:
-        n = entry["buffer_chunks"]
-        entry.update(buffer_mb=(n + 1) * chunk_mb, dataset_mb_per_s=ours[n],
-                     ratios=[o / r for o, r in zip(ours[n], raw)])
-        entry["ratio_median"] = statistics.median(entry["ratios"])
-    default = mixing[0]
-    result = {"rows": rows, "dim": args.dim, "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "chunk_tokens": args.chunk_tokens, "buffer_chunks": args.buffer_chunks,
-              "dataset_mb_per_s": default["dataset_mb_per_s"], "memmap_random_mb_per_s": raw,
-              "ratios": default["ratios"], "ratio_median": default["ratio_median"], "buffers": mixing}
-    print(f"[reader] {rows} rows x {args.dim} float16, sequences of {args.seq_len}, batch {args.batch_size}, "
-          f"chunks of {args.chunk_tokens}, page cache warm")
-    print(f"[reader] raw random memmap MB/s: {', '.join(f'{x:.0f}' for x in raw)}")
-    for entry in mixing:
-        print(f"[reader] buffer_chunks {entry['buffer_chunks']} ({entry['buffer_mb']:.0f} MB): MB/s "
-              f"{', '.join(f'{x:.0f}' for x in entry['dataset_mb_per_s'])}, "
-              f"ratio median {entry['ratio_median']:.3f}; "
-              f"distinct sequences per batch {entry['distinct_sequences_per_batch']:.1f} vs uniform "
-              f"{entry['uniform_distinct_sequences_per_batch']:.1f} (mixing {entry['mixing_ratio']:.3f})")
+    runs = []
+    for seq_len in args.seq_len:
+        runs.append(run_one(args, seq_len))
+        report(runs[-1], args)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        old_mb = (OLD_BUFFER_CHUNKS + 1) * args.chunk_tokens * args.dim * 2 / 1e6
+        Path(args.json).write_text(json.dumps({**config, "old_buffer_mb": old_mb, "runs": runs}, indent=2))
     return 0
 
 

@@ -1,12 +1,16 @@
 """A synthetic model for pipeline benchmarks: emits known (batch, seq, dim) float16 activations at a chosen
-pace, so writer throughput and backpressure are measured through the real engine without model compute."""
+pace, so writer throughput and backpressure are measured through the real engine without model compute; and
+stores captured from it, for the reader's benchmark and tests."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine import CaptureConfig, CaptureEngine
 
 
 def row_values(n_rows: int, batch_tokens: int) -> np.ndarray:
@@ -34,3 +38,15 @@ class SyntheticModel(torch.nn.Module):
         for name, block in self.blocks.items():
             self.points[name](block)
         return None
+
+
+def synthetic_store(path: Path, dim: int, batch: int, seq_len: int, forwards: int, chunk_tokens: int) -> Path:
+    """A capture store of one array, ``extra/x`` (float16, ``dim`` wide), of ``forwards`` batches of ``batch``
+    sequences of ``seq_len`` tokens, through the real engine."""
+    model = SyntheticModel({"x": dim}, batch, seq_len)
+    cfg = CaptureConfig(path, capture_residual=False, capture_mlp_hidden=False,
+                        extra_modules={"x": "points.x"}, chunk_tokens=chunk_tokens)
+    with CaptureEngine(model, cfg):
+        for _ in range(forwards):
+            model(input_ids=torch.zeros(batch, seq_len, dtype=torch.long))
+    return Path(path)

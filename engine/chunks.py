@@ -12,6 +12,7 @@ Torch-free (numpy and zarr): the capturing process (a resume), the writer proces
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def crc32c(rows: np.ndarray) -> int:
 def plain_encoded(array: zarr.Array) -> bool:
     """True when a chunk is stored as the raw little-endian C-order rows (no filters or compressors)."""
     return not array.compressors and not array.filters
+
+
+def local_plain(array: zarr.Array) -> bool:
+    """True when a chunk's committed rows are the first bytes of a local file, as this machine's ndarrays
+    hold them (plain encoded, a local folder, a little-endian machine): they can be read or mapped as they
+    are."""
+    local = isinstance(array.store, zarr.storage.LocalStore)
+    return plain_encoded(array) and sys.byteorder == "little" and local
 
 
 def chunk_key(array: zarr.Array, chunk_index: int) -> str:
@@ -115,29 +124,102 @@ def size_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None) ->
                          absent_means_fill(file))
 
 
+class ChunkFileError(Exception):
+    """What is wrong with a chunk file that is there (the message is the problem line ``describe`` takes)."""
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder",
+               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+def _check_regular(info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "of an unknown kind")
+        raise ChunkFileError(f"{kind}, not a regular file")
+
+
+def open_chunk_file(path: Path, expected: int | None, needed: int) -> int:
+    """A read-only descriptor of a local chunk file, checked before any of its bytes is read: a regular file
+    (lstat first: reading a FIFO would block for ever, a symbolic link could lead outside the store; opened
+    with ``O_NOFOLLOW | O_NONBLOCK`` so that one swapped in meanwhile cannot either, and checked again with
+    fstat), whose length is the one its commit record gives (``expected``; None: any) and holds its
+    committed rows (``needed`` bytes). The caller closes the descriptor.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ChunkFileError: it is there and wrong.
+    """
+    _check_regular(os.lstat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        _check_regular(info)
+        problem = _size_problem(info.st_size, expected, absent_ok=False)
+        if problem is None and info.st_size < needed:
+            problem = f"{info.st_size} bytes, shorter than its committed rows ({needed} bytes)"
+        if problem is not None:
+            raise ChunkFileError(problem)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_local_chunk(array: zarr.Array, chunk_index: int, file: ChunkFile | None, needed: int) -> int | None:
+    """``open_chunk_file`` of a chunk of a ``local_plain`` array: None when it is absent and may be (its rows
+    are the fill value: ``absent_means_fill``).
+
+    Raises:
+        StoreCorruptError: the chunk is missing or wrong, named as ``read_chunk`` names it.
+    """
+    try:
+        return open_chunk_file(local_chunk_path(array, chunk_index), expected_nbytes(array, file), needed)
+    except FileNotFoundError:
+        if absent_means_fill(file):
+            return None
+        problem = "missing"
+    except ChunkFileError as error:
+        problem = str(error)
+    raise corrupt_error([describe(array, chunk_index, problem)])
+
+
 def _read_file(array: zarr.Array, path: Path, out: np.ndarray, file: ChunkFile | None) -> str | None:
     """A plain local chunk's first ``len(out)`` rows into ``out`` with readinto (no temporary)."""
     target = memoryview(out.reshape(-1).view(np.uint8))
     try:
-        f = open(path, "rb", buffering=0)
+        fd = open_chunk_file(path, expected_nbytes(array, file), out.nbytes)
     except FileNotFoundError:
         if not absent_means_fill(file):
             return "missing"
         out.view(array.dtype)[...] = array.fill_value
         return None
-    with f:
-        problem = _size_problem(os.fstat(f.fileno()).st_size, expected_nbytes(array, file), absent_ok=False)
+    except ChunkFileError as problem:
+        return str(problem)
+    with open(fd, "rb", buffering=0) as f:
         done = 0
-        while problem is None and done < len(target):
+        while done < len(target):
             got = f.readinto(target[done:])
             if not got:
                 return f"{done} bytes, shorter than its {len(out)} committed rows"
             done += got
-    return problem
+    return None
+
+
+def _kind_problem(array: zarr.Array, chunk_index: int) -> str | None:
+    """What is wrong with the kind of a local chunk file zarr is to read (zarr follows a symbolic link)."""
+    path = local_chunk_path(array, chunk_index)
+    try:
+        if path is not None:
+            _check_regular(os.lstat(path))
+    except FileNotFoundError:
+        return None  # size_problem says whether it may be absent
+    except ChunkFileError as error:
+        return str(error)
+    return None
 
 
 def _read_zarr(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
-    problem = size_problem(array, chunk_index, file)
+    problem = _kind_problem(array, chunk_index) or size_problem(array, chunk_index, file)
     if problem is not None:
         return problem
     start = chunk_index * array.chunks[0]
@@ -155,15 +237,23 @@ def chunk_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None, o
     """Read chunk ``chunk_index``'s first ``len(out)`` rows (its committed rows) into ``out`` and say what is
     wrong with it, or None. Plain chunks of a local store: one readinto; others through zarr. ``verify``:
     compare the rows' CRC32C with ``file``'s (a format version 1 chunk has none to compare)."""
-    direct = plain_encoded(array) and out.flags.c_contiguous and sys.byteorder == "little"
-    path = local_chunk_path(array, chunk_index) if direct else None
-    problem = (_read_file(array, path, out, file) if path is not None
+    direct = local_plain(array) and out.flags.c_contiguous
+    problem = (_read_file(array, local_chunk_path(array, chunk_index), out, file) if direct
                else _read_zarr(array, chunk_index, out, file))
-    if problem is None and verify and file is not None:
-        found = crc32c(out)
-        if found != file.crc32c:
-            problem = f"CRC32C {found:#010x} of its rows, the commit record says {file.crc32c:#010x}"
+    if problem is None and verify:
+        problem = checksum_problem(out, file)
     return problem
+
+
+def checksum_problem(rows: np.ndarray, file: ChunkFile | None) -> str | None:
+    """What is wrong with a chunk's committed rows as read, by their CRC32C (None: right, or format version 1
+    and nothing to compare)."""
+    if file is None:
+        return None
+    found = crc32c(rows)
+    if found != file.crc32c:
+        return f"CRC32C {found:#010x} of its rows, the commit record says {file.crc32c:#010x}"
+    return None
 
 
 def describe(array: zarr.Array, chunk_index: int, problem: str) -> str:

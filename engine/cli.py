@@ -607,7 +607,9 @@ def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
     exp.add_argument("--dtype", default=None, choices=["float16", "float32"],
                      help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
-    exp.add_argument("--buffer-chunks", type=_positive_int, default=64, help="chunks mixed while shuffling")
+    exp.add_argument("--buffer-chunks", type=_positive_int, default=64,
+                     help="chunks of a compressed or remote store read into memory per shuffle window "
+                          "(an uncompressed local store's are mapped instead)")
     exp.add_argument("--exclude", nargs="*", default=list(EXCLUDED_BY_DEFAULT),
                      help="flags whose tokens are left out")
     exp.set_defaults(run=_export)

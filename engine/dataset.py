@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import Iterator, Mapping, Sequence
@@ -11,7 +12,7 @@ import torch
 import zarr
 
 from . import layout
-from .chunks import read_chunk
+from .chunks import checksum_problem, corrupt_error, describe, local_plain, open_local_chunk, read_chunk
 from .errors import CaptureFailedError, ConfigError, FollowTimeoutError
 from .reader import open_store
 from .sources import (
@@ -30,23 +31,32 @@ from .sources import (
     shared_chunks,
 )
 from .store import open_array, open_group
+from .window import ChunkWindow, WindowColumn, slot_rows
 
 _EXCLUDABLE = {**layout.FLAG_BITS, "pad": 0}  # pad rows are never stored: excluding them is a no-op
-# Host buffer dtype per storage dtype (bfloat16 bits are read as int16 and viewed as bfloat16 per batch).
-_BUFFER_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
-# The token ids yielded with return_tokens travel through the buffer as one more column.
+# Batch dtype per storage dtype (bfloat16 bits are gathered as int16 and viewed as bfloat16 per batch).
+_BATCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
+# The token ids yielded with return_tokens are gathered as one more column.
 _TOKEN_IDS = Column("<return_tokens>", 0, "tokens/input_ids")
+WINDOW_BYTES = 4 << 30  # the default window of mapped chunks, per rank and DataLoader worker
+# Chunk files mapped per window (one per chunk and mapped array): two windows are mapped at once, each mapping
+# splits its reserved range, and Linux allows 65,530 mappings per process (vm.max_map_count).
+WINDOW_MAPPINGS = 8192
 
 
 class ActivationDataset(torch.utils.data.IterableDataset):
     """Token-major rows of one or more arrays in random order, each committed row exactly once per epoch.
 
-    Whole chunks are read in a random order, straight into one reused buffer of ``buffer_chunks`` chunks
-    (uncompressed chunk files are read with one ``readinto``, others through zarr), each first checked
-    against its commit record's size (and with ``verify`` its checksum); batches are gathered
-    from the buffer in random order, and the leftover rows stay for the next fill. With several arrays, every
-    array's chunk goes into its own buffer and one permutation gathers all of them: a batch holds the same
-    tokens in every array. Chunks are split disjointly across DDP ranks, then across DataLoader workers.
+    Each epoch, this rank's / worker's chunks come in a random order, in windows: as many chunks as
+    ``window_bytes`` of mapped chunk files and ``buffer_chunks`` chunks read into memory allow. Uncompressed
+    chunks of a local store are mapped read-only, so they cost page cache, not process memory; compressed
+    chunks and those of object stores are read into memory (each checked against its commit record's size,
+    and with ``verify`` its checksum, before any of its rows is served). A window's rows, less the
+    ``exclude``d ones, are permuted uniformly and cut into batches; the rows left at a window's end open the
+    next window's first batch. So a store of up to ``window_bytes`` per rank and worker shuffles like uniform
+    sampling. One permutation gathers every array (one numpy call per array and batch): a batch holds the
+    same tokens in every array. The next window's files are read into the page cache while a window is
+    served. Chunks are split disjointly across DDP ranks, then across DataLoader workers.
 
     Args:
         store: a path, URL or open CaptureStore (only its committed chunks are read, as of construction;
@@ -67,7 +77,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             flags.
         dtype: dtype of the yielded activations (stored float16 / bfloat16 / float32 is converted).
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
-        buffer_chunks: chunks mixed together; memory is ``buffer_chunks + 1`` chunks of each array read.
+        buffer_chunks: chunks read into memory per window (compressed arrays, object stores): memory is
+            ``buffer_chunks`` chunks of each such array. Mapped chunks do not count.
         return_tokens: also yield the rows' token ids: ``(batch, input_ids)``.
         storage_options: fsspec options when a store is a URL.
         stack: yield one ``(batch, n_arrays, dim)`` tensor, arrays in ``key`` order (zipped stores: store
@@ -77,22 +88,28 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             ends when the manifest says ``complete``; when it says ``failed`` (CaptureFailedError) or after
             ``follow_timeout`` (FollowTimeoutError) it raises, after yielding every committed row it read.
             Chunk (part p, index k) goes to rank ``s % world_size``, worker ``s // world_size`` where
-            ``s = (k + p) % (world_size * num_workers)``; newly found chunks are read in random order, so the
-            mix is that of the buffer (recent chunks): use a larger ``buffer_chunks``.
+            ``s = (k + p) % (world_size * num_workers)``; each poll's new chunks form the next windows, so
+            batches mix the recent chunks.
         follow_timeout: seconds without a new commit before FollowTimeoutError (a killed capture leaves its
             store ``open`` for ever); None waits for ever.
         verify: check each chunk's CRC32C against its commit record as it is read (one pass over the bytes
             read; sizes are checked always). A bad chunk raises StoreCorruptError and none of its rows is
             yielded.
+        window_bytes: bytes of mapped chunk files (every array read) one window holds: page cache, not
+            process memory (which is a few bytes per row of the window, and a batch). Rows mix uniformly
+            within a window; every rank and worker on a machine has one, so keep their sum below its free
+            memory (else the page cache drops rows before they are gathered, and reading them again is
+            slow). Default 4 GiB.
 
     Returns (iterating): for one key, ``(batch_size, dim)`` tensors (the last may be shorter unless
     ``drop_last``); for a list of keys or zipped stores, a dict ``{key: (batch_size, dim)}``, or with
     ``stack`` a ``(batch_size, n_arrays, dim)`` tensor; with ``return_tokens``, ``(that, input_ids)``.
 
-    Thread safety: one iterator per dataset object at a time. Works with ``DataLoader(num_workers>0)``:
-    zarr handles are opened lazily inside each worker and are not pickled. Call ``set_epoch(e)`` before
-    each epoch when using workers or several ranks (as with DistributedSampler); single-process iteration
-    advances the epoch by itself.
+    Thread safety: one iterator per dataset object at a time (each runs one thread of its own that reads the
+    next window ahead). Works with ``DataLoader(num_workers>0)``: zarr handles are opened lazily inside
+    each worker and are not pickled, and windows belong to the iterator of the process that maps them.
+    Call ``set_epoch(e)`` before each epoch when using workers or several ranks (as with
+    DistributedSampler); single-process iteration advances the epoch by itself.
     """
 
     def __init__(self, store: StoreLike | Mapping[str, StoreLike], key: str | Sequence[str],
@@ -101,9 +118,9 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
                  buffer_chunks: int = 4, return_tokens: bool = False, storage_options: dict | None = None,
                  stack: bool = False, follow: bool = False, follow_timeout: float | None = 900.0,
-                 verify: bool = False):
+                 verify: bool = False, window_bytes: int = WINDOW_BYTES):
         keys = [key] if isinstance(key, str) else list(key)
-        _check_arguments(keys, exclude, batch_size, buffer_chunks)
+        _check_arguments(keys, exclude, batch_size, buffer_chunks, window_bytes)
         rank, world_size = _ddp_position(rank, world_size)
         opener = {"opener": opener_waiting_for(keys, Backoff(follow_timeout))} if follow else {}
         names, opened = open_stores(store, storage_options, **opener)
@@ -129,17 +146,19 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.dtype, self.rank, self.world_size = dtype, rank, world_size
         self.buffer_chunks, self.return_tokens, self.stack = buffer_chunks, return_tokens, stack
         self.follow, self.follow_timeout, self.verify = follow, follow_timeout, verify
+        self.window_bytes = window_bytes
         self._reads = self._read_order(len(opened))
         # (part, chunk index within the part, rows, files) of every committed chunk every store has
         self.chunks = shared_chunks(names, opened, self._reads)
-        self.chunk_rows = (opened[0].manifest.chunk_tokens if follow
-                           else max((chunk.rows for chunk in self.chunks), default=1))
+        self.chunk_tokens = opened[0].manifest.chunk_tokens  # rows per chunk file (check_same_corpus: all)
         self.epoch = 0
         self._epoch_set = False
         self._locations = [one.location for one in opened]
         self._part_locations = [[part.location for part in one.parts] for one in opened]
         self._token_dtypes = {c.name: _torch_dtype(opened[c.store][c.key].dtype) for c in self._buffered()
                               if c.is_token_array}
+        # which columns' chunks are mapped (the others are read into memory); the same in every part
+        self._mapped = {c.name: local_plain(opened[c.store][c.key].pieces[0][0]) for c in self._buffered()}
         self._handles: dict[tuple[int, int], dict[str, zarr.Array]] = {}
         self._handles_pid = os.getpid()
         if len(self._locations) > 1 and self.chunks:
@@ -217,18 +236,83 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         file = chunk.files[self._reads.index((store, key))]
         read_chunk(self._arrays(store, chunk.part)[key], chunk.index, file, out, self.verify)
 
-    def _load(self, chunk: ChunkRef, buffer: _MixingBuffer) -> None:
-        """Read one chunk of every column into the buffer's free rows, keeping the rows not excluded."""
-        for column in self._buffered():
-            self._read(column.store, column.key, chunk, buffer.free_rows(column.name, chunk.rows))
-        if len(self._locations) > 1:
-            self._check_alignment(chunk)
-        if not self.exclude_mask:
-            buffer.add(chunk.rows)
+    def _windows(self, chunks: list[ChunkRef]) -> list[list[ChunkRef]]:
+        """Consecutive runs of ``chunks``, each as long as the window's bounds allow (one chunk at least):
+        ``window_bytes`` of mapped chunk files, ``buffer_chunks`` chunks read into memory, WINDOW_MAPPINGS."""
+        mapped = [c for c in self._buffered() if self._mapped[c.name]]
+        most = [len(chunks), WINDOW_MAPPINGS // max(len(mapped), 1)]
+        if mapped:
+            most.append(self.window_bytes // (self.chunk_tokens * sum(self._window_column(c).row_bytes
+                                                                      for c in mapped)))
+        if len(mapped) < len(self._buffered()):
+            most.append(self.buffer_chunks)
+        step = max(min(most), 1)
+        return [chunks[start:start + step] for start in range(0, len(chunks), step)]
+
+    def _window_column(self, column: Column) -> WindowColumn:
+        dtype, row_shape = self._row_type(column)
+        return WindowColumn(column.name, torch.empty(0, dtype=dtype).numpy().dtype, row_shape)
+
+    def _open_window(self, chunks: list[ChunkRef], after: ChunkWindow | None) -> ChunkWindow:
+        """A window of ``chunks`` with their files mapped (checked: StoreCorruptError), read ahead once
+        ``after`` is."""
+        columns = [self._window_column(c) for c in self._buffered()]
+        rows = slot_rows(self.chunk_tokens, [column.row_bytes for column in columns])
+        window = ChunkWindow(columns, len(chunks), rows)
+        try:
+            for slot, chunk in enumerate(chunks):
+                for column in self._buffered():
+                    if self._mapped[column.name]:
+                        self._map(window, column, slot, chunk)
+            window.read_ahead(after)
+        except BaseException:
+            window.close()
+            raise
+        return window
+
+    def _map(self, window: ChunkWindow, column: Column, slot: int, chunk: ChunkRef) -> None:
+        array = self._arrays(column.store, chunk.part)[column.key]
+        file = chunk.files[self._reads.index((column.store, column.key))]
+        fd = open_local_chunk(array, chunk.index, file, chunk.rows * window.columns[column.name].row_bytes)
+        if fd is None:  # absent, and its rows are the fill value (format version 1): read when loaded
             return
+        try:
+            window.map_file(column.name, slot, fd, chunk.rows)
+        finally:
+            os.close(fd)  # the mapping holds the file
+
+    def _load(self, window: ChunkWindow, chunks: list[ChunkRef]) -> np.ndarray:
+        """Read the window's other chunks into memory, verify the mapped ones (with ``verify``), check zipped
+        stores' alignment; returns the window rows to serve (``slot * slot_rows + row``, less excluded):
+        4 bytes each where they fit (a window of 4 GiB of 768-wide float16 rows: 11 MB)."""
+        dtype = np.int32 if len(chunks) * window.slot_rows < 2**31 else np.int64
+        kept = []
+        for slot, chunk in enumerate(chunks):
+            for column in self._buffered():
+                self._fill(window, column, slot, chunk)
+            if len(self._locations) > 1:
+                self._check_alignment(chunk)
+            kept.append(self._kept_rows(chunk, dtype) + dtype(slot * window.slot_rows))
+        return np.concatenate(kept) if kept else np.empty(0, dtype=dtype)
+
+    def _fill(self, window: ChunkWindow, column: Column, slot: int, chunk: ChunkRef) -> None:
+        """A mapped slot is checked (with ``verify``); any other is read into memory (and checked)."""
+        file = chunk.files[self._reads.index((column.store, column.key))]
+        array = self._arrays(column.store, chunk.part)[column.key]
+        if (column.name, slot) not in window.mapped:
+            read_chunk(array, chunk.index, file, window.memory(column.name, slot, chunk.rows), self.verify)
+        elif self.verify:
+            problem = checksum_problem(window.rows(column.name, slot, chunk.rows), file)
+            if problem is not None:
+                raise corrupt_error([describe(array, chunk.index, problem)])
+
+    def _kept_rows(self, chunk: ChunkRef, dtype: type) -> np.ndarray:
+        """Indices of the chunk's rows that ``exclude`` keeps."""
+        if not self.exclude_mask:
+            return np.arange(chunk.rows, dtype=dtype)
         flags = np.empty(chunk.rows, dtype=np.uint8)
         self._read(0, "tokens/flags", chunk, flags)
-        buffer.add(chunk.rows, torch.from_numpy(np.flatnonzero((flags & self.exclude_mask) == 0)))
+        return np.flatnonzero((flags & self.exclude_mask) == 0).astype(dtype)
 
     def _check_alignment(self, chunk: ChunkRef) -> None:
         """Zipped stores: the chunk's token arrays are equal in every store (ConfigError otherwise)."""
@@ -244,33 +328,51 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             self.epoch += 1  # single process: each pass is a new epoch
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        generator = torch.Generator().manual_seed(
-            int(np.random.default_rng([self.seed, epoch, self.rank, worker]).integers(2**62)))
-        # One buffer reused for the whole pass: chunks are read straight into it, batches gathered out of it.
-        limit = max(self.buffer_chunks * self.chunk_rows, self.batch_size)  # a batch must fit the buffer
-        buffer = _MixingBuffer({c.name: self._row_type(c) for c in self._buffered()}, limit + self.chunk_rows,
-                               generator if self.shuffle else None)
-        chunks = (self._followed_chunks(epoch, worker, num_workers) if self.follow
-                  else (self.chunks[index] for index in self.my_chunks(epoch, worker, num_workers)))
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        runs = (self._followed_chunks(epoch, worker, num_workers, rng) if self.follow
+                else iter([[self.chunks[index] for index in self.my_chunks(epoch, worker, num_workers)]]))
+        batches = _Batches(self.batch_size, {c.name: self._row_type(c) for c in self._buffered()})
         stopped = None
         try:
-            for chunk in chunks:
-                self._load(chunk, buffer)
-                if buffer.filled >= limit:
-                    yield from map(self._output, buffer.batches(self.batch_size, False, self.drop_last))
+            for run in runs:
+                with contextlib.closing(self._served_windows(run)) as windows:
+                    for window, picks in windows:
+                        if self.shuffle:
+                            rng.shuffle(picks)
+                        yield from map(self._output, batches.cut(window, picks))
         except (CaptureFailedError, FollowTimeoutError) as error:  # following: the rows read are valid
             stopped = error
-        yield from map(self._output, buffer.batches(self.batch_size, True, self.drop_last))
+        if batches.filled and not self.drop_last:
+            yield self._output(batches.rest())
         if stopped is not None:
             raise stopped
 
-    def _followed_chunks(self, epoch: int, worker: int, num_workers: int) -> Iterator[ChunkRef]:
-        """This rank's / worker's chunks of a store being written, as they are committed, until it completes.
+    def _served_windows(self, chunks: list[ChunkRef]) -> Iterator[tuple[ChunkWindow, np.ndarray]]:
+        """(window, its rows) for each window of ``chunks`` in turn, each loaded when its turn comes, while
+        the next one is mapped and read ahead. Every window is closed, also after an error."""
+        runs = self._windows(chunks)
+        windows: list[ChunkWindow] = []  # the window served, and the one after it
+        try:
+            for index, run in enumerate(runs):
+                if not windows:
+                    windows.append(self._open_window(run, None))
+                if index + 1 < len(runs):
+                    windows.append(self._open_window(runs[index + 1], windows[0]))
+                windows[0].wait_read_ahead()
+                yield windows[0], self._load(windows[0], run)
+                windows.pop(0).close()
+        finally:
+            for window in windows:
+                window.close()
+
+    def _followed_chunks(self, epoch: int, worker: int, num_workers: int,
+                         rng: np.random.Generator) -> Iterator[list[ChunkRef]]:
+        """This rank's / worker's chunks of a store being written, as they are committed, until it completes:
+        the new ones of each poll, in random order.
 
         Each poll opens the stores afresh: the manifest first, then the commit records, so a store that says
         ``complete`` already shows every chunk it committed."""
         slots, slot = self.world_size * num_workers, self.rank + self.world_size * worker
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         backoff = Backoff(self.follow_timeout)
         seen: set[tuple[int, int]] = set()
         while True:
@@ -281,7 +383,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 self._handles = {}  # the arrays grew since they were opened
                 seen.update((chunk.part, chunk.index) for chunk in fresh)
                 order = rng.permutation(len(fresh)) if self.shuffle else range(len(fresh))
-                yield from (fresh[i] for i in order)
+                yield [fresh[i] for i in order]
                 backoff.progressed()
                 continue
             status = combined_status(stores)
@@ -296,7 +398,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     def _row_type(self, column: Column) -> tuple[torch.dtype, tuple[int, ...]]:
         if column.is_token_array:
             return self._token_dtypes[column.name], ()
-        return _BUFFER_DTYPES[self.storage_dtypes[column.store]], (self.dims[column.name],)
+        return _BATCH_DTYPES[self.storage_dtypes[column.store]], (self.dims[column.name],)
 
     def _output(self, gathered: dict[str, torch.Tensor]):
         """One batch as the caller asked for it: a tensor, a dict by key, or stacked; with token ids."""
@@ -317,63 +419,52 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return batch if batch.dtype == self.dtype else batch.to(self.dtype)
 
 
-class _MixingBuffer:
-    """The rows of every column, mixed together: a chunk is read into the free rows at the end, whole batches
-    are gathered out in random order, and the rows left over move to the front for the next fill. One
-    permutation serves every column, so a batch holds the same tokens in each.
+class _Batches:
+    """Cuts windows' rows into batches: one gather per column and batch, into a new tensor; rows left at a
+    window's end are gathered into the next batch, which the next window completes.
 
     Args:
+        batch_size: rows per batch.
         columns: {name: (dtype, shape of one row)}.
-        capacity: rows per column, allocated once.
-        generator: the permutations' random source; None keeps store order.
 
     Thread safety: one thread.
     """
 
-    def __init__(self, columns: dict[str, tuple[torch.dtype, tuple[int, ...]]], capacity: int,
-                 generator: torch.Generator | None):
-        self.tensors = {name: torch.empty((capacity, *row), dtype=dtype)
-                        for name, (dtype, row) in columns.items()}
-        self.generator = generator
+    def __init__(self, batch_size: int, columns: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.batch_size, self.columns = batch_size, columns
+        self.pending: dict[str, torch.Tensor] = {}
         self.filled = 0
 
-    def free_rows(self, name: str, rows: int) -> np.ndarray:
-        """The next ``rows`` unfilled rows of one column, as numpy (a chunk is read straight into them)."""
-        return self.tensors[name][self.filled:self.filled + rows].numpy()
+    def cut(self, window: ChunkWindow, picks: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        """Every whole batch of the pending rows and ``picks`` (window rows, in serving order)."""
+        start = 0
+        while start < len(picks):
+            if not self.pending:
+                self.pending = {name: torch.empty((self.batch_size, *row), dtype=dtype)
+                                for name, (dtype, row) in self.columns.items()}
+            taken = picks[start:start + self.batch_size - self.filled]
+            window.gather(taken, {name: tensor.numpy()[self.filled:self.filled + len(taken)]
+                                  for name, tensor in self.pending.items()})
+            self.filled += len(taken)
+            start += len(taken)
+            if self.filled == self.batch_size:
+                yield self.rest()
 
-    def add(self, rows: int, keep: torch.Tensor | None = None) -> None:
-        """The ``rows`` just read are filled; with ``keep`` (indices among them), only those, moved up."""
-        if keep is not None:
-            start = self.filled
-            for tensor in self.tensors.values():
-                tensor[start:start + keep.numel()] = tensor[start:start + rows].index_select(0, keep)
-            rows = keep.numel()
-        self.filled += rows
-
-    def batches(self, batch_size: int, final: bool, drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """Whole batches of the filled rows in mixed order (and, if ``final``, the short rest unless
-        ``drop_last``); the rows left over stay, at the front."""
-        order = (torch.randperm(self.filled, generator=self.generator) if self.generator is not None
-                 else torch.arange(self.filled))
-        whole = self.filled // batch_size * batch_size
-        cuts = list(range(0, whole, batch_size))
-        if final and whole < self.filled and not drop_last:
-            cuts.append(whole)
-        for start in cuts:
-            picked = order[start:start + batch_size]
-            yield {name: tensor.index_select(0, picked) for name, tensor in self.tensors.items()}
-        rest = order[:0] if final else order[whole:]
-        for tensor in self.tensors.values():
-            tensor[:rest.numel()] = tensor.index_select(0, rest)
-        self.filled = rest.numel()
+    def rest(self) -> dict[str, torch.Tensor]:
+        """The pending rows (a short batch at the end), and none pending after."""
+        batch = {name: tensor[:self.filled] for name, tensor in self.pending.items()}
+        self.pending, self.filled = {}, 0
+        return batch
 
 
-def _check_arguments(keys: list[str], exclude: Sequence[str], batch_size: int, buffer_chunks: int) -> None:
+def _check_arguments(keys: list[str], exclude: Sequence[str], batch_size: int, buffer_chunks: int,
+                     window_bytes: int) -> None:
     unknown = set(exclude) - set(_EXCLUDABLE)
     if unknown:
         raise ConfigError(f"exclude={sorted(unknown)}: choose from {', '.join(_EXCLUDABLE)}")
-    if batch_size <= 0 or buffer_chunks <= 0:
-        raise ConfigError("batch_size and buffer_chunks must be positive")
+    if batch_size <= 0 or buffer_chunks <= 0 or window_bytes <= 0:
+        raise ConfigError(f"batch_size ({batch_size}), buffer_chunks ({buffer_chunks}) and window_bytes "
+                          f"({window_bytes}) must be positive")
     if not keys:
         raise ConfigError("key is an empty list: name at least one array, e.g. 'layer_6/residual'")
 

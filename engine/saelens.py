@@ -23,9 +23,9 @@ from typing import Sequence
 
 import torch
 
-from . import layout
 from .dataset import ActivationDataset
 from .errors import ConfigError, StoreExistsError, StoreFormatError
+from .layout import EXCLUDED_BY_DEFAULT
 from .reader import CaptureStore, open_store
 
 # Arrow has no bfloat16: a bfloat16 store is exported as one of these, chosen by the caller.
@@ -71,14 +71,15 @@ class SaelensExport:
 
 def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLike, key: str,
                    context_size: int, hook_name: str | None = None, dtype: str | None = None, seed: int = 0,
-                   buffer_chunks: int = 64, exclude: Sequence[str] = layout.EXCLUDED_BY_DEFAULT,
+                   buffer_chunks: int = 64, exclude: Sequence[str] = EXCLUDED_BY_DEFAULT,
                    storage_options: dict | None = None) -> SaelensExport:
     """Write one array of a store as a SAELens cached-activations dataset, rows shuffled.
 
-    Rows come from ``ActivationDataset(shuffle=True)``: chunks in random order, mixed in a buffer of
-    ``buffer_chunks`` chunks (``benchmarks/reader.py`` measures how well that mixes), packed into windows of
-    ``context_size`` tokens; SAELens' own mixing buffer then mixes again while training. Windows hold
-    unrelated tokens, which SAELens does not mind: it flattens them to ``(tokens, d_in)``.
+    Rows come from ``ActivationDataset(shuffle=True)``, shuffled like uniform samples of each window of the
+    store (all of an uncompressed local store up to 4 GiB; ``benchmarks/reader.py`` measures how well it
+    mixes), packed into rows of ``context_size`` tokens; SAELens' own mixing buffer then mixes again while
+    training. Its rows hold unrelated tokens, which SAELens does not mind: it flattens them to
+    ``(tokens, d_in)``.
 
     Args:
         store: path, URL or open store.
@@ -89,8 +90,8 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
         dtype: ``float16`` or ``float32``; default the store's. A bfloat16 store needs one (arrow has no
             bfloat16): ``float32`` is exact, ``float16`` halves the size but makes values beyond ±65504 inf.
         seed: the shuffle's seed.
-        buffer_chunks: chunks mixed together (memory: ``buffer_chunks + 1`` chunks of the array; 64 chunks of
-            8192 tokens x 768 float16 are 0.8 GB).
+        buffer_chunks: chunks of a compressed or remote store read into memory per shuffle window (64 chunks
+            of 8192 tokens x 768 float16 are 0.8 GB); an uncompressed local store's chunks are mapped instead.
         exclude: flags whose tokens are left out (default as ``ActivationDataset``: attention sinks and
             outliers).
         storage_options: fsspec options when ``store`` is a URL.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import StoreLockedError, get_model, open_store, random_model
+from engine import ActivationDataset, StoreLockedError, get_model, open_store, random_model
 from engine.hookpoints import resolve_hook_points
 from engine.layout import FLAG_BOS, FLAG_FIRST, part_path
 from engine.location import Location
@@ -72,6 +72,17 @@ WORDS = ("the cat sat on a mat while two dogs ran past the old barn and seven bi
 def documents(count: int) -> list[str]:
     rng = np.random.default_rng(0)
     return [" ".join(rng.choice(WORDS, size=rng.integers(3, 40))) for _ in range(count)]
+
+
+def served_rows(store, key: str, epoch: int, **options) -> list[tuple[int, int, int, bytes]]:
+    """Every row an epoch of ActivationDataset serves, as sorted (sequence, position, token id, row bytes):
+    the epoch's rows as a multiset, each with the tokens it was served with."""
+    keys = [key, "tokens/sequence", "tokens/position"]
+    data = ActivationDataset(store, keys, return_tokens=True, **options)
+    data.set_epoch(epoch)
+    return sorted((int(sequence), int(position), int(token), row.tobytes()) for batch, ids in data
+                  for sequence, position, token, row in zip(batch[keys[1]], batch[keys[2]], ids,
+                                                            batch[key].numpy()))
 
 
 def hook_all(hook_points, record) -> list:

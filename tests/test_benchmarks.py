@@ -104,17 +104,38 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     assert 0 < data["durable_cores_busy"] <= os.cpu_count() * 1.05
 
 
-def test_reader_benchmark_reports_throughput_and_mixing(tmp_path):
+READER_TINY = ["--rows", "8192", "--dim", "8", "--chunk-tokens", "512", "--batch-size", "256"]
+
+
+def test_reader_benchmark_reports_throughput_mixing_and_memory(tmp_path):
     out = tmp_path / "r.json"
-    proc = run_script("reader.py", "--rows", "8192", "--dim", "8", "--seq-len", "64", "--chunk-tokens", "512",
-                      "--batch-size", "256", "--buffer-chunks", "1", "--large-buffer-chunks", "8",
-                      "--repeats", "1", "--json", str(out))
+    proc = run_script("reader.py", *READER_TINY, "--seq-len", "64", "16", "--repeats", "2", "--json",
+                      str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    small, large = json.loads(out.read_text())["buffers"]
-    assert (small["buffer_chunks"], large["buffer_chunks"]) == (1, 8) and small["ratio_median"] > 0
-    # one chunk of 8 sequences (+ the leftover) bounds a small buffer's batch; uniform batches see ~all 128
-    assert small["distinct_sequences_per_batch"] <= 16 < large["distinct_sequences_per_batch"]
-    assert small["mixing_ratio"] < large["mixing_ratio"] <= 1.05
+    data = json.loads(out.read_text())
+    assert [run["seq_len"] for run in data["runs"]] == [64, 16] and not data["cold"]
+    assert data["old_buffer_mb"] == 5 * 512 * 8 * 2 / 1e6
+    for run in data["runs"]:
+        assert len(run["ratios"]) == len(run["cpu_ratios"]) == 2 and run["ratio_median"] > 0
+        assert run["peak_anonymous_mb"] >= 0 and run["rows"] == 8192
+        # the default window holds the whole store: batches mix like uniform random ones
+        assert 0.9 < run["mixing"]["mixing"] <= 1.1
+    assert "[reader] mixing" in proc.stdout and "peak anonymous memory" in proc.stdout
+
+
+def test_reader_benchmark_cold_and_s3(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_script("reader.py", *READER_TINY, "--seq-len", "64", "--repeats", "1", "--cold", "--s3",
+                      "--window-bytes", "16384", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert data["cold"] and run["raw_mb_per_s"][0] > 0 and run["ratio_median"] > 0
+    # windows of one chunk (512 rows x 24 bytes of the two arrays read) and the rows carried: 16 sequences
+    mixing = run["mixing"]
+    assert mixing["distinct_sequences_per_batch"] <= 16 < mixing["uniform_distinct_sequences_per_batch"]
+    s3 = run["s3"]  # read into memory: buffer_chunks (4) chunks of 8 sequences per window, and the carry
+    assert s3["mb_per_s"] > 0 and s3["distinct_sequences_per_batch"] <= 40 and s3["mixing"] < 0.5
 
 
 def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():

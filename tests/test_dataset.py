@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -14,7 +18,11 @@ from engine.statistics import as_float32_with_range, chunk_summary
 from fakes import use_sink
 from helpers import assert_statistics_match, ragged_batch, tiny_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from synthetic import synthetic_store  # noqa: E402
+
 KEY = "layer_1/residual"
+ROW_BYTES = 64 * 2  # KEY's float16 rows
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +88,9 @@ def test_ranks_are_disjoint_and_cover_everything(store_path):
     assert all(len(p) for p in parts)
 
 
-def test_dataloader_workers_are_disjoint(store_path):
-    ds = ActivationDataset(store_path, KEY, batch_size=8, exclude=())
+@pytest.mark.parametrize("window_bytes", [1, engine.dataset.WINDOW_BYTES])  # windows of one chunk, of all
+def test_dataloader_workers_are_disjoint(store_path, window_bytes):
+    ds = ActivationDataset(store_path, KEY, batch_size=8, exclude=(), window_bytes=window_bytes)
     ds.set_epoch(3)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     np.testing.assert_array_equal(rows_of(loader), stored_rows(store_path))
@@ -213,8 +222,76 @@ def test_statistics_can_be_turned_off(tmp_path):
     assert store.manifest.statistics == {} and store.num_tokens > 0
 
 
-def test_batch_larger_than_the_mixing_buffer(store_path):
-    ds = ActivationDataset(store_path, KEY, batch_size=100, buffer_chunks=1, exclude=())
+def test_batch_larger_than_a_window(store_path):
+    ds = ActivationDataset(store_path, KEY, batch_size=100, window_bytes=1, exclude=())  # one chunk each
     batches = list(ds)
     assert all(b.shape[0] == 100 for b in batches[:-1])
     np.testing.assert_array_equal(rows_of(batches), stored_rows(store_path))
+
+
+# ---- windows: how rows are shuffled ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exclude", [(), ("bos",)])
+def test_every_row_once_across_windows_with_the_rest_carried(store_path, exclude):
+    """Windows of 3 chunks, batches of 7 that no window's rows fill exactly: each window's last rows open the
+    next window's first batch, every batch but the last is whole, every row comes once with its own tokens."""
+    keys = [KEY, "tokens/sequence", "tokens/position"]
+    ds = ActivationDataset(store_path, keys, batch_size=7, exclude=exclude,
+                           window_bytes=3 * 16 * (ROW_BYTES + 8 + 4))
+    windows = ds._windows(ds.chunks)
+    assert len(windows) >= 3 and {len(window) for window in windows[:-1]} == {3}
+    batches = list(ds)
+    assert all(len(batch[KEY]) == 7 for batch in batches[:-1])
+    np.testing.assert_array_equal(rows_of(batch[KEY] for batch in batches),
+                                  stored_rows(store_path, exclude_bos=bool(exclude)))
+    store = open_store(store_path)
+    pairs = zip(store["tokens/sequence"][:].tolist(), store["tokens/position"][:].tolist())
+    where = {pair: row for row, pair in enumerate(pairs)}
+    served = [where[pair] for batch in batches
+              for pair in zip(batch["tokens/sequence"].tolist(), batch["tokens/position"].tolist())]
+    np.testing.assert_array_equal(torch.cat([batch[KEY] for batch in batches]).numpy(),
+                                  store[KEY][:][served].astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def many_sequences(tmp_path_factory):
+    """640 sequences of 8 tokens in 80 chunks of 64 rows."""
+    return synthetic_store(tmp_path_factory.mktemp("mix") / "s.zarr", dim=8, batch=16, seq_len=8, forwards=40,
+                           chunk_tokens=64)
+
+
+def distinct_sequences_per_batch(data) -> float:
+    return float(np.mean([len(torch.unique(batch["tokens/sequence"])) for batch in data]))
+
+
+def test_batches_mix_like_uniform_sampling(many_sequences):
+    """The mixing figure of benchmarks/reader.py: distinct sequences per batch against uniform random batches
+    of the same rows. A window of the whole store mixes like them; a window of one chunk cannot."""
+    sequences = open_store(many_sequences)["tokens/sequence"][:]
+    rng = np.random.default_rng(0)
+    uniform = np.mean([len(np.unique(rng.choice(sequences, 256, replace=False))) for _ in range(50)])
+    keys = ["extra/x", "tokens/sequence"]
+    whole = ActivationDataset(many_sequences, keys, batch_size=256, exclude=(), drop_last=True)
+    assert distinct_sequences_per_batch(whole) > 0.9 * uniform
+    one_chunk = ActivationDataset(many_sequences, keys, batch_size=256, exclude=(), drop_last=True,
+                                  window_bytes=1)
+    assert distinct_sequences_per_batch(one_chunk) < 0.25 * uniform  # 5 chunks of 8 sequences at most
+
+
+def anonymous_bytes() -> int:
+    info = psutil.Process().memory_info()
+    return info.rss - info.shared  # mapped chunk files are page cache (file-backed), not the process's
+
+
+def test_mapped_windows_cost_page_cache_not_process_memory(tmp_path):
+    """A 64 MB store in one window: the process holds the window's row indices and a batch or two, not the
+    window's rows."""
+    path = synthetic_store(tmp_path / "s.zarr", dim=1024, batch=8, seq_len=512, forwards=8, chunk_tokens=2048)
+    data = ActivationDataset(path, "extra/x", batch_size=1024, exclude=(), dtype=torch.float16)
+    assert len(data._windows(data.chunks)) == 1
+    list(data)  # the allocator's first large blocks
+    before, peak, rows = anonymous_bytes(), 0, 0
+    for batch in data:
+        peak, rows = max(peak, anonymous_bytes()), rows + len(batch)
+    assert rows == 32768 and peak - before < 16e6  # the window is 64 MB; a batch 2 MB

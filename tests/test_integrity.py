@@ -7,7 +7,10 @@ Each damage is tried through every reader: ``open_store``, ``ActivationDataset``
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +31,9 @@ from engine.layout import CommitRecord, Manifest, commit_record_key
 from engine.location import Location
 from engine.store import continue_store
 
-from helpers import assert_statistics_match, ragged_batch, tiny_model
+from helpers import assert_statistics_match, ragged_batch, served_rows, tiny_model
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "layer_0/residual"
 SEQUENCES = [ragged_batch(1, 9, seed=seed) for seed in range(6)]  # one 9-token sequence per forward
 V1_STORE = Path(__file__).resolve().parent / "data" / "format_v1_store"
@@ -135,6 +139,58 @@ def test_a_clean_store_verifies(store, capsys):
     assert sum(len(batch) for batch in read_all(store, verify=True)) == 54
     code, report = inspect(capsys, store, "--verify")
     assert code == 0 and "sizes and CRC32C checksums of every committed chunk ok" in report
+
+
+# A reader in a process of its own: a chunk file that blocks it must fail the test, not hang the test run.
+READ_ALL = """import sys
+from engine import ActivationDataset, StoreCorruptError
+try:
+    list(ActivationDataset(sys.argv[1], sys.argv[2], batch_size=5))
+except StoreCorruptError as error:
+    print(error)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("key", [KEY, "tokens/flags"])  # mapped (or zarr's), and read for the default exclude
+@pytest.mark.parametrize("kind", ["a FIFO", "a symbolic link"])
+def test_a_chunk_file_that_is_not_a_regular_file_is_refused(store, tmp_path, key, kind):
+    """Before: a FIFO hung the reader in open() for ever; a symbolic link was followed outside the store."""
+    path = chunk_file(store, key, 2)
+    outside = tmp_path / "outside"
+    shutil.move(path, outside)
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside)  # the chunk's own bytes: only where they are is wrong
+    done = subprocess.run([sys.executable, "-c", READ_ALL, str(store), KEY], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"{key} chunk 2 ({path}): {kind}, not a regular file" in done.stdout
+
+
+def test_rows_of_a_damaged_chunk_are_never_served(store):
+    """Shuffled, windows of two chunks: the batches before the error hold only rows of good chunks."""
+    rows = open_store(store)[KEY][:]
+    good = {row.tobytes() for row in np.delete(rows, np.s_[24:32], axis=0)}  # chunk 3: rows 24..31
+    path = chunk_file(store, KEY, 3)
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    data = ActivationDataset(store, KEY, batch_size=3, exclude=(), verify=True, buffer_chunks=2,
+                             window_bytes=2 * 8 * 64 * 2, dtype=torch.float16)
+    served = []
+    with pytest.raises(StoreCorruptError, match=f"{KEY} chunk 3"):
+        for batch in data:
+            served += [row.tobytes() for row in batch.numpy()]
+    assert served and set(served) <= good
+
+
+def test_mapped_and_read_chunks_serve_the_same_rows(pristine):
+    """The uncompressed store's chunks are mapped, the zstd one's read into memory: one design, the same
+    rows each epoch, each with its tokens."""
+    for epoch in range(2):
+        mapped = served_rows(pristine / "None.zarr", KEY, epoch, batch_size=4, buffer_chunks=2)
+        assert len(mapped) == 48 and mapped == served_rows(pristine / "zstd.zarr", KEY, epoch, batch_size=4,
+                                                           buffer_chunks=2)
 
 
 # ---- commit records: deleted, wrong, corrupt ---------------------------------------------------------------

@@ -46,6 +46,7 @@ from helpers import (
     race_two_resumes,
     ragged_batch,
     run_job,
+    served_rows,
     tiny_model,
     wait_for_stale_locks,
 )
@@ -286,6 +287,23 @@ def test_capture_into_s3_reads_back_with_the_dataset_and_dask(bucket, tmp_path):
     acts = da.from_zarr(f"{bucket}/runs/s.zarr", component=KEYS[0])[:committed]
     np.testing.assert_array_equal(acts.compute(), local[KEYS[0]][:])
     assert f"({committed}, 64) float16" in read_with_dask(f"{bucket}/runs/s.zarr", KEYS[0])
+
+
+def test_a_store_read_from_s3_serves_the_rows_it_serves_from_disk(bucket, tmp_path):
+    """On disk the chunks are mapped, from the bucket they are read into memory (windows of buffer_chunks):
+    one reading design, the same rows each epoch, each with its tokens."""
+    import s3fs
+
+    model = tiny_model("llama")
+    local = tmp_path / "s.zarr"
+    with CaptureEngine(model, CaptureConfig(local, layer_indices=[1], chunk_tokens=16)), torch.no_grad():
+        for seed in range(6):
+            model(**ragged_batch(5, 10, seed=seed))
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(local), f"{bucket}/s.zarr", recursive=True)
+    for epoch in range(2):
+        on_disk = served_rows(local, KEYS[0], epoch, batch_size=7, buffer_chunks=2)
+        assert len(on_disk) > 100 and on_disk == served_rows(f"{bucket}/s.zarr", KEYS[0], epoch, batch_size=7,
+                                                               buffer_chunks=2)
 
 
 def test_s3_overwrite_and_exists_checks(bucket):
