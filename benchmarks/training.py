@@ -30,6 +30,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -207,7 +208,7 @@ def train_arm(name: str, batches: Iterator[torch.Tensor], config: SaeConfig, nor
     sae = SparseAutoencoder(config, norm.mean * norm.scaling_factor)
 
     def log(step: int, loss: float, l0: float) -> None:
-        print(f"[{name}] step {step:5d}  loss {loss:9.3f}  L0 {l0:6.1f}", flush=True)
+        print(f"[{name}] step {step:5d}  median loss {loss:9.3f}  L0 {l0:6.1f}", flush=True)
 
     run = SaeTrainer(sae, norm.scaling_factor).train(batches, steps, log, log_every=max(steps // 8, 1))
     evaluation = evaluate(sae, batches_of(held_out, 4096), norm.scaling_factor)
@@ -217,7 +218,8 @@ def train_arm(name: str, batches: Iterator[torch.Tensor], config: SaeConfig, nor
     return {"fvu": evaluation.fvu, "l0": evaluation.l0, "dead_latents": evaluation.dead_latents,
             "dead_in_training": run.dead_in_training, "tokens_per_s": run.tokens_per_s,
             "train_seconds": run.seconds, "steps": run.steps, "rows_trained": run.rows,
-            "train_l0": run.l0, "loss_first": run.losses[0], "loss_last_tenth": sum(tail) / len(tail)}
+            "train_l0": run.l0, "loss_first": run.losses[0],
+            "loss_median_last_tenth": statistics.median(tail)}  # a mean would follow the few outlier batches
 
 
 def git_commit() -> str:

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -296,19 +297,23 @@ class SaeTrainer:
         Args:
             batches: ``(batch, d_in)`` rows as stored (unscaled), any float dtype, on any device.
             steps: steps to take.
-            log: called with (step, loss, L0) every ``log_every`` steps and at the last.
+            log: called every ``log_every`` steps and at the last with (step, the median loss and the mean L0
+                of the steps since the previous call). The median, because one batch holding a "massive
+                activation" row (norms 100x the median row's, at document boundaries) has a loss orders of
+                magnitude above its neighbours': the trend would read as a bounce.
             log_every: steps between calls of ``log``.
 
         Returns: a TrainingRun.
         """
-        losses, l0s = [], []
+        losses, l0s, logged = [], [], 0
         started, rows = time.perf_counter(), self.rows
         for step, batch in zip(range(steps), batches):
             loss, l0 = self.step(batch)
             losses.append(loss)
             l0s.append(l0)
             if log is not None and (step % log_every == 0 or step == steps - 1):
-                log(step, loss, l0)
+                log(step, statistics.median(losses[logged:]), statistics.fmean(l0s[logged:]))
+                logged = len(losses)
         seconds = time.perf_counter() - started
         trained = self.rows - rows
         recent = l0s[-50:]

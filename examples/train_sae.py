@@ -15,6 +15,7 @@ takes unscaled rows (the scale is folded into its weights).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 from engine import ActivationDataset, open_store
 from engine.sae import (
@@ -42,7 +43,7 @@ def train(path: str, key: str, steps: int = 1000, expansion_factor: int = 4, arc
     trainer = SaeTrainer(sae, norm.scaling_factor)
 
     def log(step: int, loss: float, l0: float) -> None:
-        print(f"step {step:5d}  loss {loss:10.4f}  L0 {l0:7.1f}")
+        print(f"step {step:5d}  loss {loss:10.4f}  L0 {l0:7.1f}  (median loss, mean L0 since the last line)")
 
     run = trainer.train(data.endless_batches(), steps, log, log_every)
     held_out = ActivationDataset(eval_store or store, key, batch_size=4096, shuffle=False)
@@ -73,7 +74,7 @@ def main() -> None:
     sae, run, evaluation = train(args.store, args.key, args.steps, args.expansion_factor, args.architecture,
                                args.k, args.l1_coefficient, args.lr, args.batch_size, args.seed, args.out,
                                args.eval_store)
-    first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
+    first, last = statistics.median(run.losses[:10]), statistics.median(run.losses[-10:])
     where = "held out" if args.eval_store else "in-sample"
     print(f"loss {first:.4f} -> {last:.4f}; {run.tokens_per_s:,.0f} tokens/s; {where} "
           f"({evaluation.rows:,} rows): FVU {evaluation.fvu:.4f}, L0 {evaluation.l0:.1f}, "
