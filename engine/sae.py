@@ -100,6 +100,8 @@ class Normalization:
         scaling_factor: ``sqrt(d / mean ||x||^2)``.
         mean: the rows' mean vector.
         source: where they come from, for reports.
+
+    Thread safety: immutable (do not change ``mean`` in place).
     """
 
     scaling_factor: float
@@ -221,6 +223,8 @@ class Evaluation:
         fvu: fraction of variance unexplained (0 perfect, 1 no better than the rows' mean).
         l0: mean count of non-zero latents per row.
         dead_latents: latents that fired on none of the rows.
+
+    Thread safety: immutable.
     """
 
     rows: int
@@ -240,6 +244,8 @@ class TrainingRun:
         losses: every step's loss.
         l0: mean L0 of the last ``min(steps, 50)`` steps' batches.
         dead_in_training: latents no row of the last ``dead_window`` training rows fired.
+
+    Thread safety: immutable.
     """
 
     steps: int
