@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
                                  steps, held_out, args)}
     a, b = arms["dataset"], arms["uniform"]
     return {
-        "command": args.command, "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": args.command, "git_commit": args.git_commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "stores": {split: str(path) for split, path in stores.items()},
         "key": key, "storage_dtype": args.dtype, "train_rows": rows.shape[0], "eval_rows": held_out.shape[0],
@@ -286,6 +286,7 @@ def report(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/training.py", *(sys.argv[1:] if argv is None else argv)])
+    args.git_commit = git_commit()  # the code that runs: read now, not after a run that commits may outlast
     root = (Path(args.store_dir).expanduser() if args.store_dir
             else Path(tempfile.mkdtemp(prefix="actcap_training_")))
     try:
