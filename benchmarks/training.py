@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sae.add_argument("--architecture", choices=list(ARCHITECTURES), default="topk")
     sae.add_argument("--d-sae", type=int, default=2304, help="latents")
     sae.add_argument("--k", type=int, default=32)
-    sae.add_argument("--l1-coefficient", type=float, default=5.0)
+    sae.add_argument("--l1-coefficient", type=float, default=1.0)
     sae.add_argument("--lr", type=float, default=1e-3)
     sae.add_argument("--batch-size", type=int, default=512)
     sae.add_argument("--steps", type=int, default=None, help="default: one pass over the training rows")

@@ -74,7 +74,7 @@ class SaeConfig:
     d_sae: int
     architecture: str = "topk"
     k: int = 32
-    l1_coefficient: float = 5.0
+    l1_coefficient: float = 1.0
     lr: float = 1e-3
     seed: int = 0
     dead_window: int = 100_000

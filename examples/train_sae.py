@@ -2,7 +2,7 @@
 
     python examples/train_sae.py acts.zarr layer_15/residual --architecture topk --k 32 --expansion-factor 4 \
         --steps 2000 --out sae/
-    python examples/train_sae.py acts.zarr layer_15/residual --architecture relu --l1-coefficient 5 --out sae/
+    python examples/train_sae.py acts.zarr layer_15/residual --architecture relu --l1-coefficient 1 --out sae/
 
 Rows come from ``ActivationDataset`` with its defaults (shuffled, attention sinks left out); inputs are
 scaled by the store's ``norm_scaling_factor`` and ``b_dec`` starts at its mean (manifest statistics). The SAE
@@ -30,7 +30,7 @@ from engine.sae import (
 
 
 def train(path: str, key: str, steps: int = 1000, expansion_factor: int = 4, architecture: str = "topk",
-          k: int = 32, l1_coefficient: float = 5.0, lr: float = 1e-3, batch_size: int = 512, seed: int = 0,
+          k: int = 32, l1_coefficient: float = 1.0, lr: float = 1e-3, batch_size: int = 512, seed: int = 0,
           out: str | None = None, eval_store: str | None = None,
           log_every: int = 100) -> tuple[SparseAutoencoder, TrainingRun, Evaluation]:
     """Train, evaluate and (with ``out``) save an SAE. Returns it with its training run and evaluation."""
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--architecture", choices=["topk", "relu"], default="topk")
     parser.add_argument("--expansion-factor", type=int, default=4, help="latents per input dimension")
     parser.add_argument("--k", type=int, default=32, help="latents kept per row (topk)")
-    parser.add_argument("--l1-coefficient", type=float, default=5.0, help="L1 penalty weight (relu)")
+    parser.add_argument("--l1-coefficient", type=float, default=1.0, help="L1 penalty weight (relu)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=512)
