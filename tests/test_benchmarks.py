@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import documents
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import overhead  # noqa: E402
+import training  # noqa: E402
 import writer  # noqa: E402
 
 TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256",
@@ -136,6 +139,34 @@ def test_reader_benchmark_cold_and_s3(tmp_path):
     assert mixing["distinct_sequences_per_batch"] <= 16 < mixing["uniform_distinct_sequences_per_batch"]
     s3 = run["s3"]  # read into memory: buffer_chunks (4) chunks of 8 sequences per window, and the carry
     assert s3["mb_per_s"] > 0 and s3["distinct_sequences_per_batch"] <= 40 and s3["mixing"] < 0.5
+
+
+def test_training_benchmark_trains_both_arms_reports_and_reuses_its_stores(model_dir, tmp_path, capsys):
+    """A tiny random-weight llama (the conftest's model folder) instead of SmolLM2, a few steps per arm; in
+    this process (its captures run the command line's code in it too), which spares four interpreters."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(400)))
+    tiny = ["--model", str(model_dir), "--layer", "1", "--seq-len", "64", "--data", str(corpus),
+            "--chunk-tokens", "256", "--train-tokens", "2048", "--eval-tokens", "512", "--d-sae", "128",
+            "--k", "8", "--batch-size", "64", "--steps", "6", "--store-dir", str(tmp_path / "stores")]
+    out = tmp_path / "t.json"
+    assert training.main([*tiny, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python benchmarks/training.py --model") and data["git_commit"]
+    assert data["exclude"] == "dataset default" and data["storage_dtype"] == "float16"
+    assert 0 < data["train_rows"] <= 2048 and 0 < data["eval_rows"] <= 512 and data["steps"] == 6
+    for arm in data["arms"].values():
+        assert 0 < arm["fvu"] and 0 < arm["l0"] <= 8 and 0 <= arm["dead_latents"] <= 128
+        assert arm["steps"] == 6 and arm["rows_trained"] == 6 * 64 and arm["tokens_per_s"] > 0
+    assert set(data["ratios"]) == {"fvu", "l0", "tokens_per_s"}
+    assert "[target]" in printed and all(f"\n{arm} " in printed for arm in ("dataset", "uniform"))
+    # the old exclusion and normalization from the rows, on the stores captured above
+    old = ["--exclude", "bos", "first", "--normalization", "rows"]
+    assert training.main([*tiny, *old, "--json", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    data = json.loads(out.read_text())
+    assert data["exclude"] == ["bos", "first"] and data["normalization"]["source"].startswith("the rows")
 
 
 def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():
