@@ -10,8 +10,8 @@ evaluation, the rest is trained on. The default corpus is Python's own documenta
 capture jobs) plus the docstrings of the standard library's packages: ~420k tokens, of which ~375k train.
 Stores are cached in ``--store-dir`` under a key of everything that shapes their rows (model, layer, hook
 point, sequence length, storage dtype, chunk size, the corpus's hash, token limits); without it they go to a
-temporary folder. Training is one pass by default (steps x batch = the training rows): a store many times the
-reader's buffer, where the order the reader serves rows in shows in the SAE.
+temporary folder. Training is one pass by default (steps x batch = the training rows) over a store 12.8x the
+reader's former 4-chunk mixing buffer, where the order the reader serves rows in shows in the SAE.
 
 Exclusion and normalization come from the store and the dataset's defaults; ``--exclude`` overrides the
 flags left out (both arms), ``--normalization rows`` computes the scale and mean from the training rows as
@@ -242,10 +242,10 @@ def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     config = SaeConfig(rows.shape[1], args.d_sae, args.architecture, k=args.k,
                        l1_coefficient=args.l1_coefficient, lr=args.lr, seed=args.seed,
                        dead_window=args.dead_window)
-    buffer_rows = dataset.buffer_chunks * dataset.chunk_rows
+    window_rows = dataset.window_chunks * dataset.chunk_rows
     print(f"[training] {rows.shape[0]:,} training rows, {held_out.shape[0]:,} held out; {steps} steps of "
-          f"{args.batch_size} ({steps * args.batch_size / rows.shape[0]:.2f} passes); the reader's buffer "
-          f"holds {buffer_rows:,} rows ({rows.shape[0] / buffer_rows:.1f}x less than the store); "
+          f"{args.batch_size} ({steps * args.batch_size / rows.shape[0]:.2f} passes); the reader's shuffle "
+          f"window holds {window_rows:,} rows ({rows.shape[0] / window_rows:.2f}x less than the store); "
           f"normalization from {norm.source}: scale {norm.scaling_factor:.4f}", flush=True)
     arms = {"dataset": train_arm("dataset", dataset.endless_batches(), config, norm, steps, held_out, args),
             "uniform": train_arm("uniform", uniform_batches(rows, args.batch_size, args.seed), config, norm,
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
         "key": key, "storage_dtype": args.dtype, "train_rows": rows.shape[0], "eval_rows": held_out.shape[0],
         "exclude": "dataset default" if args.exclude is None else args.exclude,
         "normalization": {"source": norm.source, "scaling_factor": norm.scaling_factor},
-        "reader_buffer_rows": buffer_rows, "store_over_buffer": rows.shape[0] / buffer_rows,
+        "reader_window_rows": window_rows, "store_over_window": rows.shape[0] / window_rows,
         "batch_size": args.batch_size, "steps": steps, "passes": steps * args.batch_size / rows.shape[0],
         "sae": dataclasses.asdict(config), "arms": arms,
         "ratios": {"fvu": a["fvu"] / b["fvu"], "l0": a["l0"] / b["l0"],
