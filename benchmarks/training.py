@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dtype", default="float16", choices=list(STORAGE_DTYPES),
                       help="the training rows' encoding (CaptureConfig dtype); part of the cache key")
     data.add_argument("--chunk-tokens", type=int, default=8192)
+    data.add_argument("--outlier-norm-ratio", default="10",
+                      help="the capture's outlier rule (python -m engine capture --outlier-norm-ratio)")
     data.add_argument("--capture-batch-size", type=int, default=8)
     data.add_argument("--data", default=None, help="a corpus as `python -m engine capture --data` takes it "
                       "(default: Python's documentation and the standard library's package docstrings)")
@@ -140,7 +142,8 @@ def cache_key(args: argparse.Namespace, corpus_hash: str) -> str:
     """Everything that shapes the stores' rows, as a folder name."""
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name)
     return (f"{model}-layer{args.layer}-{args.hook}-seq{args.seq_len}-{args.dtype}-chunk{args.chunk_tokens}"
-            f"-corpus{corpus_hash}-train{args.train_tokens or 'all'}-eval{args.eval_tokens or 'all'}")
+            f"-outlier{args.outlier_norm_ratio}-corpus{corpus_hash}-train{args.train_tokens or 'all'}"
+            f"-eval{args.eval_tokens or 'all'}")
 
 
 def capture(args: argparse.Namespace, corpus: Path, out: Path, max_tokens: int | None) -> None:
@@ -149,6 +152,7 @@ def capture(args: argparse.Namespace, corpus: Path, out: Path, max_tokens: int |
     argv = ["capture", "--model", args.model, "--data", str(corpus), "--layers", str(args.layer), "--hooks",
             args.hook, "--seq-len", str(args.seq_len), "--batch-size", str(args.capture_batch_size),
             "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens), "--weights", args.weights,
+            "--outlier-norm-ratio", args.outlier_norm_ratio,
             "--out", str(out), "--resume-or-start", "--no-progress"]
     if max_tokens is not None:
         argv += ["--max-tokens", str(max_tokens)]

@@ -149,6 +149,8 @@ def assert_one_line_error(code: int, err: str, expected: str):
     (["--resume"], "--resume: there is no capture store at"),
     (["--resume", "--overwrite"], "not allowed with argument"),
     (["--max-tokens", 5], "--max-tokens 5 is less than the first row's 24 tokens"),
+    (["--outlier-norm-ratio", "x"], "expected a number above 1 or 'none', got 'x'"),
+    (["--outlier-norm-ratio", 0.5], "outlier_norm_ratio must be a finite number above 1"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(model_dir, corpus, tmp_path,
