@@ -311,6 +311,7 @@ class CaptureEngine:
             return
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
+        self._pool.check_memory(batch_size * seq_len, self._dims or self._expected_widths)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         first = placement.first_sequence if placement.continues else self._next_sequence
@@ -390,7 +391,6 @@ class CaptureEngine:
         if self._stager.cuda:
             self._stager.finish(slot)
             slot.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
-        slot.snapshots.clear()
         self._pool.give_back(slot.index)
 
     def _on_point(self, point: HookPoint, tensor: torch.Tensor) -> None:

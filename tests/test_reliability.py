@@ -210,10 +210,11 @@ def test_a_device_error_at_close_still_closes_the_writer_and_frees_the_store(tmp
 
 @pytest.mark.parametrize("fail_at", ["first batch", "growth"])
 def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at, tmp_path, monkeypatch):
-    """Pinning a slot buffer (cudaHostRegister) can fail, stood in for here by making a buffer fail midway
-    through a slot's allocation: the forward raises, the slot is left empty (its old buffers went first, so
-    that it never holds two sets of pinned memory) and comes back, and the next batches, which allocate it
-    again, are captured exactly, numbered as if the lost batch had never been fed."""
+    """Making a slot buffer can fail (no shared memory left; pinning that the driver refuses only warns and
+    leaves the buffer unpinned), stood in for here by making a buffer fail midway through a slot's
+    allocation: the forward raises, the slot is left empty (its old buffers went first, so that it never
+    holds two sets of pinned memory) and comes back, and the next batches, which allocate it again, are
+    captured exactly, numbered as if the lost batch had never been fed."""
     model = tiny_model("gpt2")
     cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
     kept = [ragged_batch(3, 8, seed=s) for s in range(1, 4)]
@@ -247,6 +248,30 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
     assert list(np.unique(store["tokens/sequence"][:])) == list(range(9)), "the lost batch left a gap"
     assert store.manifest.sequences == 9
     assert_store_rows(cfg.output_dir, ref, kept)
+
+
+def test_slots_that_would_not_fit_in_host_memory_are_refused_before_anything_is_allocated(tmp_path,
+                                                                                          monkeypatch):
+    """Staging slots are pinned on CUDA: more than the host can give is an out-of-memory kill, not an error.
+    A batch whose slots would take more than half of the memory available is refused (BatchError) before any
+    slot grows, and counts as never fed."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
+    batches = [ragged_batch(3, 8, seed=s) for s in range(2)]
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batches[0])
+        held = cap._pool.nbytes
+        monkeypatch.setattr(engine.staging, "available_host_memory", lambda: 64 << 10)
+        with pytest.raises(engine.BatchError, match="lower CaptureConfig.pinned_slots or the batch size"):
+            model(**ragged_batch(64, 8, seed=9))  # larger than the slots: they would grow
+        assert cap._pool.nbytes == held, "no slot grew"
+        model(**batches[1])  # a batch the slots hold needs nothing more
+    store = open_store(cfg.output_dir)
+    assert store.manifest.sequences == 6 and list(np.unique(store["tokens/sequence"][:])) == list(range(6))
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_leaves_no_gap(tmp_path):

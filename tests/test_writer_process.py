@@ -243,6 +243,25 @@ def _use_cuda_handoff(cap: CaptureEngine, behaviours: list[str], released: threa
                         lambda slot: setattr(slot, "event", _CopyEvent(next(events), released)))
 
 
+def test_backpressure_on_a_hung_device_fails_the_run_instead_of_waiting_for_ever(tmp_path, monkeypatch):
+    """The CUDA path on CPU: every slot in use and the oldest batch's copies never finish (a hung device).
+    The forward waiting for a free slot raises once the handoff thread has waited _EXIT_WAIT_S (1 s here) on
+    those copies; before, only drain and close applied that rule and backpressure waited for ever."""
+    released = threading.Event()
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=2)
+    cap = CaptureEngine(model, cfg)
+    _use_cuda_handoff(cap, ["hang"] * 4, released, monkeypatch)
+    try:
+        with pytest.raises(engine.CaptureError, match="HandoffStuck"), torch.no_grad():
+            for seed in range(4):
+                model(**ragged_batch(3, 8, seed=seed), use_cache=False)
+    finally:
+        released.set()
+        cap.close()
+    assert open_store(cfg.output_dir).status == "failed"
+
+
 @pytest.mark.parametrize("third_batch", ["lands", "fail", "hang"])
 def test_the_cuda_handoff_thread_at_close(third_batch, tmp_path, monkeypatch):
     """The CUDA path's handoff thread, on CPU: batches go through it (their events stood in for), and close
