@@ -47,6 +47,7 @@ import os
 import tempfile
 import warnings
 
+import numpy as np
 import psutil
 import torch
 
@@ -384,6 +385,21 @@ class SlotPool:
         release_each(self.slots)
 
 
+# Storage dtypes numpy copies as they are (bfloat16 has no numpy dtype).
+_NUMPY_COPIED = (torch.float16, torch.float32)
+
+
+def _copy_on_cpu(destination: torch.Tensor, tensor: torch.Tensor) -> None:
+    """A host tensor into its slot view. Rows already in the storage dtype and contiguous go through numpy's
+    memcpy, on this thread alone: torch's ``copy_`` splits a large copy over its OpenMP threads, which then
+    spin, and took 0.26 s of CPU per GB against 0.11 for one thread (benchmarks/results/cpu-2026-12-07b/
+    copy_cpu.txt). Casts stay torch's (numpy's float32 to float16 is a scalar loop)."""
+    if tensor.dtype == destination.dtype and tensor.dtype in _NUMPY_COPIED and tensor.is_contiguous():
+        np.copyto(destination.numpy(), tensor.detach().numpy())
+    else:
+        destination.copy_(tensor)
+
+
 class Stager:
     """Copies a batch's tensors into its slot: asynchronously on a side CUDA stream, or synchronously on CPU.
 
@@ -445,7 +461,7 @@ class Stager:
             slot.copies.append((destination,
                                 tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format)))
         else:
-            destination.copy_(tensor)
+            _copy_on_cpu(destination, tensor)
         slot.captured.add(key)
 
     def synchronize(self) -> None:
