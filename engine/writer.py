@@ -42,6 +42,7 @@ records can land out of order; readers trust the gap-free prefix only.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -496,8 +497,10 @@ class Server:
         self._sink = _load(spec.sink).open(spec)
         self._pool = WriterPool(spec, self._sink, self._memory, channel.send)
 
-    def serve(self, messages: list) -> None:
-        """Handle ``messages`` (already received), then every later one, until close.
+    def serve(self, messages: collections.deque) -> None:
+        """Handle ``messages`` (already received), then every later one, until close. Each is taken off
+        ``messages`` as it is handled, so after a failure the caller still has the ones not handled (the
+        close among them: ``_wait_for_close``).
 
         While batches come the channel is polled, not waited on: a process blocked on the socket must be
         woken by each message, which costs the sender (the model's forward thread) an interprocessor wakeup
@@ -510,12 +513,12 @@ class Server:
         """
         idle = 0.0
         while True:
-            for message in messages:
-                if self._handle(message):
+            while messages:
+                if self._handle(messages.popleft()):
                     return
             waiting = idle >= CHANNEL_POLL_MAX_S
             try:
-                messages = self._channel.receive(timeout=_PARENT_CHECK_S if waiting else 0.0)
+                messages.extend(self._channel.receive(timeout=_PARENT_CHECK_S if waiting else 0.0))
             except ChannelClosed:
                 os._exit(EXIT_ORPHANED)  # protocol step 5
             if messages:
@@ -586,11 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the capturing process's to handle (it closes us)
     channel = Channel(socket.socket(fileno=int((argv or sys.argv)[1])))
     server = None
+    # Messages received and not yet handled. The spec's read may bring more (when the capturing process closes
+    # at once, the close itself): they stay here, for the server or, if it fails, for _wait_for_close.
+    messages: collections.deque = collections.deque()
     try:
-        messages = []
         while not messages:
-            messages = channel.receive(timeout=None)
-        (_, spec), *messages = messages
+            messages.extend(channel.receive(timeout=None))
+        _, spec = messages.popleft()
         server = Server(spec, channel)
         server.serve(messages)
         return 0
@@ -600,25 +605,27 @@ def main(argv: list[str] | None = None) -> int:
         send_error(channel.send, exc)
         if server is not None:
             server.abort()  # nothing more is written once this process has failed
-        _wait_for_close(channel)
+        _wait_for_close(channel, messages)
         return 1
 
 
-def _wait_for_close(channel: Channel) -> None:
-    """After a failure to start: answer the close message so the capturing process can finish its own way."""
+def _wait_for_close(channel: Channel, messages: collections.deque) -> None:
+    """After a failure: answer the close message (among ``messages``, received and not handled yet, or still
+    to come) so the capturing process can finish its own way."""
     while True:
-        try:
-            messages = channel.receive(timeout=_PARENT_CHECK_S)
-        except ChannelClosed:
-            return
-        for message in messages:
+        while messages:
+            message = messages.popleft()
             if message[0] == "buffer":
-                channel.take_fds(1)
+                os.close(channel.take_fds(1)[0])
             elif message[0] == "batch":
                 channel.send(("free", message[1]))
             elif message[0] == "close":
                 channel.send(("closed", {"status": layout.STATUS_FAILED, "finalized": False}))
                 return
+        try:
+            messages.extend(channel.receive(timeout=_PARENT_CHECK_S))
+        except ChannelClosed:
+            return
 
 
 def _exit_now(code: int) -> None:
