@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's engine, not the installed
 
 import engine.lock  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
