@@ -1,17 +1,23 @@
 """Committed chunks as readers get them: read whole, and checked against their commit records.
 
-Every read checks the chunk's stored size first (one stat of the chunk file, or one HEAD of the object: the
-open file's fstat when the rows are read with ``readinto``); with ``verify`` it also compares the CRC32C of
-the rows read with the record's. A chunk that is missing, of the wrong size, undecodable or fails its
-checksum raises StoreCorruptError naming array, chunk and file, and none of its rows is returned. What the
-checksum covers, and why, is written down in ``engine.layout``.
+Every read checks the chunk's stored size first (the fstat of the chunk file, opened by ``open_chunk_file``,
+or one HEAD of the object); with ``verify`` it also compares the CRC32C of the rows read with the record's. A
+chunk that is missing, of the wrong size, not a regular file, undecodable or fails its checksum raises
+StoreCorruptError naming array, chunk and file, and none of its rows is returned. What the checksum covers,
+and why, is written down in ``engine.layout``.
+
+A store never reads outside its own folder: every local chunk file is opened by ``open_chunk_file``, which
+follows no symbolic link below the store's folder (a linked chunk file or folder raises StoreFormatError)
+and never blocks on a FIFO or device put in a chunk's place.
 
 Torch-free (numpy and zarr): the capturing process (a resume), the writer process and the readers use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .errors import StoreCorruptError
+from .errors import StoreCorruptError, StoreFormatError
 from .layout import ChunkFile
 
 DAMAGE_FIX = ("restore the store from a copy, or resume the capture (a resume verifies the chunks it keeps, "
@@ -48,10 +54,17 @@ def chunk_key(array: zarr.Array, chunk_index: int) -> str:
     return f"{array.path}/{key}" if array.path else key
 
 
+def local_root(array: zarr.Array) -> Path | None:
+    """The folder of the store an array is in (a part's folder in a multi-process store); None on other
+    stores."""
+    store = array.store
+    return Path(store.root) if isinstance(store, zarr.storage.LocalStore) else None
+
+
 def local_chunk_path(array: zarr.Array, chunk_index: int) -> Path | None:
     """The file of one row chunk of an array in a local folder (None on other stores)."""
-    store = array.store
-    return store.root / chunk_key(array, chunk_index) if isinstance(store, zarr.storage.LocalStore) else None
+    root = local_root(array)
+    return None if root is None else root / chunk_key(array, chunk_index)
 
 
 def local_chunk_folder(array: zarr.Array) -> Path | None:
@@ -85,8 +98,124 @@ def expected_nbytes(array: zarr.Array, file: ChunkFile | None) -> int | None:
     return full_chunk_nbytes(array) if plain_encoded(array) else None
 
 
-def stored_nbytes(array: zarr.Array, chunk_index: int) -> int | None:
-    """The stored length of a chunk (None: there is none): one stat, or one HEAD of the object."""
+# ---- local chunk files: opened inside the store only, and only when they are files ------------------------
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading would wait for a writer; a regular file reads the same with it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+class _NotAFile(Exception):
+    """Internal: what stands where a chunk file should be (``open_chunk_file`` returns it as a problem)."""
+
+
+def link_refused(root: Path, relative: str) -> StoreFormatError:
+    """The error for a symbolic link at ``relative`` below a store's folder ``root``."""
+    return StoreFormatError(f"{root / relative} is a symbolic link: a store reads only its own files, "
+                            "never through a link to somewhere else (it could serve another store's rows). "
+                            "The fix: replace the link by the file or folder it points to (copy it in), or "
+                            "restore the store from a copy")
+
+
+def _open_folder(parent: int, name: str, root: Path, relative: str) -> int:
+    """Open the folder ``name`` in the open folder ``parent``, refusing a symbolic link."""
+    try:
+        return os.open(name, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+    if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+        raise link_refused(root, relative)
+    raise _NotAFile(f"{root / relative} is not a folder")
+
+
+def open_below(root: Path, relative: str) -> int:
+    """A descriptor of the folder ``relative`` below ``root``, reached without following a symbolic link
+    (``root`` itself may be one: it is what the caller named).
+
+    Raises:
+        FileNotFoundError: there is no such folder.
+        StoreFormatError: a symbolic link on the way.
+    """
+    folder = os.open(root, _FOLDER_FLAGS)
+    done: list[str] = []
+    try:
+        for name in filter(None, relative.split("/")):
+            done.append(name)
+            inner = _open_folder(folder, name, root, "/".join(done))
+            os.close(folder)
+            folder = inner
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a FIFO", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_chunk_file(root: Path, key: str) -> int | str:
+    """Open the chunk file ``key`` of the store in folder ``root`` for reading: every local chunk read goes
+    through here.
+
+    Nothing outside the store is read: no symbolic link below ``root`` is followed. And nothing hangs: lstat
+    must say a regular file before the open (a FIFO in a chunk's place would block the open, a device could
+    do anything), the open cannot block (``O_NONBLOCK``, ``O_NOFOLLOW``), and its fstat must agree.
+
+    Returns:
+        The open descriptor (the caller closes it), or a problem ("a FIFO where a chunk file should be").
+
+    Raises:
+        FileNotFoundError: the chunk is absent (whether that is damage is the caller's to decide).
+        StoreFormatError: the file, or a folder on the way, is a symbolic link.
+    """
+    folders, _, name = key.rpartition("/")
+    try:
+        folder = open_below(root, folders)
+    except _NotAFile as problem:
+        return f"{problem} where the chunk file's folder should be"
+    try:
+        found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        if stat.S_ISLNK(found.st_mode):
+            raise link_refused(root, key)
+        if _kind(found.st_mode) is not None:
+            return f"{_kind(found.st_mode)} where the chunk file should be"
+        fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+    finally:
+        os.close(folder)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino) or _kind(opened.st_mode) is not None:
+        os.close(fd)
+        return "replaced by something else while it was opened"
+    return fd
+
+
+def _file_nbytes(root: Path, key: str) -> int | str | None:
+    """The length of a local chunk file, None when there is none, or a problem (``open_chunk_file``)."""
+    try:
+        opened = open_chunk_file(root, key)
+    except FileNotFoundError:
+        return None
+    if isinstance(opened, str):
+        return opened
+    try:
+        return os.fstat(opened).st_size
+    finally:
+        os.close(opened)
+
+
+def stored_nbytes(array: zarr.Array, chunk_index: int) -> int | str | None:
+    """The stored length of a chunk (None: there is none), or what is wrong with its file: one open and fstat
+    of the file (``open_chunk_file``), or one HEAD of the object."""
+    root = local_root(array)
+    if root is not None:
+        return _file_nbytes(root, chunk_key(array, chunk_index))
     try:
         return sync(array.store.getsize(chunk_key(array, chunk_index)))
     except FileNotFoundError:
@@ -110,22 +239,26 @@ def _size_problem(found: int | None, expected: int | None, absent_ok: bool) -> s
 
 
 def size_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> str | None:
-    """What is wrong with a chunk's stored size, or None."""
-    return _size_problem(stored_nbytes(array, chunk_index), expected_nbytes(array, file),
-                         absent_means_fill(file))
+    """What is wrong with a chunk's stored size (or its file), or None."""
+    found = stored_nbytes(array, chunk_index)
+    if isinstance(found, str):
+        return found
+    return _size_problem(found, expected_nbytes(array, file), absent_means_fill(file))
 
 
-def _read_file(array: zarr.Array, path: Path, out: np.ndarray, file: ChunkFile | None) -> str | None:
+def _read_file(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
     """A plain local chunk's first ``len(out)`` rows into ``out`` with readinto (no temporary)."""
     target = memoryview(out.reshape(-1).view(np.uint8))
     try:
-        f = open(path, "rb", buffering=0)
+        opened = open_chunk_file(local_root(array), chunk_key(array, chunk_index))
     except FileNotFoundError:
         if not absent_means_fill(file):
             return "missing"
         out.view(array.dtype)[...] = array.fill_value
         return None
-    with f:
+    if isinstance(opened, str):
+        return opened
+    with open(opened, "rb", buffering=0) as f:
         problem = _size_problem(os.fstat(f.fileno()).st_size, expected_nbytes(array, file), absent_ok=False)
         done = 0
         while problem is None and done < len(target):
@@ -156,8 +289,7 @@ def chunk_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None, o
     wrong with it, or None. Plain chunks of a local store: one readinto; others through zarr. ``verify``:
     compare the rows' CRC32C with ``file``'s (a format version 1 chunk has none to compare)."""
     direct = plain_encoded(array) and out.flags.c_contiguous and sys.byteorder == "little"
-    path = local_chunk_path(array, chunk_index) if direct else None
-    problem = (_read_file(array, path, out, file) if path is not None
+    problem = (_read_file(array, chunk_index, out, file) if direct and local_root(array) is not None
                else _read_zarr(array, chunk_index, out, file))
     if problem is None and verify and file is not None:
         found = crc32c(out)
@@ -194,3 +326,4 @@ def check_size(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> N
     problem = size_problem(array, chunk_index, file)
     if problem is not None:
         raise corrupt_error([describe(array, chunk_index, problem)])
+

@@ -30,6 +30,7 @@ from .chunks import (
     chunk_key,
     crc32c,
     full_chunk_nbytes,
+    link_refused,
     local_chunk_folder,
     local_chunk_path,
     plain_encoded,
@@ -255,6 +256,9 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
         raise StorePathError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
     exists = path.is_dir() and any(path.iterdir())
     _check_existing(location, exists, overwrite, resume)
+    link = _first_link(path) if exists and resume else None
+    if link is not None:  # a resume would read, cut back and write chunks through it: outside the store
+        raise link_refused(path, str(link.relative_to(path)))
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -265,6 +269,19 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
         raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an "
                              "output_dir in a writable folder")
     return exists
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link found inside ``folder`` (None: there is none). One scan of the folders, no
+    stat per file (the listing says which entries are links)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                return Path(entry.path)
+            inner = _first_link(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else None
+            if inner is not None:
+                return inner
+    return None
 
 
 def clear_location(location: Location) -> None:

@@ -382,6 +382,35 @@ def test_use_after_close_is_an_error(tmp_path):
             pass
 
 
+def test_a_store_reached_through_a_symbolic_link_has_its_lock(tmp_path, reference):
+    """Issue 32: the lock file was ``<path>.lock`` of the path as given, so ``alias.zarr -> s.zarr`` had a
+    lock of its own, and a resume through the alias wrote into the store while another job did. The lock is
+    the resolved path's: the second writer is refused and the running job's store ends exactly right."""
+    store, hold, alias = tmp_path / "s.zarr", tmp_path / "go", tmp_path / "alias.zarr"
+    alias.symlink_to(store.name)
+    holder = hold_mid_run(store, hold)
+    try:
+        with pytest.raises(engine.StoreLockedError, match=f"is being written by pid {holder.pid} "):
+            CaptureEngine(tiny_model("gpt2"), small_cfg(alias, layer_indices=[0, 1], chunk_tokens=CHUNK,
+                                                        resume=True))
+    finally:
+        finish(holder, hold)
+    assert_same_store(open_store(store), reference)
+
+
+def test_overwrite_through_a_symbolic_link_replaces_the_store_it_points_to(tmp_path):
+    """Issue 32. Before: a raw 'Cannot call rmtree on a symbolic link'."""
+    model = tiny_model("gpt2")
+    store, alias = tmp_path / "s.zarr", tmp_path / "alias.zarr"
+    alias.symlink_to(store)
+    for path, seeds, options in ((store, (0, 1), {}), (alias, (2,), {"overwrite": True})):
+        with CaptureEngine(model, small_cfg(path, **options)), torch.no_grad():
+            for seed in seeds:
+                model(**ragged_batch(2, 6, seed=seed))
+    assert alias.is_symlink() and open_store(alias).status == "complete"
+    assert open_store(store).num_tokens == int(ragged_batch(2, 6, seed=2)["attention_mask"].sum())
+
+
 def test_resume_after_a_crash_between_array_creations(tmp_path):
     """kill -9 can land while the first batch creates the arrays (a window of seconds on object storage):
     nothing is committed yet and some arrays are missing. Resume starts over instead of refusing the
