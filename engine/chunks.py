@@ -26,11 +26,15 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from . import layout
 from .errors import StoreCorruptError, StoreFormatError
-from .layout import ChunkFile
+from .layout import ChunkFile, CommitRecord, Manifest
 
 DAMAGE_FIX = ("restore the store from a copy, or resume the capture (a resume verifies the chunks it keeps, "
               "cuts back to the last good one and captures the rest again)")
+METADATA_FIX = ("restore the named zarr.json files (or the whole store) from a copy: the rows on disk are "
+                "read through them and the commit records, so no reader or resume can trust them until they "
+                "agree")
 
 
 def crc32c(rows: np.ndarray) -> int:
@@ -327,3 +331,90 @@ def check_size(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> N
     if problem is not None:
         raise corrupt_error([describe(array, chunk_index, problem)])
 
+
+# ---- array metadata against the manifest and the commit records -------------------------------------------
+
+
+def _captured_arrays(manifest: Manifest) -> dict[str, tuple[np.dtype | None, bool]]:
+    """Every array the capture writes with each chunk: key -> (its dtype, whether it holds activations)."""
+    activations = layout.STORAGE_DTYPES.get(manifest.dtype)
+    tokens = layout.token_arrays(manifest.annotations)
+    return {**{key: (activations, True) for key in manifest.arrays},
+            **{key: (np.dtype(dtype), False) for key, dtype in tokens.items()}}
+
+
+def _record_problems(record: CommitRecord, captured: dict[str, tuple], manifest: Manifest,
+                     store: str) -> list[str]:
+    """A commit record must list every array the capture wrote: one that leaves an array out would have that
+    array's chunk read as fill values (or not at all)."""
+    index = record.chunk_index
+    where = f"commit record of chunk {index} ({store}/{layout.commit_record_key(index)})"
+    problems = []
+    if set(record.dims) != set(manifest.arrays):
+        problems.append(f"the {where} lists the activation arrays {sorted(record.dims)}, the manifest "
+                        f"{sorted(manifest.arrays)}")
+    missing = sorted(set(captured) - set(record.files)) if record.files else []
+    if missing:
+        problems.append(f"the {where} has no stored chunk of {', '.join(missing)}")
+    return problems
+
+
+def _widths(records: list[CommitRecord], key: str) -> set[int]:
+    return {record.dims[key] for record in records if key in record.dims}
+
+
+def _array_metadata_problem(array: zarr.Array, expected: tuple[np.dtype | None, bool], widths: set[int],
+                            manifest: Manifest, rows: int) -> str | None:
+    """What in one array's zarr.json disagrees with the manifest and the commit records, or None."""
+    dtype, activations = expected
+    if activations and len(widths) > 1:
+        return f"its commit records disagree on its width: {sorted(widths)}"
+    # An activation array's width comes from the records (None: no chunk committed yet, nothing to misread).
+    row_shape = (next(iter(widths)),) if activations and widths else None if activations else ()
+    chunks = None if row_shape is None else (manifest.chunk_tokens, *row_shape)
+    checks = [("data type", array.dtype, dtype),
+              ("row shape", array.shape[1:], row_shape),
+              ("chunk shape", array.chunks, chunks),
+              ("codecs", "none" if plain_encoded(array) else "compressing",
+               "none" if manifest.compressor is None else "compressing")]
+    for what, found, wanted in checks:
+        if wanted is not None and found != wanted:
+            return f"{what} {found}, the manifest and commit records say {wanted}"
+    if array.shape[0] < rows:
+        return f"{array.shape[0]} rows, fewer than the {rows} committed"
+    return None
+
+
+def metadata_problems(arrays: dict[str, zarr.Array], records: list[CommitRecord], manifest: Manifest,
+                      rows: int, where: str) -> list[str]:
+    """Check the arrays of one store (or part) against its manifest and its committed chunks' records: each
+    captured array is there once a chunk is committed, with the dtype, width, chunking and codecs they say,
+    and room for the ``rows`` committed; each record lists every array. Reads nothing (the metadata is open).
+
+    Args:
+        arrays: the store's arrays that exist, by key; where: the store, for messages.
+
+    Returns: one line per problem (array, its zarr.json, what disagrees); empty when all agree.
+    """
+    captured = _captured_arrays(manifest)
+    problems = [problem for record in records
+                for problem in _record_problems(record, captured, manifest, where)]
+    for key, expected in captured.items():
+        array = arrays.get(key)
+        if array is None:
+            if records:
+                problems.append(f"{key} ({where}/{key}/zarr.json): missing, but {len(records)} commit "
+                                "records list it")
+            continue
+        problem = _array_metadata_problem(array, expected, _widths(records, key), manifest, rows)
+        if problem is not None:
+            problems.append(f"{key} ({where}/{key}/zarr.json): {problem}")
+    return problems
+
+
+def metadata_error(problems: list[str]) -> StoreCorruptError:
+    """StoreCorruptError listing every array whose metadata disagrees with the store's records."""
+    listing = "\n  ".join(problems)
+    return StoreCorruptError(f"array metadata disagrees with the store's manifest and commit records, so the "
+                             f"committed rows cannot be read as they were written:\n  {listing}\nThe fix: "
+                             f"{METADATA_FIX}", problems)

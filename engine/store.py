@@ -33,6 +33,8 @@ from .chunks import (
     link_refused,
     local_chunk_folder,
     local_chunk_path,
+    metadata_error,
+    metadata_problems,
     plain_encoded,
     store_name,
 )
@@ -369,7 +371,11 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     damaged: list[str] = []
     records = read_commit_records(store, str(location), stored, damaged)
     arrays = existing_arrays(group, [*stored.arrays, *own])
-    point = scan_committed(arrays, committed_prefix(records), stored)
+    prefix = committed_prefix(records)
+    problems = metadata_problems(arrays, prefix, stored, prefix[-1].row_stop if prefix else 0, str(location))
+    if problems:  # the kept rows would be read, and new ones written, through metadata that misreads them
+        raise metadata_error(problems)
+    point = scan_committed(arrays, prefix, stored)
     point = dataclasses.replace(point, damaged=tuple(damaged) + point.damaged)
     if point.damaged:
         warnings.warn(f"resuming {location}: cut back before damaged committed chunks, which are captured "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -408,3 +409,65 @@ def test_a_store_never_reads_through_a_symbolic_link(linked, store, tmp_path, ca
     code, report = inspect(capsys, store, "--verify")
     assert code == 2 and str(link) in report and open_store(other, verify=True).status == "complete"
 
+
+# ---- array metadata checked against the manifest and the commit records (issue 32) -------------------------
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _set_shape(rows: int | None = None, width: int | None = None, chunk_rows: int | None = None):
+    def edit(doc: dict) -> None:
+        shape, chunks = doc["shape"], doc["chunk_grid"]["configuration"]["chunk_shape"]
+        shape[0] = shape[0] if rows is None else rows
+        shape[1] = chunks[1] = shape[1] if width is None else width
+        chunks[0] = chunks[0] if chunk_rows is None else chunk_rows
+    return edit
+
+
+def _drop_from_record(doc: dict) -> None:
+    record = doc["attributes"]
+    record["keys"].remove(KEY)
+    for field in ("shape", "stats", "files"):
+        del record[field][KEY]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("rows", "10 rows, fewer than the 54 committed"),
+    ("dtype", "data type int16, the manifest and commit records say float16"),
+    ("width", r"row shape \(32,\), the manifest and commit records say \(64,\)"),
+    ("huge width", r"row shape \(1099511627776,\)"),
+    ("huge chunks", r"chunk shape \(1099511627776, 64\), the manifest and commit records say \(8, 64\)"),
+    ("deleted", "missing, but 7 commit records list it"),
+    ("record drops the array",
+     r"commit record of chunk 2 \(.*chunk_000000000002/zarr.json\) lists the activation arrays "
+     r"\['layer_0/mlp_hidden'\]"),
+])
+def test_array_metadata_is_checked_against_the_manifest_and_the_records(damage, expected, store, capsys):
+    """Before: the array's zarr.json was trusted: a shape of 10 rows made ``len()`` and ``[:]`` disagree, an
+    int16 dtype returned int16 values, width 32 served garbage rows, huge sizes raised MemoryError, a deleted
+    zarr.json made the array vanish, and a record without the array (its chunk deleted) served zeros even
+    with verify, while ``inspect --verify`` crashed with a KeyError."""
+    document = store / KEY / "zarr.json"
+    if damage == "deleted":
+        document.unlink()
+    elif damage == "record drops the array":
+        _edit_json(store / commit_record_key(2), _drop_from_record)
+        chunk_file(store, KEY, 2).unlink()
+    else:
+        edits = {"rows": _set_shape(rows=10), "width": _set_shape(width=32),
+                 "huge width": _set_shape(width=2 ** 40), "huge chunks": _set_shape(chunk_rows=2 ** 40),
+                 "dtype": lambda doc: doc.update(data_type="int16")}
+        _edit_json(document, edits[damage])
+    for read in (lambda: open_store(store), lambda: open_store(store, verify=True), lambda: read_all(store),
+                 lambda: _resume(store)):
+        with pytest.raises(StoreCorruptError, match=expected) as error:
+            read()
+        assert KEY in str(error.value) and "The fix: restore the named zarr.json" in str(error.value)
+    code, report = inspect(capsys, store, "--verify")
+    assert code == 1 and KEY in report and re.search(expected, report), report
+    # the resume was refused before it changed anything
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["manifest"]["status"] == "complete"
