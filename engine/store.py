@@ -304,10 +304,15 @@ def reserve_path(location: Location) -> Path | None:
 
 
 def _reserve_space(location: Location) -> None:
+    """Write the reserve file; one the disk had no room for is removed, not left half-written."""
     reserve = reserve_path(location)
     if reserve is not None:
-        with open(reserve, "wb") as f:
-            f.write(b"\0" * RESERVE_BYTES)
+        try:
+            with open(reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+        except BaseException:
+            reserve.unlink(missing_ok=True)
+            raise
 
 
 def release_reserve(location: Location) -> None:

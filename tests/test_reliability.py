@@ -166,6 +166,59 @@ def test_disk_full_fails_cleanly_and_keeps_committed_chunks(tmp_path, small_file
     assert not list(Path(cfg.output_dir).rglob("*.partial")), "temp files are cleaned up"
 
 
+def _assert_failed_and_clean(store: Path) -> None:
+    """A run that stopped while its store was written: the store says failed; no reserve, no temp file."""
+    assert open_store(store).status == "failed"
+    assert not store.with_name(store.name + ".reserve").exists(), "the reserve is gone"
+    assert not [path for path in store.parent.rglob("*") if ".partial" in path.name], "no temp file is left"
+
+
+CREATE_UNDER_LIMIT = """
+import sys
+from helpers import tiny_model
+from engine import CaptureConfig, CaptureEngine
+try:
+    CaptureEngine(tiny_model("gpt2"), CaptureConfig(sys.argv[1], layer_indices=[0]))
+except OSError as error:
+    print(type(error).__name__, error.errno, error)
+"""
+
+
+def test_a_file_size_limit_at_store_creation_ends_failed_and_leaves_nothing_behind(tmp_path):
+    """Issue 32: ``ulimit -f 32`` (32 KiB files) lets the store's documents be written but not its 128 KiB
+    reserve. Before: a raw OSError 27 from the constructor, the store left ``open`` and a partial reserve
+    beside it."""
+    store, root = tmp_path / "s.zarr", Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", "-c", f'ulimit -f 32 && exec "{sys.executable}" -c "$0" "$1"',
+                           CREATE_UNDER_LIMIT, str(store)], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root / "tests")})
+    report = done.stdout + done.stderr
+    assert done.stdout.startswith("StorePathError 27 ") and "the store says failed" in done.stdout, report
+    _assert_failed_and_clean(store)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 64 KiB tmpfs: room for a store's documents, not for its reserve (needs root); else skip."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_at_store_creation_ends_failed_and_leaves_nothing_behind(tiny_filesystem):
+    """Issue 32: the disk fills while the store is created (its reserve). Before: a raw OSError 28, status
+    ``open`` and a partial reserve, whose cleanup was registered only after the store was made."""
+    store = tiny_filesystem / "s.zarr"
+    with pytest.raises(engine.StorePathError, match="No space left on device; the store says failed") as info:
+        CaptureEngine(tiny_model("gpt2"), small_cfg(store))
+    assert info.value.errno == 28
+    _assert_failed_and_clean(store)
+
+
 def raise_in_layer_1(model):
     """A forward that fails after layer 0 was staged (its slot is still the forward's): once."""
     def fail_once(module, args, output):
