@@ -232,7 +232,8 @@ class CaptureEngine:
             num_writers=config.num_writers, statistics=config.statistics,
             start_row=resume.rows if resume is not None else 0,
             kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
-            parent_pid=os.getpid())
+            parent_pid=os.getpid(),
+            lock_owner=self._destination.lock.owner if self._destination and self._destination.lock else None)
 
     def _stop_writing(self, lost: StoreLockedError) -> None:
         """Heartbeat thread: another process broke this run's lock, so the store is no longer this run's."""

@@ -68,8 +68,9 @@ class Destination:
 
     @property
     def owned(self) -> bool:
-        """False once another process broke this run's object-storage lock: then nothing may be written."""
-        return self.lock is None or self.lock.lost is None
+        """False once another process broke this run's object-storage lock: then nothing may be written.
+        Proved now (a request to the object store), not taken from the last heartbeat."""
+        return self.lock is None or self.lock.confirm()
 
     def release(self) -> None:
         if self.lock is not None:

@@ -42,6 +42,7 @@ from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathEr
 from .files import make_folders, sync_paths, sync_witness, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
+from .lock import LeaseFence
 from .resume import ResumePoint, scan_committed
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
@@ -441,6 +442,8 @@ class ZarrSink:
     Args:
         location, chunk_tokens, compressor, durable: from the writer process's ``WriterSpec``.
         io_threads: threads that write chunk rows (``open`` gives one per writer thread).
+        fence: an object-storage store's lease proof, asked before every write (chunks, array changes, the
+            manifest), so that a run whose lock was broken writes nothing more (``engine.lock``); None: local.
 
     Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_all_rows`` calls run
     on the I/O threads, which read the chunk's arrays while the calling thread does too: they must not change
@@ -450,8 +453,9 @@ class ZarrSink:
     """
 
     def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool,
-                 io_threads: int = 1):
+                 io_threads: int = 1, fence: LeaseFence | None = None):
         self.chunk_tokens = chunk_tokens
+        self._fence = fence
         self._location = location
         self._compressor = compressor
         self._durable = durable
@@ -476,7 +480,13 @@ class ZarrSink:
 
     @classmethod
     def open(cls, spec) -> "ZarrSink":
-        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable, spec.num_writers)
+        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable, spec.num_writers,
+                   LeaseFence.of(spec.location, spec.lock_owner))
+
+    def _prove_lease(self) -> None:
+        """Before a write: StoreLockedError if the store's object-storage lock is no longer this run's."""
+        if self._fence is not None:
+            self._fence.prove()
 
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
@@ -487,6 +497,7 @@ class ZarrSink:
 
     def create_point_arrays(self, specs: dict[str, tuple[int, np.dtype, dict]]) -> None:
         """Create the activation arrays: key -> (dim, on-disk dtype, attributes)."""
+        self._prove_lease()
         with self._lock:
             for key, (dim, dtype, attributes) in specs.items():
                 self._arrays[key] = _create_array(self._group, key, self._capacity, (dim,), dtype,
@@ -532,6 +543,7 @@ class ZarrSink:
         checksums run on this one, so that the disk is not idle while the CPU works, nor the other way round
         (benchmarks/results/cpu-2026-12-04/commit_overlap.txt, cpu-2026-12-04b/batched_sync.txt)."""
         rows = len(next(iter(arrays.values())))
+        self._prove_lease()  # covers this chunk's rows, resizes and record, written right after
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
         written = self._io.submit(self._write_all_rows, chunk_index, arrays)
         try:
@@ -591,6 +603,7 @@ class ZarrSink:
         """Trim arrays to the committed rows (clean close) and publish the manifest, last
         (``manifest_updates``: the Manifest fields that change). The reserve file goes first, so a full disk
         still has room to say ``failed``."""
+        self._prove_lease()
         release_reserve(self._location)
         with self._lock:
             if trim:

@@ -98,6 +98,8 @@ class WriterSpec:
             kept chunks are read once; None for a new store.
         durable: fsync chunk files before their commit record.
         parent_pid: the capturing process (this process exits when it is gone).
+        lock_owner: the store lock's record (``StoreLock.owner``); for an object-storage lock the sink proves
+            the lease with it before every write (``engine.lock.LeaseFence``). None: no lock.
     """
 
     sink: str
@@ -116,6 +118,7 @@ class WriterSpec:
     kept_statistics: dict | None
     durable: bool
     parent_pid: int
+    lock_owner: dict | None = None
 
     @property
     def storage_dtype(self) -> np.dtype:
