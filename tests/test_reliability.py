@@ -350,6 +350,15 @@ def test_bad_hook_points_fail_before_anything_is_written(make_cfg, error, match,
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_a_model_on_the_meta_device_is_refused_before_its_store_is_created(tmp_path):
+    """Issue 32. Before: the store was created, then the first forward raised a raw NotImplementedError."""
+    from engine.loading import meta_model
+
+    with pytest.raises(engine.HookPointError, match="meta device.*load_model"):
+        CaptureEngine(meta_model(tiny_model("gpt2").config), small_cfg(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_output_path_problems(tmp_path):
     model = tiny_model("gpt2")
     a_file = tmp_path / "file"
@@ -406,6 +415,42 @@ def test_no_mask_keeps_every_token_and_empty_batches_store_nothing(tmp_path):
     np.testing.assert_array_equal(store["tokens/position"][:], np.tile(np.arange(5), 2))
 
 
+def test_an_empty_batch_whose_forward_raises_is_not_counted_as_fed(tmp_path):
+    """Issue 32: a batch that is not stored is not counted, an empty one too. Before: a (4, 0) batch whose
+    forward raised took sequence numbers 0-3 anyway, and a resume would have skipped four sequences."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (test)")
+
+    with CaptureEngine(model, cfg), torch.no_grad():
+        handle = model.transformer.h[0].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError):  # gpt2 cannot reshape an empty batch; where it can, the hook fails
+            model(input_ids=torch.ones(4, 0, dtype=torch.long))
+        handle.remove()
+        model(**ragged_batch(2, 6))
+    store = open_store(cfg.output_dir)
+    assert np.unique(store["tokens/sequence"][:]).tolist() == [0, 1] and store.manifest.sequences == 2
+
+
+def test_a_with_block_nested_on_the_same_engine_keeps_capturing(tmp_path):
+    """Issue 32. Before: the inner block's exit closed the engine, and the outer block's later batches were
+    silently not captured."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+    batches = [ragged_batch(2, 6, seed=seed) for seed in range(3)]
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        with CaptureEngine(model, cfg) as cap:
+            model(**batches[0])
+            with cap:
+                model(**batches[1])
+            assert not cap.closed
+            model(**batches[2])
+    assert cap.closed and open_store(cfg.output_dir).status == "complete"
+    assert_store_rows(cfg.output_dir, ref, batches)
+
+
 def test_nonfinite_values_are_counted_and_warned_once(tmp_path):
     model = tiny_model("gpt2")
     with torch.no_grad():
@@ -427,6 +472,8 @@ def test_use_after_close_is_an_error(tmp_path):
     cap = CaptureEngine(tiny_model("gpt2"), small_cfg(tmp_path / "s.zarr"))
     cap.close()
     cap.close()
+    with pytest.raises(engine.CaptureClosedError):
+        cap.flush()  # issue 32: was a raw OSError EBADF from the closed channel
     with pytest.raises(engine.CaptureClosedError):
         with cap:
             pass
