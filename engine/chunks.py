@@ -343,17 +343,18 @@ def _captured_arrays(manifest: Manifest) -> dict[str, tuple[np.dtype | None, boo
             **{key: (np.dtype(dtype), False) for key, dtype in tokens.items()}}
 
 
-def _record_problems(record: CommitRecord, captured: dict[str, tuple], manifest: Manifest,
+def _record_problems(record: CommitRecord, activations: set[str], captured: set[str],
                      store: str) -> list[str]:
-    """A commit record must list every array the capture wrote: one that leaves an array out would have that
-    array's chunk read as fill values (or not at all)."""
+    """A commit record must list every array the capture wrote (``activations``: the manifest's activation
+    arrays; ``captured``: every array): one that leaves an array out would have that array's chunk read as
+    fill values (or not at all)."""
     index = record.chunk_index
     where = f"commit record of chunk {index} ({store}/{layout.commit_record_key(index)})"
     problems = []
-    if set(record.dims) != set(manifest.arrays):
+    if record.dims.keys() != activations:
         problems.append(f"the {where} lists the activation arrays {sorted(record.dims)}, the manifest "
-                        f"{sorted(manifest.arrays)}")
-    missing = sorted(set(captured) - set(record.files)) if record.files else []
+                        f"{sorted(activations)}")
+    missing = sorted(captured - record.files.keys()) if record.files else []
     if missing:
         problems.append(f"the {where} has no stored chunk of {', '.join(missing)}")
     return problems
@@ -397,8 +398,9 @@ def metadata_problems(arrays: dict[str, zarr.Array], records: list[CommitRecord]
     Returns: one line per problem (array, its zarr.json, what disagrees); empty when all agree.
     """
     captured = _captured_arrays(manifest)
+    activations, every = set(manifest.arrays), set(captured)
     problems = [problem for record in records
-                for problem in _record_problems(record, captured, manifest, where)]
+                for problem in _record_problems(record, activations, every, where)]
     for key, expected in captured.items():
         array = arrays.get(key)
         if array is None:
