@@ -91,6 +91,29 @@ def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch
     assert not (tmp_path / "s.zarr.reserve").exists()
 
 
+def test_a_writer_that_cannot_start_answers_a_close_sent_with_its_spec(tmp_path, monkeypatch):
+    """Issue 32: an engine closed as soon as it is built (``with CaptureEngine(...): pass``) puts the close in
+    the writer process's first read, beside the spec. A writer process that then failed to start dropped
+    everything read with the spec and waited for a close that had come already: close() never returned."""
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store:NoSuchSink")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    outcome: list[BaseException] = []
+
+    def build_and_close() -> None:
+        try:
+            with CaptureEngine(tiny_model("gpt2"), cfg):
+                pass
+        except BaseException as error:
+            outcome.append(error)
+
+    closing = threading.Thread(target=build_and_close, daemon=True)
+    closing.start()
+    closing.join(timeout=120)  # a hang guard, not a timing: it returns in about a second
+    assert not closing.is_alive(), "close() never returned"
+    assert isinstance(outcome[0], engine.CaptureError) and "NoSuchSink" in str(outcome[0]), outcome
+    assert open_store(cfg.output_dir).status == "failed"
+
+
 def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
     """DataLoader workers are forked: they must not keep the parent's store locked (or its channel open)."""
     model = tiny_model("gpt2")
