@@ -246,7 +246,7 @@ def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     config = SaeConfig(rows.shape[1], args.d_sae, args.architecture, k=args.k,
                        l1_coefficient=args.l1_coefficient, lr=args.lr, seed=args.seed,
                        dead_window=args.dead_window)
-    window_rows = dataset.window_chunks * dataset.chunk_rows
+    window_rows = dataset.window_chunks * dataset.chunk_tokens
     print(f"[training] {rows.shape[0]:,} training rows, {held_out.shape[0]:,} held out; {steps} steps of "
           f"{args.batch_size} ({steps * args.batch_size / rows.shape[0]:.2f} passes); the reader's shuffle "
           f"window holds {window_rows:,} rows ({rows.shape[0] / window_rows:.2f}x less than the store); "
