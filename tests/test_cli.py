@@ -309,6 +309,7 @@ def test_without_data_the_job_captures_python_docs_and_says_so(model_dir, tmp_pa
     assert open_store(tmp_path / "s.zarr").num_tokens == 240
 
 
+@pytest.mark.slow
 def test_a_hugging_face_dataset_streams_from_the_hub_cache_offline(model_dir, corpus, tmp_path):
     """hf:NAME with HF_HUB_OFFLINE=1 reads the local hub cache (laid out as huggingface_hub writes it)."""
     import pyarrow as pa

@@ -208,6 +208,7 @@ def test_long_documents_are_tokenized_in_bounded_pieces(tokenizer):
     assert seq.dropped == len(whole["input_ids"]) + 1 - 512
 
 
+@pytest.mark.slow
 def test_a_50_mb_document_captures_in_bounded_memory(model_dir, tmp_path):
     """The issue's case: 64 tokens of a 50 MB single-line document took 8.8 GB (tokenized whole, twice)."""
     big = tmp_path / "big.txt"

@@ -46,7 +46,7 @@ def reference(tmp_path_factory):
     return open_store(store)
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_kill_9_then_resume_equals_uninterrupted_run(trial, tmp_path, reference):
     store = crash_and_resume(tmp_path / "s.zarr", random.Random(trial), kills=1 + trial % 2)
     assert_same_store(store, reference)
@@ -647,7 +647,8 @@ def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
     assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
 
 
-@pytest.mark.parametrize("race, trial", [("overwrite", 0), ("resume", 1), ("align", 0)])  # CLI, engine, CLI
+@pytest.mark.parametrize("race, trial", [("overwrite", 0), pytest.param("resume", 1, marks=pytest.mark.slow),
+                                         ("align", 0)])  # CLI, engine, CLI
 def test_a_second_writer_is_refused_while_a_capture_runs(race, trial, tmp_path, reference, model_dir, corpus):
     """``capture & sleep; capture --overwrite`` deleted the running capture's store (which still ended
     ``complete``, with zero rows); ``... capture --resume --max-tokens N`` appended over it."""

@@ -169,7 +169,7 @@ def test_each_part_is_checked_like_a_store(tmp_path, process_group_of_one):
         open_store(cfg.output_dir)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "resume"])
+@pytest.mark.parametrize("mode", ["hooks", pytest.param("resume", marks=pytest.mark.slow)])
 def test_a_rank_that_cannot_start_stops_every_rank(mode, tmp_path):
     """No rank waits in a collective for one that gave up: rank 1 fails its setup (a bad layer before the
     store is prepared, or a resume mismatch on its part after), and both ranks fail with a message naming
@@ -334,11 +334,13 @@ def reference(tmp_path_factory):
     return open_store(store)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_against_s3(bucket, reference):
     store = crash_and_resume(f"{bucket}/s.zarr", random.Random(3), kills=2, count=SEQUENCES)
     assert_same_store(store, reference)
 
 
+@pytest.mark.slow
 def test_torchrun_kill_9_then_resume_per_rank(tmp_path, reference):
     store = crash_and_resume(tmp_path / "parts.zarr", random.Random(5), kills=1, ranks=2, count=SEQUENCES)
     assert store.manifest.world_size == 2 and all(p.num_tokens for p in store.parts)
@@ -352,6 +354,7 @@ def test_torchrun_kill_9_then_resume_per_rank_against_s3(bucket, reference):
     assert_same_store(store, reference)  # tokens equal, activations within float16 rounding, no duplicates
 
 
+@pytest.mark.slow
 def test_torchrun_a_second_job_is_refused(tmp_path, reference):
     """A torchrun job started over a running one (here with --overwrite): its rank 0 cannot lock the root, so
     every rank stops before any part is touched; the running job's store ends exactly right."""
@@ -508,6 +511,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_s3_break_lock_on_the_command_line(bucket, model_dir, corpus, capsys):
     url = f"{bucket}/cli.zarr"
     args = [*capture_args(model_dir, corpus, url), "--max-tokens", 100]
