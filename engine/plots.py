@@ -8,6 +8,7 @@ beside them hold them, so what a test checks in a CSV is what the picture shows.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,16 @@ def load_pyplot():
     return plt
 
 
+def exit_unless_available() -> None:
+    """For scripts (the benchmarks' ``--plot``): without matplotlib, print the one-line error naming the
+    extra and exit with status 2, before any work."""
+    try:
+        load_pyplot()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def figure(panels: int = 1, title: str = ""):
     """A figure of ``panels`` panels stacked, sharing the x axis; returns (figure, list of axes)."""
     plt = load_pyplot()
@@ -55,7 +66,7 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def _legend(ax, below: bool = True, ncols: int = 3) -> None:
+def legend(ax, below: bool = True, ncols: int = 3) -> None:
     """The legend under the figure (it hides no data), or inside the panel where a figure has several."""
     if below:
         ax.figure.legend(loc="outside lower center", ncols=ncols, fontsize=7, frameon=False)
@@ -95,7 +106,7 @@ def norm_by_position(table: dict[str, np.ndarray], title: str, path: Path) -> Pa
     _log_y(ax)
     ax.set_xlabel("position in the sequence" + (" (buckets beyond 128)" if _bucketed(table) else ""))
     ax.set_ylabel("L2 norm of the row")
-    _legend(ax)
+    legend(ax)
     return save(fig, path)
 
 
@@ -121,7 +132,7 @@ def norm_histogram(table: dict[str, np.ndarray], title: str, threshold: float | 
     ax.set_ylim(bottom=0.7)
     ax.set_xlabel("L2 norm of the row")
     ax.set_ylabel("rows")
-    _legend(ax, ncols=2)
+    legend(ax, ncols=2)
     return save(fig, path)
 
 
@@ -136,7 +147,7 @@ def drift(table: dict[str, np.ndarray], title: str, path: Path) -> Path:
     _log_y(ax)
     ax.set_xlabel("row of the store (capture order)")
     ax.set_ylabel("L2 norm")
-    _legend(ax)
+    legend(ax)
     return save(fig, path)
 
 
@@ -153,7 +164,7 @@ def capture_timeline(table: dict[str, np.ndarray], title: str, path: Path) -> Pa
         stall.vlines(t, 0, np.nan_to_num(waits), color=OUTLIER, lw=2, label="stall of the chunk's forwards")
         stall.plot(t, np.nancumsum(waits), color=LIMIT, lw=1.0, drawstyle="steps-post", label="stall in all")
         stall.set_ylim(bottom=0, top=max(np.nanmax(np.nancumsum(waits)) * 1.1, 1.0))
-        _legend(stall, below=False)
+        legend(stall, below=False)
     else:
         stall.text(0.5, 0.5, "stall seconds are not recorded in this store's commit records\n(captured by "
                    "an engine before they were)", ha="center", va="center", transform=stall.transAxes,
@@ -164,5 +175,5 @@ def capture_timeline(table: dict[str, np.ndarray], title: str, path: Path) -> Pa
     for start in table["run_start_seconds"][np.r_[True, np.diff(table["run"]) != 0]][1:]:
         for ax in (rate, stall):
             ax.axvline(start, color=LIMIT, ls=":", lw=1.0)
-    _legend(rate, below=False)
+    legend(rate, below=False)
     return save(fig, path)

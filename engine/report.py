@@ -294,14 +294,23 @@ def capture_timeline(store: CaptureStore, places: list[ChunkPlace]) -> dict[str,
 
 
 def write_csv(path: Path, table: dict[str, np.ndarray]) -> Path:
-    """A table as CSV (a header of column names; floats at full precision, NaN as an empty field)."""
+    """A table (column name -> numpy array) as CSV: a header of column names, floats at full precision (their
+    repr), NaN as an empty field.
+
+    Returns: ``path``.
+    """
     with open(path, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(table)
         for row in zip(*table.values()):
-            out.writerow(["" if isinstance(v, float) and math.isnan(v) else repr(v)
-                          for v in (value.item() for value in row)])
-    return path
+            out.writerow([_cell(value.item()) for value in row])
+    return Path(path)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
 
 
 def _slug(key: str) -> str:

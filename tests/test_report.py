@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from engine.report import (
     write_report,
 )
 
-from helpers import ragged_batch, tiny_model
+from helpers import assert_png, hide_matplotlib, ragged_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("layer_0/residual", "layer_0/mlp_hidden")
@@ -205,17 +204,10 @@ def _epoch(text: str) -> float:
 
 
 def test_each_picture_is_a_png_beside_its_numbers(report):
-    import matplotlib.image
-
     pictures = [path for path in report.files if path.suffix == ".png"]
     assert len(pictures) == 3 * len(KEYS) + 1
     for picture in pictures:
-        data = picture.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", picture
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        assert 400 < width < 1200 and 200 < height < 1200 and 5_000 < len(data) < 200_000, picture
-        pixels = matplotlib.image.imread(picture)
-        assert pixels.std() > 0.05, f"{picture} is blank"
+        assert_png(picture)
         assert picture.with_suffix(".csv").is_file()
     assert {path.name for path in report.files} >= {"index.html", "report.json", "capture.csv"}
 
@@ -241,13 +233,10 @@ def test_sample_reads_chunks_evenly_spaced(captured, tmp_path, capsys):
 
 
 def test_without_matplotlib_one_line_names_the_extra_before_any_work(captured, tmp_path):
-    hidden = tmp_path / "hide"
-    (hidden / "matplotlib").mkdir(parents=True)
-    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     out = tmp_path / "never"
     done = subprocess.run([sys.executable, "-m", "engine", "report", str(captured.path), "--out", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(hidden)})
+                          env=hide_matplotlib(tmp_path / "hide"))
     assert done.returncode == 2 and not out.exists()
     assert done.stderr.count("\n") == 1 and 'pip install "actcap-engine[plot]"' in done.stderr, done.stderr
 
