@@ -159,10 +159,10 @@ class PointNorms:
                 "position_start": self.edges[:-1], "position_stop": self.edges[1:], "rows": every,
                 "rows_read": counts[READ], "rows_sink": counts[SINK], "rows_outlier": counts[OUTLIER],
                 "mean_norm": self.norm_sum.sum(axis=0) / every,
-                "p99_norm": histogram_quantile(self.histogram.sum(axis=0), 0.99),
+                "p99_norm": _p99(self.histogram.sum(axis=0), self.norm_max.max(axis=0)),
                 "max_norm": self.norm_max.max(axis=0),
                 "mean_norm_read": self.norm_sum[READ] / counts[READ],
-                "p99_norm_read": histogram_quantile(self.histogram[READ], 0.99),
+                "p99_norm_read": _p99(self.histogram[READ], self.norm_max[READ]),
                 "max_norm_outlier": np.where(counts[OUTLIER] > 0, self.norm_max[OUTLIER], np.nan),
             }
         return {name: column[held] for name, column in table.items()}
@@ -187,6 +187,12 @@ class PointNorms:
         """Median norm of the rows the writer's outlier rule measures against: finite rows that are not
         sinks (the flagged outliers among them)."""
         return float(histogram_quantile(self.histogram[[READ, OUTLIER]].sum(axis=(0, 1)), 0.5))
+
+
+def _p99(counts: np.ndarray, largest: np.ndarray) -> np.ndarray:
+    """The histograms' p99, never above the largest norm (an estimate inside the largest norm's bin can pass
+    it; NaN where nothing was counted)."""
+    return np.minimum(histogram_quantile(counts, 0.99), largest)
 
 
 def _drift_entry(norms: np.ndarray, kinds: np.ndarray, first_row: int) -> tuple:
