@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -39,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -126,8 +126,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclasses.dataclass
-class Round:
+class Round(NamedTuple):
     """One round's clock readings (``time.perf_counter`` seconds): its start, the end of each forward, the end
     of its last forward with the device synchronized, and the end of its flush (= that for an unhooked
     round)."""
