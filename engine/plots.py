@@ -116,7 +116,8 @@ def _bucketed(table: dict[str, np.ndarray]) -> bool:
 
 def norm_histogram(table: dict[str, np.ndarray], title: str, threshold: float | None, rule: str,
                    path: Path) -> Path:
-    """Rows per norm bin (log-log), by kind of row, with the outlier rule's threshold marked."""
+    """Rows per norm bin (log-log), by kind of row, with the outlier rule's threshold marked (``rule``: its
+    legend; without a threshold, a note saying why)."""
     fig, (ax,) = figure(title=title)
     edges = np.append(table["norm_low"], table["norm_high"][-1:])
     for column, color, label in (("rows_read", READ, "rows read by default"),
@@ -127,6 +128,8 @@ def norm_histogram(table: dict[str, np.ndarray], title: str, threshold: float | 
             ax.stairs(counts, edges, color=color, lw=1.2, label=f"{label} ({int(counts.sum()):,})")
     if threshold is not None:
         ax.axvline(threshold, color=LIMIT, ls="--", lw=1.0, label=rule)
+    else:
+        ax.text(0.99, 0.97, rule, ha="right", va="top", transform=ax.transAxes, fontsize=7, color=LIMIT)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.7)

@@ -399,7 +399,8 @@ def _draw_point(store: CaptureStore, key: str, norms: PointNorms, folder: Path) 
     median = norms.median_norm()
     threshold = ratio * median if ratio is not None and math.isfinite(median) else None
     rule = (f"outlier rule: {ratio:g} x median norm {median:,.4g} = {threshold:,.4g} (applied per block of "
-            "rows, against its median)" if threshold is not None else "")
+            "rows, against its median)" if threshold is not None else
+            "no outlier rule was applied to this store (its manifest has no outlier_norm_ratio)")
     stem, title = folder / _slug(key), f"{_name(store)}: {key}"
     tables = {"norm_by_position": norms.by_position(), "norm_histogram": norms.histogram_table(),
               "drift": norms.drift_table()}

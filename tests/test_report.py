@@ -213,6 +213,19 @@ def test_each_picture_is_a_png_beside_its_numbers(report):
     assert {path.name for path in report.files} >= {"index.html", "report.json", "capture.csv"}
 
 
+def test_a_store_of_format_version_1_is_drawn_with_what_it_lacks_said(tmp_path):
+    """Records without stall seconds and a manifest without an outlier rule: the pictures say so."""
+    report = write_report(ROOT / "tests" / "data" / "format_v1_store", tmp_path / "v1")
+    entry = report.summary["arrays"]["layer_0/residual"]
+    assert entry["outlier_norm_ratio"] is None and entry["outlier_threshold"] is None
+    assert entry["rows_read"] + entry["rows_sink"] == 15
+    assert report.summary["capture"]["stall_seconds"] is None
+    assert np.isnan(read_csv(tmp_path / "v1" / "capture.csv")["stall_seconds"]).all()
+    for picture in report.files:
+        if picture.suffix == ".png":
+            assert_png(picture)
+
+
 def test_sample_reads_chunks_evenly_spaced(captured, tmp_path, capsys):
     out = tmp_path / "sampled"
     assert main(["report", str(captured.path), "--out", str(out), "--sample", "3"]) == 0
