@@ -598,14 +598,8 @@ def _report(args: argparse.Namespace) -> int:
     from .report import write_report  # matplotlib is an extra: only this command needs it
 
     name = os.path.basename(os.path.normpath(args.store)).removesuffix(".zarr")
-    report = write_report(args.store, args.out or f"{name}-report", sample=args.sample)
-    s = report.summary
-    print(f"[report] {s['chunks_read']} of {s['committed_chunks']} committed chunks read "
-          f"({s['committed_tokens']:,} rows in the store)")
-    for key, entry in s["arrays"].items():
-        print(f"[report] {key}: median norm {entry['median_norm']:,.4g}, {entry['rows_sink']:,} sinks, "
-              f"{entry['rows_outlier']:,} rows flagged outlier, {entry['nonfinite_rows']:,} non-finite")
-    print(f"[report] {len(report.files)} files -> {report.page}")
+    for line in write_report(args.store, args.out or f"{name}-report", sample=args.sample).describe():
+        print(f"[report] {line}")
     return 0
 
 

@@ -274,9 +274,10 @@ def _epoch(text) -> float | None:
 
 
 def capture_timeline(store: CaptureStore, places: list[ChunkPlace]) -> dict[str, np.ndarray]:
-    """Per committed chunk, in commit order: when it committed, its tokens, the tokens/s committed up to it
-    (over the commits since ``window`` commits before, or since its run began) and the seconds its forwards
-    waited for a free slot (NaN where the record does not say)."""
+    """The capture's picture's table, a row per committed chunk in commit order: when it committed (epoch
+    seconds, and seconds since the first run began), its tokens, the tokens/s committed up to it
+    (``_commit_rates``), the seconds its forwards waited for a free slot (NaN where the record does not say),
+    its run (0, then one more per resume) and when that run began."""
     records = sorted((place.record for place in places), key=lambda record: record.committed_at)
     times = np.array([record.committed_at for record in records])
     starts = np.array(_run_starts(store) or [times[0]])
@@ -284,19 +285,27 @@ def capture_timeline(store: CaptureStore, places: list[ChunkPlace]) -> dict[str,
     run_start = np.minimum(starts[run], times)
     origin = min(starts[0], times[0])
     tokens = np.array([record.token_count for record in records])
-    window = max(RATE_WINDOW, len(records) // TIMELINE_POINTS)
-    rate = np.full(len(records), np.nan)
-    for i in range(len(records)):
-        first = max(i - window + 1, 0)
-        first = first + int(np.count_nonzero(run[first:i + 1] != run[i]))  # commits of this run only
-        begin = times[first - 1] if first > 0 and run[first - 1] == run[i] else run_start[i]
-        if times[i] > begin:
-            rate[i] = tokens[first:i + 1].sum() / (times[i] - begin)
+    rate = _commit_rates(times, tokens, run, run_start, max(RATE_WINDOW, len(records) // TIMELINE_POINTS))
     stall = [math.nan if record.stall_seconds is None else record.stall_seconds for record in records]
     return {"chunk": np.array([record.chunk_index for record in records]), "committed_at": times,
             "seconds": times - origin, "tokens": tokens, "tokens_per_s": rate,
             "stall_seconds": np.array(stall, dtype=np.float64), "run": run,
             "run_start_seconds": run_start - origin}
+
+
+def _commit_rates(times: np.ndarray, tokens: np.ndarray, run: np.ndarray, run_start: np.ndarray,
+                  window: int) -> np.ndarray:
+    """Tokens/s committed up to each commit: its tokens and those of the ``window`` - 1 commits before it,
+    over the time since the commit before those, counting only commits of its own run (a resume's first
+    commits count from the resume, not across the pause before it). NaN where no time passed."""
+    rate = np.full(len(times), np.nan)
+    for i in range(len(times)):
+        first = max(i - window + 1, 0)
+        first += int(np.count_nonzero(run[first:i + 1] != run[i]))
+        begin = times[first - 1] if first > 0 and run[first - 1] == run[i] else run_start[i]
+        if times[i] > begin:
+            rate[i] = tokens[first:i + 1].sum() / (times[i] - begin)
+    return rate
 
 
 def write_csv(path: Path, table: dict[str, np.ndarray]) -> Path:
@@ -339,6 +348,17 @@ class Report:
     files: list[Path]
     summary: dict
 
+    def describe(self) -> list[str]:
+        """What the command prints: chunks read, per array what stood out, where the page is."""
+        s = self.summary
+        lines = [f"{s['chunks_read']} of {s['committed_chunks']} committed chunks read "
+                 f"({s['committed_tokens']:,} rows in the store)"]
+        for key, entry in s["arrays"].items():
+            lines.append(f"{key}: median norm {_fmt(entry['median_norm'])}, {entry['rows_sink']:,} sinks, "
+                         f"{entry['rows_outlier']:,} rows flagged outlier, {entry['nonfinite_rows']:,} "
+                         "non-finite")
+        return [*lines, f"{len(self.files)} files -> {self.page}"]
+
 
 def write_report(path: str | os.PathLike, out: str | os.PathLike, sample: int | None = None,
                  storage_options: dict | None = None) -> Report:
@@ -357,6 +377,9 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike, sample: int | 
         ConfigError: matplotlib is missing (checked before anything is read), ``sample`` is below 1, or the
             store has no committed chunk yet.
         StoreFormatError, StoreCorruptError: as ``open_store`` and its reads raise them.
+
+    Thread safety: reads the store (a capture may be writing it: only its committed chunks are read); writes
+    only into ``out``, so two reports of one store need two folders.
     """
     plots.load_pyplot()  # a missing extra fails before any work
     if sample is not None and sample < 1:
@@ -414,7 +437,8 @@ def _draw_point(store: CaptureStore, key: str, norms: PointNorms, folder: Path) 
     figures = [(draw(Path(f"{stem}.{name}.png")), write_csv(Path(f"{stem}.{name}.csv"), tables[name]))
                for name, draw in pictures.items()]
     counts = tables["norm_histogram"]
-    entry = {"median_norm": median, "outlier_norm_ratio": ratio, "outlier_threshold": threshold,
+    entry = {"median_norm": median if math.isfinite(median) else None,  # JSON has no NaN
+             "outlier_norm_ratio": ratio, "outlier_threshold": threshold,
              "rows_read": int(counts["rows_read"].sum()), "rows_sink": int(counts["rows_sink"].sum()),
              "rows_outlier": int(counts["rows_outlier"].sum()), "nonfinite_rows": norms.nonfinite_rows,
              "files": [path.name for pair in figures for path in pair]}
