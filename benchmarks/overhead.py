@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py --model gpt2 --batch-size 4 --seq-len 512 --num-batches 5
 
-Unhooked (A) and hooked (B) rounds are interleaved ABAB so drift cancels; every round synchronizes the
+Unhooked (A) and hooked (B) rounds are interleaved ABBA so drift cancels; every round synchronizes the
 device before reading the clock. Rounds run in steady state: each is max(--num-batches, enough forwards for
 --min-round-s seconds of the unhooked forward), so a round streams many chunks and the one it leaves in
 flight is a small part of it. A hooked round is timed twice: when its last forward returns (steady: the
@@ -71,8 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bare-model", action="store_true", help="the base model without its LM head")
     p.add_argument("--baseline", default="full", choices=["full", "truncated"],
                    help="unhooked rounds run the full forward, or stop after the last hooked layer")
-    p.add_argument("--repeats", type=int, default=5, help="ABAB rounds (pairs)")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="pairs of rounds, alternating which goes first (ABBA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="cuda (an error where CUDA is missing), cpu, or auto (cuda when there is one)")
+    p.add_argument("--padded", type=float, default=0.0, metavar="SHARE",
+                   help="share of each batch's tokens that are padding (right-padded rows of random lengths, "
+                        "mask 0): the writer's compaction of kept rows is timed too")
     p.add_argument("--model-dtype", default=None,
                    help="weights dtype (default float32 on CPU, float16 on CUDA)")
     p.add_argument("--dtype", default="float16", help="storage dtype")
@@ -291,9 +296,27 @@ def _median_ratio(hooked: list[float], base: list[float]) -> tuple[float, list[f
     return statistics.median(ratios), [min(ratios), max(ratios)]
 
 
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__}): a GPU measurement never falls back to the CPU")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def padded_mask(batch_size: int, seq_len: int, share: float, generator: torch.Generator) -> torch.Tensor:
+    """An attention mask whose rows keep a random length, about ``1 - share`` of the tokens in all (right
+    padding), every row at least one token."""
+    if share <= 0:
+        return torch.ones(batch_size, seq_len, dtype=torch.long)
+    kept = torch.rand(batch_size, generator=generator) * 2 * (1 - share)
+    lengths = (kept.clamp(max=1.0) * seq_len).long().clamp(min=1)
+    return (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+
+
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.baseline == "truncated" and not args.early_stop:
@@ -312,7 +335,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batch = {"input_ids": torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen).to(device),
-             "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long, device=device)}
+             "attention_mask": padded_mask(args.batch_size, args.seq_len, args.padded, gen).to(device)}
     baseline = functools.partial(truncated, model, max(layers)) if args.baseline == "truncated" \
         else contextlib.nullcontext
 
@@ -348,12 +371,17 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         base_times, hooked_times, rss_peak = [], [], rss_before
-        print("[baseline] Measuring latency without hooks / [hooks] with hooks, interleaved (ABAB)...")
+        print("[baseline] Measuring latency without hooks / [hooks] with hooks, interleaved (ABBA)...")
         rounds = []
-        for _ in range(args.repeats):
-            with engine.detached(), baseline():
-                rounds.append(("unhooked", _round(model, batch, n, device)))
-            rounds.append(("hooked", _round(model, batch, n, device, engine)))
+        for repeat in range(args.repeats):
+            # ABBA: each kind goes first as often, so the writeback of a hooked round landing in the round
+            # after it weighs on both kinds alike
+            for hooked in ((False, True) if repeat % 2 == 0 else (True, False)):
+                if hooked:
+                    rounds.append(("hooked", _round(model, batch, n, device, engine)))
+                else:
+                    with engine.detached(), baseline():
+                        rounds.append(("unhooked", _round(model, batch, n, device)))
             rss_peak = max(rss_peak, process.memory_info().rss)
         hooked_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         slot_bytes = engine.stats.slot_bytes  # close() releases the slots
@@ -384,6 +412,7 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_s_per_batch": base_s, "hooked_s_per_batch": hooked_s,
         "baseline_tokens_per_s": tokens_per_round / statistics.median(base_times),
         "hooked_tokens_per_s": tokens_per_round / statistics.median(h.end_to_end for h in hooked_times),
+        "padded_share": args.padded,
         "overhead_percent": (end_to_end - 1) * 100,
         "steady_overhead_percent": (steady - 1) * 100,
         "hooked_to_baseline_ratio": 1 / end_to_end,
@@ -399,6 +428,8 @@ def run(args: argparse.Namespace) -> dict:
         "host_rss_delta_mb": (rss_peak - rss_before) / 2**20, "slot_mb": slot_bytes / 2**20,
         "stall_seconds": stats.stall_seconds, "queue_high_water": stats.queue_high_water,
         "tokens_written": stats.tokens_committed, "bytes_written": stats.bytes_committed,
+        # the store's bytes per second of hooked time (rounds and flushes; the warm-up's rows are few)
+        "hooked_mb_per_s": stats.bytes_committed / 1e6 / sum(h[1] for h in hooked_times),
     }
     checks = evaluate_gate(result, args.max_overhead)
     result["gate"] = checks

@@ -111,6 +111,11 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     """The model's one compute device; a model spread over several GPUs is refused (one copy stream and one
     event per batch cover one device only)."""
     devices = {tensor.device for tensor in (*model.parameters(), *model.buffers())}
+    if any(device.type == "meta" for device in devices):  # refused before its store is created
+        raise HookPointError("the model's weights are on the meta device (no values, as from_config under "
+                             "torch.device('meta') makes them): a forward cannot compute activations. Load "
+                             "weights first: engine.load_model(...), or model.to_empty(device=...) and then "
+                             "load a state dict")
     gpus = sorted({str(device) for device in devices if device.type == "cuda"})
     if len(gpus) > 1:
         raise HookPointError(f"the model is spread over {', '.join(gpus)}: capture supports a model on one "
@@ -157,6 +162,8 @@ class CaptureEngine:
         self._closed = False
         self._current = None              # slot of the forward pass in progress
         self._skip_forward = False        # the forward in progress has no tokens
+        self._empty_rows = 0              # its rows: counted as fed once it has returned
+        self._entered = 0                 # nested ``with`` blocks: the outermost one closes
         self._pending_annotations: dict[str, torch.Tensor] = {}
         self._dims: dict[str, int] = {}   # point widths, known after the first batch
         self._caches = CacheTracker()     # which sequences a forward with a KV cache continues
@@ -241,7 +248,8 @@ class CaptureEngine:
             num_writers=config.num_writers, statistics=config.statistics,
             start_row=resume.rows if resume is not None else 0,
             kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
-            parent_pid=os.getpid())
+            parent_pid=os.getpid(),
+            lock_owner=self._destination.lock.owner if self._destination and self._destination.lock else None)
 
     def _outlier_norm_ratio(self) -> float | None:
         """The config's, but a resumed store captured without outlier flags goes on without them (the rows and
@@ -306,11 +314,12 @@ class CaptureEngine:
             self._pending_annotations = {}
         self._skip_forward = batch_size * seq_len == 0
         if self._skip_forward:
-            if not placement.continues:
-                self._next_sequence += batch_size  # empty rows were fed too: resume_sequences counts them
+            # fed too once the forward returns (``_on_forward_end``); continued sequences were counted already
+            self._empty_rows = 0 if placement.continues else batch_size
             return
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
+        self._pool.check_memory(batch_size * seq_len, self._dims or self._expected_widths)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         first = placement.first_sequence if placement.continues else self._next_sequence
@@ -335,8 +344,12 @@ class CaptureEngine:
     def _on_forward_end(self, module, args, kwargs, output) -> None:
         """A forward that returned with its slot still open ran without some hooked points: their rows would
         be missing, so the batch is dropped with an error instead of being dropped in silence. A KV cache the
-        model made and returned belongs to the sequences just captured."""
+        model made and returned belongs to the sequences just captured. An empty batch that returned counts as
+        fed (resume_sequences counts its rows); one whose forward raised does not."""
         self._caches.returned(output)
+        if self._skip_forward:
+            self._next_sequence += self._empty_rows
+            self._skip_forward, self._empty_rows = False, 0
         slot = self._current
         if slot is None:
             return
@@ -390,7 +403,6 @@ class CaptureEngine:
         if self._stager.cuda:
             self._stager.finish(slot)
             slot.event.synchronize()  # error path only: in-flight copies must not hit a reused slot
-        slot.snapshots.clear()
         self._pool.give_back(slot.index)
 
     def _on_point(self, point: HookPoint, tensor: torch.Tensor) -> None:
@@ -484,7 +496,11 @@ class CaptureEngine:
 
         Raises:
             CaptureError: the writer process failed or died.
+            CaptureClosedError: the engine is closed.
         """
+        if self._closed:
+            raise CaptureClosedError("this CaptureEngine is closed: everything it captured was flushed by "
+                                     "close()")
         self._caches.end("whose sequences flush() ended (call flush() after a decode loop, not between "
                          "its forwards)")
         self._writer.flush()
@@ -590,9 +606,13 @@ class CaptureEngine:
     def __enter__(self) -> "CaptureEngine":
         if self._closed:
             raise CaptureClosedError("this CaptureEngine is closed: create a new one to capture again")
+        self._entered += 1
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._entered -= 1
+        if self._entered > 0:  # a ``with`` nested in another on this engine: capture goes on until the outer
+            return False       # one ends (an error that leaves the outer block fails the run there)
         self.close(failed=exc_type is not None)
         if exc_type is KeyboardInterrupt and self.config.sink == "zarr":
             warnings.warn(f"capture interrupted: committed chunks in {self.config.location} are intact. "

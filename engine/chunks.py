@@ -1,16 +1,21 @@
 """Committed chunks as readers get them: read whole, and checked against their commit records.
 
-Every read checks the chunk's stored size first (one stat of the chunk file, or one HEAD of the object: the
-open file's fstat when the rows are read with ``readinto``); with ``verify`` it also compares the CRC32C of
-the rows read with the record's. A chunk that is missing, of the wrong size, undecodable or fails its
-checksum raises StoreCorruptError naming array, chunk and file, and none of its rows is returned. What the
-checksum covers, and why, is written down in ``engine.layout``.
+Every read checks the chunk's stored size first (the fstat of the chunk file, opened by ``open_chunk_file``,
+or one HEAD of the object); with ``verify`` it also compares the CRC32C of the rows read with the record's. A
+chunk that is missing, of the wrong size, not a regular file, undecodable or fails its checksum raises
+StoreCorruptError naming array, chunk and file, and none of its rows is returned. What the checksum covers,
+and why, is written down in ``engine.layout``.
+
+A store never reads outside its own folder: every local chunk file is opened by ``open_chunk_file``, which
+follows no symbolic link below the store's folder (a linked chunk file or folder raises StoreFormatError)
+and never blocks on a FIFO or device put in a chunk's place.
 
 Torch-free (numpy and zarr): the capturing process (a resume), the writer process and the readers use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -21,11 +26,15 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .errors import StoreCorruptError
-from .layout import ChunkFile
+from . import layout
+from .errors import StoreCorruptError, StoreFormatError
+from .layout import ChunkFile, CommitRecord, Manifest
 
 DAMAGE_FIX = ("restore the store from a copy, or resume the capture (a resume verifies the chunks it keeps, "
               "cuts back to the last good one and captures the rest again)")
+METADATA_FIX = ("restore the named zarr.json files (or the whole store) from a copy: the rows on disk are "
+                "read through them and the commit records, so no reader or resume can trust them until they "
+                "agree")
 
 
 def crc32c(rows: np.ndarray) -> int:
@@ -47,8 +56,7 @@ def local_plain(array: zarr.Array) -> bool:
     """True when a chunk's committed rows are the first bytes of a local file, as this machine's ndarrays
     hold them (plain encoded, a local folder, a little-endian machine): they can be read or mapped as they
     are."""
-    local = isinstance(array.store, zarr.storage.LocalStore)
-    return plain_encoded(array) and sys.byteorder == "little" and local
+    return plain_encoded(array) and sys.byteorder == "little" and local_root(array) is not None
 
 
 def chunk_key(array: zarr.Array, chunk_index: int) -> str:
@@ -57,10 +65,17 @@ def chunk_key(array: zarr.Array, chunk_index: int) -> str:
     return f"{array.path}/{key}" if array.path else key
 
 
+def local_root(array: zarr.Array) -> Path | None:
+    """The folder of the store an array is in (a part's folder in a multi-process store); None on other
+    stores."""
+    store = array.store
+    return Path(store.root) if isinstance(store, zarr.storage.LocalStore) else None
+
+
 def local_chunk_path(array: zarr.Array, chunk_index: int) -> Path | None:
     """The file of one row chunk of an array in a local folder (None on other stores)."""
-    store = array.store
-    return store.root / chunk_key(array, chunk_index) if isinstance(store, zarr.storage.LocalStore) else None
+    root = local_root(array)
+    return None if root is None else root / chunk_key(array, chunk_index)
 
 
 def local_chunk_folder(array: zarr.Array) -> Path | None:
@@ -94,8 +109,124 @@ def expected_nbytes(array: zarr.Array, file: ChunkFile | None) -> int | None:
     return full_chunk_nbytes(array) if plain_encoded(array) else None
 
 
-def stored_nbytes(array: zarr.Array, chunk_index: int) -> int | None:
-    """The stored length of a chunk (None: there is none): one stat, or one HEAD of the object."""
+# ---- local chunk files: opened inside the store only, and only when they are files ------------------------
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading would wait for a writer; a regular file reads the same with it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+class _NotAFile(Exception):
+    """Internal: what stands where a chunk file should be (``open_chunk_file`` returns it as a problem)."""
+
+
+def link_refused(root: Path, relative: str) -> StoreFormatError:
+    """The error for a symbolic link at ``relative`` below a store's folder ``root``."""
+    return StoreFormatError(f"{root / relative} is a symbolic link: a store reads only its own files, "
+                            "never through a link to somewhere else (it could serve another store's rows). "
+                            "The fix: replace the link by the file or folder it points to (copy it in), or "
+                            "restore the store from a copy")
+
+
+def _open_folder(parent: int, name: str, root: Path, relative: str) -> int:
+    """Open the folder ``name`` in the open folder ``parent``, refusing a symbolic link."""
+    try:
+        return os.open(name, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+    if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+        raise link_refused(root, relative)
+    raise _NotAFile(f"{root / relative} is not a folder")
+
+
+def open_below(root: Path, relative: str) -> int:
+    """A descriptor of the folder ``relative`` below ``root``, reached without following a symbolic link
+    (``root`` itself may be one: it is what the caller named).
+
+    Raises:
+        FileNotFoundError: there is no such folder.
+        StoreFormatError: a symbolic link on the way.
+    """
+    folder = os.open(root, _FOLDER_FLAGS)
+    done: list[str] = []
+    try:
+        for name in filter(None, relative.split("/")):
+            done.append(name)
+            inner = _open_folder(folder, name, root, "/".join(done))
+            os.close(folder)
+            folder = inner
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a FIFO", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_chunk_file(root: Path, key: str) -> int | str:
+    """Open the chunk file ``key`` of the store in folder ``root`` for reading: every local chunk read goes
+    through here.
+
+    Nothing outside the store is read: no symbolic link below ``root`` is followed. And nothing hangs: lstat
+    must say a regular file before the open (a FIFO in a chunk's place would block the open, a device could
+    do anything), the open cannot block (``O_NONBLOCK``, ``O_NOFOLLOW``), and its fstat must agree.
+
+    Returns:
+        The open descriptor (the caller closes it), or a problem ("a FIFO where a chunk file should be").
+
+    Raises:
+        FileNotFoundError: the chunk is absent (whether that is damage is the caller's to decide).
+        StoreFormatError: the file, or a folder on the way, is a symbolic link.
+    """
+    folders, _, name = key.rpartition("/")
+    try:
+        folder = open_below(root, folders)
+    except _NotAFile as problem:
+        return f"{problem} where the chunk file's folder should be"
+    try:
+        found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        if stat.S_ISLNK(found.st_mode):
+            raise link_refused(root, key)
+        if _kind(found.st_mode) is not None:
+            return f"{_kind(found.st_mode)} where the chunk file should be"
+        fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+    finally:
+        os.close(folder)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino) or _kind(opened.st_mode) is not None:
+        os.close(fd)
+        return "replaced by something else while it was opened"
+    return fd
+
+
+def _file_nbytes(root: Path, key: str) -> int | str | None:
+    """The length of a local chunk file, None when there is none, or a problem (``open_chunk_file``)."""
+    try:
+        opened = open_chunk_file(root, key)
+    except FileNotFoundError:
+        return None
+    if isinstance(opened, str):
+        return opened
+    try:
+        return os.fstat(opened).st_size
+    finally:
+        os.close(opened)
+
+
+def stored_nbytes(array: zarr.Array, chunk_index: int) -> int | str | None:
+    """The stored length of a chunk (None: there is none), or what is wrong with its file: one open and fstat
+    of the file (``open_chunk_file``), or one HEAD of the object."""
+    root = local_root(array)
+    if root is not None:
+        return _file_nbytes(root, chunk_key(array, chunk_index))
     try:
         return sync(array.store.getsize(chunk_key(array, chunk_index)))
     except FileNotFoundError:
@@ -119,107 +250,65 @@ def _size_problem(found: int | None, expected: int | None, absent_ok: bool) -> s
 
 
 def size_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> str | None:
-    """What is wrong with a chunk's stored size, or None."""
-    return _size_problem(stored_nbytes(array, chunk_index), expected_nbytes(array, file),
-                         absent_means_fill(file))
-
-
-class ChunkFileError(Exception):
-    """What is wrong with a chunk file that is there (the message is the problem line ``describe`` takes)."""
-
-
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder",
-               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
-
-
-def _check_regular(info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "of an unknown kind")
-        raise ChunkFileError(f"{kind}, not a regular file")
-
-
-def open_chunk_file(path: Path, expected: int | None, needed: int) -> int:
-    """A read-only descriptor of a local chunk file, checked before any of its bytes is read: a regular file
-    (lstat first: reading a FIFO would block for ever, a symbolic link could lead outside the store; opened
-    with ``O_NOFOLLOW | O_NONBLOCK`` so that one swapped in meanwhile cannot either, and checked again with
-    fstat), whose length is the one its commit record gives (``expected``; None: any) and holds its
-    committed rows (``needed`` bytes). The caller closes the descriptor.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        ChunkFileError: it is there and wrong.
-    """
-    _check_regular(os.lstat(path))
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        _check_regular(info)
-        problem = _size_problem(info.st_size, expected, absent_ok=False)
-        if problem is None and info.st_size < needed:
-            problem = f"{info.st_size} bytes, shorter than its committed rows ({needed} bytes)"
-        if problem is not None:
-            raise ChunkFileError(problem)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """What is wrong with a chunk's stored size (or its file), or None."""
+    found = stored_nbytes(array, chunk_index)
+    if isinstance(found, str):
+        return found
+    return _size_problem(found, expected_nbytes(array, file), absent_means_fill(file))
 
 
 def open_local_chunk(array: zarr.Array, chunk_index: int, file: ChunkFile | None, needed: int) -> int | None:
-    """``open_chunk_file`` of a chunk of a ``local_plain`` array: None when it is absent and may be (its rows
-    are the fill value: ``absent_means_fill``).
+    """``open_chunk_file`` of a chunk of a ``local_plain`` array, checked against its commit record (its
+    length, and at least ``needed`` bytes: its committed rows) before any of its bytes is read; None when it
+    is absent and may be (its rows are the fill value: ``absent_means_fill``). The caller closes it.
 
     Raises:
         StoreCorruptError: the chunk is missing or wrong, named as ``read_chunk`` names it.
+        StoreFormatError: it, or a folder on its way, is a symbolic link.
     """
     try:
-        return open_chunk_file(local_chunk_path(array, chunk_index), expected_nbytes(array, file), needed)
+        opened = open_chunk_file(local_root(array), chunk_key(array, chunk_index))
     except FileNotFoundError:
         if absent_means_fill(file):
             return None
-        problem = "missing"
-    except ChunkFileError as error:
-        problem = str(error)
-    raise corrupt_error([describe(array, chunk_index, problem)])
+        opened = "missing"
+    if isinstance(opened, int):
+        size = os.fstat(opened).st_size
+        problem = _size_problem(size, expected_nbytes(array, file), absent_ok=False)
+        if problem is None and size < needed:
+            problem = f"{size} bytes, shorter than its committed rows ({needed} bytes)"
+        if problem is None:
+            return opened
+        os.close(opened)
+        opened = problem
+    raise corrupt_error([describe(array, chunk_index, opened)])
 
 
-def _read_file(array: zarr.Array, path: Path, out: np.ndarray, file: ChunkFile | None) -> str | None:
+def _read_file(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
     """A plain local chunk's first ``len(out)`` rows into ``out`` with readinto (no temporary)."""
     target = memoryview(out.reshape(-1).view(np.uint8))
     try:
-        fd = open_chunk_file(path, expected_nbytes(array, file), out.nbytes)
+        opened = open_chunk_file(local_root(array), chunk_key(array, chunk_index))
     except FileNotFoundError:
         if not absent_means_fill(file):
             return "missing"
         out.view(array.dtype)[...] = array.fill_value
         return None
-    except ChunkFileError as problem:
-        return str(problem)
-    with open(fd, "rb", buffering=0) as f:
+    if isinstance(opened, str):
+        return opened
+    with open(opened, "rb", buffering=0) as f:
+        problem = _size_problem(os.fstat(f.fileno()).st_size, expected_nbytes(array, file), absent_ok=False)
         done = 0
-        while done < len(target):
+        while problem is None and done < len(target):
             got = f.readinto(target[done:])
             if not got:
                 return f"{done} bytes, shorter than its {len(out)} committed rows"
             done += got
-    return None
-
-
-def _kind_problem(array: zarr.Array, chunk_index: int) -> str | None:
-    """What is wrong with the kind of a local chunk file zarr is to read (zarr follows a symbolic link)."""
-    path = local_chunk_path(array, chunk_index)
-    try:
-        if path is not None:
-            _check_regular(os.lstat(path))
-    except FileNotFoundError:
-        return None  # size_problem says whether it may be absent
-    except ChunkFileError as error:
-        return str(error)
-    return None
+    return problem
 
 
 def _read_zarr(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
-    problem = _kind_problem(array, chunk_index) or size_problem(array, chunk_index, file)
+    problem = size_problem(array, chunk_index, file)
     if problem is not None:
         return problem
     start = chunk_index * array.chunks[0]
@@ -238,7 +327,7 @@ def chunk_problem(array: zarr.Array, chunk_index: int, file: ChunkFile | None, o
     wrong with it, or None. Plain chunks of a local store: one readinto; others through zarr. ``verify``:
     compare the rows' CRC32C with ``file``'s (a format version 1 chunk has none to compare)."""
     direct = local_plain(array) and out.flags.c_contiguous
-    problem = (_read_file(array, local_chunk_path(array, chunk_index), out, file) if direct
+    problem = (_read_file(array, chunk_index, out, file) if direct
                else _read_zarr(array, chunk_index, out, file))
     if problem is None and verify:
         problem = checksum_problem(out, file)
@@ -284,3 +373,93 @@ def check_size(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> N
     problem = size_problem(array, chunk_index, file)
     if problem is not None:
         raise corrupt_error([describe(array, chunk_index, problem)])
+
+
+# ---- array metadata against the manifest and the commit records -------------------------------------------
+
+
+def _captured_arrays(manifest: Manifest) -> dict[str, tuple[np.dtype | None, bool]]:
+    """Every array the capture writes with each chunk: key -> (its dtype, whether it holds activations)."""
+    activations = layout.STORAGE_DTYPES.get(manifest.dtype)
+    tokens = layout.token_arrays(manifest.annotations)
+    return {**{key: (activations, True) for key in manifest.arrays},
+            **{key: (np.dtype(dtype), False) for key, dtype in tokens.items()}}
+
+
+def _record_problems(record: CommitRecord, activations: set[str], captured: set[str],
+                     store: str) -> list[str]:
+    """A commit record must list every array the capture wrote (``activations``: the manifest's activation
+    arrays; ``captured``: every array): one that leaves an array out would have that array's chunk read as
+    fill values (or not at all)."""
+    index = record.chunk_index
+    where = f"commit record of chunk {index} ({store}/{layout.commit_record_key(index)})"
+    problems = []
+    if record.dims.keys() != activations:
+        problems.append(f"the {where} lists the activation arrays {sorted(record.dims)}, the manifest "
+                        f"{sorted(activations)}")
+    missing = sorted(captured - record.files.keys()) if record.files else []
+    if missing:
+        problems.append(f"the {where} has no stored chunk of {', '.join(missing)}")
+    return problems
+
+
+def _widths(records: list[CommitRecord], key: str) -> set[int]:
+    return {record.dims[key] for record in records if key in record.dims}
+
+
+def _array_metadata_problem(array: zarr.Array, expected: tuple[np.dtype | None, bool], widths: set[int],
+                            manifest: Manifest, rows: int) -> str | None:
+    """What in one array's zarr.json disagrees with the manifest and the commit records, or None."""
+    dtype, activations = expected
+    if activations and len(widths) > 1:
+        return f"its commit records disagree on its width: {sorted(widths)}"
+    # An activation array's width comes from the records (None: no chunk committed yet, nothing to misread).
+    row_shape = (next(iter(widths)),) if activations and widths else None if activations else ()
+    chunks = None if row_shape is None else (manifest.chunk_tokens, *row_shape)
+    checks = [("data type", array.dtype, dtype),
+              ("row shape", array.shape[1:], row_shape),
+              ("chunk shape", array.chunks, chunks),
+              ("codecs", "none" if plain_encoded(array) else "compressing",
+               "none" if manifest.compressor is None else "compressing")]
+    for what, found, wanted in checks:
+        if wanted is not None and found != wanted:
+            return f"{what} {found}, the manifest and commit records say {wanted}"
+    if array.shape[0] < rows:
+        return f"{array.shape[0]} rows, fewer than the {rows} committed"
+    return None
+
+
+def metadata_problems(arrays: dict[str, zarr.Array], records: list[CommitRecord], manifest: Manifest,
+                      rows: int, where: str) -> list[str]:
+    """Check the arrays of one store (or part) against its manifest and its committed chunks' records: each
+    captured array is there once a chunk is committed, with the dtype, width, chunking and codecs they say,
+    and room for the ``rows`` committed; each record lists every array. Reads nothing (the metadata is open).
+
+    Args:
+        arrays: the store's arrays that exist, by key; where: the store, for messages.
+
+    Returns: one line per problem (array, its zarr.json, what disagrees); empty when all agree.
+    """
+    captured = _captured_arrays(manifest)
+    activations, every = set(manifest.arrays), set(captured)
+    problems = [problem for record in records
+                for problem in _record_problems(record, activations, every, where)]
+    for key, expected in captured.items():
+        array = arrays.get(key)
+        if array is None:
+            if records:
+                problems.append(f"{key} ({where}/{key}/zarr.json): missing, but {len(records)} commit "
+                                "records list it")
+            continue
+        problem = _array_metadata_problem(array, expected, _widths(records, key), manifest, rows)
+        if problem is not None:
+            problems.append(f"{key} ({where}/{key}/zarr.json): {problem}")
+    return problems
+
+
+def metadata_error(problems: list[str]) -> StoreCorruptError:
+    """StoreCorruptError listing every array whose metadata disagrees with the store's records."""
+    listing = "\n  ".join(problems)
+    return StoreCorruptError(f"array metadata disagrees with the store's manifest and commit records, so the "
+                             f"committed rows cannot be read as they were written:\n  {listing}\nThe fix: "
+                             f"{METADATA_FIX}", problems)

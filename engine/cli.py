@@ -183,7 +183,8 @@ def _capture_config(args: argparse.Namespace, model_config, world_size: int, res
                          num_writers=args.num_writers, pinned_slots=args.pinned_slots, resume=resume,
                          overwrite=args.overwrite, early_stop=not args.no_early_stop, model_name=args.model,
                          annotations=_ANNOTATIONS, statistics=not args.no_statistics,
-                         distributed=world_size > 1, break_lock=args.break_lock)
+                         distributed=world_size > 1, break_lock=args.break_lock,
+                         outlier_norm_ratio=args.outlier_norm_ratio)
 
 
 def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
@@ -655,6 +656,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ratio_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 1 or 'none', got {text!r}") from None
+
+
 def _module_entry(text: str) -> tuple[str, str]:
     """argparse type of --extra-modules: ``name=module.path``."""
     name, equals, path = text.partition("=")
@@ -718,6 +728,9 @@ def _add_capture_parser(commands, common: argparse.ArgumentParser) -> None:
     cap.add_argument("--allow-download", action="store_true",
                      help="let the model and tokenizer come from the Hugging Face Hub (default: local only)")
     cap.add_argument("--chunk-tokens", type=_positive_int, default=8192)
+    cap.add_argument("--outlier-norm-ratio", type=_ratio_or_none, default=10.0, metavar="RATIO",
+                     help="flag rows whose norm exceeds RATIO times their neighbours' median as outliers "
+                          "(left out of the statistics and of reads by default); 'none' flags none")
     cap.add_argument("--num-writers", type=_positive_int, default=2)
     cap.add_argument("--pinned-slots", type=_positive_int, default=4)
     store = cap.add_mutually_exclusive_group()

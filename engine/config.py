@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import os
 import re
-from typing import Any, Mapping, Sequence
+import types
+import typing
+from typing import Any, Literal, Mapping, Sequence
 
 from .errors import ConfigError
 from .hookpoints import CANONICAL_POINTS
@@ -14,7 +18,8 @@ from .location import Location
 
 SINKS = ("zarr", "null")
 COMPRESSORS = (None, "zstd", "blosc")
-_EXTRA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Not "." or "..", nor any name starting with a dot: the name becomes the folder ``extra/<name>``.
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 # The original per-point switches (capture_<point>) and what each means when neither it nor ``points`` is set.
 FLAG_DEFAULTS = {"residual": True, "mlp_hidden": True, "mlp_out": False, "attn_out": False}
 
@@ -109,25 +114,21 @@ class CaptureConfig:
     outlier_norm_ratio: float | None = 10.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer_indices, int):
-            object.__setattr__(self, "layer_indices", (self.layer_indices,))
-        object.__setattr__(self, "layer_indices", tuple(self.layer_indices))
-        object.__setattr__(self, "extra_modules", dict(self.extra_modules))
-        object.__setattr__(self, "annotations", dict(self.annotations))
-        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        self._normalize()
+        check_field_types(self)
         self._select_points()
         for name, dtype in self.annotations.items():
-            if not isinstance(name, str) or not name.isidentifier() or f"tokens/{name}" in TOKEN_ARRAYS:
+            if not name.isidentifier() or f"tokens/{name}" in TOKEN_ARRAYS:
                 raise ConfigError(f"annotation {name!r}: use an identifier other than "
                                   f"{', '.join(k.split('/')[1] for k in TOKEN_ARRAYS)}")
             if dtype not in ANNOTATION_DTYPES:
                 raise ConfigError(f"annotation {name!r} dtype {dtype!r}: use one of "
                                   f"{', '.join(ANNOTATION_DTYPES)}")
-        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+        if not str(self.output_dir):
             raise ConfigError("output_dir must be a non-empty path to the zarr store to write")
         Location.of(self.output_dir)  # a URL must name a prefix inside its bucket
         for layer in self.layer_indices:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            if layer < 0:
                 raise ConfigError(f"layer_indices must be non-negative ints, got {layer!r}")
         if len(set(self.layer_indices)) != len(self.layer_indices):
             raise ConfigError(f"layer_indices has duplicates: {list(self.layer_indices)}; list each layer "
@@ -139,31 +140,27 @@ class CaptureConfig:
             raise ConfigError("no hook point selected: name canonical points, e.g. points=['residual'], or "
                               "modules in extra_modules")
         for name, path in self.extra_modules.items():
-            if not isinstance(name, str) or not _EXTRA_NAME.match(name) or not isinstance(path, str) \
-                    or not path:
+            if not _EXTRA_NAME.match(name) or not path:
                 raise ConfigError(f"extra_modules entry {name!r}: names use letters, digits, '_', '.', '-' "
-                                  "and map to a non-empty module path (a name from model.named_modules())")
+                                  "and do not start with '.' (each is the folder extra/<name>), and map to a "
+                                  "non-empty module path (a name from model.named_modules())")
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of "
                               f"{', '.join(STORAGE_DTYPES)} (float32 or bfloat16 for models whose "
                               "activations overflow float16)")
         for name in ("chunk_tokens", "num_writers", "pinned_slots"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}: it bounds "
                                   + {"chunk_tokens": "rows per chunk and per commit",
                                      "num_writers": "the writer threads",
                                      "pinned_slots": "staged batches (host memory)"}[name])
-        if not isinstance(self.break_lock, bool):
-            raise ConfigError(f"break_lock must be True or False, got {self.break_lock!r}: it decides "
-                              "whether another writer's lock may be taken over")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:
             raise ConfigError(f"sink {self.sink!r}: use 'zarr' or 'null' (null discards rows; for "
                               "benchmarks)")
-        if isinstance(self.first_sequence, bool) or not isinstance(self.first_sequence, int) \
-                or self.first_sequence < 0:
+        if self.first_sequence < 0:
             raise ConfigError(f"first_sequence must be a non-negative int, got {self.first_sequence!r}")
         if self.distributed and self.sink != "zarr":
             raise ConfigError("distributed=True writes parts of one store: use sink='zarr'")
@@ -176,13 +173,22 @@ class CaptureConfig:
         if self.compressor not in COMPRESSORS:
             raise ConfigError(f"compressor {self.compressor!r}: use None, 'zstd' or 'blosc'")
 
+    def _normalize(self) -> None:
+        """The shorthands the fields accept, in their declared types: one layer as an int, a list of layers,
+        any mapping for the dict fields (values of other types are left to ``check_field_types``)."""
+        layers = self.layer_indices
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            object.__setattr__(self, "layer_indices", (layers,))
+        elif isinstance(layers, (list, tuple, range)):
+            object.__setattr__(self, "layer_indices", tuple(layers))
+        for name in ("extra_modules", "annotations", "storage_options"):
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, dict(getattr(self, name)))
+
     def _select_points(self) -> None:
         """Apply the ``points`` rule (see the class docstring): store the selection in canonical order and
         set every capture_* switch to whether its point is selected."""
         flags = {point: getattr(self, f"capture_{point}") for point in FLAG_DEFAULTS}
-        for point, value in flags.items():
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"capture_{point} must be True, False or None (unset), got {value!r}")
         if self.points is None:
             selected = {point for point, value in flags.items()
                         if (FLAG_DEFAULTS[point] if value is None else value)}
@@ -201,11 +207,9 @@ class CaptureConfig:
 
     def _named_points(self) -> list[str]:
         """``points`` as given, checked: known names, each once."""
-        if not isinstance(self.points, (str, list, tuple)):
-            raise ConfigError(f"points must be a list of hook point names, got {self.points!r}")
         names = [self.points] if isinstance(self.points, str) else list(self.points)
         for name in names:
-            if not isinstance(name, str) or name not in CANONICAL_POINTS:
+            if name not in CANONICAL_POINTS:
                 raise ConfigError(f"unknown hook point {name!r} in points: choose from "
                                   f"{', '.join(CANONICAL_POINTS)}; capture other modules with extra_modules")
         if len(set(names)) != len(names):
@@ -216,3 +220,83 @@ class CaptureConfig:
     def location(self) -> Location:
         """Where the store is (a local folder or a URL)."""
         return Location.of(self.output_dir, self.storage_options)
+
+
+# ---- the type of every field, checked by its declaration ---------------------------------------------------
+# One check over the dataclass's fields, by their declared types: a field added later is checked as soon as
+# it is declared. Nothing is converted by guessing: overwrite="false" is a string, and a string is true.
+
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+@functools.cache
+def _declared_types() -> dict[str, Any]:
+    return typing.get_type_hints(CaptureConfig)
+
+
+def check_field_types(config: CaptureConfig) -> None:
+    """ConfigError naming the first field whose value is not of its declared type."""
+    for name, kind in _declared_types().items():
+        value = getattr(config, name)
+        if not _is_of(value, kind):
+            words = _words(kind)
+            guess = ": a string is not a boolean, nothing is converted" if "True" in words else ""
+            raise ConfigError(f"{name} must be {words}, got {value!r} ({type(value).__name__}){guess}")
+
+
+def _is_of(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the declared type ``kind`` (bool is not an int here; kinds this check does not
+    know pass, and are left to the field's own checks)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if kind is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_of(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if origin in _SEQUENCES:
+        if not isinstance(value, origin):
+            return False
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):  # tuple[int, str]: per place
+            return len(value) == len(args) and all(map(_is_of, value, args))
+        return not args or all(_is_of(item, args[0]) for item in value)
+    if origin in _MAPPINGS:
+        key_kind, value_kind = args or (Any, Any)
+        return isinstance(value, collections.abc.Mapping) and all(
+            _is_of(key, key_kind) and _is_of(item, value_kind) for key, item in value.items())
+    if isinstance(origin or kind, type):
+        return isinstance(value, origin or kind)
+    return True
+
+
+def _alternatives(kind: Any) -> list[str]:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return [word for arg in args for word in _alternatives(arg)]
+    if kind is type(None):
+        return ["None"]
+    if kind is bool:
+        return ["True", "False"]
+    if origin is Literal:
+        return [repr(arg) for arg in args]
+    if origin in _SEQUENCES:
+        return [f"a list of {_name(args[0]) if args else 'values'}"]
+    if origin in _MAPPINGS:
+        return [f"a dict of {_name(args[0])} to {_name(args[1])}" if args else "a dict"]
+    return [{str: "a string", int: "an int", float: "a number", os.PathLike: "a path"}.get(kind)
+            or f"a {_name(kind)}"]
+
+
+def _words(kind: Any) -> str:
+    """A declared type in words: ``bool | None`` is "True, False or None"."""
+    words = _alternatives(kind)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _name(kind: Any) -> str:
+    return "anything" if kind is Any else getattr(kind, "__name__", str(kind))

@@ -373,12 +373,14 @@ def _python_doc_texts() -> tuple[str, ...]:
         topics = {}
     texts = [topics[key] for key in sorted(topics)]
     for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        texts.extend(_docstrings(source))
+        texts.extend(docstrings(source))
     return tuple(texts)
 
 
-def _docstrings(source: Path) -> list[str]:
-    """Module, class and function docstrings of one file with at least ``MIN_DOCSTRING_CHARS`` characters."""
+def docstrings(source: Path) -> list[str]:
+    """Module, class and function docstrings of one Python file with at least ``MIN_DOCSTRING_CHARS``
+    characters (the default corpus's documents; ``benchmarks/training.py`` adds those of the standard
+    library's packages). A file that cannot be read or parsed gives none."""
     try:
         tree = ast.parse(source.read_bytes())
     except (OSError, SyntaxError, ValueError):  # a file this Python cannot parse adds no documents

@@ -236,17 +236,23 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         file = chunk.files[self._reads.index((store, key))]
         read_chunk(self._arrays(store, chunk.part)[key], chunk.index, file, out, self.verify)
 
-    def _windows(self, chunks: list[ChunkRef]) -> list[list[ChunkRef]]:
-        """Consecutive runs of ``chunks``, each as long as the window's bounds allow (one chunk at least):
-        ``window_bytes`` of mapped chunk files, ``buffer_chunks`` chunks read into memory, WINDOW_MAPPINGS."""
+    @property
+    def window_chunks(self) -> int:
+        """Chunks per shuffle window (their rows are mixed uniformly), as the window's bounds allow, one at
+        least: ``window_bytes`` of mapped chunk files, ``buffer_chunks`` chunks read into memory,
+        WINDOW_MAPPINGS."""
         mapped = [c for c in self._buffered() if self._mapped[c.name]]
-        most = [len(chunks), WINDOW_MAPPINGS // max(len(mapped), 1)]
+        most = [WINDOW_MAPPINGS // max(len(mapped), 1)]
         if mapped:
             most.append(self.window_bytes // (self.chunk_tokens * sum(self._window_column(c).row_bytes
                                                                       for c in mapped)))
         if len(mapped) < len(self._buffered()):
             most.append(self.buffer_chunks)
-        step = max(min(most), 1)
+        return max(min(most), 1)
+
+    def _windows(self, chunks: list[ChunkRef]) -> list[list[ChunkRef]]:
+        """Consecutive runs of ``chunks``, each a window long (the last maybe shorter)."""
+        step = self.window_chunks
         return [chunks[start:start + step] for start in range(0, len(chunks), step)]
 
     def _window_column(self, column: Column) -> WindowColumn:

@@ -7,10 +7,13 @@ protocol.
 
 On CPU the forward thread sends each batch itself once its last point is staged (the copies are
 synchronous). On CUDA a small handoff thread waits on each batch's event (``synchronize`` releases the GIL,
-and the event sleeps instead of spinning a core), drops the batch's device snapshots and sends it: the forward
-thread never waits for a copy. Flush messages travel behind the batches, in order, the same way; at close the
-handoff thread forwards what it holds and ends first, and the close message goes after it, saying the run
-failed if the thread did (the batches behind its failure were never sent).
+and the event sleeps instead of spinning a core) and sends it: the forward thread never waits for a copy (the
+batch's device snapshots are dropped on the forward thread when the slot comes back). A batch whose copies
+the thread has waited on for ``_EXIT_WAIT_S`` (a hung device) fails the run at the forward thread's next
+wait (backpressure, flush, drain) or forward, instead of leaving it waiting for ever. Flush messages travel
+behind the batches, in order, the same way; at close the handoff thread forwards what it holds and ends
+first, and the close message goes after it, saying the run failed if the thread did (the batches behind its
+failure were never sent).
 
 The forward thread reads what comes back (free slots, committed totals, errors) without blocking, at every
 forward; it blocks only when every slot is in use (backpressure), and then at most ``_LIVENESS_CHECK_S`` at a
@@ -106,6 +109,7 @@ class WriterProcess:
         self._handoff: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._waiting_since: float | None = None  # when the handoff thread began waiting on a batch's copies
         self._handoff_stopped = False
         try:
             self._channel.send(("spec", spec))
@@ -170,8 +174,9 @@ class WriterProcess:
                     message.set()
                     continue
                 if slot is not None:
+                    self._waiting_since = time.monotonic()
                     slot.event.synchronize()
-                    slot.snapshots.clear()
+                    self._waiting_since = None
                 self._channel.send(message)
         except BaseException as exc:  # reported by the forward thread's next check
             self._thread_error = exc
@@ -190,11 +195,8 @@ class WriterProcess:
         if self._thread is not None and self._thread.is_alive():
             sent = threading.Event()
             self._handoff.put((None, sent))
-            deadline = time.monotonic() + _EXIT_WAIT_S
             while not sent.wait(_LIVENESS_CHECK_S) and self._thread.is_alive():
-                if time.monotonic() > deadline:
-                    if self._thread_error is None:  # else the thread's own failure came first
-                        self._thread_error = HandoffStuck()
+                if self._copies_stuck():
                     break
         self.poll()
 
@@ -207,10 +209,19 @@ class WriterProcess:
 
     # ---- receiving -----------------------------------------------------------------------------
     def poll(self) -> None:
-        """Take in what the writer process sent, without waiting; raise its failure if it failed or died."""
+        """Take in what the writer process sent, without waiting; raise its failure if it failed or died, or
+        if a batch's copies are stuck."""
         self._receive(0.0)
-        if self._error is not None or self._thread_error is not None:
+        if self._error is not None or self._thread_error is not None or self._copies_stuck():
             self.check()
+
+    def _copies_stuck(self) -> bool:
+        """Whether the handoff thread has waited on one batch's copies for ``_EXIT_WAIT_S``: that is the run's
+        failure (``HandoffStuck``), unless the thread failed first."""
+        since = self._waiting_since
+        if since is not None and time.monotonic() - since > _EXIT_WAIT_S and self._thread_error is None:
+            self._thread_error = HandoffStuck()
+        return isinstance(self._thread_error, HandoffStuck)
 
     def check(self) -> None:
         """Raise the writer process's failure (once it has been raised, ``close`` does not raise it again)."""
@@ -281,8 +292,10 @@ class WriterProcess:
                                    "committed so far are kept; continue with resume=True")
 
     def _wait(self, done) -> None:
-        """Read messages until ``done()``; raise if the writer process fails or dies meanwhile."""
+        """Read messages until ``done()``; raise if the writer process fails or dies meanwhile, or a batch's
+        copies are stuck (a hung device: backpressure must not wait for ever)."""
         while not done():
+            self._copies_stuck()
             self.check()
             self._receive(_LIVENESS_CHECK_S)
         self.check()

@@ -32,6 +32,7 @@ Everything is resolved once, when hooks are attached: unknown names fail there, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -292,6 +293,23 @@ def _module_width(module: torch.nn.Module) -> int | None:
     return shape[-1] if isinstance(module, torch.nn.LayerNorm) and shape else None
 
 
+@contextlib.contextmanager
+def _no_pad_token(model: torch.nn.Module):
+    """Hide the config's pad_token_id for one forward: transformers then looks in the ids for pad tokens
+    (to warn about a missing mask), which needs the ids' values, and a meta tensor has none. Passing a mask
+    instead does not help: the causal mask code reads the mask's values too."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        yield
+        return
+    config.pad_token_id = None
+    try:
+        yield
+    finally:
+        config.pad_token_id = pad
+
+
 def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> dict[str, int]:
     """Width (last dimension) of each point's tensor, ``{key: width}``, measured by one forward pass of one
     token. On a model whose weights are on the ``meta`` device this computes shapes only (no memory, no time).
@@ -307,7 +325,7 @@ def measure_widths(model: torch.nn.Module, hook_points: Sequence[HookPoint]) -> 
     handles = [hp.attach(functools.partial(record, hp)) for hp in hook_points]
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_pad_token(model):
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     finally:
         for handle in handles:

@@ -27,7 +27,8 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 @dataclasses.dataclass(frozen=True)
 class Location:
-    """A store's place: ``url`` is an absolute local path or a URL without a trailing slash.
+    """A store's place: ``url`` is an absolute local path with every symbolic link resolved, or a URL without
+    a trailing slash.
 
     Args:
         url: local path or URL.
@@ -55,7 +56,9 @@ class Location:
                                      f"{url}/acts.zarr (a store at the root would own, and on overwrite "
                                      "delete, the whole bucket)")
             return cls(url, dict(storage_options or {}))
-        return cls(str(Path(text).expanduser().absolute()))
+        # Resolved: a store reached through a symbolic link (or a linked parent folder) is the folder it
+        # points to, with that folder's one lock; an overwrite replaces that folder's contents, not the link.
+        return cls(str(Path(text).expanduser().resolve()))
 
     @property
     def local(self) -> Path | None:

@@ -24,7 +24,18 @@ an object with a lease:
    between wins over both. A lock within its lease is never broken.
 5. Lost: a beat whose condition fails (the lock was broken, or deleted) means another process owns the store:
    ``on_lost`` is called (the engine stops its writer process at once) and the store is not touched again.
-6. Release at close: DELETE with ``If-Match: <its ETag>``.
+6. Fencing: a beat comes every lease / 3, so a holder that was stopped past its lease (SIGSTOP, a paused
+   VM) and whose lock was broken meanwhile would, on waking, write chunks and commit records over the new
+   owner's before its next beat. So every write proves the lease first (``LeaseFence``): the writer process,
+   before a chunk, an array change or the final manifest, and the capturing process before it marks a store
+   failed, read the lock object and rewrite it with ``If-Match: <the ETag just read>``. A token other than
+   the run's, or no lock object, means the lock was broken: StoreLockedError, and nothing is written. A proof
+   moves the object's Last-Modified to now, so no breaker can take the lock for a whole lease after it; the
+   writer proves at most once per ``lease * PROOF_EVERY`` of the monotonic clock (which runs on while a
+   process is stopped). What remains: a process stopped for longer than the lease between a proof and the
+   write it allowed (one PUT) can still land that write.
+7. Release at close: DELETE with ``If-Match: <its ETag>`` (after a proof changed the ETag, the one read back,
+   if the token is still the run's).
 
 The lease is ``LEASE_S`` = 60 s: three beats fit in it, so a holder survives two lost PUTs (S3's own retries
 take up to ~20 s), while a killed job's store can be taken over a minute after its death. The writer process
@@ -61,6 +72,11 @@ ORPHAN_GRACE_S = 5.0
 PROBE_GRACE_S = 0.2
 # Seconds an object-storage lock lives without a heartbeat (see the module docstring for the choice).
 LEASE_S = 60.0
+# A writer proves its lease again before a write once this fraction of the lease has passed since the last
+# proof (6 s of a 60 s lease: one GET and one PUT of the lock object per 6 s of writing, at most).
+PROOF_EVERY = 0.1
+# Proofs in a row that may find the ETag changed by the holder's own heartbeat before one gets through.
+_PROOF_TRIES = 5
 
 
 _HELD: weakref.WeakSet = weakref.WeakSet()
@@ -222,6 +238,10 @@ class FileLock:
     def on_lost(self, callback: Callable[[StoreLockedError], None]) -> None:
         """Nothing to watch: a kernel lock is held until its holders exit."""
 
+    def confirm(self) -> bool:
+        """Always True: a kernel lock is never taken away from a live holder."""
+        return True
+
     def release(self) -> None:
         """Give the lock up (the writer process's copy goes when it exits). Idempotent."""
         if self.fd >= 0:
@@ -240,6 +260,17 @@ def _precondition_failed(error: OSError) -> bool:
     code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
     return isinstance(error, (FileExistsError, FileNotFoundError)) \
         or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _taker(holder: _Holder | None) -> str:
+    return _describe(holder.record) if holder is not None else "nobody (the lock object was deleted)"
+
+
+def _lost(location: Location, taker: str) -> StoreLockedError:
+    """The error of a run whose lock is no longer its own (``taker``: who has it now)."""
+    return StoreLockedError(f"{location}: this process lost its lock to {taker} (its heartbeat had stopped "
+                            "for longer than the lease, and the lock was broken): it writes nothing more "
+                            "there; chunks committed so far stay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +370,60 @@ def _conditional_put(location: Location, target: _LockObject, record: dict, **co
                              "and credentials") from error
 
 
+class LeaseFence:
+    """A run's proof, before it writes, that its object-storage lock is still its own (step 6 of the module
+    docstring): one GET of the lock object and one PUT conditional on the ETag read, at most once per
+    ``lease * PROOF_EVERY`` unless forced.
+
+    Args:
+        location: the store; target: its lock object; owner: the run's lock record (``ObjectLock.owner``:
+            its token and lease).
+
+    Thread safety: ``prove`` from any thread (proofs are serialized).
+    """
+
+    def __init__(self, location: Location, target: _LockObject, owner: dict):
+        self._location = location
+        self._target = target
+        self._owner = owner
+        self._every_s = float(owner.get("lease_s", LEASE_S)) * PROOF_EVERY
+        self._proved: float | None = None  # monotonic time a proof started
+        self._mutex = threading.Lock()
+
+    @classmethod
+    def of(cls, location: Location | None, owner: dict | None) -> LeaseFence | None:
+        """The fence of a run that holds an object-storage lock (``owner`` with a token); None for a local
+        store (its kernel lock needs none), a store without a lock, or no store."""
+        if location is None or location.local is not None or not owner or "token" not in owner:
+            return None
+        target = _lock_object(location)
+        return None if target is None else cls(location, target, owner)
+
+    def prove(self, force: bool = False) -> None:
+        """Return once the lock is proved the run's (now, or less than ``lease * PROOF_EVERY`` ago).
+
+        Raises:
+            StoreLockedError: the lock was broken (another token holds it) or deleted: write nothing.
+            StorePathError: the object store failed the request.
+        """
+        with self._mutex:
+            started = time.monotonic()
+            if not force and self._proved is not None and started - self._proved < self._every_s:
+                return
+            for _ in range(_PROOF_TRIES):
+                holder = self._target.holder()
+                if holder is None or holder.record.get("token") != self._owner["token"]:
+                    raise _lost(self._location, _taker(holder))
+                # A body of its own: the ETag must change, so that a breaker holding the old one loses.
+                record = {**holder.record, "proof": uuid.uuid4().hex}
+                if _conditional_put(self._location, self._target, record, IfMatch=holder.etag) is not None:
+                    self._proved = started
+                    return
+            raise StoreLockedError(f"{self._location}: the lock object changed {_PROOF_TRIES} times while "
+                                   "this process tried to prove it still holds it: it writes nothing more "
+                                   "there")
+
+
 class ObjectLock:
     """An exclusive lock on one object-storage store: a lock object with a lease, kept alive by a heartbeat
     thread until ``release`` (the protocol is in this module's docstring).
@@ -364,6 +449,7 @@ class ObjectLock:
         self._beats = 0
         self._callback: Callable[[StoreLockedError], None] | None = None
         self._released = False
+        self._fence = LeaseFence(location, target, owner)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="actcap-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -401,6 +487,16 @@ class ObjectLock:
         if self.lost is not None:
             callback(self.lost)
 
+    def confirm(self) -> bool:
+        """Whether the lock is still this run's, proved now (``LeaseFence``): ask before writing into the
+        store from this process (a heartbeat may not have noticed a broken lock yet)."""
+        if self.lost is None:
+            try:
+                self._fence.prove(force=True)
+            except StoreLockedError as error:
+                self.lost = error
+        return self.lost is None
+
     def _beat(self) -> None:
         """Heartbeat thread: rewrite the lock object every lease / 3, conditional on its last ETag."""
         while not self._stop.wait(self.owner["lease_s"] / 3):
@@ -433,13 +529,10 @@ class ObjectLock:
 
     def _lose(self) -> None:
         try:
-            holder = self._target.holder()
-            taker = _describe(holder.record) if holder is not None else "nobody (the lock object was deleted)"
+            taker = _taker(self._target.holder())
         except Exception:  # the message only: the loss itself is certain
             taker = "another process"
-        self.lost = StoreLockedError(f"{self._location}: this process lost its lock to {taker} (its "
-                                     "heartbeat had stopped for longer than the lease, and the lock was "
-                                     "broken): it writes nothing more there; chunks committed so far stay")
+        self.lost = _lost(self._location, taker)
         if self._callback is not None:
             self._callback(self.lost)
 
@@ -471,5 +564,6 @@ class ObjectLock:
                 self._target.delete(self._etag)
 
 
-# What ``acquire`` returns: both kinds have ``fd``, ``owner``, ``lost``, ``on_lost`` and ``release``.
+# What ``acquire`` returns: both kinds have ``fd``, ``owner``, ``lost``, ``on_lost``, ``confirm`` and
+# ``release``.
 StoreLock = FileLock | ObjectLock

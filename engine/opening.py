@@ -7,11 +7,20 @@ import dataclasses
 from typing import Any
 
 from .config import CaptureConfig
-from .errors import ResumeMismatchError
+from .errors import EngineError, ResumeMismatchError, StorePathError
 from .location import Location
 from .lock import StoreLock, acquire
 from .manifest import now, resume_mismatches
-from .store import ResumePoint, check_location, clear_location, continue_store, create_store, read_manifest
+from .store import (
+    ResumePoint,
+    check_location,
+    clear_location,
+    continue_store,
+    create_store,
+    mark_failed,
+    read_manifest,
+    release_reserve,
+)
 
 
 def claim(location: Location, overwrite: bool, resume: bool,
@@ -59,8 +68,9 @@ class Destination:
 
     @property
     def owned(self) -> bool:
-        """False once another process broke this run's object-storage lock: then nothing may be written."""
-        return self.lock is None or self.lock.lost is None
+        """False once another process broke this run's object-storage lock: then nothing may be written.
+        Proved now (a request to the object store), not taken from the last heartbeat."""
+        return self.lock is None or self.lock.confirm()
 
     def release(self) -> None:
         if self.lock is not None:
@@ -96,10 +106,36 @@ def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Dest
 
 
 def open_destination(destination: Destination, manifest: dict) -> ResumePoint | None:
-    """Create the store, or repair it for a resume; returns where the run continues (None: a new store)."""
+    """Create the store, or repair it for a resume; returns where the run continues (None: a new store).
+
+    Raises:
+        StorePathError: the storage failed while the store was written (a full disk, a file size limit): the
+            store says ``failed`` (when even that cannot be written, the error says so) and no reserve file
+            is left.
+    """
     writer = dict(destination.lock.owner) if destination.lock is not None else {"since": now()}
-    if destination.stored is None:
-        create_store(destination.location, {**manifest, "writers": [writer]})
-        return None
-    writers = destination.stored.get("writers", []) + [writer]
-    return continue_store(destination.location, {"resume": {"at": manifest["created"]}, "writers": writers})
+    try:
+        if destination.stored is None:
+            create_store(destination.location, {**manifest, "writers": [writer]})
+            return None
+        writers = destination.stored.get("writers", []) + [writer]
+        resume = {"resume": {"at": manifest["created"]}, "writers": writers}
+        return continue_store(destination.location, resume)
+    except OSError as error:
+        if isinstance(error, EngineError):  # refused before anything was changed (damage, a path problem)
+            raise
+        raise _write_failed(destination.location, error) from error
+
+
+def _write_failed(location: Location, error: OSError) -> StorePathError:
+    """The storage failed while the store was being created or repaired: release the reserve (its room is
+    what lets the manifest say ``failed`` on a full disk), mark the store failed, and say what to do."""
+    release_reserve(location)
+    try:
+        mark_failed(location, repr(error))
+        status = "the store says failed"
+    except Exception as second:  # the root document itself could not be written
+        status = f"marking the store failed failed too ({second!r})"
+    return StorePathError(error.errno, f"cannot write the store at {location}: {error.strerror or error}; "
+                                       f"{status}. Free space on its filesystem (or raise the file size "
+                                       "limit, ulimit -f) and start again with overwrite=True")

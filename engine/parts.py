@@ -186,6 +186,6 @@ class PartCoordinator:
             self.release()
 
     def _publish_root(self) -> None:
-        if self._root_lock is not None and self._root_lock.lost is not None:
+        if self._root_lock is not None and not self._root_lock.confirm():
             raise self._root_lock.lost  # another process owns the root now: leave its manifest alone
         _publish(self.root, self.world_size)

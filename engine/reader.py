@@ -1,9 +1,12 @@
 """Reading a store: the committed view (only rows of the gap-free prefix of committed chunks), checked.
 
-Every chunk read is first checked against its commit record's size (``engine.chunks``: one stat, no read);
-``open_store(verify=True)`` also verifies every committed chunk's CRC32C when the store is opened. A complete
-store whose commit records cover other rows than its manifest says raises StoreCorruptError: a deleted or
-wrong record never shortens it silently. A multi-process store's parts follow the same rules, each on its own.
+Every chunk read is first checked against its commit record's size (``engine.chunks``: one fstat or HEAD, no
+read); ``open_store(verify=True)`` also verifies every committed chunk's CRC32C when the store is opened. A
+complete store whose commit records cover other rows than its manifest says raises StoreCorruptError: a
+deleted or wrong record never shortens it silently. So does an array whose metadata (its zarr.json: dtype,
+width, chunking, codecs, rows) disagrees with the manifest and the records, or a record that leaves an array
+out: rows are never read through metadata that would misread them. A multi-process store's parts follow the
+same rules, each on its own, and lie where its layout puts them, inside the store.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import numpy as np
 import zarr
 
 from . import layout
-from .chunks import DAMAGE_FIX, check_size, chunk_problem, corrupt_error, describe, size_problem
+from .chunks import (
+    DAMAGE_FIX,
+    check_size,
+    chunk_problem,
+    corrupt_error,
+    describe,
+    metadata_error,
+    metadata_problems,
+    open_below,
+    size_problem,
+)
 from .errors import StoreCorruptError, StoreFormatError
 from .layout import CommitRecord, Manifest
 from .location import Location
@@ -154,9 +167,28 @@ def _open_parts(location: Location, group: zarr.Group, manifest: Manifest) -> li
     if manifest.parts is None:
         return [_open_part(location, group, None)]
     complete = manifest.status == layout.STATUS_COMPLETE
-    places = [(location.child(entry["path"]), entry) for entry in manifest.parts]
+    places = [(_part_location(location, rank, entry), entry) for rank, entry in enumerate(manifest.parts)]
     return [_open_part(place, _open_group(place), entry.get("committed_tokens") if complete else None)
             for place, entry in places]
+
+
+def _part_location(location: Location, rank: int, entry) -> Location:
+    """Where part ``rank`` is: only ever ``layout.part_path(rank)`` inside the store. A manifest naming
+    another path (``../victim.zarr``) or a part folder that is a symbolic link would make the store read
+    another one: StoreFormatError."""
+    path = layout.part_path(rank)
+    if not isinstance(entry, dict) or entry.get("path") != path:
+        found = entry.get("path") if isinstance(entry, dict) else entry
+        raise StoreFormatError(f"{location}/zarr.json: the manifest lists part {rank} at {found!r}; expected "
+                               f"{path!r} (a store reads only inside its own folder). The fix: restore this "
+                               "zarr.json from a copy")
+    root = location.local
+    if root is not None:
+        try:
+            os.close(open_below(root, path))
+        except FileNotFoundError:  # that rank never created its part
+            pass
+    return location.child(path)
 
 
 class CaptureStore:
@@ -178,8 +210,9 @@ class CaptureStore:
     Raises (constructing):
         StoreFormatError: not a capture store, or its metadata (a zarr.json, the manifest, a commit record) is
             damaged; the message names the file and what was expected.
-        StoreCorruptError: a complete store's commit records do not cover its committed rows, or (``verify``)
-            a committed chunk is missing, of the wrong size or fails its checksum.
+        StoreCorruptError: a complete store's commit records do not cover its committed rows, an array's
+            metadata disagrees with the manifest and records (or a record leaves an array out), or
+            (``verify``) a committed chunk is missing, of the wrong size, not a file, or fails its checksum.
 
     Thread safety: read-only; safe from several threads. Re-open to see chunks committed later.
     """
@@ -198,6 +231,11 @@ class CaptureStore:
         listed = [*self.manifest.arrays, *self.manifest.token_arrays]
         self._arrays = [existing_arrays(part.group, listed) if part.group is not None else {}
                         for part in self.parts]
+        problems = [problem for part, arrays in zip(self.parts, self._arrays) if part.manifest is not None
+                    for problem in metadata_problems(arrays, part.chunks, part.manifest, part.num_tokens,
+                                                     str(part.location))]
+        if problems:
+            raise metadata_error(problems)
         if verify:
             self._verify()
 
@@ -248,12 +286,16 @@ class CaptureStore:
 
 
 def _array_problems(array: zarr.Array, records: list[CommitRecord], checksums: bool) -> list[str]:
-    buffer = np.empty((array.chunks[0], *array.shape[1:]), dtype=array.dtype) if checksums else None
+    buffer = None
     problems = []
     for record in records:
         file = record.files.get(array.path)
-        problem = (chunk_problem(array, record.chunk_index, file, buffer[:record.token_count], verify=True)
-                   if checksums else size_problem(array, record.chunk_index, file))
+        problem = size_problem(array, record.chunk_index, file)
+        if problem is None and checksums:
+            if buffer is None:  # once a chunk's stored size agreed: sizes that were lies allocate nothing
+                rows = max(each.token_count for each in records)
+                buffer = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+            problem = chunk_problem(array, record.chunk_index, file, buffer[:record.token_count], verify=True)
         if problem is not None:
             problems.append(describe(array, record.chunk_index, problem))
     return problems

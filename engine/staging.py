@@ -6,13 +6,17 @@ here and, once its descriptor has been handed over, in the writer process: the w
 hooks put them, with no copy in between.
 
 On CUDA the buffers are registered with the driver (``cudaHostRegister``: pinned), so ``non_blocking`` copies
-are true DMA. Every hook snapshots its tensor on the compute stream (the cast to the storage dtype, or a copy
-when the dtype already matches, so later in-place ops of the model cannot race the transfer); a dedicated copy
-stream waits on the compute stream and copies the snapshot into the slot. The token ids and mask are
-snapshotted the same way, packed into one tensor, so a caller that reuses its input tensors in place (static
-buffers, CUDA graphs) cannot change what is stored. The snapshots are kept in the slot until the batch's event
-(recorded on the copy stream after its last copy) has completed. Nothing here synchronizes the device. On CPU
-the same calls copy synchronously.
+are true DMA; where the driver refuses (no pinnable memory left), the slot stays unpinned with a warning, and
+its copies are then synchronous but still right. Every hook snapshots its tensor on the compute stream (the
+cast to the storage dtype, or a copy when the dtype already matches, so later in-place ops of the model cannot
+race the transfer). The token ids and mask are snapshotted the same way, packed into one tensor, so a caller
+that reuses its input tensors in place (static buffers, CUDA graphs) cannot change what is stored. Once the
+batch's last point is staged, a dedicated copy stream waits once on the compute stream (one reused event)
+and copies every snapshot into the slot, then records the slot's own event, which the handoff thread waits on
+before the writer process reads. The snapshots stay in the slot until the writer process hands it back
+(``SlotPool.give_back``), long after their copies are done; so the handoff thread only waits and sends, and
+never drops device tensors itself. Nothing here synchronizes the device. On CPU the same calls copy
+synchronously.
 
 Work on the forward thread, in dispatched torch ops (counted by ``tests/test_pipeline.py`` with a
 ``TorchDispatchMode``; the fewer, the less a launch-bound forward feels us):
@@ -25,7 +29,11 @@ Work on the forward thread, in dispatched torch ops (counted by ``tests/test_pip
   hooked point              1       2 (one cast snapshot, one copy)
   =======================  ======  ====================================================
 
-Views into the buffers are cached per batch shape, so a steady run adds no view ops.
+plus on CUDA, per batch, one event record and one wait on the compute stream, one stream switch and the
+slot's event record (before: an event, a wait and a stream switch per copy).
+
+Views into the buffers are cached per batch shape (the ``VIEW_SHAPES`` most recent: dynamic padding makes a
+shape per batch), so a steady run adds no view ops.
 
 Memory is bounded by ``count`` slots, each sized for the largest batch seen (grown by 25%, never shrunk); all
 slots are allocated as soon as the first batch has told the widths of its points, before the second forward.
@@ -33,16 +41,57 @@ slots are allocated as soon as the first batch has told the widths of its points
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import tempfile
+import warnings
 
+import numpy as np
+import psutil
 import torch
 
-from .errors import HookPointError
+from .errors import BatchError, HookPointError
 from .writer import BatchInfo
 
 PAGE = mmap.PAGESIZE
+VIEW_SHAPES = 8  # batch shapes whose views a slot keeps (a run with dynamic padding has many)
+
+
+# Slots may take at most this share of the host memory available: they are pinned (never swapped), and the
+# writer process, the model and the page cache need the rest.
+SLOT_MEMORY_SHARE = 0.5
+
+
+def grown_capacity(capacity: int, tokens: int) -> int:
+    """A slot's new size for a batch of ``tokens`` that it cannot hold: 25% larger at least, so that a run
+    whose batches grow a little at a time does not reallocate (and re-pin) at every one."""
+    return max(tokens, capacity + capacity // 4)
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory this process can still get: what the kernel says is available, or less where a
+    cgroup (a container's limit) allows less."""
+    available = psutil.virtual_memory().available
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text != "max":
+                available = min(available, int(text) - int(used.read()))
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    return available
+
+
+def _clear_cuda_error(device: torch.device) -> None:
+    """Consume the CUDA runtime's last error, which a failed ``cudaHostRegister`` leaves set: torch's binding
+    returns the code without clearing it, and the next kernel launch's check on this thread would raise it as
+    its own. torch has no binding of ``cudaGetLastError``, so a tiny launch reads (and clears) it."""
+    try:
+        with torch.cuda.device(device):
+            torch.zeros(1, device=device)
+    except RuntimeError:  # the stale error, now consumed
+        pass
 
 
 def _anonymous_file(nbytes: int) -> int:
@@ -75,14 +124,22 @@ class SharedBuffer:
         self._map = mmap.mmap(self.fd, self.nbytes, flags=flags)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._pin_device = None
-        if pin_device is not None:
-            with torch.cuda.device(pin_device):
-                error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
-            if error:
-                self.release()
-                raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes of shared memory failed "
-                                   f"(cudaError {error}): lower pinned_slots or the batch size")
+        if pin_device is not None and self._pin(pin_device):
             self._pin_device = pin_device
+
+    def _pin(self, device: torch.device) -> bool:
+        """Register the buffer with CUDA; False (after a warning) where the driver refuses: copies into an
+        unpinned buffer are synchronous, not wrong."""
+        with torch.cuda.device(device):
+            error = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 1))
+        if not error:
+            return True
+        _clear_cuda_error(device)
+        warnings.warn(f"cudaHostRegister of {self.nbytes:,} bytes of shared memory failed (cudaError "
+                      f"{error}): this slot buffer is not pinned, so its device-to-host copies run "
+                      "synchronously. Lower pinned_slots or the batch size to keep copies asynchronous",
+                      RuntimeWarning, stacklevel=2)
+        return False
 
     def typed(self, dtype: torch.dtype, count: int) -> torch.Tensor:
         """The first ``count`` elements as a flat tensor of ``dtype``."""
@@ -95,7 +152,11 @@ class SharedBuffer:
             if self._pin_device is not None:
                 device, self._pin_device = self._pin_device, None
                 with torch.cuda.device(device):
-                    torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+                    error = int(torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr()))
+                if error:
+                    _clear_cuda_error(device)
+                    raise RuntimeError(f"cudaHostUnregister of a {self.nbytes:,}-byte slot buffer failed "
+                                       f"(cudaError {error}): the device may be in a failed state")
         finally:
             self.bytes = None
             os.close(self.fd)
@@ -147,10 +208,13 @@ class Slot:
         self.dims: dict[str, int] = {}
         self.batch: BatchInfo | None = None
         self.captured: set[str] = set()
-        self.event = None
-        self.snapshots: list[torch.Tensor] = []  # CUDA: device tensors the copy stream still reads
+        # CUDA: the batch's copies, recorded on the copy stream once all are issued (one event, reused)
+        self.event = torch.cuda.Event(blocking=True) if pin_device is not None else None
+        # CUDA: (slot view, device snapshot) of each copy; kept until the slot comes back from the writer
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.views: dict[str, torch.Tensor] = {}
-        self._views_by_shape: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._views_by_shape: collections.OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = \
+            collections.OrderedDict()
 
     def _allocate(self, sizes: dict[str, int]) -> None:
         """New buffers of these sizes (name -> bytes), replacing any of the same name; each old one goes
@@ -177,7 +241,7 @@ class Slot:
         """Release every buffer; the slot holds nothing until it grows again."""
         self._views_by_shape.clear()
         self.views = {}
-        self.snapshots.clear()
+        self.copies.clear()
         self.unannounced.clear()
         self.capacity = 0
         buffers, self.buffers = list(self.buffers.values()), {}
@@ -204,12 +268,15 @@ class Slot:
         self.batch = batch
         tokens = batch.batch_size * batch.seq_len
         if tokens > self.capacity:
-            self.grow(max(tokens, self.capacity + self.capacity // 4), dims)
+            self.grow(grown_capacity(self.capacity, tokens), dims)
         self.captured.clear()
-        self.event = None
         shape = (batch.batch_size, batch.seq_len)
         views = self._views_by_shape.get(shape)
-        self.views = views if views is not None else self._make_views(shape)
+        if views is None:
+            views = self._make_views(shape)
+        else:
+            self._views_by_shape.move_to_end(shape)
+        self.views = views
 
     def _typed_view(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         count = 1
@@ -220,6 +287,8 @@ class Slot:
     def _make_views(self, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         tokens = self._typed_view(TOKENS, torch.int64, (2, *shape))
         views = self._views_by_shape[shape] = {TOKENS: tokens, "ids": tokens[0], "mask": tokens[1]}
+        if len(self._views_by_shape) > VIEW_SHAPES:
+            self._views_by_shape.popitem(last=False)
         for name in self._annotations:
             views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64,
                                                                    shape)
@@ -259,12 +328,17 @@ class SlotPool:
                  annotations: tuple[str, ...]):
         self.slots = [Slot(i, pin_device, dtype, annotations) for i in range(count)]
         self._free = list(range(count - 1, -1, -1))
+        self._dtype, self._annotations = dtype, annotations
 
     def take(self) -> Slot | None:
         return self.slots[self._free.pop()] if self._free else None
 
     def give_back(self, index: int) -> None:
-        self.slots[index].batch = None
+        """A slot is free again (the writer process copied its rows out, or its forward failed and its copies
+        have landed): its batch and device snapshots are dropped."""
+        slot = self.slots[index]
+        slot.batch = None
+        slot.copies.clear()
         self._free.append(index)
 
     @property
@@ -274,6 +348,26 @@ class SlotPool:
     @property
     def in_flight(self) -> int:
         return len(self.slots) - len(self._free)
+
+    def check_memory(self, tokens: int, widths: dict[str, int]) -> None:
+        """BatchError, before anything is allocated, when every slot grown for a batch of ``tokens`` tokens
+        (``widths``: the captured points' widths known so far) would take more than ``SLOT_MEMORY_SHARE`` of
+        the host memory available: pinned memory cannot be swapped, and running out of it is an out-of-memory
+        kill, not an error. Nothing to check for a batch the slots hold."""
+        capacity = max(slot.capacity for slot in self.slots)
+        if tokens <= capacity:
+            return
+        tokens = grown_capacity(capacity, tokens)
+        row_bytes = 8 * (2 + len(self._annotations)) + self._dtype.itemsize * sum(widths.values())
+        held = sum(slot.nbytes for slot in self.slots)
+        needed = len(self.slots) * tokens * row_bytes
+        available = available_host_memory() + held
+        if needed > SLOT_MEMORY_SHARE * available:
+            raise BatchError(f"{len(self.slots)} staging slots for a batch of {tokens:,} tokens need "
+                             f"{needed / 1e9:,.2f} GB of host memory ({row_bytes:,} bytes per token), more "
+                             f"than {SLOT_MEMORY_SHARE:.0%} of the {available / 1e9:,.2f} GB available: "
+                             "lower CaptureConfig.pinned_slots or the batch size. Nothing of this batch is "
+                             "stored")
 
     def allocate_all(self, like: Slot) -> None:
         """Size every other slot like ``like`` and make its views for ``like``'s batch shape (after the first
@@ -291,6 +385,21 @@ class SlotPool:
         release_each(self.slots)
 
 
+# Storage dtypes numpy copies as they are (bfloat16 has no numpy dtype).
+_NUMPY_COPIED = (torch.float16, torch.float32)
+
+
+def _copy_on_cpu(destination: torch.Tensor, tensor: torch.Tensor) -> None:
+    """A host tensor into its slot view. Rows already in the storage dtype and contiguous go through numpy's
+    memcpy, on this thread alone: torch's ``copy_`` splits a large copy over its OpenMP threads, which then
+    spin, and took 0.26 s of CPU per GB against 0.11 for one thread (benchmarks/results/cpu-2026-12-07b/
+    copy_cpu.txt). Casts stay torch's (numpy's float32 to float16 is a scalar loop)."""
+    if tensor.dtype == destination.dtype and tensor.dtype in _NUMPY_COPIED and tensor.is_contiguous():
+        np.copyto(destination.numpy(), tensor.detach().numpy())
+    else:
+        destination.copy_(tensor)
+
+
 class Stager:
     """Copies a batch's tensors into its slot: asynchronously on a side CUDA stream, or synchronously on CPU.
 
@@ -306,19 +415,13 @@ class Stager:
         self.device = device
         self.cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device=device) if self.cuda else None
-
-    def _copy_async(self, slot: Slot, destination: torch.Tensor, snapshot: torch.Tensor) -> None:
-        """Copy a fresh device tensor (nothing else writes it) into pinned memory on the copy stream."""
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            destination.copy_(snapshot, non_blocking=True)
-        slot.snapshots.append(snapshot)  # freed once the batch's event has completed
+        self._ready = torch.cuda.Event() if self.cuda else None  # where the compute stream stands (reused)
 
     def _copy_integers(self, slot: Slot, destination: torch.Tensor, values: torch.Tensor) -> None:
         """Ids, a mask or an annotation into its int64 view: from the model's GPU through a snapshot (the
         caller may write the tensor once the forward returns), from the CPU at once."""
         if values.is_cuda:
-            self._copy_async(slot, destination, values.to(torch.int64, copy=True))
+            slot.copies.append((destination, values.to(torch.int64, copy=True)))
         else:
             destination.copy_(values)
 
@@ -335,7 +438,7 @@ class Stager:
                 and input_ids.is_cuda and attention_mask.is_cuda):  # one snapshot and one copy, not two
             if attention_mask.dtype != input_ids.dtype:
                 attention_mask = attention_mask.to(input_ids.dtype)
-            self._copy_async(slot, views[TOKENS], torch.stack((input_ids, attention_mask)))
+            slot.copies.append((views[TOKENS], torch.stack((input_ids, attention_mask))))
             return
         for name, values in (("ids", input_ids), ("mask", attention_mask)):
             if values is not None:
@@ -355,10 +458,10 @@ class Stager:
                                      "spread over GPUs, capture each device's layers with their own "
                                      "engine)")
             # contiguous: a strided snapshot would cost the copy stream a kernel and a buffer of its own
-            self._copy_async(slot, destination,
-                             tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format))
+            slot.copies.append((destination,
+                                tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format)))
         else:
-            destination.copy_(tensor)
+            _copy_on_cpu(destination, tensor)
         slot.captured.add(key)
 
     def synchronize(self) -> None:
@@ -367,7 +470,14 @@ class Stager:
             self._stream.synchronize()
 
     def finish(self, slot: Slot) -> None:
-        """After the batch's last copy: record the event the handoff waits on before the writer reads."""
-        if self.cuda:
-            slot.event = torch.cuda.Event(blocking=True)  # the handoff thread sleeps on it, not spins
-            slot.event.record(self._stream)
+        """After the batch's last point (CUDA): the copy stream waits once for the compute stream's work so
+        far (the snapshots), copies every snapshot into the slot, and records the slot's event, which the
+        handoff thread waits on before the writer process reads."""
+        if not self.cuda:
+            return
+        self._ready.record(torch.cuda.current_stream(self.device))
+        self._stream.wait_event(self._ready)
+        with torch.cuda.stream(self._stream):
+            for destination, snapshot in slot.copies:
+                destination.copy_(snapshot, non_blocking=True)
+        slot.event.record(self._stream)

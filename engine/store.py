@@ -30,8 +30,11 @@ from .chunks import (
     chunk_key,
     crc32c,
     full_chunk_nbytes,
+    link_refused,
     local_chunk_folder,
     local_chunk_path,
+    metadata_error,
+    metadata_problems,
     plain_encoded,
     store_name,
 )
@@ -39,6 +42,7 @@ from .errors import EngineError, StoreExistsError, StoreFormatError, StorePathEr
 from .files import make_folders, sync_paths, sync_witness, write_file_atomic, write_files_atomic
 from .layout import ChunkFile, CommitRecord, Manifest
 from .location import Location
+from .lock import LeaseFence
 from .resume import ResumePoint, scan_committed
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
@@ -256,6 +260,9 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
         raise StorePathError(f"output_dir {path} is a file: point output_dir at a folder for the zarr store")
     exists = path.is_dir() and any(path.iterdir())
     _check_existing(location, exists, overwrite, resume)
+    link = _first_link(path) if exists and resume else None
+    if link is not None:  # a resume would read, cut back and write chunks through it: outside the store
+        raise link_refused(path, str(link.relative_to(path)))
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -266,6 +273,19 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
         raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an "
                              "output_dir in a writable folder")
     return exists
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link found inside ``folder`` (None: there is none). One scan of the folders, no
+    stat per file (the listing says which entries are links)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                return Path(entry.path)
+            inner = _first_link(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else None
+            if inner is not None:
+                return inner
+    return None
 
 
 def clear_location(location: Location) -> None:
@@ -286,10 +306,15 @@ def reserve_path(location: Location) -> Path | None:
 
 
 def _reserve_space(location: Location) -> None:
+    """Write the reserve file; one the disk had no room for is removed, not left half-written."""
     reserve = reserve_path(location)
     if reserve is not None:
-        with open(reserve, "wb") as f:
-            f.write(b"\0" * RESERVE_BYTES)
+        try:
+            with open(reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+        except BaseException:
+            reserve.unlink(missing_ok=True)
+            raise
 
 
 def release_reserve(location: Location) -> None:
@@ -353,7 +378,11 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     damaged: list[str] = []
     records = read_commit_records(store, str(location), stored, damaged)
     arrays = existing_arrays(group, [*stored.arrays, *own])
-    point = scan_committed(arrays, committed_prefix(records), stored)
+    prefix = committed_prefix(records)
+    problems = metadata_problems(arrays, prefix, stored, prefix[-1].row_stop if prefix else 0, str(location))
+    if problems:  # the kept rows would be read, and new ones written, through metadata that misreads them
+        raise metadata_error(problems)
+    point = scan_committed(arrays, prefix, stored)
     point = dataclasses.replace(point, damaged=tuple(damaged) + point.damaged)
     if point.damaged:
         warnings.warn(f"resuming {location}: cut back before damaged committed chunks, which are captured "
@@ -414,6 +443,8 @@ class ZarrSink:
     Args:
         location, chunk_tokens, compressor, durable: from the writer process's ``WriterSpec``.
         io_threads: threads that write chunk rows (``open`` gives one per writer thread).
+        fence: an object-storage store's lease proof, asked before every write (chunks, array changes, the
+            manifest), so that a run whose lock was broken writes nothing more (``engine.lock``); None: local.
 
     Thread safety: ``write_chunk`` from several threads for distinct chunks (its ``_write_all_rows`` calls run
     on the I/O threads, which read the chunk's arrays while the calling thread does too: they must not change
@@ -423,8 +454,9 @@ class ZarrSink:
     """
 
     def __init__(self, location: Location, chunk_tokens: int, compressor: str | None, durable: bool,
-                 io_threads: int = 1):
+                 io_threads: int = 1, fence: LeaseFence | None = None):
         self.chunk_tokens = chunk_tokens
+        self._fence = fence
         self._location = location
         self._compressor = compressor
         self._durable = durable
@@ -449,7 +481,13 @@ class ZarrSink:
 
     @classmethod
     def open(cls, spec) -> "ZarrSink":
-        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable, spec.num_writers)
+        return cls(spec.location, spec.chunk_tokens, spec.compressor, spec.durable, spec.num_writers,
+                   LeaseFence.of(spec.location, spec.lock_owner))
+
+    def _prove_lease(self) -> None:
+        """Before a write: StoreLockedError if the store's object-storage lock is no longer this run's."""
+        if self._fence is not None:
+            self._fence.prove()
 
     def point_arrays(self) -> dict[str, zarr.Array]:
         """The activation arrays that exist (a resumed store's)."""
@@ -460,6 +498,7 @@ class ZarrSink:
 
     def create_point_arrays(self, specs: dict[str, tuple[int, np.dtype, dict]]) -> None:
         """Create the activation arrays: key -> (dim, on-disk dtype, attributes)."""
+        self._prove_lease()
         with self._lock:
             for key, (dim, dtype, attributes) in specs.items():
                 self._arrays[key] = _create_array(self._group, key, self._capacity, (dim,), dtype,
@@ -507,6 +546,7 @@ class ZarrSink:
         ``make_record`` sets the ``outlier`` bits of ``tokens/flags``, so that array is written last, once it
         has returned (in the same pass: the same syncs)."""
         rows = len(next(iter(arrays.values())))
+        self._prove_lease()  # covers this chunk's rows, resizes and record, written right after
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
         flags_final = concurrent.futures.Future()
         written = self._io.submit(self._write_all_rows, chunk_index, arrays, flags_final)
@@ -579,6 +619,7 @@ class ZarrSink:
         """Trim arrays to the committed rows (clean close) and publish the manifest, last
         (``manifest_updates``: the Manifest fields that change). The reserve file goes first, so a full disk
         still has room to say ``failed``."""
+        self._prove_lease()
         release_reserve(self._location)
         with self._lock:
             if trim:

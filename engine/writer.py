@@ -52,6 +52,7 @@ chunk holding an undecided row is not committed: its ``last`` bits are set as it
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -111,6 +112,8 @@ class WriterSpec:
             kept chunks are read once; None for a new store.
         durable: fsync chunk files before their commit record.
         parent_pid: the capturing process (this process exits when it is gone).
+        lock_owner: the store lock's record (``StoreLock.owner``); for an object-storage lock the sink proves
+            the lease with it before every write (``engine.lock.LeaseFence``). None: no lock.
     """
 
     sink: str
@@ -131,6 +134,7 @@ class WriterSpec:
     kept_statistics: dict | None
     durable: bool
     parent_pid: int
+    lock_owner: dict | None = None
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -658,8 +662,10 @@ class Server:
         self._sink = _load(spec.sink).open(spec)
         self._pool = WriterPool(spec, self._sink, self._memory, channel.send)
 
-    def serve(self, messages: list) -> None:
-        """Handle ``messages`` (already received), then every later one, until close.
+    def serve(self, messages: collections.deque) -> None:
+        """Handle ``messages`` (already received), then every later one, until close. Each is taken off
+        ``messages`` as it is handled, so after a failure the caller still has the ones not handled (the
+        close among them: ``_wait_for_close``).
 
         While batches come the channel is polled, not waited on: a process blocked on the socket must be
         woken by each message, which costs the sender (the model's forward thread) an interprocessor wakeup
@@ -672,12 +678,12 @@ class Server:
         """
         idle = 0.0
         while True:
-            for message in messages:
-                if self._handle(message):
+            while messages:
+                if self._handle(messages.popleft()):
                     return
             waiting = idle >= CHANNEL_POLL_MAX_S
             try:
-                messages = self._channel.receive(timeout=_PARENT_CHECK_S if waiting else 0.0)
+                messages.extend(self._channel.receive(timeout=_PARENT_CHECK_S if waiting else 0.0))
             except ChannelClosed:
                 os._exit(EXIT_ORPHANED)  # protocol step 5
             if messages:
@@ -748,11 +754,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the capturing process's to handle (it closes us)
     channel = Channel(socket.socket(fileno=int((argv or sys.argv)[1])))
     server = None
+    # Messages received and not yet handled. The spec's read may bring more (when the capturing process closes
+    # at once, the close itself): they stay here, for the server or, if it fails, for _wait_for_close.
+    messages: collections.deque = collections.deque()
     try:
-        messages = []
         while not messages:
-            messages = channel.receive(timeout=None)
-        (_, spec), *messages = messages
+            messages.extend(channel.receive(timeout=None))
+        _, spec = messages.popleft()
         server = Server(spec, channel)
         server.serve(messages)
         return 0
@@ -762,25 +770,27 @@ def main(argv: list[str] | None = None) -> int:
         send_error(channel.send, exc)
         if server is not None:
             server.abort()  # nothing more is written once this process has failed
-        _wait_for_close(channel)
+        _wait_for_close(channel, messages)
         return 1
 
 
-def _wait_for_close(channel: Channel) -> None:
-    """After a failure to start: answer the close message so the capturing process can finish its own way."""
+def _wait_for_close(channel: Channel, messages: collections.deque) -> None:
+    """After a failure: answer the close message (among ``messages``, received and not handled yet, or still
+    to come) so the capturing process can finish its own way."""
     while True:
-        try:
-            messages = channel.receive(timeout=_PARENT_CHECK_S)
-        except ChannelClosed:
-            return
-        for message in messages:
+        while messages:
+            message = messages.popleft()
             if message[0] == "buffer":
-                channel.take_fds(1)
+                os.close(channel.take_fds(1)[0])
             elif message[0] == "batch":
                 channel.send(("free", message[1]))
             elif message[0] == "close":
                 channel.send(("closed", {"status": layout.STATUS_FAILED, "finalized": False}))
                 return
+        try:
+            messages.extend(channel.receive(timeout=_PARENT_CHECK_S))
+        except ChannelClosed:
+            return
 
 
 def _exit_now(code: int) -> None:

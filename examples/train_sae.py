@@ -1,68 +1,86 @@
-"""Train a minimal sparse autoencoder (ReLU encoder, linear decoder, L1 penalty) on a capture store.
+"""Train a sparse autoencoder (TopK, or ReLU + L1) on one array of a capture store and save it for SAELens.
 
-    python examples/train_sae.py /tmp/gpt2_acts.zarr layer_6/residual --steps 300
+    python examples/train_sae.py acts.zarr layer_15/residual --architecture topk --k 32 --expansion-factor 4 \
+        --steps 2000 --out sae/
+    python examples/train_sae.py acts.zarr layer_15/residual --architecture relu --l1-coefficient 1 --out sae/
 
-Inputs are scaled with the store's norm scaling factor (manifest statistics), so the mean squared norm
-of a row is its width, as SAELens does.
+Rows come from ``ActivationDataset`` with its defaults (shuffled, attention sinks left out); inputs are
+scaled by the store's ``norm_scaling_factor`` and ``b_dec`` starts at its mean (manifest statistics). The SAE
+(``engine.sae``) keeps unit-norm decoder directions and trains with Adam from a fixed seed. At the end it is
+evaluated (FVU, L0, dead latents) on ``--eval-store`` (held-out rows), or else on the training store itself
+(in-sample), and saved to ``--out`` in SAELens' layout: ``sae_lens.SAE.load_from_disk(out)`` loads it, and it
+takes unscaled rows (the scale is folded into its weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-
-import torch
+import statistics
 
 from engine import ActivationDataset, open_store
+from engine.sae import (
+    Evaluation,
+    Normalization,
+    SaeConfig,
+    SaeTrainer,
+    SparseAutoencoder,
+    TrainingRun,
+    evaluate,
+)
 
 
-class SparseAutoencoder(torch.nn.Module):
-    def __init__(self, d_in: int, d_sae: int):
-        super().__init__()
-        self.encoder = torch.nn.Linear(d_in, d_sae)
-        self.decoder = torch.nn.Linear(d_sae, d_in)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.relu(self.encoder(x - self.decoder.bias))
-        return self.decoder(features), features
-
-
-def train(path: str, key: str, steps: int = 300, expansion: int = 4, l1: float = 1e-3, lr: float = 1e-3,
-          batch_size: int = 512, seed: int = 0) -> list[float]:
-    """Returns the loss of every step."""
-    torch.manual_seed(seed)
+def train(path: str, key: str, steps: int = 1000, expansion_factor: int = 4, architecture: str = "topk",
+          k: int = 32, l1_coefficient: float = 1.0, lr: float = 1e-3, batch_size: int = 512, seed: int = 0,
+          out: str | None = None, eval_store: str | None = None,
+          log_every: int = 100) -> tuple[SparseAutoencoder, TrainingRun, Evaluation]:
+    """Train, evaluate and (with ``out``) save an SAE. Returns it with its training run and evaluation."""
     store = open_store(path)
-    scale = store.manifest.statistics[key]["norm_scaling_factor"]
-    data = ActivationDataset(store, key, batch_size=batch_size, exclude=("bos", "first"), seed=seed,
-                             drop_last=True)
-    sae = SparseAutoencoder(data.dim, expansion * data.dim)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    losses = []
-    batches = itertools.chain.from_iterable(iter(data) for _ in itertools.count())  # epochs, reshuffled
-    for step, batch in zip(range(steps), batches):
-        x = batch * scale
-        recon, features = sae(x)
-        loss = (recon - x).pow(2).sum(-1).mean() + l1 * features.abs().sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:4d} loss {loss.item():.4f} L0 {(features > 0).float().sum(-1).mean():.1f}")
-    return losses
+    norm = Normalization.of_store(store, key)
+    data = ActivationDataset(store, key, batch_size=batch_size, seed=seed, drop_last=True)
+    config = SaeConfig(data.dim, expansion_factor * data.dim, architecture, k=k,
+                       l1_coefficient=l1_coefficient, lr=lr, seed=seed)
+    sae = SparseAutoencoder(config, norm.mean * norm.scaling_factor)
+    trainer = SaeTrainer(sae, norm.scaling_factor)
+
+    def log(step: int, loss: float, l0: float) -> None:
+        print(f"step {step:5d}  loss {loss:10.4f}  L0 {l0:7.1f}  (median loss, mean L0 since the last line)")
+
+    run = trainer.train(data.endless_batches(), steps, log, log_every)
+    held_out = ActivationDataset(eval_store or store, key, batch_size=4096, shuffle=False)
+    evaluation = evaluate(sae, held_out, norm.scaling_factor)
+    if out is not None:
+        sae.save(out, norm.scaling_factor, {"model_name": store.manifest.model.get("name"),
+                                            "hook_name": store.manifest.arrays.get(key, {}).get("tl_name"),
+                                            "dataset_path": str(store.path), "array": key})
+    return sae, run, evaluation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
-    parser.add_argument("key")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("key", help="the array, e.g. layer_15/residual")
+    parser.add_argument("--architecture", choices=["topk", "relu"], default="topk")
+    parser.add_argument("--expansion-factor", type=int, default=4, help="latents per input dimension")
+    parser.add_argument("--k", type=int, default=32, help="latents kept per row (topk)")
+    parser.add_argument("--l1-coefficient", type=float, default=1.0, help="L1 penalty weight (relu)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder to save the SAE in (SAELens' layout)")
+    parser.add_argument("--eval-store", default=None, help="held-out store (default: the training store)")
     args = parser.parse_args()
-    losses = train(args.store, args.key, args.steps, batch_size=args.batch_size)
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    print(f"loss {first:.4f} -> {last:.4f}")
+    sae, run, evaluation = train(args.store, args.key, args.steps, args.expansion_factor, args.architecture,
+                               args.k, args.l1_coefficient, args.lr, args.batch_size, args.seed, args.out,
+                               args.eval_store)
+    first, last = statistics.median(run.losses[:10]), statistics.median(run.losses[-10:])
+    where = "held out" if args.eval_store else "in-sample"
+    print(f"loss {first:.4f} -> {last:.4f}; {run.tokens_per_s:,.0f} tokens/s; {where} "
+          f"({evaluation.rows:,} rows): FVU {evaluation.fvu:.4f}, L0 {evaluation.l0:.1f}, "
+          f"dead latents {evaluation.dead_latents} of {sae.config.d_sae}")
+    if args.out:
+        print(f"saved to {args.out} (sae_lens.SAE.load_from_disk)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A capture job for crash and race tests: deterministic sequences, resumable. Run as a subprocess. Usage:
 python crash_job.py STORE N_SEQUENCES [--resume | --overwrite] [--distributed] [--break-lock] [--hold PATH]
-(--distributed: under torchrun, each rank captures its share of the sequences into its part of STORE;
---hold PATH: halfway through, print "holding RANK" and wait until PATH exists, so a test can race another
-job against this one mid-run on a machine of any speed). STORE may be an s3:// URL (endpoint and
+[--seed N] (--distributed: under torchrun, each rank captures its share of the sequences into its part of
+STORE; --hold PATH: halfway through, flush, print "holding RANK" and wait until PATH exists, so a test can
+race another job against this one mid-run on a machine of any speed; --seed: other sequences than the
+default seed's, so that a test can tell two jobs' rows apart). STORE may be an s3:// URL (endpoint and
 credentials from the environment; $ACTCAP_TEST_LEASE_S shortens the lock's lease, so that a test can break
 a killed job's lock without waiting a minute).
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's engine, not the installed
 
 import engine.lock  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
@@ -56,21 +58,24 @@ def say(*words) -> None:
     sys.stdout.flush()
 
 
-def _hold(path: str | None, rank: int) -> None:
+def _hold(path: str | None, rank: int, cap: CaptureEngine) -> None:
+    """Print "holding RANK" once every batch so far is in the writer process's chunks (its slots free
+    again), then wait until ``path`` exists."""
     if path is None:
         return
+    cap.flush()
     say("holding", rank)
     while not Path(path).exists():
         time.sleep(0.01)
 
 
 def main(store: str, count: int, resume: bool, distributed: bool, overwrite: bool = False,
-         break_lock: bool = False, hold: str | None = None) -> None:
+         break_lock: bool = False, hold: str | None = None, seed: int = 7) -> None:
     torch.set_num_threads(1)
     if "ACTCAP_TEST_LEASE_S" in os.environ:
         engine.lock.LEASE_S = float(os.environ["ACTCAP_TEST_LEASE_S"])
     model = tiny_model("gpt2")
-    seqs = sequences(count)
+    seqs = sequences(count, seed)
     first, stop = 0, count
     if distributed:
         torch.distributed.init_process_group("gloo")
@@ -92,7 +97,7 @@ def main(store: str, count: int, resume: bool, distributed: bool, overwrite: boo
             model(**batch_of(seqs[start:min(start + BATCH, stop)]))
             progress("batch", rank, number)
             if number == max(len(starts) // 2, 1):
-                _hold(hold, rank)
+                _hold(hold, rank, cap)
         progress("closing", rank)
     if distributed:
         torch.distributed.destroy_process_group()
@@ -106,5 +111,7 @@ if __name__ == "__main__":
     for flag in ("--resume", "--overwrite", "--distributed", "--break-lock"):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--hold")
+    parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    main(args.store, args.count, args.resume, args.distributed, args.overwrite, args.break_lock, args.hold)
+    main(args.store, args.count, args.resume, args.distributed, args.overwrite, args.break_lock, args.hold,
+         args.seed)

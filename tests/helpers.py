@@ -65,6 +65,19 @@ def ragged_batch(batch: int, seq: int, seed: int = 0, side: str = "right") -> di
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def tiny_store(path, forwards: int = 40, **config):
+    """A store of a tiny gpt2's ``layer_1/residual`` over ``forwards`` ragged batches of 8 x 32 (chunks of 64
+    rows); ``config`` adds CaptureConfig fields. Returns ``path``."""
+    from engine import CaptureConfig, CaptureEngine
+
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(path, layer_indices=[1], capture_mlp_hidden=False, chunk_tokens=64, **config)
+    with CaptureEngine(model, cfg), torch.no_grad():
+        for seed in range(forwards):
+            model(**ragged_batch(8, 32, seed=seed))
+    return path
+
+
 WORDS = ("the cat sat on a mat while two dogs ran past the old barn and seven birds sang loudly "
          "in morning light over green hills").split()
 

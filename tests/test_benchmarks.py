@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import gpu_targets  # noqa: E402
 import overhead  # noqa: E402
+import training  # noqa: E402
 import writer  # noqa: E402
-from helpers import assert_png, hide_matplotlib  # noqa: E402
+from helpers import assert_png, documents, hide_matplotlib  # noqa: E402
 
 TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256",
         "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--num-batches", "1", "--min-round-s", "0",
@@ -203,6 +206,34 @@ def test_reader_plot_sweeps_windows_from_one_chunk_to_the_store(tmp_path):
     assert (table["mb_per_s_min"] <= table["mb_per_s_median"]).all() and (table["mb_per_s_min"] > 0).all()
 
 
+def test_training_benchmark_trains_both_arms_reports_and_reuses_its_stores(model_dir, tmp_path, capsys):
+    """A tiny random-weight llama (the conftest's model folder) instead of SmolLM2, a few steps per arm; in
+    this process (its captures run the command line's code in it too), which spares four interpreters."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(400)))
+    tiny = ["--model", str(model_dir), "--layer", "1", "--seq-len", "64", "--data", str(corpus),
+            "--chunk-tokens", "256", "--train-tokens", "2048", "--eval-tokens", "512", "--d-sae", "128",
+            "--k", "8", "--batch-size", "64", "--steps", "6", "--store-dir", str(tmp_path / "stores")]
+    out = tmp_path / "t.json"
+    assert training.main([*tiny, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python benchmarks/training.py --model") and data["git_commit"]
+    assert data["exclude"] == "dataset default" and data["storage_dtype"] == "float16"
+    assert 0 < data["train_rows"] <= 2048 and 0 < data["eval_rows"] <= 512 and data["steps"] == 6
+    for arm in data["arms"].values():
+        assert 0 < arm["fvu"] and 0 < arm["l0"] <= 8 and 0 <= arm["dead_latents"] <= 128
+        assert arm["steps"] == 6 and arm["rows_trained"] == 6 * 64 and arm["tokens_per_s"] > 0
+    assert set(data["ratios"]) == {"fvu", "l0", "tokens_per_s"}
+    assert "[target]" in printed and all(f"\n{arm} " in printed for arm in ("dataset", "uniform"))
+    # the old exclusion and normalization from the rows, on the stores captured above
+    old = ["--exclude", "bos", "first", "--normalization", "rows"]
+    assert training.main([*tiny, *old, "--json", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    data = json.loads(out.read_text())
+    assert data["exclude"] == ["bos", "first"] and data["normalization"]["source"].startswith("the rows")
+
+
 def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():
     """gpu_check.sh runs once on a lent GPU with minutes of device time: a refused argument would waste it."""
     script = ROOT / "benchmarks" / "gpu_check.sh"
@@ -214,3 +245,52 @@ def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():
     for args in gates:
         overhead.parse_args(common + args)  # argparse exits on an argument it refuses
     writer.parse_args(shlex.split(re.search(r"benchmarks/writer\.py (.*?) --json", text).group(1)))
+
+
+def test_the_gpu_check_fails_when_a_step_fails_and_runs_every_step(tmp_path):
+    """A step that fails is remembered, the next ones still run (one lent GPU call gathers everything), and
+    the script's exit status says so: here every python3 step fails (a stand-in python3 that only answers
+    the check for carried wheels)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\ncase "$2" in "import zarr, numcodecs, crc32c") exit 0;; '
+                                     'esac\necho "stand-in python3 $*"; exit 3\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'no GPU here (test)'\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out)},
+                          timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = re.search(r"FAILED: (.*)", done.stdout).group(1)
+    assert failed.startswith("versions gpu_tests gate b4_null") and failed.endswith("targets"), failed
+    assert (out / "gpu.log").read_text().count("stand-in python3") == 12
+
+
+def test_overhead_on_cuda_without_cuda_fails_instead_of_measuring_the_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = run_script("overhead.py", *TINY, "--device", "cuda", "--json", str(tmp_path / "o.json"))
+    assert done.returncode != 0 and "never falls back to the CPU" in done.stderr, done.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def _gpu_run(folder: Path, name: str, overhead: float, memory_gb: float = 0.5, mb_per_s: float = 1000.0):
+    (folder / f"{name}.json").write_text(json.dumps({
+        "overhead_percent": overhead, "steady_overhead_percent": overhead, "ratio_spread": [0.99, 1.01],
+        "gpu_memory_overhead_gb": memory_gb, "gpu_total_memory_gb": 80.0, "hooked_mb_per_s": mb_per_s}))
+
+
+def test_gpu_targets_say_pass_or_fail_per_target(tmp_path):
+    _gpu_run(tmp_path, "b4_null", 4.0)
+    _gpu_run(tmp_path, "b4_zarr", 11.0)  # fails: > 10%
+    _gpu_run(tmp_path, "b32_zarr", 2.0, memory_gb=2.0, mb_per_s=1900.0)  # 2 GiB of 80: fails memory
+    (tmp_path / "raw_disk.json").write_text(json.dumps({"raw_durable_mb_per_s": [2000.0, 1800.0]}))
+    verdicts = {v.target.split(" ", 1)[0] + (" memory" if "memory" in v.target else ""): v.passed
+                for v in gpu_targets.verdicts(tmp_path)}
+    assert verdicts == {"b4_null": True, "b4_zarr": False, "b32_zarr": True, "b4_null memory": True,
+                        "b4_zarr memory": True, "b32_zarr memory": False}
+    assert gpu_targets.main([str(tmp_path)]) == 1
+    (tmp_path / "b32_zarr.json").unlink()  # a missing run fails its target
+    assert not next(v for v in gpu_targets.verdicts(tmp_path) if v.target.startswith("b32_zarr store")).passed

@@ -20,7 +20,7 @@ from engine import ActivationDataset, open_store
 from engine.corpus import Corpus
 from engine.errors import CorpusError
 
-from helpers import documents
+from helpers import documents, tiny_model
 
 
 def run_main(*argv) -> tuple[int, str, str]:
@@ -89,6 +89,22 @@ def test_capture_inspect_align_read(model_dir, corpus, tmp_path):
     assert rows.shape == (int((store["tokens/flags"][:] & 1 == 0).sum()), 64)
 
 
+def test_a_gpt2_folder_with_a_pad_token_id(model_dir, corpus, tmp_path):
+    """Issue 32: its points and widths are measured on the meta device, where transformers' check for pad
+    tokens in the ids (made when the config has a pad_token_id) cannot read values. Before: a raw
+    traceback, "Tensor.item() cannot be called on meta tensors", from ``models --points`` and ``capture``."""
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    tiny_model("gpt2", pad_token_id=0).save_pretrained(folder)
+    for name in os.listdir(model_dir):  # its tokenizer: any fast tokenizer with ids below the model's vocab
+        if "token" in name:
+            shutil.copy(model_dir / name, folder / name)
+    assert re.search(r"^0 +residual +64 ", cli("models", "--points", folder), re.MULTILINE)
+    capture(folder, corpus, tmp_path / "s.zarr", "--max-tokens", 100)
+    assert open_store(tmp_path / "s.zarr").status == "complete"
+
+
 def test_early_stop_stores_what_the_full_forward_stores(model_dir, corpus, tmp_path):
     capture(model_dir, corpus, tmp_path / "early.zarr")
     capture(model_dir, corpus, tmp_path / "full.zarr", "--no-early-stop")
@@ -149,6 +165,8 @@ def assert_one_line_error(code: int, err: str, expected: str):
     (["--resume"], "--resume: there is no capture store at"),
     (["--resume", "--overwrite"], "not allowed with argument"),
     (["--max-tokens", 5], "--max-tokens 5 is less than the first row's 24 tokens"),
+    (["--outlier-norm-ratio", "x"], "expected a number above 1 or 'none', got 'x'"),
+    (["--outlier-norm-ratio", 0.5], "outlier_norm_ratio must be a finite number above 1"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(model_dir, corpus, tmp_path,

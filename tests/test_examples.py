@@ -34,10 +34,14 @@ def store(tmp_path_factory):
     return path
 
 
-def test_sae_loss_falls(store):
-    losses = load_example("train_sae").train(str(store), "layer_1/residual", steps=150, batch_size=128)
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+def test_sae_example_trains_stably_and_sparse(store, tmp_path):
+    sae, run, evaluation = load_example("train_sae").train(str(store), "layer_1/residual", steps=150,
+                                                           batch_size=128, out=str(tmp_path / "sae"))
+    first, last = sum(run.losses[:10]) / 10, sum(run.losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+    assert max(run.losses[-50:]) < run.losses[0]  # no bounce back up
+    assert evaluation.l0 <= sae.config.k < sae.config.d_sae and evaluation.fvu < 0.5
+    assert {path.name for path in (tmp_path / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
 
 
 def test_dask_example_reads_the_store(store):

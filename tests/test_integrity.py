@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -143,19 +145,23 @@ def test_a_clean_store_verifies(store, capsys):
 
 # A reader in a process of its own: a chunk file that blocks it must fail the test, not hang the test run.
 READ_ALL = """import sys
-from engine import ActivationDataset, StoreCorruptError
+from engine import ActivationDataset, StoreCorruptError, StoreFormatError
 try:
     list(ActivationDataset(sys.argv[1], sys.argv[2], batch_size=5))
 except StoreCorruptError as error:
     print(error)
     sys.exit(3)
+except StoreFormatError as error:
+    print(error)
+    sys.exit(4)
 """
 
 
 @pytest.mark.parametrize("key", [KEY, "tokens/flags"])  # mapped (or zarr's), and read for the default exclude
 @pytest.mark.parametrize("kind", ["a FIFO", "a symbolic link"])
 def test_a_chunk_file_that_is_not_a_regular_file_is_refused(store, tmp_path, key, kind):
-    """Before: a FIFO hung the reader in open() for ever; a symbolic link was followed outside the store."""
+    """Before: a FIFO hung the reader in open() for ever; a symbolic link was followed outside the store.
+    A FIFO is a damaged chunk; a link is a store laid out wrongly, refused by name."""
     path = chunk_file(store, key, 2)
     outside = tmp_path / "outside"
     shutil.move(path, outside)
@@ -165,8 +171,12 @@ def test_a_chunk_file_that_is_not_a_regular_file_is_refused(store, tmp_path, key
         path.symlink_to(outside)  # the chunk's own bytes: only where they are is wrong
     done = subprocess.run([sys.executable, "-c", READ_ALL, str(store), KEY], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert f"{key} chunk 2 ({path}): {kind}, not a regular file" in done.stdout
+    if kind == "a FIFO":
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert f"{key} chunk 2 ({path}): a FIFO where the chunk file should be" in done.stdout
+    else:
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert f"{path} is a symbolic link" in done.stdout
 
 
 def test_rows_of_a_damaged_chunk_are_never_served(store):
@@ -367,3 +377,160 @@ def test_a_resumed_format_version_1_store_mixes_old_and_new_records(tmp_path):
     assert store.manifest.format_version == 1 and store.num_tokens == 15 + int(batch["attention_mask"].sum())
     assert not store.chunks[0].files and all(record.files for record in store.chunks[1:])
     assert store.check(checksums=True) == []
+
+
+# ---- a store reads only its own regular files (issue 32) ---------------------------------------------------
+
+
+def _resume(store: Path):
+    """A resume with the store's own compressor, read from its manifest (the store may be unreadable)."""
+    manifest = json.loads((store / "zarr.json").read_text())["attributes"]["manifest"]
+    return capture(store, resume=True, compressor=manifest["compressor"])
+
+
+def _returns(read, fifo: Path):
+    """What ``read()`` returns or raises; a reader still blocked on the FIFO after a minute is let go (a
+    writer opens and closes it) and the test fails: a hang guard, not a timing."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail(f"{read} waited on the FIFO {fifo}")
+    return outcome[0]
+
+
+def test_a_fifo_in_place_of_a_chunk_is_named_and_never_waited_on(store, capsys):
+    """Before: every verifying reader, and the dataset even without verify, opened the FIFO and waited for a
+    writer forever."""
+    path = chunk_file(store, KEY, 2)
+    path.unlink()
+    os.mkfifo(path)
+    readers = {"open_store": lambda: open_store(store)[KEY][:],
+               "open_store(verify=True)": lambda: open_store(store, verify=True),
+               "ActivationDataset": lambda: read_all(store),
+               "ActivationDataset(verify=True)": lambda: read_all(store, verify=True)}
+    for name, read in readers.items():
+        error = _returns(read, path)
+        assert isinstance(error, StoreCorruptError), (name, error)
+        assert f"{KEY} chunk 2 ({path}): a FIFO where the chunk file should be" in str(error), (name, error)
+    code, report = _returns(lambda: inspect(capsys, store, "--verify"), path)
+    assert code == 1 and f"{KEY} chunk 2 ({path}): a FIFO where the chunk file should be" in report, report
+
+
+def test_a_manifest_cannot_send_readers_to_another_store(pristine, tmp_path, capsys):
+    """Before: a crafted part path ``../victim.zarr`` made every reader return the victim's rows."""
+    victim, crafted = tmp_path / "victim.zarr", tmp_path / "crafted.zarr"
+    shutil.copytree(pristine / "None.zarr", victim)
+    doc = json.loads((victim / "zarr.json").read_text())
+    manifest = doc["attributes"]["manifest"]
+    manifest.update(world_size=1, parts=[{"path": "../victim.zarr", "status": "complete",
+                                          "committed_tokens": manifest["committed_tokens"]}])
+    crafted.mkdir()
+    (crafted / "zarr.json").write_text(json.dumps(doc))
+    expected = "lists part 0 at '../victim.zarr'; expected 'parts/rank_00000'"
+    for read in (lambda: open_store(crafted), lambda: open_store(crafted, verify=True),
+                 lambda: read_all(crafted)):
+        with pytest.raises(StoreFormatError, match=expected):
+            read()
+    code, report = inspect(capsys, crafted, "--verify")
+    assert code == 2 and expected in report
+
+
+OTHER_SEQUENCES = [ragged_batch(1, 9, seed=100 + seed) for seed in range(6)]  # another run's rows, same sizes
+
+
+@pytest.mark.parametrize("linked", ["chunk file", "array folder"])
+def test_a_store_never_reads_through_a_symbolic_link(linked, store, tmp_path, capsys):
+    """A chunk file or an array folder replaced by a link to another store's (same sizes, other rows).
+    Before: read without complaint, the other store's rows returned as this one's; a resume would have
+    written through the link into the other store."""
+    other = tmp_path / "other.zarr"
+    capture(other, OTHER_SEQUENCES, compressor=open_store(store).manifest.compressor)
+    if linked == "chunk file":
+        link = chunk_file(store, KEY, 2)
+        link.unlink()
+        link.symlink_to(chunk_file(other, KEY, 2))
+    else:
+        link = store / KEY
+        shutil.rmtree(link)
+        link.symlink_to(other / KEY, target_is_directory=True)
+    expected = f"{link} is a symbolic link: a store reads only its own files"
+    for read in (lambda: open_store(store)[KEY][:], lambda: open_store(store, verify=True),
+                 lambda: read_all(store), lambda: _resume(store)):
+        with pytest.raises(StoreFormatError, match=expected):
+            read()
+    code, report = inspect(capsys, store, "--verify")
+    assert code == 2 and str(link) in report and open_store(other, verify=True).status == "complete"
+
+
+# ---- array metadata checked against the manifest and the commit records (issue 32) -------------------------
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _set_shape(rows: int | None = None, width: int | None = None, chunk_rows: int | None = None):
+    def edit(doc: dict) -> None:
+        shape, chunks = doc["shape"], doc["chunk_grid"]["configuration"]["chunk_shape"]
+        shape[0] = shape[0] if rows is None else rows
+        shape[1] = chunks[1] = shape[1] if width is None else width
+        chunks[0] = chunks[0] if chunk_rows is None else chunk_rows
+    return edit
+
+
+def _drop_from_record(doc: dict) -> None:
+    record = doc["attributes"]
+    record["keys"].remove(KEY)
+    for field in ("shape", "stats", "files"):
+        del record[field][KEY]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("rows", "10 rows, fewer than the 54 committed"),
+    ("dtype", "data type int16, the manifest and commit records say float16"),
+    ("width", r"row shape \(32,\), the manifest and commit records say \(64,\)"),
+    ("huge width", r"row shape \(1099511627776,\)"),
+    ("huge chunks", r"chunk shape \(1099511627776, 64\), the manifest and commit records say \(8, 64\)"),
+    ("deleted", "missing, but 7 commit records list it"),
+    ("record drops the array",
+     r"commit record of chunk 2 \(.*chunk_000000000002/zarr.json\) lists the activation arrays "
+     r"\['layer_0/mlp_hidden'\]"),
+])
+def test_array_metadata_is_checked_against_the_manifest_and_the_records(damage, expected, store, capsys):
+    """Before: the array's zarr.json was trusted: a shape of 10 rows made ``len()`` and ``[:]`` disagree, an
+    int16 dtype returned int16 values, width 32 served garbage rows, huge sizes raised MemoryError, a deleted
+    zarr.json made the array vanish, and a record without the array (its chunk deleted) served zeros even
+    with verify, while ``inspect --verify`` crashed with a KeyError."""
+    document = store / KEY / "zarr.json"
+    if damage == "deleted":
+        document.unlink()
+    elif damage == "record drops the array":
+        _edit_json(store / commit_record_key(2), _drop_from_record)
+        chunk_file(store, KEY, 2).unlink()
+    else:
+        edits = {"rows": _set_shape(rows=10), "width": _set_shape(width=32),
+                 "huge width": _set_shape(width=2 ** 40), "huge chunks": _set_shape(chunk_rows=2 ** 40),
+                 "dtype": lambda doc: doc.update(data_type="int16")}
+        _edit_json(document, edits[damage])
+    for read in (lambda: open_store(store), lambda: open_store(store, verify=True), lambda: read_all(store),
+                 lambda: _resume(store)):
+        with pytest.raises(StoreCorruptError, match=expected) as error:
+            read()
+        assert KEY in str(error.value) and "The fix: restore the named zarr.json" in str(error.value)
+    code, report = inspect(capsys, store, "--verify")
+    assert code == 1 and KEY in report and re.search(expected, report), report
+    # the resume was refused before it changed anything
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["manifest"]["status"] == "complete"

@@ -298,6 +298,34 @@ def test_config_errors_say_what_to_change(kwargs, match, tmp_path):
         CaptureConfig(**{**base, **kwargs})
 
 
+@pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(CaptureConfig)])
+def test_every_config_field_is_type_checked(field, tmp_path):
+    """Issue 32: each field, a field added later included, refuses a value of another type than it declares.
+    Before: booleans took any value (overwrite="false" is true, and replaced a store)."""
+    base = dict(output_dir=tmp_path / "s.zarr", layer_indices=[0])
+    with pytest.raises(engine.ConfigError, match=f"^{field} must be "):
+        CaptureConfig(**{**base, field: object()})
+
+
+def test_a_string_is_not_a_boolean_and_overwrites_nothing(tmp_path):
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4)
+    run_capture(model, cfg, [ragged_batch(2, 5)])
+    before = open_store(cfg.output_dir).manifest
+    for field in ("overwrite", "durable", "statistics", "resume", "early_stop"):
+        with pytest.raises(engine.ConfigError, match=f"{field} must be True or False, got 'false'.*not a "
+                                                     "boolean"):
+            dataclasses.replace(cfg, **{field: "false"})
+    assert open_store(cfg.output_dir).manifest == before, "nothing was replaced"
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden"])
+def test_an_extra_module_name_cannot_leave_its_folder(name, tmp_path):
+    """Issue 32: ``..`` passed the name check (the array would be ``extra/..``: the store's root)."""
+    with pytest.raises(engine.ConfigError, match="do not start with '.'"):
+        CaptureConfig(tmp_path / "s.zarr", points=[], extra_modules={name: "transformer.h.0"})
+
+
 def test_config_is_frozen(tmp_path):
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -166,6 +166,59 @@ def test_disk_full_fails_cleanly_and_keeps_committed_chunks(tmp_path, small_file
     assert not list(Path(cfg.output_dir).rglob("*.partial")), "temp files are cleaned up"
 
 
+def _assert_failed_and_clean(store: Path) -> None:
+    """A run that stopped while its store was written: the store says failed; no reserve, no temp file."""
+    assert open_store(store).status == "failed"
+    assert not store.with_name(store.name + ".reserve").exists(), "the reserve is gone"
+    assert not [path for path in store.parent.rglob("*") if ".partial" in path.name], "no temp file is left"
+
+
+CREATE_UNDER_LIMIT = """
+import sys
+from helpers import tiny_model
+from engine import CaptureConfig, CaptureEngine
+try:
+    CaptureEngine(tiny_model("gpt2"), CaptureConfig(sys.argv[1], layer_indices=[0]))
+except OSError as error:
+    print(type(error).__name__, error.errno, error)
+"""
+
+
+def test_a_file_size_limit_at_store_creation_ends_failed_and_leaves_nothing_behind(tmp_path):
+    """Issue 32: ``ulimit -f 32`` (32 KiB files) lets the store's documents be written but not its 128 KiB
+    reserve. Before: a raw OSError 27 from the constructor, the store left ``open`` and a partial reserve
+    beside it."""
+    store, root = tmp_path / "s.zarr", Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", "-c", f'ulimit -f 32 && exec "{sys.executable}" -c "$0" "$1"',
+                           CREATE_UNDER_LIMIT, str(store)], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root / "tests")})
+    report = done.stdout + done.stderr
+    assert done.stdout.startswith("StorePathError 27 ") and "the store says failed" in done.stdout, report
+    _assert_failed_and_clean(store)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 64 KiB tmpfs: room for a store's documents, not for its reserve (needs root); else skip."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_at_store_creation_ends_failed_and_leaves_nothing_behind(tiny_filesystem):
+    """Issue 32: the disk fills while the store is created (its reserve). Before: a raw OSError 28, status
+    ``open`` and a partial reserve, whose cleanup was registered only after the store was made."""
+    store = tiny_filesystem / "s.zarr"
+    with pytest.raises(engine.StorePathError, match="No space left on device; the store says failed") as info:
+        CaptureEngine(tiny_model("gpt2"), small_cfg(store))
+    assert info.value.errno == 28
+    _assert_failed_and_clean(store)
+
+
 def raise_in_layer_1(model):
     """A forward that fails after layer 0 was staged (its slot is still the forward's): once."""
     def fail_once(module, args, output):
@@ -210,10 +263,11 @@ def test_a_device_error_at_close_still_closes_the_writer_and_frees_the_store(tmp
 
 @pytest.mark.parametrize("fail_at", ["first batch", "growth"])
 def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at, tmp_path, monkeypatch):
-    """Pinning a slot buffer (cudaHostRegister) can fail, stood in for here by making a buffer fail midway
-    through a slot's allocation: the forward raises, the slot is left empty (its old buffers went first, so
-    that it never holds two sets of pinned memory) and comes back, and the next batches, which allocate it
-    again, are captured exactly, numbered as if the lost batch had never been fed."""
+    """Making a slot buffer can fail (no shared memory left; pinning that the driver refuses only warns and
+    leaves the buffer unpinned), stood in for here by making a buffer fail midway through a slot's
+    allocation: the forward raises, the slot is left empty (its old buffers went first, so that it never
+    holds two sets of pinned memory) and comes back, and the next batches, which allocate it again, are
+    captured exactly, numbered as if the lost batch had never been fed."""
     model = tiny_model("gpt2")
     cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
     kept = [ragged_batch(3, 8, seed=s) for s in range(1, 4)]
@@ -247,6 +301,30 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
     assert list(np.unique(store["tokens/sequence"][:])) == list(range(9)), "the lost batch left a gap"
     assert store.manifest.sequences == 9
     assert_store_rows(cfg.output_dir, ref, kept)
+
+
+def test_slots_that_would_not_fit_in_host_memory_are_refused_before_anything_is_allocated(tmp_path,
+                                                                                          monkeypatch):
+    """Staging slots are pinned on CUDA: more than the host can give is an out-of-memory kill, not an error.
+    A batch whose slots would take more than half of the memory available is refused (BatchError) before any
+    slot grows, and counts as never fed."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr", chunk_tokens=8, pinned_slots=2)
+    batches = [ragged_batch(3, 8, seed=s) for s in range(2)]
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batches[0])
+        held = cap._pool.nbytes
+        monkeypatch.setattr(engine.staging, "available_host_memory", lambda: 64 << 10)
+        with pytest.raises(engine.BatchError, match="lower CaptureConfig.pinned_slots or the batch size"):
+            model(**ragged_batch(64, 8, seed=9))  # larger than the slots: they would grow
+        assert cap._pool.nbytes == held, "no slot grew"
+        model(**batches[1])  # a batch the slots hold needs nothing more
+    store = open_store(cfg.output_dir)
+    assert store.manifest.sequences == 6 and list(np.unique(store["tokens/sequence"][:])) == list(range(6))
+    assert_store_rows(cfg.output_dir, ref, batches)
 
 
 def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_leaves_no_gap(tmp_path):
@@ -294,6 +372,15 @@ def test_a_forward_that_raises_midway_stores_nothing_of_its_batch_and_a_retry_le
 def test_bad_hook_points_fail_before_anything_is_written(make_cfg, error, match, tmp_path):
     with pytest.raises(error, match=match):
         CaptureEngine(tiny_model("gpt2"), make_cfg(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_model_on_the_meta_device_is_refused_before_its_store_is_created(tmp_path):
+    """Issue 32. Before: the store was created, then the first forward raised a raw NotImplementedError."""
+    from engine.loading import meta_model
+
+    with pytest.raises(engine.HookPointError, match="meta device.*load_model"):
+        CaptureEngine(meta_model(tiny_model("gpt2").config), small_cfg(tmp_path / "s.zarr"))
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -353,6 +440,42 @@ def test_no_mask_keeps_every_token_and_empty_batches_store_nothing(tmp_path):
     np.testing.assert_array_equal(store["tokens/position"][:], np.tile(np.arange(5), 2))
 
 
+def test_an_empty_batch_whose_forward_raises_is_not_counted_as_fed(tmp_path):
+    """Issue 32: a batch that is not stored is not counted, an empty one too. Before: a (4, 0) batch whose
+    forward raised took sequence numbers 0-3 anyway, and a resume would have skipped four sequences."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (test)")
+
+    with CaptureEngine(model, cfg), torch.no_grad():
+        handle = model.transformer.h[0].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError):  # gpt2 cannot reshape an empty batch; where it can, the hook fails
+            model(input_ids=torch.ones(4, 0, dtype=torch.long))
+        handle.remove()
+        model(**ragged_batch(2, 6))
+    store = open_store(cfg.output_dir)
+    assert np.unique(store["tokens/sequence"][:]).tolist() == [0, 1] and store.manifest.sequences == 2
+
+
+def test_a_with_block_nested_on_the_same_engine_keeps_capturing(tmp_path):
+    """Issue 32. Before: the inner block's exit closed the engine, and the outer block's later batches were
+    silently not captured."""
+    model = tiny_model("gpt2")
+    cfg = small_cfg(tmp_path / "s.zarr")
+    batches = [ragged_batch(2, 6, seed=seed) for seed in range(3)]
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        with CaptureEngine(model, cfg) as cap:
+            model(**batches[0])
+            with cap:
+                model(**batches[1])
+            assert not cap.closed
+            model(**batches[2])
+    assert cap.closed and open_store(cfg.output_dir).status == "complete"
+    assert_store_rows(cfg.output_dir, ref, batches)
+
+
 def test_nonfinite_values_are_counted_and_warned_once(tmp_path):
     model = tiny_model("gpt2")
     with torch.no_grad():
@@ -375,11 +498,42 @@ def test_use_after_close_is_an_error(tmp_path):
     cap.close()
     cap.close()
     with pytest.raises(engine.CaptureClosedError):
+        cap.flush()  # issue 32: was a raw OSError EBADF from the closed channel
+    with pytest.raises(engine.CaptureClosedError):
         with cap:
             pass
     with pytest.raises(engine.CaptureClosedError):
         with cap.detached():
             pass
+
+
+def test_a_store_reached_through_a_symbolic_link_has_its_lock(tmp_path, reference):
+    """Issue 32: the lock file was ``<path>.lock`` of the path as given, so ``alias.zarr -> s.zarr`` had a
+    lock of its own, and a resume through the alias wrote into the store while another job did. The lock is
+    the resolved path's: the second writer is refused and the running job's store ends exactly right."""
+    store, hold, alias = tmp_path / "s.zarr", tmp_path / "go", tmp_path / "alias.zarr"
+    alias.symlink_to(store.name)
+    holder = hold_mid_run(store, hold)
+    try:
+        with pytest.raises(engine.StoreLockedError, match=f"is being written by pid {holder.pid} "):
+            CaptureEngine(tiny_model("gpt2"), small_cfg(alias, layer_indices=[0, 1], chunk_tokens=CHUNK,
+                                                        resume=True))
+    finally:
+        finish(holder, hold)
+    assert_same_store(open_store(store), reference)
+
+
+def test_overwrite_through_a_symbolic_link_replaces_the_store_it_points_to(tmp_path):
+    """Issue 32. Before: a raw 'Cannot call rmtree on a symbolic link'."""
+    model = tiny_model("gpt2")
+    store, alias = tmp_path / "s.zarr", tmp_path / "alias.zarr"
+    alias.symlink_to(store)
+    for path, seeds, options in ((store, (0, 1), {}), (alias, (2,), {"overwrite": True})):
+        with CaptureEngine(model, small_cfg(path, **options)), torch.no_grad():
+            for seed in seeds:
+                model(**ragged_batch(2, 6, seed=seed))
+    assert alias.is_symlink() and open_store(alias).status == "complete"
+    assert open_store(store).num_tokens == int(ragged_batch(2, 6, seed=2)["attention_mask"].sum())
 
 
 def test_resume_after_a_crash_between_array_creations(tmp_path):

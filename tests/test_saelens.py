@@ -16,7 +16,7 @@ from engine.cli import main as cli_main
 from engine.layout import FLAG_BOS, FLAG_FIRST
 from engine.saelens import export_saelens, scaling_factor
 
-from helpers import ragged_batch, tiny_model
+from helpers import ragged_batch, tiny_model, tiny_store
 
 sae_lens = pytest.importorskip("sae_lens")
 KEY = "layer_1/residual"
@@ -24,12 +24,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def capture(path, dtype="float16"):
-    model = tiny_model("gpt2")
-    cfg = CaptureConfig(path, layer_indices=[1], capture_mlp_hidden=False, chunk_tokens=64, dtype=dtype)
-    with CaptureEngine(model, cfg), torch.no_grad():
-        for seed in range(40):
-            model(**ragged_batch(8, 32, seed=seed))
-    return path
+    return tiny_store(path, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +127,24 @@ def test_export_refuses_a_used_folder_and_unnamed_columns(store, tmp_path):
     with pytest.raises(ConfigError, match="no TransformerLens hook name"):
         export_saelens(extra, tmp_path / "z", "extra/mlp", 8)
     assert export_saelens(extra, tmp_path / "z", "extra/mlp", 8, hook_name="blocks.1.hook_mlp_out").rows > 0
+
+
+@pytest.mark.parametrize("architecture, saelens_class", [("topk", "TopKSAE"), ("relu", "StandardSAE")])
+def test_the_example_sae_loads_in_saelens_and_takes_the_stores_rows(store, tmp_path, architecture,
+                                                                    saelens_class):
+    """examples/train_sae.py saves engine.sae's SAE with the store's scaling folded in: SAELens' own
+    load_from_disk gives the same latents and reconstruction on unscaled rows."""
+    ours, _, _ = load_example("train_sae").train(str(store), KEY, steps=20, batch_size=128,
+                                                 architecture=architecture, k=8, out=str(tmp_path / "sae"),
+                                                 log_every=1000)
+    loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
+    assert type(loaded).__name__ == saelens_class and loaded.cfg.d_sae == 256
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    rows = torch.from_numpy(open_store(store)[KEY][:256].astype(np.float32))
+    scale = open_store(store).manifest.statistics[KEY]["norm_scaling_factor"]
+    with torch.no_grad():
+        reconstruction, latents = ours(rows * scale)
+        torch.testing.assert_close(loaded.encode(rows), latents, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(rows), reconstruction / scale, rtol=1e-4, atol=1e-4)
+    if architecture == "topk":
+        assert loaded.cfg.k == 8 and int((loaded.encode(rows) > 0).sum(-1).max()) <= 8

@@ -3,11 +3,13 @@ server (moto's ThreadedMotoServer on 127.0.0.1), including kill -9 and resume ag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -417,13 +419,34 @@ def test_s3_lock_refuses_a_second_writer_and_is_broken_only_after_its_lease(buck
     assert store.status == "complete" and store.num_tokens == tokens
 
 
-def test_s3_a_run_whose_lock_was_broken_stops_writing(bucket, monkeypatch):
-    """Should another process break a live run's lock (its heartbeat stalled past the lease), the run's next
-    heartbeat finds out: its writer process is stopped, the next forward raises, and nothing more is written
-    there, not even ``failed``."""
+def _objects(url: str) -> dict[str, str]:
+    """Every object under a store's prefix, by key, with its ETag (a rewrite with other bytes changes it)."""
+    import s3fs
+
+    return {path: info["ETag"] for path, info in
+            s3fs.S3FileSystem(skip_instance_cache=True).find(url, detail=True).items()}
+
+
+def _read_until(job: subprocess.Popen, start: str) -> str:
+    """The job's next progress line that starts with ``start``."""
+    for line in job.stdout:
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"the job ended before {start!r}: {job.wait()} {job.stderr.read()}")
+
+
+@pytest.mark.parametrize("heartbeat", ["beats", "stopped"])
+def test_s3_a_run_whose_lock_was_broken_writes_nothing_more(heartbeat, bucket, monkeypatch):
+    """Should another process break a live run's lock (its heartbeat stalled past the lease), nothing more is
+    written there, not even ``failed``: the run's next heartbeat finds out (its writer process is stopped and
+    the next forward raises), and before it does, every write of the writer process proves the lease first.
+    Issue 32, "stopped": a heartbeat that never beats, as in a stopped process; before, chunks and commit
+    records went on being written."""
     import s3fs
 
     monkeypatch.setattr(engine.lock, "LEASE_S", 1.5)
+    if heartbeat == "stopped":
+        monkeypatch.setattr(engine.lock.ObjectLock, "_beat", lambda lock: None)
     url = f"{bucket}/s.zarr"
     model = tiny_model("gpt2")
     cap = CaptureEngine(model, CaptureConfig(url, layer_indices=[0], chunk_tokens=8))
@@ -433,6 +456,8 @@ def test_s3_a_run_whose_lock_was_broken_stops_writing(bucket, monkeypatch):
         model(**ragged_batch(3, 7))
         cap.flush()
         fs.pipe(f"{url}.lock", json.dumps(breaker).encode())  # what a breaker's conditional PUT leaves
+        taken_over = _objects(url)
+        time.sleep(0.2)  # past the writer's last proof (it proves at most once per lease / 10)
         deadline = time.monotonic() + 30
         with pytest.raises(CaptureError, match="lost its lock to pid 4242 on elsewhere"):
             while time.monotonic() < deadline:
@@ -440,8 +465,42 @@ def test_s3_a_run_whose_lock_was_broken_stops_writing(bucket, monkeypatch):
                 time.sleep(0.05)
     cap.close()
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert open_store(url).status == "open"
+    assert _objects(url) == taken_over, "written after the lock was broken"
     assert json.loads(fs.cat(f"{url}.lock")) == breaker, "the breaker's lock is left alone"
+
+
+@pytest.mark.slow
+def test_s3_a_stopped_writer_whose_lock_was_broken_writes_nothing(bucket, tmp_path):
+    """Issue 32, with real processes: job A is stopped (SIGSTOP) with two batches handed to its writer
+    process; its lock passes its lease and job B takes the store over (--break-lock) and captures other
+    sequences to the end. Then A's writer process alone is woken (its capturing process, whose heartbeat
+    would notice the loss, stays stopped): it proves its lease before writing, finds the lock gone, and
+    writes nothing; A then fails. Before: A's writer wrote its chunk and commit record over B's, and B's
+    store failed verification."""
+    url, hold, count = f"{bucket}/s.zarr", tmp_path / "go", 30
+    job = launch(url, resume=False, count=count, flags=("--hold", hold))
+    writer = int(_read_until(job, "ready").split()[3])
+    _read_until(job, "holding")  # flushed: both slots are free
+    try:
+        os.kill(writer, signal.SIGSTOP)
+        hold.touch()
+        for _ in range(2):  # the two batches wait in the stopped writer process's two slots
+            _read_until(job, "batch")
+        os.kill(job.pid, signal.SIGSTOP)
+        run_job(url, resume=True, count=count, flags=(*wait_for_stale_locks(url), "--seed", 8))
+        taken_over = _objects(url)
+        os.kill(writer, signal.SIGCONT)
+        deadline = time.monotonic() + 3  # a write comes at once (before the fix it did); none must come
+        while time.monotonic() < deadline and _objects(url) == taken_over:
+            time.sleep(0.1)
+    finally:
+        for pid in (writer, job.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0 and "lost its lock" in err, err
+    assert _objects(url) == taken_over, "the stopped job wrote into the store it had lost"
+    assert open_store(url).status == "complete"
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

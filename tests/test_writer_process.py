@@ -91,6 +91,29 @@ def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch
     assert not (tmp_path / "s.zarr.reserve").exists()
 
 
+def test_a_writer_that_cannot_start_answers_a_close_sent_with_its_spec(tmp_path, monkeypatch):
+    """Issue 32: an engine closed as soon as it is built (``with CaptureEngine(...): pass``) puts the close in
+    the writer process's first read, beside the spec. A writer process that then failed to start dropped
+    everything read with the spec and waited for a close that had come already: close() never returned."""
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store:NoSuchSink")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
+    outcome: list[BaseException] = []
+
+    def build_and_close() -> None:
+        try:
+            with CaptureEngine(tiny_model("gpt2"), cfg):
+                pass
+        except BaseException as error:
+            outcome.append(error)
+
+    closing = threading.Thread(target=build_and_close, daemon=True)
+    closing.start()
+    closing.join(timeout=120)  # a hang guard, not a timing: it returns in about a second
+    assert not closing.is_alive(), "close() never returned"
+    assert isinstance(outcome[0], engine.CaptureError) and "NoSuchSink" in str(outcome[0]), outcome
+    assert open_store(cfg.output_dir).status == "failed"
+
+
 def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
     """DataLoader workers are forked: they must not keep the parent's store locked (or its channel open)."""
     model = tiny_model("gpt2")
@@ -241,6 +264,25 @@ def _use_cuda_handoff(cap: CaptureEngine, behaviours: list[str], released: threa
     events = iter(behaviours)
     monkeypatch.setattr(cap._stager, "finish",
                         lambda slot: setattr(slot, "event", _CopyEvent(next(events), released)))
+
+
+def test_backpressure_on_a_hung_device_fails_the_run_instead_of_waiting_for_ever(tmp_path, monkeypatch):
+    """The CUDA path on CPU: every slot in use and the oldest batch's copies never finish (a hung device).
+    The forward waiting for a free slot raises once the handoff thread has waited _EXIT_WAIT_S (1 s here) on
+    those copies; before, only drain and close applied that rule and backpressure waited for ever."""
+    released = threading.Event()
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=2)
+    cap = CaptureEngine(model, cfg)
+    _use_cuda_handoff(cap, ["hang"] * 4, released, monkeypatch)
+    try:
+        with pytest.raises(engine.CaptureError, match="HandoffStuck"), torch.no_grad():
+            for seed in range(4):
+                model(**ragged_batch(3, 8, seed=seed), use_cache=False)
+    finally:
+        released.set()
+        cap.close()
+    assert open_store(cfg.output_dir).status == "failed"
 
 
 @pytest.mark.parametrize("third_batch", ["lands", "fail", "hang"])
