@@ -429,7 +429,7 @@ def run(args: argparse.Namespace) -> dict:
         "stall_seconds": stats.stall_seconds, "queue_high_water": stats.queue_high_water,
         "tokens_written": stats.tokens_committed, "bytes_written": stats.bytes_committed,
         # the store's bytes per second of hooked time (rounds and flushes; the warm-up's rows are few)
-        "hooked_mb_per_s": stats.bytes_committed / 1e6 / sum(h[1] for h in hooked_times),
+        "hooked_mb_per_s": stats.bytes_committed / 1e6 / sum(h.end_to_end for h in hooked_times),
     }
     checks = evaluate_gate(result, args.max_overhead)
     result["gate"] = checks
