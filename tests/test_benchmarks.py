@@ -90,7 +90,7 @@ def test_overhead_plot_draws_every_forward_and_flush(tmp_path):
     kinds, rounds = np.array(table["kind"]), np.array(table["round"], dtype=int)
     n = data["batches_per_round"]
     assert [int((kinds == kind).sum()) for kind in ("unhooked", "hooked", "flush")] == [2 * n, 2 * n, 2]
-    assert [entry["kind"] for entry in data["rounds"]] == ["unhooked", "hooked"] * 2  # interleaved ABAB
+    assert [entry["kind"] for entry in data["rounds"]] == ["unhooked", "hooked", "hooked", "unhooked"]  # ABBA
     # the plotted forwards add up to each round as the gate timed it; the flush is the rest of the round
     steady = {"unhooked": data["baseline_round_s"], "hooked": data["hooked_steady_round_s"]}
     for index, entry in enumerate(data["rounds"]):
