@@ -17,6 +17,11 @@ capture's cost).
 Gate: overhead < --max-overhead (50%), GPU memory overhead < 10% of the device, > 1000 tokens/s. The
 tokens/s threshold is defined for a GPU: on a CPU it is reported but not gated. Exit status 0 = gate passed,
 1 = gate failed.
+
+``--plot FILE``: every forward's latency in the timed rounds over time, unhooked and hooked, each hooked
+round's flush marked (PNG; the numbers beside it as FILE.csv). Each forward's end is read without a sync
+between forwards (on CUDA an event recorded after it), so the rounds run as they do without --plot: a
+median hides a stall every N batches, the plot shows it.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from engine import CaptureConfig, CaptureEngine, get_model, load_model, random_model  # noqa: E402
+from engine import CaptureConfig, CaptureEngine, get_model, load_model, plots, random_model  # noqa: E402
 from engine.hookpoints import CANONICAL_POINTS, layer_modules  # noqa: E402
+from engine.report import write_csv  # noqa: E402
 
 GATE_MAX_OVERHEAD_PERCENT = 50.0
 GATE_MAX_GPU_MEMORY_FRACTION = 0.10
@@ -88,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--max-overhead", type=float, default=GATE_MAX_OVERHEAD_PERCENT)
     p.add_argument("--json", default=None, help="write the result summary here")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="draw each forward's latency over the timed rounds (PNG; numbers in FILE.csv)")
     return p.parse_args(argv)
 
 
@@ -121,19 +131,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _round(model, batch, n: int, device, engine=None) -> tuple[float, float]:
-    """Seconds until the round's last forward returned (device synchronized) and until its batches were
-    written (after ``engine.flush()``; the same for an unhooked round)."""
+class Round(NamedTuple):
+    """One round's clock readings (``time.perf_counter`` seconds): its start, the end of each forward, the end
+    of its last forward with the device synchronized, and the end of its flush (= that for an unhooked
+    round)."""
+
+    start: float
+    forward_ends: list[float]
+    steady_end: float
+    end: float
+
+    @property
+    def steady(self) -> float:
+        """Seconds until the last forward returned: the capture's cost while streaming."""
+        return self.steady_end - self.start
+
+    @property
+    def end_to_end(self) -> float:
+        """Seconds until the round's batches were written: a writer that lags cannot hide behind the queue."""
+        return self.end - self.start
+
+
+class _ForwardClock:
+    """When each forward of a round ended, without synchronizing the device between forwards (that would
+    change what is measured): on CUDA an event recorded on the stream after each forward, read once the
+    round has synchronized; on a CPU the clock itself."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = time.perf_counter()
+        self.marks: list = []
+        if self.cuda:
+            self.first = torch.cuda.Event(enable_timing=True)
+            self.first.record()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def ends(self) -> list[float]:
+        """Each forward's end (after the round synchronized the device)."""
+        if not self.cuda:
+            return self.marks
+        return [self.start + self.first.elapsed_time(event) / 1e3 for event in self.marks]
+
+
+def _round(model, batch, n: int, device, engine=None) -> Round:
+    """Run and time ``n`` forwards (device synchronized before the first clock read and after the last),
+    then ``engine.flush()`` for a hooked round."""
     _sync(device)
-    start = time.perf_counter()
+    clock = _ForwardClock(device)
     with torch.no_grad():
         for _ in range(n):
             model(**batch)
+            clock.mark()
         _sync(device)
-        steady = time.perf_counter() - start
+        steady_end = time.perf_counter()
         if engine is not None:
             engine.flush()
-    return steady, time.perf_counter() - start
+    return Round(clock.start, clock.ends(), steady_end, time.perf_counter())
 
 
 class _Truncate(Exception):
@@ -180,6 +240,55 @@ def _load(args: argparse.Namespace, device: torch.device,
         model = load_model(args.model, device=device, dtype=model_dtype,
                            weights="random" if args.weights == "random" else "auto")
     return model, args.weights == "random" or any("RANDOM" in str(w.message) for w in caught)
+
+
+def _timeline(rounds: list[tuple[str, Round]]) -> list[dict]:
+    """The timed rounds in order, read in seconds since the first began (the result's ``rounds``)."""
+    origin = rounds[0][1].start
+    return [{"kind": kind, "start": r.start - origin, "steady_end": r.steady_end - origin,
+             "end": r.end - origin, "forward_ends": [end - origin for end in r.forward_ends]}
+            for kind, r in rounds]
+
+
+def latency_table(rounds: list[dict]) -> dict[str, np.ndarray]:
+    """What the plot draws: per forward its round, kind, end (seconds) and latency (ms: since the forward
+    before it, or the round's start); per hooked round a ``flush`` row, its flush's end and length."""
+    rows = []
+    for index, entry in enumerate(rounds):
+        ends = np.array(entry["forward_ends"])
+        latency = np.diff(ends, prepend=entry["start"]) * 1e3
+        rows += [(index, entry["kind"], i, end, ms) for i, (end, ms) in enumerate(zip(ends, latency))]
+        if entry["kind"] == "hooked":
+            rows.append((index, "flush", len(ends), entry["end"], (entry["end"] - entry["steady_end"]) * 1e3))
+    names = ("round", "kind", "forward", "seconds", "latency_ms")
+    return {name: np.array(column) for name, column in zip(names, zip(*rows))}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Each forward's latency over the timed rounds, unhooked and hooked, flushes shaded; FILE.csv beside."""
+    table = latency_table(result["rounds"])
+    write_csv(path.with_suffix(".csv"), table)
+    title = (f"{result['model']} {result['batch_size']}x{result['seq_len']} on {result['device_type']}, sink "
+             f"{result['sink']}: overhead {result['overhead_percent']:.1f}% end to end, "
+             f"{result['steady_overhead_percent']:.1f}% steady")
+    fig, (ax,) = plots.figure(title=title)
+    for kind, color in (("unhooked", plots.ALL), ("hooked", plots.SINK)):
+        mine = table["kind"] == kind
+        for index in np.unique(table["round"][mine]):
+            at = mine & (table["round"] == index)
+            ax.plot(table["seconds"][at], table["latency_ms"][at], color=color, marker=".", ms=3, lw=0.8,
+                    label=kind if index == table["round"][mine][0] else None)
+        ax.axhline(np.median(table["latency_ms"][mine]), color=color, ls="--", lw=0.8,
+                   label=f"median, {kind}")
+    flushes = [entry for entry in result["rounds"] if entry["kind"] == "hooked"]
+    for i, entry in enumerate(flushes):
+        ax.axvspan(entry["steady_end"], entry["end"], color=plots.OUTLIER, alpha=0.25, lw=0,
+                   label=None if i else "flush: the writer finishing a hooked round")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds since the first timed round (each round after a warm-up pass: steady state)")
+    ax.set_ylabel("forward latency (ms)")
+    plots.legend(ax)
+    plots.save(fig, path)
 
 
 def _median_ratio(hooked: list[float], base: list[float]) -> tuple[float, list[float]]:
@@ -235,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
         _round(model, batch, 1, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        one = _round(model, batch, 3, device)[0] / 3
+        one = _round(model, batch, 3, device).steady / 3
     base_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     n = max(args.num_batches, math.ceil(args.min_round_s / one))
     tokens_per_round = args.batch_size * args.seq_len * n
@@ -263,15 +372,16 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         base_times, hooked_times, rss_peak = [], [], rss_before
         print("[baseline] Measuring latency without hooks / [hooks] with hooks, interleaved (ABBA)...")
+        rounds = []
         for repeat in range(args.repeats):
             # ABBA: each kind goes first as often, so the writeback of a hooked round landing in the round
             # after it weighs on both kinds alike
             for hooked in ((False, True) if repeat % 2 == 0 else (True, False)):
                 if hooked:
-                    hooked_times.append(_round(model, batch, n, device, engine))
+                    rounds.append(("hooked", _round(model, batch, n, device, engine)))
                 else:
                     with engine.detached(), baseline():
-                        base_times.append(_round(model, batch, n, device)[0])
+                        rounds.append(("unhooked", _round(model, batch, n, device)))
             rss_peak = max(rss_peak, process.memory_info().rss)
         hooked_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         slot_bytes = engine.stats.slot_bytes  # close() releases the slots
@@ -281,10 +391,12 @@ def run(args: argparse.Namespace) -> dict:
             tmp.cleanup()
     stats = engine.stats
 
-    steady, steady_spread = _median_ratio([h[0] for h in hooked_times], base_times)
-    end_to_end, spread = _median_ratio([h[1] for h in hooked_times], base_times)
+    base_times = [measured.steady for kind, measured in rounds if kind == "unhooked"]
+    hooked_times = [measured for kind, measured in rounds if kind == "hooked"]
+    steady, steady_spread = _median_ratio([h.steady for h in hooked_times], base_times)
+    end_to_end, spread = _median_ratio([h.end_to_end for h in hooked_times], base_times)
     base_s = statistics.median(base_times) / n
-    hooked_s = statistics.median(h[1] for h in hooked_times) / n
+    hooked_s = statistics.median(h.end_to_end for h in hooked_times) / n
     result = {
         "model": args.model, "random_weights": random_weights, "config_overrides": _overrides(args.config),
         "bare_model": args.bare_model, "baseline": args.baseline,
@@ -299,15 +411,16 @@ def run(args: argparse.Namespace) -> dict:
         "pinned_slots": args.pinned_slots,
         "baseline_s_per_batch": base_s, "hooked_s_per_batch": hooked_s,
         "baseline_tokens_per_s": tokens_per_round / statistics.median(base_times),
-        "hooked_tokens_per_s": tokens_per_round / statistics.median(h[1] for h in hooked_times),
+        "hooked_tokens_per_s": tokens_per_round / statistics.median(h.end_to_end for h in hooked_times),
         "padded_share": args.padded,
         "overhead_percent": (end_to_end - 1) * 100,
         "steady_overhead_percent": (steady - 1) * 100,
         "hooked_to_baseline_ratio": 1 / end_to_end,
         "steady_hooked_to_baseline_ratio": 1 / steady,
         "ratio_spread": spread, "steady_ratio_spread": steady_spread,
-        "baseline_round_s": base_times, "hooked_round_s": [h[1] for h in hooked_times],
-        "hooked_steady_round_s": [h[0] for h in hooked_times],
+        "baseline_round_s": base_times, "hooked_round_s": [h.end_to_end for h in hooked_times],
+        "hooked_steady_round_s": [h.steady for h in hooked_times],
+        "rounds": _timeline(rounds),
         "peak_gpu_memory_gb": hooked_peak / 2**30 if device.type == "cuda" else None,
         "gpu_memory_overhead_gb": (hooked_peak - base_peak) / 2**30 if device.type == "cuda" else None,
         "gpu_total_memory_gb": (torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -316,7 +429,7 @@ def run(args: argparse.Namespace) -> dict:
         "stall_seconds": stats.stall_seconds, "queue_high_water": stats.queue_high_water,
         "tokens_written": stats.tokens_committed, "bytes_written": stats.bytes_committed,
         # the store's bytes per second of hooked time (rounds and flushes; the warm-up's rows are few)
-        "hooked_mb_per_s": stats.bytes_committed / 1e6 / sum(h[1] for h in hooked_times),
+        "hooked_mb_per_s": stats.bytes_committed / 1e6 / sum(h.end_to_end for h in hooked_times),
     }
     checks = evaluate_gate(result, args.max_overhead)
     result["gate"] = checks
@@ -372,11 +485,16 @@ def report(result: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        plots.exit_unless_available()  # before the model loads
     result = run(args)
     report(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, Path(args.plot))
+        print(f"[plot] {args.plot}, numbers in {Path(args.plot).with_suffix('.csv')}")
     return 0 if result["gate_passed"] else 1
 
 

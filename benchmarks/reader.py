@@ -14,9 +14,15 @@ first included, when the allocator grows), against the buffer of the reader befo
 ``--s3``: the same store copied to a loopback S3 server (moto), read once: rate and mixing (its chunks are
 read into memory, ``buffer_chunks`` per window).
 
+Windows: ``--sweep BYTES ...`` (or ``--plot FILE``, which sweeps 1, 2, 4, ... chunks up to the whole store
+when no sizes are given) measures mixing and MB/s of the dataset at each ``window_bytes``, the sizes
+interleaved over ``--repeats`` passes; ``--plot`` draws them against the window size, one line per
+``--seq-len`` (PNG; the numbers beside it as FILE.csv).
+
     python benchmarks/reader.py --seq-len 128 512 --repeats 3 --json out.json
     python benchmarks/reader.py --seq-len 512 --cold --repeats 3
     python benchmarks/reader.py --rows 100000 --s3 --repeats 1
+    python benchmarks/reader.py --seq-len 128 512 --repeats 3 --plot windows.png
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import ActivationDataset, open_store  # noqa: E402
+from engine import ActivationDataset, open_store, plots  # noqa: E402
 from engine.dataset import WINDOW_BYTES  # noqa: E402
+from engine.report import write_csv  # noqa: E402
 
 from synthetic import synthetic_store  # noqa: E402
 
@@ -64,6 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--cold", action="store_true", help="drop the files from the page cache before each epoch")
     p.add_argument("--s3", action="store_true", help="also read the store from a loopback S3 server")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", type=int, nargs="+", default=None, metavar="BYTES",
+                   help="also measure mixing and MB/s at each of these window_bytes")
+    p.add_argument("--plot", default=None, metavar="FILE", help="draw mixing and MB/s against window_bytes "
+                   "(PNG; numbers in FILE.csv); without --sweep, windows of 1, 2, 4, ... chunks to the whole "
+                   "store")
     return p.parse_args(argv)
 
 
@@ -138,15 +150,18 @@ def sequential_epoch(chunk_files: list[Path], chunk_bytes: int) -> Epoch:
     return timed
 
 
-def mixing(store: str | Path, args, rate: bool = False, **options) -> dict:
+def mixing(store: str | Path, args, rate: bool = False, window_bytes: int | None = None, **options) -> dict:
     """Mean distinct sequences per whole batch of the default reader of ``KEY`` (its window holds the same
     chunks as when reading ``KEY`` alone, a little fewer), and of uniform random batches (no replacement) of
-    the same rows, as many of them. ``rate``: also the MB/s of that pass."""
+    the same rows, as many of them. ``rate``: also the MB/s of that pass (its reading only: the distinct
+    sequences are counted after the clock stops). ``window_bytes``: the dataset's
+    (default ``--window-bytes``)."""
     data = ActivationDataset(store, [KEY, "tokens/sequence"], batch_size=args.batch_size, exclude=(),
-                             drop_last=True, window_bytes=args.window_bytes, **options)
+                             drop_last=True, window_bytes=window_bytes or args.window_bytes, **options)
     started = time.perf_counter()
-    ours = [len(torch.unique(batch["tokens/sequence"])) for batch in data]
+    sequences_of = [batch["tokens/sequence"] for batch in data]  # counted after the clock: the rate is reads
     seconds = time.perf_counter() - started
+    ours = [len(torch.unique(batch)) for batch in sequences_of]
     sequences = open_store(store, options.get("storage_options"))["tokens/sequence"][:]
     rng = np.random.default_rng(0)
     uniform = [len(np.unique(rng.choice(sequences, args.batch_size, replace=False))) for _ in ours]
@@ -221,6 +236,77 @@ def s3_run(store: Path, args) -> dict:
         return mixing(f"{bucket}/r.zarr", args, rate=True, storage_options=options)
 
 
+def chunk_bytes(args) -> int:
+    """Bytes of one chunk of the arrays the mixing pass reads (``KEY`` and ``tokens/sequence``): the unit a
+    window is counted in."""
+    return args.chunk_tokens * (args.dim * 2 + 8)
+
+
+def window_sizes(args, rows: int) -> list[int]:
+    """``--sweep``, or 1, 2, 4, ... chunks up to a window holding the whole store."""
+    if args.sweep:
+        return sorted(args.sweep)
+    chunks = -(-rows // args.chunk_tokens)
+    return [chunk_bytes(args) * (1 << k) for k in range(max(chunks - 1, 1).bit_length() + 1)]
+
+
+def window_sweep(store: Path, args, rows: int) -> list[dict]:
+    """Mixing and MB/s of the dataset at each window size, the sizes interleaved over ``--repeats`` passes
+    (after a warm-up pass that brings the chunk files into the page cache). Batches stay float16, as in the
+    throughput epochs: the rate is the reader's, not a conversion's."""
+    sizes = window_sizes(args, rows)
+    mixing(store, args, window_bytes=sizes[-1])
+    passes: dict[int, list[dict]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):
+        for size in sizes:
+            passes[size].append(mixing(store, args, rate=True, window_bytes=size, dtype=torch.float16))
+    return [{"window_bytes": size, "chunks_per_window": size / chunk_bytes(args), **runs[0],
+             "mb_per_s": [run["mb_per_s"] for run in runs],
+             "mb_per_s_median": statistics.median(run["mb_per_s"] for run in runs)}
+            for size, runs in passes.items()]
+
+
+def sweep_table(runs: list[dict]) -> dict[str, np.ndarray]:
+    """What the plot draws, a row per (sequence length, window size)."""
+    rows = [(run["seq_len"], point["window_bytes"], point["chunks_per_window"], point["mixing"],
+             point["distinct_sequences_per_batch"], point["uniform_distinct_sequences_per_batch"],
+             point["mb_per_s_median"], min(point["mb_per_s"]), max(point["mb_per_s"]))
+            for run in runs for point in run["sweep"]]
+    names = ("seq_len", "window_bytes", "chunks_per_window", "mixing", "distinct_sequences_per_batch",
+             "uniform_distinct_sequences_per_batch", "mb_per_s_median", "mb_per_s_min", "mb_per_s_max")
+    return {name: np.array(column) for name, column in zip(names, zip(*rows))}
+
+
+def plot(runs: list[dict], args, path: Path) -> None:
+    """Mixing (top) and MB/s (bottom, median and range of the passes) against the window's size in chunks, a
+    line per sequence length; FILE.csv beside it."""
+    table = sweep_table(runs)
+    write_csv(path.with_suffix(".csv"), table)
+    title = (f"ActivationDataset windows: {runs[0]['rows']:,} rows x {args.dim} float16, chunks of "
+             f"{args.chunk_tokens:,}, batches of {args.batch_size:,}")
+    fig, (mix, rate) = plots.figure(2, title)
+    for i, seq_len in enumerate(np.unique(table["seq_len"])):
+        at = table["seq_len"] == seq_len
+        x, color = table["chunks_per_window"][at], f"C{i}"
+        mix.plot(x, table["mixing"][at], color=color, marker="o", ms=3, label=f"sequences of {seq_len}")
+        low, high = table["mb_per_s_min"][at], table["mb_per_s_max"][at]
+        median = table["mb_per_s_median"][at]
+        rate.errorbar(x, median, yerr=[median - low, high - median], color=color, marker="o", ms=3,
+                      capsize=2, label=f"sequences of {seq_len}")
+    mix.axhline(1.0, color=plots.LIMIT, ls="--", lw=0.8, label="uniform random batches")
+    mix.set_ylabel("mixing (distinct sequences\nper batch / uniform)")
+    mix.set_ylim(0, 1.1)
+    rate.set_ylabel("MB/s read (median, range)")
+    rate.set_ylim(bottom=0)
+    rate.set_xscale("log", base=2)
+    rate.xaxis.set_major_formatter("{x:g}")
+    rate.set_xlabel(f"chunks per window (window_bytes / {chunk_bytes(args):,} bytes: a chunk of the arrays "
+                    "read)")
+    plots.legend(mix, below=False)
+    plots.legend(rate, below=False)
+    plots.save(fig, path)
+
+
 def run_one(args, seq_len: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="actcap_reader_"))
     try:
@@ -228,6 +314,8 @@ def run_one(args, seq_len: int) -> dict:
         store = synthetic_store(root / "r.zarr", args.dim, batch, seq_len, -(-args.rows // (batch * seq_len)),
                                 args.chunk_tokens)
         result = {"seq_len": seq_len, **timed_runs(store, root, args), "mixing": mixing(store, args)}
+        if args.sweep or args.plot:
+            result["sweep"] = window_sweep(store, args, result["rows"])
         if args.s3:
             result["s3"] = s3_run(store, args)
     finally:
@@ -255,6 +343,10 @@ def report(result: dict, args) -> None:
     print(f"[reader] {mixing_line(result['mixing'])}")
     print(f"[reader] peak anonymous memory +{result['peak_anonymous_mb']:.1f} MB (the 4-chunk buffer before "
           f"windows: {old_mb:.0f} MB)")
+    for point in result.get("sweep", []):
+        print(f"[reader] window_bytes {point['window_bytes']:,} ({point['chunks_per_window']:.3g} chunks): "
+              f"{mixing_line(point)}, {point['mb_per_s_median']:.0f} MB/s (median of "
+              f"{len(point['mb_per_s'])})")
     if "s3" in result:
         s3 = result["s3"]
         print(f"[reader] s3 (loopback moto): {s3['mb_per_s']:.0f} MB/s, {mixing_line(s3)}")
@@ -262,6 +354,8 @@ def report(result: dict, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        plots.exit_unless_available()  # before the stores are captured
     runs = []
     for seq_len in args.seq_len:
         runs.append(run_one(args, seq_len))
@@ -270,6 +364,9 @@ def main(argv=None) -> int:
         config = {k: v for k, v in vars(args).items() if k != "json"}
         old_mb = (OLD_BUFFER_CHUNKS + 1) * args.chunk_tokens * args.dim * 2 / 1e6
         Path(args.json).write_text(json.dumps({**config, "old_buffer_mb": old_mb, "runs": runs}, indent=2))
+    if args.plot:
+        plot(runs, args, Path(args.plot))
+        print(f"[plot] {args.plot}, numbers in {Path(args.plot).with_suffix('.csv')}")
     return 0
 
 

@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_model": "loading", "load_tokenizer": "loading", "random_model": "loading",
     "CaptureStore": "reader", "CommittedArray": "reader", "open_store": "reader",
     "ModelSpec": "registry", "get_model": "registry", "list_models": "registry",
+    "Report": "report", "write_report": "report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -325,7 +325,7 @@ class CaptureEngine:
         first = placement.first_sequence if placement.continues else self._next_sequence
         slot.reserve(BatchInfo(self._batches, batch_size, seq_len, first, input_ids is not None,
                                attention_mask is not None, placement.continues,
-                               self._may_continue(kwargs, placement)), self._dims)
+                               self._may_continue(kwargs, placement), waited), self._dims)
         if not placement.continues:
             self._next_sequence += batch_size
         self._caches.begin(placement, kwargs, batch_size, first, seq_len)

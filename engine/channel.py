@@ -23,7 +23,7 @@ _RECV_BYTES = 1 << 12
 _MAX_FDS = 64
 # Messages sent once per batch are packed with struct, not pickled (a few microseconds less per forward):
 # kind -> fields. Every other message is a pickled tuple (tag 0).
-PACKED = {"batch": struct.Struct("<iqiiq????"), "free": struct.Struct("<i"),
+PACKED = {"batch": struct.Struct("<iqiiq????d"), "free": struct.Struct("<i"),
           "progress": struct.Struct("<qqq")}
 _TAGS = {kind: tag for tag, kind in enumerate(PACKED, 1)}
 _KINDS = {tag: (kind, PACKED[kind]) for kind, tag in _TAGS.items()}

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine models | capture | inspect | align``.
+"""Command line: ``python -m engine models | capture | inspect | report | align | export``.
 
 A user error (a bad option, a missing or unreadable corpus, a bad record, options the model cannot take, a
 store in the way) prints one line ``error: ...`` to stderr and exits with status 2; ``--debug`` shows the
@@ -595,6 +595,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report  # matplotlib is an extra: only this command needs it
+
+    name = os.path.basename(os.path.normpath(args.store)).removesuffix(".zarr")
+    for line in write_report(args.store, args.out or f"{name}-report", sample=args.sample).describe():
+        print(f"[report] {line}")
+    return 0
+
+
+def _add_report_parser(commands, common: argparse.ArgumentParser) -> None:
+    rep = commands.add_parser("report", parents=[common], help="draw a store: norms by position, their "
+                              "histogram, drift, the capture's tokens/s and stalls (PNG + CSV, an HTML page)")
+    rep.add_argument("store")
+    rep.add_argument("--out", default=None, help="the report's folder (default: the store's name + -report)")
+    rep.add_argument("--sample", type=_positive_int, default=None, metavar="CHUNKS",
+                     help="read at most this many committed chunks, evenly spaced (default: all)")
+    rep.set_defaults(run=_report)
+
+
 def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
     exp = commands.add_parser("export", parents=[common],
                               help="write an array as another tool's dataset (SAELens' cache)")
@@ -736,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="python -m engine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{models,capture,inspect,align,export}")
+                                     metavar="{models,capture,inspect,report,align,export}")
     models = commands.add_parser("models", parents=[common], help="list the model registry, or one model's "
                                  "hook points")
     models.add_argument("--points", metavar="NAME", help="registry name or local model folder: print its "
@@ -749,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--verify", action="store_true", help="also verify every committed chunk's CRC32C "
                      "(reads the whole store; sizes are always checked)")
     ins.set_defaults(run=_closed_pipe_is_fine(_inspect))
+    _add_report_parser(commands, common)
     ali = commands.add_parser("align", parents=[common],
                               help="join span labels to tokens: writes tokens/label")
     ali.add_argument("store")

@@ -267,6 +267,8 @@ class CommitRecord(_ReadsLikeJson):
         stats: activation array -> its values in this chunk.
         committed_at: seconds since the epoch.
         files: every array written with the chunk -> its stored chunk (empty in format version 1).
+        stall_seconds: how long the forwards whose first row it holds waited for a free slot (the capture
+            stalled on the writer); None in records written before the field existed.
 
     Thread safety: immutable.
     """
@@ -283,6 +285,7 @@ class CommitRecord(_ReadsLikeJson):
     stats: Mapping[str, ChunkStats]
     committed_at: float
     files: Mapping[str, ChunkFile] = dataclasses.field(default_factory=dict)
+    stall_seconds: float | None = None
 
     @property
     def token_count(self) -> int:
@@ -302,7 +305,8 @@ class CommitRecord(_ReadsLikeJson):
                 "num_sequences": self.num_sequences, "max_seq_len": self.max_seq_len,
                 "stats": {key: stats.to_json() for key, stats in self.stats.items()},
                 "committed_at": self.committed_at,
-                "files": {key: file.to_json() for key, file in self.files.items()}}
+                "files": {key: file.to_json() for key, file in self.files.items()},
+                **({} if self.stall_seconds is None else {"stall_seconds": self.stall_seconds})}
 
     @classmethod
     def from_json(cls, doc: Any, where: str, chunk_index: int, chunk_tokens: int,
@@ -320,7 +324,8 @@ class CommitRecord(_ReadsLikeJson):
                    record.field("first_sequence", (int,)), record.field("last_sequence", (int,)),
                    record.field("num_sequences", (int,)), record.field("max_seq_len", (int,)),
                    _stats(record, dims), record.field("committed_at", (int, float)),
-                   _files(record, dims, format_version))
+                   _files(record, dims, format_version),
+                   record.field("stall_seconds", (int, float, _NONE), None))
 
 
 def _rows(record: _Document, chunk_index: int, chunk_tokens: int) -> tuple[int, int]:

@@ -152,6 +152,7 @@ class BatchInfo(NamedTuple):
     has_mask: bool        # False: every token is real
     continues: bool = False      # its rows continue the previous batch's sequences, row for row (KV cache)
     may_continue: bool = False   # the next forward may continue its sequences (it kept a KV cache)
+    stall_seconds: float = 0.0   # how long the forward waited for its free slot (backpressure)
 
 
 @dataclasses.dataclass
@@ -161,6 +162,7 @@ class _Chunk:
     filled: int = 0
     undecided: int = 0      # rows whose ``last`` bit waits for the next batch, flush or close
     last: list[int] = dataclasses.field(default_factory=list)  # offsets of rows decided ``last``
+    stall_seconds: float = 0.0  # waits of the forwards whose first row it holds (its commit record's)
 
 
 @dataclasses.dataclass
@@ -409,6 +411,8 @@ class WriterPool:
             start = self._next_row
             self._next_row += count
             pieces = self._plan(start, count)
+            if pieces:  # under the order lock, before any row of the batch lands: its chunk is not yet full
+                pieces[0][0].stall_seconds += batch.stall_seconds
             real = np.ones((batch.batch_size, batch.seq_len), dtype=bool) if mask is None else mask != 0
             stored, previous, released = self._place(batch, start, real, ids)
             return _Job(slot, batch, ids, mask, keep, pieces, stored, previous, released)
@@ -577,7 +581,8 @@ class WriterPool:
         moments: dict = {}
         # The sink runs it while the chunk's rows are being written; cached, so the call below only
         # computes it for a sink (of a test's own) that did not.
-        make_record = functools.cache(lambda: self._record(chunk.index, arrays, moments))
+        make_record = functools.cache(
+            lambda: self._record(chunk.index, arrays, moments, chunk.stall_seconds))
         self._sink.write_chunk(chunk.index, arrays, make_record)
         record = make_record()
         totals = self.committed.add(chunk.index,
@@ -587,7 +592,8 @@ class WriterPool:
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
-    def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict) -> CommitRecord:
+    def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict,
+                stall_seconds: float) -> CommitRecord:
         """The chunk's commit record (the sink adds each array's checksum and stored size); its moments per
         array go into ``moments`` (when statistics are kept). Sets the ``outlier`` bits of ``tokens/flags``:
         a sink writes that array once this has returned."""
@@ -614,7 +620,7 @@ class WriterPool:
             chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._dims),
             dtype=self._spec.dtype, first_sequence=int(sequences[0]), last_sequence=int(sequences[-1]),
             num_sequences=len(sequences), max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats,
-            committed_at=time.time())
+            committed_at=time.time(), stall_seconds=stall_seconds)
 
     def _note_nonfinite(self, key: str, count: int) -> None:
         with self._progress:

@@ -148,6 +148,26 @@ def assert_statistics_match(path, key, dim):
     np.testing.assert_allclose(stats["norm_scaling_factor"], np.sqrt(dim / (norms ** 2).mean()), rtol=1e-6)
 
 
+def assert_png(path) -> None:
+    """A valid, small, non-blank PNG picture: its signature and header, a size a page shows as it is, and
+    pixels that are not all one colour once decoded."""
+    import matplotlib.image
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 400 < width < 1200 and 200 < height < 1200 and 5_000 < len(data) < 200_000, (path, width, height)
+    assert matplotlib.image.imread(path).std() > 0.05, f"{path} is blank"
+
+
+def hide_matplotlib(folder: Path) -> dict[str, str]:
+    """The environment of a child process in which ``import matplotlib`` fails (a package of that name first
+    on its path), as where the plot extra is not installed."""
+    (folder / "matplotlib").mkdir(parents=True)
+    (folder / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
 def cli(*args):
     done = subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
                           timeout=300)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -10,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-
-from helpers import documents
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -22,6 +22,7 @@ import gpu_targets  # noqa: E402
 import overhead  # noqa: E402
 import training  # noqa: E402
 import writer  # noqa: E402
+from helpers import assert_png, documents, hide_matplotlib  # noqa: E402
 
 TINY = ["--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "vocab_size=256",
         "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--num-batches", "1", "--min-round-s", "0",
@@ -69,6 +70,46 @@ def test_overhead_writes_json_and_exit_code_follows_gate(sink, tmp_path):
     assert not any("FAIL" in line for line in proc.stdout.splitlines() if "not gated" in line)
     if sink == "zarr":
         assert data["tokens_written"] == (1 + 1) * 2 * 16  # hooked warm-up + one hooked round, all committed
+
+
+def read_csv(path: Path) -> dict[str, list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+def test_overhead_plot_draws_every_forward_and_flush(tmp_path):
+    out, picture = tmp_path / "o.json", tmp_path / "latency.png"
+    proc = run_script("overhead.py", *TINY, "--sink", "null", "--num-batches", "3", "--repeats", "2",
+                      "--json", str(out), "--plot", str(picture))
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert_png(picture)
+    table = read_csv(picture.with_suffix(".csv"))
+    latency = np.array(table["latency_ms"], dtype=float) / 1e3
+    kinds, rounds = np.array(table["kind"]), np.array(table["round"], dtype=int)
+    n = data["batches_per_round"]
+    assert [int((kinds == kind).sum()) for kind in ("unhooked", "hooked", "flush")] == [2 * n, 2 * n, 2]
+    assert [entry["kind"] for entry in data["rounds"]] == ["unhooked", "hooked", "hooked", "unhooked"]  # ABBA
+    # the plotted forwards add up to each round as the gate timed it; the flush is the rest of the round
+    steady = {"unhooked": data["baseline_round_s"], "hooked": data["hooked_steady_round_s"]}
+    for index, entry in enumerate(data["rounds"]):
+        forwards = latency[(rounds == index) & (kinds == entry["kind"])]
+        assert len(forwards) == n and (forwards > 0).all()
+        assert forwards.sum() <= steady[entry["kind"]][index // 2] + 1e-9
+    flushes = latency[kinds == "flush"]
+    np.testing.assert_allclose(flushes, np.subtract(data["hooked_round_s"], data["hooked_steady_round_s"]),
+                               rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("script, args", [("overhead.py", TINY), ("reader.py", ["--rows", "64"])])
+def test_plot_without_matplotlib_is_one_line_before_any_work(script, args, tmp_path):
+    picture = tmp_path / "never.png"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--plot", str(picture)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=hide_matplotlib(tmp_path / "hide"))
+    assert done.returncode == 2 and done.stdout == "" and not picture.exists()
+    assert done.stderr.count("\n") == 1 and 'pip install "actcap-engine[plot]"' in done.stderr, done.stderr
 
 
 def test_overhead_exit_status_is_1_when_the_gate_fails():
@@ -141,6 +182,28 @@ def test_reader_benchmark_cold_and_s3(tmp_path):
     assert mixing["distinct_sequences_per_batch"] <= 16 < mixing["uniform_distinct_sequences_per_batch"]
     s3 = run["s3"]  # read into memory: buffer_chunks (4) chunks of 8 sequences per window, and the carry
     assert s3["mb_per_s"] > 0 and s3["distinct_sequences_per_batch"] <= 40 and s3["mixing"] < 0.5
+
+
+def test_reader_plot_sweeps_windows_from_one_chunk_to_the_store(tmp_path):
+    out, picture = tmp_path / "r.json", tmp_path / "windows.png"
+    proc = run_script("reader.py", *READER_TINY, "--seq-len", "64", "--repeats", "1", "--json", str(out),
+                      "--plot", str(picture))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_png(picture)
+    run = json.loads(out.read_text())["runs"][0]
+    table = {name: np.array(column, dtype=float)
+             for name, column in read_csv(picture.with_suffix(".csv")).items()}
+    chunk = 512 * (8 * 2 + 8)  # a chunk of the two arrays the mixing pass reads
+    np.testing.assert_array_equal(table["chunks_per_window"], [1, 2, 4, 8, 16])  # 8192 rows: 16 chunks
+    np.testing.assert_array_equal(table["window_bytes"], table["chunks_per_window"] * chunk)
+    for column in ("mixing", "distinct_sequences_per_batch", "mb_per_s_median"):
+        np.testing.assert_allclose(table[column], [point[column] for point in run["sweep"]])
+    # a window of one chunk (8 sequences of 64) and the rows it carries over: at most two chunks' sequences
+    assert table["distinct_sequences_per_batch"][0] <= 2 * 512 / 64
+    # a window holding the whole store shuffles exactly as the default (4 GiB) one
+    assert table["mixing"][-1] == pytest.approx(run["mixing"]["mixing"], rel=1e-12)
+    assert table["mixing"][0] < 0.5 < table["mixing"][-1]
+    assert (table["mb_per_s_min"] <= table["mb_per_s_median"]).all() and (table["mb_per_s_min"] > 0).all()
 
 
 def test_training_benchmark_trains_both_arms_reports_and_reuses_its_stores(model_dir, tmp_path, capsys):

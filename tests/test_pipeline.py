@@ -233,7 +233,10 @@ def test_backpressure_stalls_without_losing_rows(tmp_path, monkeypatch):
     cap, ref = run_capture(model, cfg, batches)
     assert cap.stats.stall_seconds > 0 and cap.stats.queue_high_water <= 1
     expected = expected_rows(ref["layer_0/residual"], [b["attention_mask"] for b in batches])
-    np.testing.assert_array_equal(open_store(cfg.output_dir)["layer_0/residual"][:], expected)
+    store = open_store(cfg.output_dir)
+    np.testing.assert_array_equal(store["layer_0/residual"][:], expected)
+    # every forward's wait is in the commit record of the chunk holding its first row (the report plots them)
+    assert sum(record.stall_seconds for record in store.chunks) == pytest.approx(cap.stats.stall_seconds)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
