@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -117,12 +118,16 @@ def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) 
 
 class RunCost(NamedTuple):
     """One pipeline run: seconds end to end and in steady state (None: no batch after the first chunk), and
-    CPU seconds of the capturing process and of its writer process (a child, counted once it has exited)."""
+    CPU seconds of the capturing process and of its writer process (a child, counted once it has exited),
+    in all and in steady state (None likewise): after the first chunk's flush, so without the writer
+    process's start (its interpreter and imports, ~1 CPU second here), which a long job pays once."""
 
     seconds: float
     steady_seconds: float | None
     capture_cpu: float
     writer_cpu: float
+    steady_capture_cpu: float | None = None
+    steady_writer_cpu: float | None = None
 
 
 def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
@@ -136,7 +141,8 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
                         pinned_slots=args.pinned_slots, durable=durable)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
     warm_batches = first_chunk_batches(args)
-    cpu_before = os.times()
+    cpu_before = cpu_at_flush = os.times()
+    writer_cpu_at_flush = 0.0
     start = steady_start = time.perf_counter()
     with CaptureEngine(model, cfg) as engine, torch.no_grad():
         for done in range(1, n_batches + 1):
@@ -144,6 +150,9 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
             if done == warm_batches:
                 engine.flush()
                 steady_start = time.perf_counter()
+                cpu_at_flush = os.times()
+                writer_times = psutil.Process(engine.writer_pid).cpu_times()
+                writer_cpu_at_flush = writer_times.user + writer_times.system
     if SYNC:
         os.sync()
     end = time.perf_counter()
@@ -153,8 +162,12 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
     assert rows == n_batches * args.batch_size * args.seq_len, "rows lost"
     check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
     assert np.array_equal(check[:, -1], row_values(rows, args.batch_size * args.seq_len)[rows - 1000:])
-    return RunCost(end - start, end - steady_start if n_batches > warm_batches else None,
-                   capture_cpu=cpu[0] + cpu[1], writer_cpu=cpu[2] + cpu[3])
+    steady = n_batches > warm_batches
+    steady_cpu = [after - before for after, before in zip(os.times(), cpu_at_flush)]
+    return RunCost(end - start, end - steady_start if steady else None,
+                   capture_cpu=cpu[0] + cpu[1], writer_cpu=cpu[2] + cpu[3],
+                   steady_capture_cpu=steady_cpu[0] + steady_cpu[1] if steady else None,
+                   steady_writer_cpu=cpu[2] + cpu[3] - writer_cpu_at_flush if steady else None)
 
 
 def first_chunk_batches(args) -> int:
@@ -180,8 +193,9 @@ def report_against_raw_durable(result: dict, prefix: str, rates: list[float], ra
           f"(range {min(ratios):.3f}..{max(ratios):.3f})")
 
 
-def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int) -> None:
-    """CPU seconds per GB of each process, and the cores kept busy, over one pipeline's runs (medians)."""
+def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int, nbytes_steady: int) -> None:
+    """CPU seconds per GB of each process, in all and in steady state, and the cores kept busy, over one
+    pipeline's runs (medians)."""
     gigabytes = nbytes / 1e9
     capture = statistics.median(cost.capture_cpu / gigabytes for cost in costs)
     writer = statistics.median(cost.writer_cpu / gigabytes for cost in costs)
@@ -190,6 +204,14 @@ def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int) -> No
                    f"{kind}_cores_busy": busy})
     print(f"[writer]   {kind} CPU per GB: capturing process {capture:.2f} s, writer process {writer:.2f} s; "
           f"{busy:.2f} of {os.cpu_count()} cores busy (medians)")
+    steady = [cost for cost in costs if cost.steady_writer_cpu is not None]
+    if steady:
+        capture = statistics.median(cost.steady_capture_cpu / nbytes_steady * 1e9 for cost in steady)
+        writer = statistics.median(cost.steady_writer_cpu / nbytes_steady * 1e9 for cost in steady)
+        result.update({f"{kind}_steady_capture_cpu_s_per_gb": capture,
+                       f"{kind}_steady_writer_cpu_s_per_gb": writer})
+        print(f"[writer]   {kind} CPU per GB in steady state (after the first chunk's flush: no process "
+              f"start): capturing process {capture:.2f} s, writer process {writer:.2f} s (medians)")
 
 
 def main(argv=None) -> int:
@@ -253,7 +275,7 @@ def main(argv=None) -> int:
         for label, series in (("", rates[kind]), ("steady_", steady_rates[kind])):
             if series:
                 report_against_raw_durable(result, f"{kind}_{label}", series, rates["raw_durable"])
-        report_cpu(result, kind, costs[kind], nbytes_pipeline)
+        report_cpu(result, kind, costs[kind], nbytes_pipeline, nbytes_steady)
         # Checksums run in the writer threads (never in the capturing process): seconds of CRC32C per second
         # of writing at this pipeline's median rate, an upper bound on their share of its time.
         crc_share = result["crc32c_seconds_per_gb"] * statistics.median(rates[kind]) / 1e3

@@ -148,6 +148,12 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     # the writer process's CPU is counted only once close() has waited for it to exit
     assert data["durable_writer_cpu_s_per_gb"] > 0 and data["scratch_capture_cpu_s_per_gb"] > 0
     assert 0 < data["durable_cores_busy"] <= os.cpu_count() * 1.05
+    # steady state leaves out the writer process's start and the first chunk: less CPU in all, none negative
+    mb, steady_mb = data["mb_per_run"], data["mb_per_run"] - 512 * 2 * (32 + 64) / 1e6  # one chunk
+    for kind in ("durable", "scratch"):
+        for process in ("capture", "writer"):
+            steady = data[f"{kind}_steady_{process}_cpu_s_per_gb"] * steady_mb
+            assert 0 <= steady < data[f"{kind}_{process}_cpu_s_per_gb"] * mb
 
 
 READER_TINY = ["--rows", "8192", "--dim", "8", "--chunk-tokens", "512", "--batch-size", "256"]
