@@ -156,14 +156,15 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
     if SYNC:
         os.sync()
     end = time.perf_counter()
-    cpu = [after - before for after, before in zip(os.times(), cpu_before)]
+    cpu_after = os.times()
+    cpu = [after - before for after, before in zip(cpu_after, cpu_before)]
+    steady_cpu = [after - before for after, before in zip(cpu_after, cpu_at_flush)]
     store = open_store(cfg.output_dir)
     rows = store.num_tokens
     assert rows == n_batches * args.batch_size * args.seq_len, "rows lost"
     check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
     assert np.array_equal(check[:, -1], row_values(rows, args.batch_size * args.seq_len)[rows - 1000:])
     steady = n_batches > warm_batches
-    steady_cpu = [after - before for after, before in zip(os.times(), cpu_at_flush)]
     return RunCost(end - start, end - steady_start if steady else None,
                    capture_cpu=cpu[0] + cpu[1], writer_cpu=cpu[2] + cpu[3],
                    steady_capture_cpu=steady_cpu[0] + steady_cpu[1] if steady else None,

@@ -148,13 +148,12 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     # the writer process's CPU is counted only once close() has waited for it to exit
     assert data["durable_writer_cpu_s_per_gb"] > 0 and data["scratch_capture_cpu_s_per_gb"] > 0
     assert 0 < data["durable_cores_busy"] <= os.cpu_count() * 1.05
-    # steady state leaves out the first chunk and the writer process's start (CPU milliseconds below; the
-    # clock ticks are 10 ms)
+    # steady state leaves out the first chunk and the writer process's start (CPU milliseconds below)
     mb, steady_mb = data["mb_per_run"], data["mb_per_run"] - 512 * 2 * (32 + 64) / 1e6  # one chunk
     for kind in ("durable", "scratch"):
         cpu = {process: (data[f"{kind}_steady_{process}_cpu_s_per_gb"] * steady_mb,
                          data[f"{kind}_{process}_cpu_s_per_gb"] * mb) for process in ("capture", "writer")}
-        assert 0 <= cpu["capture"][0] <= cpu["capture"][1] + 10
+        assert 0 <= cpu["capture"][0] <= cpu["capture"][1] + 1e-6  # read at the same instant: at most equal
         assert 0 <= cpu["writer"][0] < cpu["writer"][1] - 100  # an interpreter and its imports: ~1 s here
 
 
