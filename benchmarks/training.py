@@ -247,9 +247,11 @@ def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
                        l1_coefficient=args.l1_coefficient, lr=args.lr, seed=args.seed,
                        dead_window=args.dead_window)
     window_rows = dataset.window_chunks * dataset.chunk_tokens
+    window = ("the whole store" if window_rows >= rows.shape[0]
+              else f"{window_rows:,} rows, 1/{rows.shape[0] / window_rows:.1f} of the store")
     print(f"[training] {rows.shape[0]:,} training rows, {held_out.shape[0]:,} held out; {steps} steps of "
           f"{args.batch_size} ({steps * args.batch_size / rows.shape[0]:.2f} passes); the reader's shuffle "
-          f"window holds {window_rows:,} rows ({rows.shape[0] / window_rows:.2f}x less than the store); "
+          f"window holds {window}; "
           f"normalization from {norm.source}: scale {norm.scaling_factor:.4f}", flush=True)
     arms = {"dataset": train_arm("dataset", dataset.endless_batches(), config, norm, steps, held_out, args),
             "uniform": train_arm("uniform", uniform_batches(rows, args.batch_size, args.seed), config, norm,
