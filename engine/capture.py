@@ -39,6 +39,7 @@ import torch
 
 from . import layout
 from .config import CaptureConfig
+from .encoding import encoding_of
 from .errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from .handoff import WriterProcess
 from .hookpoints import HookPoint, expected_widths, resolve_hook_points
@@ -208,11 +209,16 @@ class CaptureEngine:
     def _start_pipeline(self, model: torch.nn.Module, tokenizer: Any, resume: ResumePoint | None,
                         undo: contextlib.ExitStack) -> None:
         config = self.config
-        dtype = _TORCH_DTYPES[config.dtype]
+        encoding = encoding_of(config.dtype)
+        dtype = torch.uint8 if encoding else _TORCH_DTYPES[config.dtype]
         gpu = self._device if self._device.type == "cuda" else None
-        self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations))
+        if encoding is None:
+            self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations))
+        else:  # a slot row of an encoded point: its bytes (engine.encoding)
+            self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations),
+                                  encoding.slot_row_bytes)
         undo.callback(self._pool.release)
-        self._stager = Stager(self._device, dtype)
+        self._stager = Stager(self._device, dtype, encoding)
         if resume is not None:
             self.resume_sequences = max(resume.sequences - config.first_sequence, 0)
             self._next_sequence = config.first_sequence + self.resume_sequences

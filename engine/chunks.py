@@ -378,12 +378,15 @@ def check_size(array: zarr.Array, chunk_index: int, file: ChunkFile | None) -> N
 # ---- array metadata against the manifest and the commit records -------------------------------------------
 
 
-def _captured_arrays(manifest: Manifest) -> dict[str, tuple[np.dtype | None, bool]]:
-    """Every array the capture writes with each chunk: key -> (its dtype, whether it holds activations)."""
+def _captured_arrays(manifest: Manifest) -> dict[str, tuple[np.dtype | None, tuple[int, ...] | None]]:
+    """Every array the capture writes with each chunk: key -> (its dtype, its row shape; None for an
+    activation array, whose width the commit records give)."""
     activations = layout.STORAGE_DTYPES.get(manifest.dtype)
     tokens = layout.token_arrays(manifest.annotations)
-    return {**{key: (activations, True) for key in manifest.arrays},
-            **{key: (np.dtype(dtype), False) for key, dtype in tokens.items()}}
+    scales = layout.scale_arrays(manifest.dtype, manifest.arrays)
+    return {**{key: (activations, None) for key in manifest.arrays},
+            **{key: (layout.SCALE_DTYPE, (1,)) for key in scales},
+            **{key: (np.dtype(dtype), ()) for key, dtype in tokens.items()}}
 
 
 def _record_problems(record: CommitRecord, activations: set[str], captured: set[str],
@@ -407,14 +410,16 @@ def _widths(records: list[CommitRecord], key: str) -> set[int]:
     return {record.dims[key] for record in records if key in record.dims}
 
 
-def _array_metadata_problem(array: zarr.Array, expected: tuple[np.dtype | None, bool], widths: set[int],
-                            manifest: Manifest, rows: int) -> str | None:
+def _array_metadata_problem(array: zarr.Array, expected: tuple[np.dtype | None, tuple[int, ...] | None],
+                            widths: set[int], manifest: Manifest, rows: int) -> str | None:
     """What in one array's zarr.json disagrees with the manifest and the commit records, or None."""
-    dtype, activations = expected
+    dtype, row_shape = expected
+    activations = row_shape is None
     if activations and len(widths) > 1:
         return f"its commit records disagree on its width: {sorted(widths)}"
     # An activation array's width comes from the records (None: no chunk committed yet, nothing to misread).
-    row_shape = (next(iter(widths)),) if activations and widths else None if activations else ()
+    if activations and widths:
+        row_shape = (next(iter(widths)),)
     chunks = None if row_shape is None else (manifest.chunk_tokens, *row_shape)
     checks = [("data type", array.dtype, dtype),
               ("row shape", array.shape[1:], row_shape),

@@ -35,6 +35,7 @@ from .corpus import (
     shares,
     take_tokens,
 )
+from .encoding import encoding_of, relative_rms_error
 from .errors import (
     CaptureClosedError,
     CaptureError,
@@ -46,7 +47,15 @@ from .errors import (
     StoreExistsError,
 )
 from .hookpoints import CANONICAL_POINTS, family_of, layer_modules, measure_widths, resolve_hook_points
-from .layout import EXCLUDED_BY_DEFAULT, FLAG_LAST, FORMAT_NAME, MANIFEST_ATTR, STORAGE_DTYPES, token_arrays
+from .layout import (
+    EXCLUDED_BY_DEFAULT,
+    FLAG_LAST,
+    FORMAT_NAME,
+    MANIFEST_ATTR,
+    STORAGE_DTYPES,
+    stored_row_bytes,
+    token_arrays,
+)
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
 from .lock import acquire, check_unlocked
@@ -247,8 +256,7 @@ def _point_widths(model_config, config: CaptureConfig) -> dict[str, int]:
 
 
 def _row_bytes(widths: dict[str, int], dtype: str) -> dict[str, int]:
-    itemsize = STORAGE_DTYPES[dtype].itemsize
-    return {**{key: width * itemsize for key, width in widths.items()},
+    return {**{key: stored_row_bytes(dtype, width) for key, width in widths.items()},
             **{key: dt.itemsize for key, dt in token_arrays(_ANNOTATIONS).items()}}
 
 
@@ -498,7 +506,7 @@ def _print_arrays(store) -> None:
             overflow = sum(c.stats[key].fp16_overflow for c in store.chunks)
             nonfinite = sum(c.stats[key].nonfinite for c in store.chunks)
             line += (f"  {info['tl_name'] or info['module_path']}  nonfinite {nonfinite} "
-                     f"fp16_overflow {overflow}")
+                     f"fp16_overflow {overflow}{_encoding_error(store, key)}")
             stats = m.statistics.get(key) or {}
             if "outlier_rows" in stats:
                 line += f"  outliers {stats['outlier_rows']} (left out of the statistics and of reads)"
@@ -506,6 +514,18 @@ def _print_arrays(store) -> None:
                 line += (f"  mean_sq_norm {stats['mean_squared_norm']:.4g} max_norm {stats['max_norm']:.4g} "
                          f"norm_scale {stats['norm_scaling_factor']:.4g}")
         print(line)
+
+
+def _encoding_error(store, key: str) -> str:
+    """An 8-bit store's encoding and the relative RMS error of its decoded values (from the commit
+    records); empty for other stores."""
+    encoding = encoding_of(store.manifest.dtype)
+    if encoding is None:
+        return ""
+    squared_error = sum(chunk.stats[key].squared_error or 0.0 for chunk in store.chunks)
+    squared_norm = sum(chunk.stats[key].squared_norm or 0.0 for chunk in store.chunks)
+    error = relative_rms_error(squared_error, squared_norm)
+    return f"  {encoding.name}: relative RMS error " + ("n/a" if error is None else f"{error:.4f}")
 
 
 def _print_resume_points(store) -> None:
@@ -625,7 +645,8 @@ def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
                      help="tokens per row (SAELens' context_size)")
     exp.add_argument("--hook-name", default=None, help="column name (default: the TransformerLens hook name)")
     exp.add_argument("--dtype", default=None, choices=["float16", "float32"],
-                     help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16)")
+                     help="default: the store's (a bfloat16 store needs one: arrow has no bfloat16; an "
+                          "8-bit store's decoded values: float32)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
     exp.add_argument("--buffer-chunks", type=_positive_int, default=64,
                      help="chunks of a compressed or remote store read into memory per shuffle window "
@@ -720,8 +741,9 @@ def _add_capture_parser(commands, common: argparse.ArgumentParser) -> None:
                      "job reports what was cut)")
     cap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     cap.add_argument("--device", default=None)
-    cap.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
-                     help="storage dtype")
+    cap.add_argument("--dtype", default="float16", choices=list(STORAGE_DTYPES),
+                     help="storage dtype; int8 and float8_e4m3 store 8-bit codes with a float32 scale per "
+                          "row (half of float16's bytes; what it costs the SAE: docs/format.md)")
     cap.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                      help="weights dtype (default: the checkpoint's)")
     cap.add_argument("--weights", default="required", choices=["auto", "random", "required"])

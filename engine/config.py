@@ -11,6 +11,8 @@ import types
 import typing
 from typing import Any, Literal, Mapping, Sequence
 
+from . import encoder
+from .encoding import encoding_of
 from .errors import ConfigError
 from .hookpoints import CANONICAL_POINTS
 from .layout import ANNOTATION_DTYPES, STORAGE_DTYPES, TOKEN_ARRAYS
@@ -45,7 +47,10 @@ class CaptureConfig:
             config.)
         extra_modules: ``{name: module_path}`` of further modules whose outputs are captured to
             ``extra/<name>``.
-        dtype: storage dtype: ``float16`` (default), ``float32``, or ``bfloat16`` (stored as uint16 bits).
+        dtype: storage dtype: ``float16`` (default), ``float32``, ``bfloat16`` (stored as uint16 bits), or an
+            8-bit encoding with a float32 scale per row, encoded on the model's device before the copy:
+            ``int8`` (absmax) or ``float8_e4m3`` (half of float16's bytes; what each costs in SAE quality:
+            docs/format.md; readers decode them to floats).
         chunk_tokens: rows per zarr chunk and per commit (memory is bounded by slots and chunks, never by a
             count of batches, which would hold gigabytes for large batches).
         num_writers: writer threads (in the writer process).
@@ -148,6 +153,10 @@ class CaptureConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported: use one of "
                               f"{', '.join(STORAGE_DTYPES)} (float32 or bfloat16 for models whose "
                               "activations overflow float16)")
+        encoding = encoding_of(self.dtype)
+        if encoding is not None and not encoder.available(encoding):
+            raise ConfigError(f"dtype {self.dtype!r} needs torch.float8_e4m3fn, which this torch lacks: "
+                              "upgrade torch (2.1 or newer) or use dtype='int8'")
         for name in ("chunk_tokens", "num_writers", "pinned_slots"):
             value = getattr(self, name)
             if value <= 0:

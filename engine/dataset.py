@@ -13,6 +13,7 @@ import zarr
 
 from . import layout
 from .chunks import checksum_problem, corrupt_error, describe, local_plain, open_local_chunk, read_chunk
+from .encoding import SCALES_GROUP, encoding_of, scale_key
 from .errors import CaptureFailedError, ConfigError, FollowTimeoutError
 from .reader import open_store
 from .sources import (
@@ -34,8 +35,11 @@ from .store import open_array, open_group
 from .window import ChunkWindow, WindowColumn, slot_rows
 
 _EXCLUDABLE = {**layout.FLAG_BITS, "pad": 0}  # pad rows are never stored: excluding them is a no-op
-# Batch dtype per storage dtype (bfloat16 bits are gathered as int16 and viewed as bfloat16 per batch).
-_BATCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
+# Batch dtype per storage dtype (bfloat16 bits are gathered as int16 and viewed as bfloat16 per batch; 8-bit
+# codes are gathered as they are, with their rows' scales in a column of their own, and decoded per batch).
+_BATCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16,
+                 "int8": torch.int8, "float8_e4m3": torch.uint8}
+_FLOAT8 = getattr(torch, "float8_e4m3fn", None)
 # The token ids yielded with return_tokens are gathered as one more column.
 _TOKEN_IDS = Column("<return_tokens>", 0, "tokens/input_ids")
 WINDOW_BYTES = 4 << 30  # the default window of mapped chunks, per rank and DataLoader worker
@@ -218,8 +222,11 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return list(dict.fromkeys(reads))
 
     def _buffered(self) -> list[Column]:
-        """The columns the mixing buffer holds: the yielded arrays, and the token ids of ``return_tokens``."""
-        return self.columns + ([_TOKEN_IDS] if self.return_tokens else [])
+        """The columns the mixing buffer holds: the yielded arrays, an 8-bit store's scales of them, and the
+        token ids of ``return_tokens``."""
+        scales = [_scale_column(c) for c in self.columns
+                  if not c.is_token_array and encoding_of(self.storage_dtypes[c.store]) is not None]
+        return self.columns + scales + ([_TOKEN_IDS] if self.return_tokens else [])
 
     def _arrays(self, store: int, part: int) -> dict[str, zarr.Array]:
         # a forked worker (not pickled) must not use the parent's handles
@@ -404,11 +411,14 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     def _row_type(self, column: Column) -> tuple[torch.dtype, tuple[int, ...]]:
         if column.is_token_array:
             return self._token_dtypes[column.name], ()
+        if column.key.startswith(SCALES_GROUP + "/"):
+            return torch.float32, (1,)
         return _BATCH_DTYPES[self.storage_dtypes[column.store]], (self.dims[column.name],)
 
     def _output(self, gathered: dict[str, torch.Tensor]):
         """One batch as the caller asked for it: a tensor, a dict by key, or stacked; with token ids."""
-        values = {c.name: self._convert(c, gathered[c.name]) for c in self.columns}
+        values = {c.name: self._convert(c, gathered[c.name], gathered.get(_scale_column(c).name))
+                  for c in self.columns}
         if self.single:
             out = values[self.columns[0].name]
         elif self.stack:
@@ -417,11 +427,16 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             out = values
         return (out, gathered[_TOKEN_IDS.name]) if self.return_tokens else out
 
-    def _convert(self, column: Column, batch: torch.Tensor) -> torch.Tensor:
+    def _convert(self, column: Column, batch: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """A column's gathered rows as yielded: bfloat16 bits viewed, 8-bit codes decoded with ``scales``."""
         if column.is_token_array:
             return batch
-        if self.storage_dtypes[column.store] == "bfloat16":
+        storage = self.storage_dtypes[column.store]
+        if storage == "bfloat16":
             batch = batch.view(torch.bfloat16)
+        elif scales is not None:
+            codes = batch.view(_FLOAT8) if storage == "float8_e4m3" else batch
+            batch = codes.to(torch.float32) * scales
         return batch if batch.dtype == self.dtype else batch.to(self.dtype)
 
 
@@ -483,6 +498,11 @@ def _ddp_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     return rank, world_size
+
+
+def _scale_column(column: Column) -> Column:
+    """The hidden column of an 8-bit encoded column's row scales."""
+    return Column(f"{column.name}<scale>", column.store, scale_key(column.key))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -27,6 +27,13 @@ the document and what was expected.
 Format version 2 adds to each commit record ``files``: for every array written with the chunk,
 ``{"crc32c": c, "nbytes": n}`` (``ChunkFile``): every chunk the capture wrote must be there, at that length,
 with those rows (the writer stores every chunk, even one zarr would skip as equal to the fill value).
+Format version 3 (only stores of an 8-bit storage dtype, ``int8`` or ``float8_e4m3``: older readers would
+read their codes as values) adds a scale array per activation array, ``scales/<array path>`` (n_tokens, 1)
+float32, written and checksummed with every chunk like the rest (``engine.encoding`` has the encoding and how
+to decode it), and to each record's stats ``squared_error`` and ``squared_norm``: the sums, over the chunk's
+rows, of the squared error of the decoded values against the captured ones and of the captured squared norms
+(their ratio's square root is the relative RMS error the encoding introduced).
+
 Version 1 stores (records without ``files``) still read: an uncompressed chunk that is there
 must have a whole chunk's length, but an absent one reads as zeros (zarr skipped chunks equal to the fill
 value, so absence proves nothing) and nothing can be verified. The same holds for arrays added after the
@@ -56,10 +63,12 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from .encoding import ENCODINGS, encoding_of, scale_key
 from .errors import StoreFormatError
 
 FORMAT_NAME = "actcap"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+PLAIN_FORMAT_VERSION = 2  # stores of float16, bfloat16 or float32 activations: readable by version 2 readers
 FIRST_CHECKSUMMED_VERSION = 2  # commit records carry ``files`` from this version on
 MANIFEST_ATTR = "manifest"
 COMMITS_GROUP = "commits"
@@ -101,13 +110,37 @@ STATUS_COMPLETE = "complete"
 STATUS_FAILED = "failed"
 
 # Storage dtypes: name -> zarr dtype on disk. bfloat16 has no zarr dtype: its raw bits are stored as uint16
-# and the array attribute "encoding" says so (view the numpy uint16 data as torch.bfloat16 to decode).
+# and the array attribute "encoding" says so (view the numpy uint16 data as torch.bfloat16 to decode). The
+# 8-bit ones store codes with a scale array beside (engine.encoding).
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("float16"),
     "float32": np.dtype("float32"),
     "bfloat16": np.dtype("uint16"),
+    **{name: encoding.code_dtype for name, encoding in ENCODINGS.items()},
 }
 BFLOAT16_ENCODING = "bfloat16-bits-in-uint16"
+SCALE_DTYPE = np.dtype("float32")
+
+
+def format_version(dtype: str) -> int:
+    """The format version a new store of this storage dtype is written in."""
+    return FORMAT_VERSION if encoding_of(dtype) is not None else PLAIN_FORMAT_VERSION
+
+
+def stored_row_bytes(dtype: str, dim: int) -> int:
+    """Bytes on disk per row of one activation array of width ``dim`` (the scale included)."""
+    return dim * STORAGE_DTYPES[dtype].itemsize + (SCALE_DTYPE.itemsize if encoding_of(dtype) else 0)
+
+
+def stored_arrays(manifest: Manifest) -> list[str]:
+    """Every array the capture writes with each chunk: activations, an 8-bit store's scales, tokens."""
+    return [*manifest.arrays, *scale_arrays(manifest.dtype, manifest.arrays), *manifest.token_arrays]
+
+
+def scale_arrays(dtype: str, activation_keys) -> list[str]:
+    """The scale arrays that go with these activation arrays in a store of this storage dtype (none unless it
+    is an 8-bit one)."""
+    return [scale_key(key) for key in activation_keys] if encoding_of(dtype) is not None else []
 
 
 def array_key(layer: int, point: str) -> str:
@@ -227,16 +260,21 @@ class ChunkFile(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ChunkStats:
-    """One activation array's values in one chunk: min and max of the finite values (None when there are
-    none), non-finite values, and float16 overflows (+-inf in float16 storage)."""
+    """One activation array's values in one chunk, as a reader decodes them: min and max of the finite values
+    (None when there are none), non-finite values, and float16 overflows (+-inf in float16 storage). An 8-bit
+    store's also has ``squared_error`` and ``squared_norm`` (format version 3: the module docstring); None in
+    others."""
 
     min: float | None
     max: float | None
     nonfinite: int
     fp16_overflow: int
+    squared_error: float | None = None
+    squared_norm: float | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if value is not None or key in ("min", "max")}
 
 
 class _ReadsLikeJson:
@@ -324,7 +362,7 @@ class CommitRecord(_ReadsLikeJson):
                    record.field("first_sequence", (int,)), record.field("last_sequence", (int,)),
                    record.field("num_sequences", (int,)), record.field("max_seq_len", (int,)),
                    _stats(record, dims), record.field("committed_at", (int, float)),
-                   _files(record, dims, format_version),
+                   _files(record, dims, format_version, record.field("dtype", (str,))),
                    record.field("stall_seconds", (int, float, _NONE), None))
 
 
@@ -357,17 +395,19 @@ def _stats(record: _Document, dims: dict[str, int]) -> dict[str, ChunkStats]:
         entry = record.child(entries.get(key), f"the stats of {key}")
         value = (int, float, _NONE)
         stats[key] = ChunkStats(entry.field("min", value), entry.field("max", value),
-                                entry.field("nonfinite", (int,)), entry.field("fp16_overflow", (int,)))
+                                entry.field("nonfinite", (int,)), entry.field("fp16_overflow", (int,)),
+                                entry.field("squared_error", value, None),
+                                entry.field("squared_norm", value, None))
     return stats
 
 
-def _files(record: _Document, dims: dict[str, int], format_version: int) -> dict[str, ChunkFile]:
-    """Format version 2: every array's stored chunk; version 1 has none (a resumed version 1 store's new
-    records have them)."""
+def _files(record: _Document, dims: dict[str, int], format_version: int, dtype: str) -> dict[str, ChunkFile]:
+    """Format version 2: every array's stored chunk (an 8-bit store's scale arrays too); version 1 has none (a
+    resumed version 1 store's new records have them)."""
     if format_version < FIRST_CHECKSUMMED_VERSION and "files" not in record.doc:
         return {}
     entries = record.field("files", (dict,))
-    missing = sorted({*dims, *TOKEN_ARRAYS} - set(entries))
+    missing = sorted({*dims, *TOKEN_ARRAYS, *scale_arrays(dtype, dims)} - set(entries))
     if missing:
         raise record.error(f"has no checksum of {', '.join(missing)}; expected one per array written with it")
     files = {}

@@ -10,6 +10,7 @@ import torch
 
 from . import layout
 from .config import CaptureConfig
+from .encoding import encoding_of
 from .hookpoints import HookPoint
 from .layout import Manifest
 
@@ -28,7 +29,7 @@ def build_manifest(model: torch.nn.Module, config: CaptureConfig, points: list[H
     name = config.model_name or getattr(model_config, "name_or_path", None) or type(model).__name__
     spec = find_model(name)
     return Manifest(
-        format_version=layout.FORMAT_VERSION,
+        format_version=layout.format_version(config.dtype),
         engine_version=__version__,
         status=layout.STATUS_OPEN,
         created=now(),
@@ -40,7 +41,8 @@ def build_manifest(model: torch.nn.Module, config: CaptureConfig, points: list[H
         points=list(config.points),
         extra_modules=dict(config.extra_modules),
         arrays={p.key: {"module_path": p.module_path, "tl_name": p.tl_name, "capture": p.capture,
-                        "layer": p.layer, "point": p.point} for p in points},
+                        "layer": p.layer, "point": p.point, **_encoding_entry(p.key, config.dtype)}
+                for p in points},
         token_arrays={key: str(dtype) for key, dtype in layout.token_arrays(config.annotations).items()},
         annotations=dict(config.annotations),
         flag_bits=dict(layout.FLAG_BITS),
@@ -61,8 +63,14 @@ def point_attributes(points: list[HookPoint], dtype: str) -> dict[str, dict]:
                  "point": point.point, "capture": point.capture, "dtype": dtype}
         if dtype == "bfloat16":
             entry["encoding"] = layout.BFLOAT16_ENCODING
-        attributes[point.key] = entry
+        attributes[point.key] = {**entry, **_encoding_entry(point.key, dtype)}
     return attributes
+
+
+def _encoding_entry(key: str, dtype: str) -> dict:
+    """An 8-bit encoded array's words on how to decode it (manifest entry and zarr attributes); empty else."""
+    encoding = encoding_of(dtype)
+    return encoding.attributes(key) if encoding is not None else {}
 
 
 def _resume_fields(stored: Manifest, new: Manifest) -> Iterator[tuple[str, Any, Any]]:

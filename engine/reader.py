@@ -31,6 +31,7 @@ from .chunks import (
     open_below,
     size_problem,
 )
+from .encoding import Encoding, encoding_of, scale_key
 from .errors import StoreCorruptError, StoreFormatError
 from .layout import CommitRecord, Manifest
 from .location import Location
@@ -97,6 +98,46 @@ class CommittedArray:
         if not out:
             return self.pieces[0][0][(slice(0, 0), *rest)]
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[:]
+        return data.astype(dtype) if dtype is not None else data
+
+
+class DecodedArray:
+    """An 8-bit encoded activation array read as float32 values: its codes times its rows' scales
+    (``engine.encoding``). Indexing rows with an int or a slice returns float32 numpy arrays, checked as
+    ``CommittedArray`` checks them (the scale array's chunks too).
+
+    Attributes:
+        codes: the stored codes (``CommittedArray``); scales: the (n, 1) float32 scales; encoding: the
+            ``Encoding``.
+
+    Thread safety: read-only; safe from several threads.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, codes: CommittedArray, scales: CommittedArray, encoding: Encoding):
+        self.codes, self.scales, self.encoding = codes, scales, encoding
+        self.shape = codes.shape
+        self.attrs = codes.attrs
+
+    @property
+    def pieces(self) -> list[tuple[zarr.Array, list[CommitRecord]]]:
+        """The codes' zarr arrays and records, per part."""
+        return self.codes.pieces
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, columns = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        codes, scales = self.codes[rows], self.scales[rows]
+        flat = codes.reshape(-1, self.shape[1])
+        values = self.encoding.decode(flat, scales.reshape(-1, 1), np.empty(flat.shape, dtype=np.float32))
+        values = values.reshape(codes.shape)
+        return values[(slice(None), *columns)] if codes.ndim == 2 else values[columns]
 
     def __array__(self, dtype=None, copy=None):
         data = self[:]
@@ -228,7 +269,7 @@ class CaptureStore:
         self.parts = _open_parts(self.location, self.group, self.manifest)
         self.chunks = [record for part in self.parts for record in part.chunks]
         self.num_tokens = sum(part.num_tokens for part in self.parts)
-        listed = [*self.manifest.arrays, *self.manifest.token_arrays]
+        listed = layout.stored_arrays(self.manifest)
         self._arrays = [existing_arrays(part.group, listed) if part.group is not None else {}
                         for part in self.parts]
         problems = [problem for part, arrays in zip(self.parts, self._arrays) if part.manifest is not None
@@ -244,16 +285,25 @@ class CaptureStore:
         return self.manifest.status
 
     def keys(self) -> list[str]:
-        """Array paths: activation arrays first (as captured), then ``tokens/*``."""
+        """Array paths: activation arrays first (as captured), an 8-bit store's ``scales/*``, then
+        ``tokens/*``."""
         existing = {key for arrays in self._arrays for key in arrays}
-        return [key for key in (*self.manifest.arrays, *self.manifest.token_arrays) if key in existing]
+        return [key for key in layout.stored_arrays(self.manifest) if key in existing]
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys()
 
-    def __getitem__(self, key: str) -> CommittedArray:
+    def __getitem__(self, key: str) -> CommittedArray | DecodedArray:
+        """An array's committed rows; an 8-bit store's activation arrays decoded to float32 (``DecodedArray``:
+        its ``codes`` and ``scales`` are the stored arrays)."""
         if key not in self.keys():
             raise KeyError(f"{key!r} is not in this store: it has {', '.join(self.keys())}")
+        encoding = encoding_of(self.manifest.dtype)
+        if encoding is not None and key in self.manifest.arrays:
+            return DecodedArray(self._committed(key), self._committed(scale_key(key)), encoding)
+        return self._committed(key)
+
+    def _committed(self, key: str) -> CommittedArray:
         pieces = [(arrays[key], part.chunks) for part, arrays in zip(self.parts, self._arrays)
                   if key in arrays]
         return CommittedArray([piece for piece in pieces if piece[1]] or pieces[:1])

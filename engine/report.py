@@ -60,7 +60,7 @@ def row_norms(rows: np.ndarray, dtype: str) -> np.ndarray:
     float32 blocks of at most BLOCK_BYTES as the writer's statistics compute them.
 
     Args:
-        rows: (n, dim) rows as stored (bfloat16 as its uint16 bits).
+        rows: (n, dim) rows as the store reads them (bfloat16 as its uint16 bits; an 8-bit store's decoded).
         dtype: the store's storage dtype name (``manifest.dtype``).
     """
     out = np.empty(len(rows))

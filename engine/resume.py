@@ -22,7 +22,7 @@ import zarr
 from . import layout
 from .chunks import chunk_problem, describe
 from .layout import CommitRecord, Manifest
-from .statistics import ChunkMoments, Statistics, chunk_summary
+from .statistics import ChunkMoments, Statistics, chunk_summary, decodable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord],
     """Read every chunk of the committed prefix once, in order: verify it (size and CRC32C of every array in
     ``arrays``: the activation arrays and the capture's own token arrays), stop at the first damaged one, and
     return the resume point within the intact chunks with the statistics of the whole chunks before it."""
-    activations = {key: array for key, array in arrays.items() if not key.startswith("tokens/")}
+    activations = {key: array for key, array in arrays.items() if key in manifest.arrays}
     widths = {key: array.shape[1] for key, array in activations.items()}
     scan = _Scan(Statistics(widths), manifest.chunk_tokens, manifest.outlier_norm_ratio)
     buffers = {key: np.empty((manifest.chunk_tokens, *array.shape[1:]), dtype=array.dtype)
@@ -145,7 +145,8 @@ def _measure(scan: _Scan, record: CommitRecord, rows: dict[str, np.ndarray],
     if highest.size:
         scan.highest_sequence = max(scan.highest_sequence, int(highest[-1]))
     scan.committed = record.row_stop
-    summaries = {key: chunk_summary(rows[key], dtype, flags, outlier_ratio=scan.outlier_ratio)[:2]
+    summaries = {key: chunk_summary(decodable(rows, key, dtype), dtype, flags,
+                                    outlier_ratio=scan.outlier_ratio)[:2]
                  for key in activations}
     scan.pending.append((record.chunk_index, summaries))
     if scan.last_end is not None:

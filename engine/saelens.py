@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from .dataset import ActivationDataset
+from .encoding import encoding_of
 from .errors import ConfigError, StoreExistsError, StoreFormatError
 from .layout import EXCLUDED_BY_DEFAULT
 from .reader import CaptureStore, open_store
@@ -87,8 +88,9 @@ def export_saelens(store: str | os.PathLike | CaptureStore, out: str | os.PathLi
         key: the array, e.g. ``layer_6/residual``.
         context_size: tokens per row (SAELens' ``context_size``).
         hook_name: the column's name; default the manifest's TransformerLens name of ``key``.
-        dtype: ``float16`` or ``float32``; default the store's. A bfloat16 store needs one (arrow has no
-            bfloat16): ``float32`` is exact, ``float16`` halves the size but makes values beyond ±65504 inf.
+        dtype: ``float16`` or ``float32``; default the store's (an 8-bit store's values are decoded: float32).
+            A bfloat16 store needs one (arrow has no bfloat16): ``float32`` is exact, ``float16`` halves the
+            size but makes values beyond ±65504 inf.
         seed: the shuffle's seed.
         buffer_chunks: chunks of a compressed or remote store read into memory per shuffle window (64 chunks
             of 8192 tokens x 768 float16 are 0.8 GB); an uncompressed local store's chunks are mapped instead.
@@ -136,7 +138,8 @@ def _column_name(store: CaptureStore, key: str, hook_name: str | None) -> str:
 
 
 def _export_dtype(stored: str, requested: str | None) -> str:
-    chosen = requested or stored
+    """The dtype written: the one asked for, else the store's (an 8-bit store's decoded values: float32)."""
+    chosen = requested or ("float32" if encoding_of(stored) is not None else stored)
     if chosen == "bfloat16":
         raise ConfigError("this store is bfloat16 and arrow has no bfloat16: export with dtype='float32' / "
                           "--dtype float32 (exact, twice the size) or 'float16' (beyond ±65504: inf)")

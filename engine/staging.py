@@ -46,11 +46,14 @@ import mmap
 import os
 import tempfile
 import warnings
+from typing import Callable
 
 import numpy as np
 import psutil
 import torch
 
+from .encoder import encode_rows
+from .encoding import Encoding
 from .errors import BatchError, HookPointError
 from .writer import BatchInfo
 
@@ -178,6 +181,10 @@ def release_each(items) -> None:
 TOKENS = "tokens"
 
 
+def _same_width(dim: int) -> int:
+    return dim
+
+
 def annotation_buffer_name(name: str) -> str:
     return f"annotation/{name}"
 
@@ -197,10 +204,11 @@ class Slot:
     """
 
     def __init__(self, index: int, pin_device: torch.device | None, dtype: torch.dtype,
-                 annotations: tuple[str, ...]):
+                 annotations: tuple[str, ...], width: Callable[[int], int] = _same_width):
         self.index = index
         self._pin_device = pin_device
         self._dtype = dtype
+        self._width = width
         self._annotations = annotations
         self.capacity = 0
         self.buffers: dict[str, SharedBuffer] = {}
@@ -254,7 +262,8 @@ class Slot:
         itemsize = self._dtype.itemsize
         sizes = {TOKENS: 2 * tokens * 8}
         sizes.update({annotation_buffer_name(name): tokens * 8 for name in self._annotations})
-        sizes.update({point_buffer_name(key): tokens * dim * itemsize for key, dim in dims.items()})
+        sizes.update({point_buffer_name(key): tokens * self._width(dim) * itemsize
+                      for key, dim in dims.items()})
         try:
             self._allocate(sizes)
         except BaseException:
@@ -293,7 +302,7 @@ class Slot:
             views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64,
                                                                    shape)
         for key, dim in self.dims.items():
-            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, dim))
+            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, self._width(dim)))
         return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
@@ -301,7 +310,7 @@ class Slot:
         its buffer is allocated."""
         view = self.views.get(key)
         if view is None:
-            self._allocate({point_buffer_name(key): self.capacity * dim * self._dtype.itemsize})
+            self._allocate({point_buffer_name(key): self.capacity * self._width(dim) * self._dtype.itemsize})
             self.dims[key] = dim
             self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
             view = self.views[key]
@@ -325,10 +334,10 @@ class SlotPool:
     """
 
     def __init__(self, count: int, pin_device: torch.device | None, dtype: torch.dtype,
-                 annotations: tuple[str, ...]):
-        self.slots = [Slot(i, pin_device, dtype, annotations) for i in range(count)]
+                 annotations: tuple[str, ...], width: Callable[[int], int] = _same_width):
+        self.slots = [Slot(i, pin_device, dtype, annotations, width) for i in range(count)]
         self._free = list(range(count - 1, -1, -1))
-        self._dtype, self._annotations = dtype, annotations
+        self._dtype, self._annotations, self._width = dtype, annotations, width
 
     def take(self) -> Slot | None:
         return self.slots[self._free.pop()] if self._free else None
@@ -358,7 +367,8 @@ class SlotPool:
         if tokens <= capacity:
             return
         tokens = grown_capacity(capacity, tokens)
-        row_bytes = 8 * (2 + len(self._annotations)) + self._dtype.itemsize * sum(widths.values())
+        row_bytes = 8 * (2 + len(self._annotations)) + self._dtype.itemsize * sum(map(self._width,
+                                                                                      widths.values()))
         held = sum(slot.nbytes for slot in self.slots)
         needed = len(self.slots) * tokens * row_bytes
         available = available_host_memory() + held
@@ -386,7 +396,7 @@ class SlotPool:
 
 
 # Storage dtypes numpy copies as they are (bfloat16 has no numpy dtype).
-_NUMPY_COPIED = (torch.float16, torch.float32)
+_NUMPY_COPIED = (torch.float16, torch.float32, torch.uint8)
 
 
 def _copy_on_cpu(destination: torch.Tensor, tensor: torch.Tensor) -> None:
@@ -405,13 +415,15 @@ class Stager:
 
     Args:
         device: the model's device (CUDA: every hooked tensor must be on it).
-        dtype: storage dtype of activations.
+        dtype: storage dtype of activations (uint8 for an 8-bit encoding's slot rows).
+        encoding: the 8-bit encoding each point's rows are encoded with on their device, or None.
 
     Thread safety: call from the thread that runs the forward pass.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtype: torch.dtype, encoding: Encoding | None = None):
         self.dtype = dtype
+        self.encoding = encoding
         self.device = device
         self.cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device=device) if self.cuda else None
@@ -458,11 +470,15 @@ class Stager:
                                      "spread over GPUs, capture each device's layers with their own "
                                      "engine)")
             # contiguous: a strided snapshot would cost the copy stream a kernel and a buffer of its own
-            slot.copies.append((destination,
+            slot.copies.append((destination, self._encoded(tensor) if self.encoding else
                                 tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format)))
         else:
-            _copy_on_cpu(destination, tensor)
+            _copy_on_cpu(destination, self._encoded(tensor) if self.encoding else tensor)
         slot.captured.add(key)
+
+    def _encoded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """8-bit slot rows of a point's tensor, made on its device (a new tensor: the copy's snapshot too)."""
+        return encode_rows(tensor, self.encoding)
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far (CUDA; before the slots are released)."""

@@ -32,6 +32,7 @@ import threading
 
 import numpy as np
 
+from .encoding import EncodedRows, encoding_of, scale_key
 from .layout import FLAG_BOS, FLAG_FIRST, FLAG_OUTLIER, ChunkStats
 
 SINK_FLAGS = FLAG_BOS | FLAG_FIRST
@@ -71,13 +72,24 @@ def _subnormals_survive() -> bool:
     return bool(_finite_half_to_float32(_SMALLEST_HALF, np.empty(1, dtype=np.float32))[0])
 
 
-def as_float32_with_range(rows: np.ndarray, dtype: str, out: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Stored rows as float32 in ``out`` (float32, the rows' shape), exactly, and their min and max (numpy's:
-    nan when there is one); for float16 rows without inf or nan the min and max come from the passes that
-    check for them. bfloat16 is stored as its uint16 bits: the high half of a float32."""
+def decodable(arrays: dict[str, np.ndarray], key: str, dtype: str) -> np.ndarray | EncodedRows:
+    """The rows of activation array ``key`` as the statistics read them: an 8-bit store's codes go with
+    their scales (``arrays`` holds the scale arrays too)."""
+    encoding = encoding_of(dtype)
+    return arrays[key] if encoding is None else EncodedRows(encoding, arrays[key], arrays[scale_key(key)])
+
+
+def as_float32_with_range(rows: np.ndarray | EncodedRows, dtype: str,
+                          out: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Stored rows as float32 in ``out`` (float32, the rows' shape), exactly (an 8-bit store's decoded), and
+    their min and max (numpy's: nan when there is one); for float16 rows without inf or nan the min and max
+    come from the passes that check for them. bfloat16 is stored as its uint16 bits: the high half of a
+    float32."""
     if not out.size:
         return out, math.inf, -math.inf
-    if dtype == "bfloat16":
+    if isinstance(rows, EncodedRows):
+        rows.decode(out)
+    elif dtype == "bfloat16":
         bits = out.view(np.uint32)
         np.copyto(bits, rows)
         np.left_shift(bits, 16, out=bits)
@@ -123,7 +135,7 @@ def _outliers(row_squared: np.ndarray, usable: np.ndarray, ratio: float) -> np.n
     return row_squared > ratio * ratio * reference
 
 
-def chunk_summary(rows: np.ndarray, dtype: str, flags: np.ndarray, moments: bool = True,
+def chunk_summary(rows: np.ndarray | EncodedRows, dtype: str, flags: np.ndarray, moments: bool = True,
                   outlier_ratio: float | None = None
                   ) -> tuple[ChunkStats, ChunkMoments | None, np.ndarray | None]:
     """A chunk's commit-record stats (min/max of finite values, non-finite and float16-overflow counts),

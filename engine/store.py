@@ -377,7 +377,7 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     own = layout.token_arrays(stored.annotations)
     damaged: list[str] = []
     records = read_commit_records(store, str(location), stored, damaged)
-    arrays = existing_arrays(group, [*stored.arrays, *own])
+    arrays = existing_arrays(group, [*stored.arrays, *layout.scale_arrays(stored.dtype, stored.arrays), *own])
     prefix = committed_prefix(records)
     problems = metadata_problems(arrays, prefix, stored, prefix[-1].row_stop if prefix else 0, str(location))
     if problems:  # the kept rows would be read, and new ones written, through metadata that misreads them
@@ -408,7 +408,8 @@ def _cut_back(location: Location, store: zarr.abc.store.Store, group: zarr.Group
     for key in set(stored.token_arrays) - set(own):
         if key in group:
             delete_array(store, key)
-    for key in stored.arrays if point.rows == 0 else ():  # nothing kept: the first batch creates them again
+    # nothing kept: the first batch creates them again
+    for key in [*stored.arrays, *layout.scale_arrays(stored.dtype, stored.arrays)] if point.rows == 0 else ():
         if key in group:
             delete_array(store, key)
     for key, dtype in own.items():
@@ -473,7 +474,7 @@ class ZarrSink:
         # values all equal the fill value (an all-zero tokens/flags chunk), and its commit record would name
         # a chunk that is not there.
         self._arrays = {key: array.with_config(_ARRAY_CONFIG) for key, array in existing_arrays(
-            self._group, [*self._manifest.arrays, *self._manifest.token_arrays]).items()}
+            self._group, layout.stored_arrays(self._manifest)).items()}
         self._make_chunk_folders(self._arrays.values())
         # A crash can land between two arrays' resizes: the smallest is what every array has.
         self._capacity = min((array.shape[0] for array in self._arrays.values()), default=0)
@@ -490,8 +491,8 @@ class ZarrSink:
             self._fence.prove()
 
     def point_arrays(self) -> dict[str, zarr.Array]:
-        """The activation arrays that exist (a resumed store's)."""
-        return {key: array for key, array in self._arrays.items() if not key.startswith("tokens/")}
+        """The activation arrays that exist (a resumed store's; scale arrays are not activation arrays)."""
+        return {key: array for key, array in self._arrays.items() if key in self._manifest.arrays}
 
     def all_arrays(self) -> dict[str, zarr.Array]:
         return dict(self._arrays)

@@ -73,6 +73,7 @@ import numpy as np
 
 from . import layout
 from .channel import Channel, ChannelClosed
+from .encoding import EncodedRows, Encoding, encoding_of, scale_key
 from .errors import ConfigError
 from .files import page_aligned_empty
 from .layout import CommitRecord
@@ -140,6 +141,10 @@ class WriterSpec:
     def storage_dtype(self) -> np.dtype:
         return layout.STORAGE_DTYPES[self.dtype]
 
+    @property
+    def encoding(self) -> Encoding | None:
+        return encoding_of(self.dtype)
+
 
 class BatchInfo(NamedTuple):
     """Host-side facts of one forward pass, known without touching device data (sent with each batch)."""
@@ -153,6 +158,16 @@ class BatchInfo(NamedTuple):
     continues: bool = False      # its rows continue the previous batch's sequences, row for row (KV cache)
     may_continue: bool = False   # the next forward may continue its sequences (it kept a KV cache)
     stall_seconds: float = 0.0   # how long the forward waited for its free slot (backpressure)
+
+
+def error_sums_key(key: str) -> str:
+    """Chunk buffer of an encoded point's per-row squared error and norm (kept for the record, never stored:
+    not an array path)."""
+    return f"#errors/{key}"
+
+
+def is_error_sums(key: str) -> bool:
+    return key.startswith("#errors/")
 
 
 @dataclasses.dataclass
@@ -244,9 +259,17 @@ class SlotMemory:
         return self._typed(slot, f"annotation/{name}", np.dtype(np.int64),
                            (batch.batch_size * batch.seq_len,))
 
-    def point_rows(self, slot: int, key: str, dim: int, batch: BatchInfo) -> np.ndarray:
-        return self._typed(slot, f"point/{key}", self._spec.storage_dtype,
-                           (batch.batch_size * batch.seq_len, dim))
+    def point_rows(self, slot: int, key: str, dim: int, batch: BatchInfo) -> dict[str, np.ndarray]:
+        """The batch's rows of one point, by the chunk buffer each goes to: the array's rows, or an 8-bit
+        encoded point's codes, scales and error sums (``engine.encoding``)."""
+        rows = batch.batch_size * batch.seq_len
+        encoding = self._spec.encoding
+        if encoding is None:
+            return {key: self._typed(slot, f"point/{key}", self._spec.storage_dtype, (rows, dim))}
+        slot_rows = self._typed(slot, f"point/{key}", np.dtype(np.uint8),
+                                (rows, encoding.slot_row_bytes(dim)))
+        codes, scales, sums = encoding.split_slot_rows(slot_rows, dim)
+        return {key: codes, scale_key(key): scales, error_sums_key(key): sums}
 
 
 @dataclasses.dataclass
@@ -342,6 +365,8 @@ class WriterPool:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
             for key, array in self._sink.all_arrays().items():
                 chunk.arrays[key][:kept] = array[whole:whole + kept]
+            for key in filter(is_error_sums, chunk.arrays):  # the kept rows' errors went with the process
+                chunk.arrays[key][:kept] = 0
 
     # ---- main thread ---------------------------------------------------------------------------
     def submit(self, slot: int, batch: BatchInfo, dims: dict[str, int]) -> None:
@@ -423,12 +448,21 @@ class WriterPool:
             self._dims = dict(dims)
             if self._spec.statistics:
                 self.committed.statistics = Statistics(self._dims)
-            self._sink.create_point_arrays({key: (dim, self._spec.storage_dtype,
-                                                  self._spec.point_attributes[key])
-                                            for key, dim in self._dims.items()})
+            self._sink.create_point_arrays(self._array_specs())
         elif dims != self._dims:
             raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: "
                               "resume with the model and hook points the store was captured with")
+
+    def _array_specs(self) -> dict[str, tuple[int, np.dtype, dict]]:
+        """The activation arrays to create (an 8-bit store's scale arrays too): key -> (width, dtype,
+        attributes)."""
+        specs = {key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
+                 for key, dim in self._dims.items()}
+        encoding = self._spec.encoding
+        if encoding is not None:
+            specs.update({scale_key(key): (1, layout.SCALE_DTYPE, encoding.scale_attributes(key))
+                          for key in self._dims})
+        return specs
 
     def _place(self, batch: BatchInfo, start: int, real: np.ndarray,
                ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
@@ -503,6 +537,10 @@ class WriterPool:
         rows = self._chunk_tokens
         buffers = {key: page_aligned_empty((rows, dim), self._spec.storage_dtype)
                    for key, dim in self._dims.items()}
+        if self._spec.encoding is not None:
+            for key in self._dims:
+                buffers[scale_key(key)] = page_aligned_empty((rows, 1), layout.SCALE_DTYPE)
+                buffers[error_sums_key(key)] = np.zeros((rows, 2), dtype=np.float32)
         for key, dtype in self._spec.token_arrays.items():
             buffers[key] = page_aligned_empty((rows,), dtype)
         return buffers
@@ -534,8 +572,8 @@ class WriterPool:
 
     def _fill(self, job: _Job) -> None:
         tokens = self._token_rows(job)
-        rows = {key: self._memory.point_rows(job.slot, key, dim, job.batch)
-                for key, dim in self._dims.items()}
+        rows = {name: source for key, dim in self._dims.items()
+                for name, source in self._memory.point_rows(job.slot, key, dim, job.batch).items()}
         for chunk, offset, first, last in job.pieces:
             span = slice(offset, offset + last - first)
             for key, source in rows.items():
@@ -575,14 +613,15 @@ class WriterPool:
 
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
-        arrays = {key: array[:rows] for key, array in chunk.arrays.items()}
+        arrays = {key: array[:rows] for key, array in chunk.arrays.items() if not is_error_sums(key)}
+        error_sums = {key: array[:rows] for key, array in chunk.arrays.items() if is_error_sums(key)}
         if chunk.last:
             arrays["tokens/flags"][chunk.last] |= layout.FLAG_LAST
         moments: dict = {}
         # The sink runs it while the chunk's rows are being written; cached, so the call below only
         # computes it for a sink (of a test's own) that did not.
         make_record = functools.cache(
-            lambda: self._record(chunk.index, arrays, moments, chunk.stall_seconds))
+            lambda: self._record(chunk.index, arrays, moments, chunk.stall_seconds, error_sums))
         self._sink.write_chunk(chunk.index, arrays, make_record)
         record = make_record()
         totals = self.committed.add(chunk.index,
@@ -593,20 +632,28 @@ class WriterPool:
             self._spare.append(chunk.arrays)
 
     def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict,
-                stall_seconds: float) -> CommitRecord:
+                stall_seconds: float, error_sums: dict[str, np.ndarray]) -> CommitRecord:
         """The chunk's commit record (the sink adds each array's checksum and stored size); its moments per
         array go into ``moments`` (when statistics are kept). Sets the ``outlier`` bits of ``tokens/flags``:
-        a sink writes that array once this has returned."""
+        a sink writes that array once this has returned. An 8-bit store's stats describe the decoded values
+        and sum the encoding's error (``error_sums``: per key, each row's squared error and norm)."""
         sequence = arrays["tokens/sequence"]
         flags = arrays["tokens/flags"]
         rows = sequence.shape[0]
         ratio = self._spec.outlier_norm_ratio
         outliers = np.zeros(rows, dtype=bool)
         stats = {}
+        encoding = self._spec.encoding
         for key in self._dims:
-            stats[key], entry, flagged = chunk_summary(arrays[key], self._spec.dtype, flags,
+            rows_of_key = (arrays[key] if encoding is None
+                           else EncodedRows(encoding, arrays[key], arrays[scale_key(key)]))
+            stats[key], entry, flagged = chunk_summary(rows_of_key, self._spec.dtype, flags,
                                                        moments=self.committed.statistics is not None,
                                                        outlier_ratio=ratio)
+            if encoding is not None:
+                squared_error, squared_norm = error_sums[error_sums_key(key)].sum(axis=0, dtype=np.float64)
+                stats[key] = dataclasses.replace(stats[key], squared_error=float(squared_error),
+                                                 squared_norm=float(squared_norm))
             if entry is not None:
                 moments[key] = entry
             if flagged is not None:

@@ -550,3 +550,27 @@ def test_gpu_memory_comes_back_to_its_baseline_after_flush(tmp_path):
         cap.flush()
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == baseline, "snapshots outlived their slots"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3"])
+def test_8_bit_encodings_encode_on_the_device_and_equal_the_cpu_s_encoding(dtype, tmp_path):
+    """The hook encodes on the GPU (a quarter of float32's bytes are copied); the stored codes and scales
+    decode to the model's values within the encoding's bound, and equal a CPU capture's to one code step."""
+    from test_encodings import reference_encoding
+
+    model = tiny_model("gpt2").cuda()
+    batches = [cuda_batch(ragged_batch(8, 64, seed=s)) for s in range(8)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], capture_mlp_hidden=False, chunk_tokens=128,
+                        dtype=dtype, pinned_slots=2)
+    with reference_capture(model, [1], ["residual"]) as ref, CaptureEngine(model, cfg) as cap, \
+            torch.no_grad():
+        for batch in batches:
+            model(**batch)
+        assert_slots_pinned(cap)
+    truth = expected_rows(ref["layer_1/residual"], [b["attention_mask"].cpu() for b in batches],
+                          dtype=torch.float32)
+    stored = open_store(cfg.output_dir, verify=True)["layer_1/residual"]
+    decoded, scales = reference_encoding(truth, dtype)
+    np.testing.assert_allclose(stored.scales[:], scales, rtol=1e-6)
+    step = scales if dtype == "int8" else np.abs(truth) / 8 + scales * 2.0 ** -9
+    assert (np.abs(stored[:] - decoded) <= step * 1.0001 + 1e-7).all()

@@ -336,8 +336,8 @@ def test_records_round_trip_through_json(pristine):
         assert set(record.files) == {*record.dims, *store.manifest.token_arrays}
     with pytest.raises(StoreFormatError, match="x: the manifest has no field 'chunk_tokens'"):
         Manifest.from_json({k: v for k, v in store.manifest.to_json().items() if k != "chunk_tokens"}, "x")
-    newer = {**store.manifest.to_json(), "format_version": 3}
-    with pytest.raises(StoreFormatError, match="format version 3; this engine reads up to 2: upgrade"):
+    newer = {**store.manifest.to_json(), "format_version": 4}
+    with pytest.raises(StoreFormatError, match="format version 4; this engine reads up to 3: upgrade"):
         Manifest.from_json(newer, "x")
     no_files = {key: value for key, value in store.chunks[0].to_json().items() if key != "files"}
     with pytest.raises(StoreFormatError, match="has no field 'files'"):

@@ -285,7 +285,7 @@ def test_existing_store_needs_overwrite(tmp_path):
     (dict(chunk_tokens=0), "chunk_tokens must be a positive int"),
     (dict(num_writers=-1), "num_writers"),
     (dict(pinned_slots=0), "pinned_slots"),
-    (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    (dict(dtype="int4"), "dtype 'int4' is not supported"),
     (dict(layer_indices=[]), "layer_indices is empty"),
     (dict(layer_indices=[1, 1]), "duplicates"),
     (dict(capture_residual=False, capture_mlp_hidden=False), "no hook point selected"),
