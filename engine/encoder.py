@@ -25,23 +25,27 @@ def encode_rows(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
     norm (float32 each), then the codes. A row with a non-finite value gets scale NaN, zero codes and sums."""
     values = tensor.detach().float()
     dim = values.shape[-1]
-    absmax = values.abs().amax(dim=-1, keepdim=True)
+    low, high = torch.aminmax(values, dim=-1, keepdim=True)  # one pass, no full-size |values|
+    absmax = torch.maximum(-low, high)
     finite = torch.isfinite(absmax)
-    scale = torch.where(finite, absmax / encoding.max_code, torch.full_like(absmax, float("nan")))
-    divisor = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
-    scaled = (values / divisor).clamp_(-encoding.max_code, encoding.max_code)
-    scaled = torch.where(finite, scaled, torch.zeros_like(scaled))
+    scale = absmax / encoding.max_code  # inf or nan where the row is not finite: stored so
+    # per-row divisors (small tensors): a zero row divides by 1, a non-finite one by inf (its codes become 0)
+    divisor = torch.where(finite, torch.where(scale > 0, scale, torch.ones_like(scale)),
+                          torch.full_like(scale, float("inf")))
+    scaled = (values / divisor).nan_to_num_(0.0, 0.0, 0.0).clamp_(-encoding.max_code, encoding.max_code)
     if encoding.name == "int8":
         codes = scaled.round_().to(torch.int8)
     else:
         codes = scaled.to(_CODE_DTYPES[encoding.name])
-    decoded = codes.float() * torch.where(finite, scale, torch.zeros_like(scale))
-    clean = torch.where(finite, values, torch.zeros_like(values))
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    error = torch.linalg.vector_norm(codes.float().mul_(scale).sub_(values), dim=-1).square_()
+    norm = torch.linalg.vector_norm(values, dim=-1).square_()
+    zero = torch.zeros_like(norm)
     out = torch.empty((*values.shape[:-1], encoding.slot_row_bytes(dim)), dtype=torch.uint8,
                       device=values.device)
     header = out[..., :4 * SLOT_HEADER].view(torch.float32)
     header[..., 0:1] = scale
-    header[..., 1] = (decoded - clean).square().sum(dim=-1)
-    header[..., 2] = clean.square().sum(dim=-1)
+    header[..., 1] = torch.where(finite[..., 0], error, zero)
+    header[..., 2] = torch.where(finite[..., 0], norm, zero)
     out[..., 4 * SLOT_HEADER:4 * SLOT_HEADER + dim] = codes.view(torch.uint8)
     return out
