@@ -65,15 +65,18 @@ SPLITS = ("train", "eval")
 SKIPPED_STDLIB_FOLDERS = {"test", "tests", "site-packages", "__pycache__"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__, storage_dtype: bool = True) -> argparse.ArgumentParser:
+    """The options of this benchmark (``storage_encodings.py`` reuses them; without ``storage_dtype`` there is
+    no ``--dtype``: the caller sets ``args.dtype`` itself)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("the stores")
     data.add_argument("--model", default="smollm2-135m", help="registry name or model folder")
     data.add_argument("--layer", type=int, default=15)
     data.add_argument("--hook", default="residual", help="canonical hook point")
     data.add_argument("--seq-len", type=int, default=512)
-    data.add_argument("--dtype", default="float16", choices=list(STORAGE_DTYPES),
-                      help="the training rows' encoding (CaptureConfig dtype); part of the cache key")
+    if storage_dtype:
+        data.add_argument("--dtype", default="float16", choices=list(STORAGE_DTYPES),
+                          help="the training rows' encoding (CaptureConfig dtype); part of the cache key")
     data.add_argument("--chunk-tokens", type=int, default=8192)
     data.add_argument("--outlier-norm-ratio", default="10",
                       help="the capture's outlier rule (python -m engine capture --outlier-norm-ratio)")
@@ -104,7 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="training rows in which a latent must fire not to count as dead in training")
     sae.add_argument("--save-dir", default=None, help="save each arm's SAE here (SAELens' layout)")
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 # ---- the corpus and its stores -------------------------------------------------------------------------
@@ -235,17 +242,26 @@ def git_commit() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def normalization(args: argparse.Namespace, store: Path, key: str, rows: torch.Tensor) -> Normalization:
+    """``--normalization``: from the store's manifest statistics, or from the training rows in memory."""
+    if args.normalization == "store":
+        return Normalization.of_store(store, key)
+    return Normalization.of_rows(rows)
+
+
+def sae_config(args: argparse.Namespace, d_in: int) -> SaeConfig:
+    return SaeConfig(d_in, args.d_sae, args.architecture, k=args.k, l1_coefficient=args.l1_coefficient,
+                     lr=args.lr, seed=args.seed, dead_window=args.dead_window)
+
+
 def run(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     key = f"layer_{args.layer}/{args.hook}"
     rows, held_out = read_rows(stores["train"], key, args), read_rows(stores["eval"], key, args)
-    norm = (Normalization.of_store(stores["train"], key) if args.normalization == "store"
-            else Normalization.of_rows(rows))
+    norm = normalization(args, stores["train"], key, rows)
     dataset = ActivationDataset(stores["train"], key, batch_size=args.batch_size, seed=args.seed,
                                 **exclusion(args))
     steps = args.steps or rows.shape[0] // args.batch_size
-    config = SaeConfig(rows.shape[1], args.d_sae, args.architecture, k=args.k,
-                       l1_coefficient=args.l1_coefficient, lr=args.lr, seed=args.seed,
-                       dead_window=args.dead_window)
+    config = sae_config(args, rows.shape[1])
     window_rows = dataset.window_chunks * dataset.chunk_tokens
     window = ("the whole store" if window_rows >= rows.shape[0]
               else f"{window_rows:,} rows, 1/{rows.shape[0] / window_rows:.1f} of the store")

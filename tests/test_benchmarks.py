@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_targets  # noqa: E402
 import overhead  # noqa: E402
+import storage_encodings  # noqa: E402
 import training  # noqa: E402
 import writer  # noqa: E402
 from helpers import assert_png, documents, hide_matplotlib  # noqa: E402
@@ -240,6 +241,69 @@ def test_training_benchmark_trains_both_arms_reports_and_reuses_its_stores(model
     data = json.loads(out.read_text())
     assert data["exclude"] == ["bos", "first"] and data["normalization"]["source"].startswith("the rows")
 
+
+
+def test_storage_encodings_benchmark_trains_every_encoding_and_judges_it_on_float32_rows(model_dir, tmp_path,
+                                                                                         capsys):
+    """Each encoding's decoded rows against the float32 ones, and an SAE trained on them: the tiny llama of
+    the training benchmark's test, a few steps per arm, in this process."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(400)))
+    tiny = ["--model", str(model_dir), "--layer", "1", "--seq-len", "64", "--data", str(corpus),
+            "--chunk-tokens", "256", "--train-tokens", "2048", "--eval-tokens", "512", "--d-sae", "128",
+            "--k", "8", "--batch-size", "64", "--steps", "4", "--encode-repeats", "2", "--block-rows", "300",
+            "--store-dir", str(tmp_path / "stores")]
+    out = tmp_path / "e.json"
+    assert storage_encodings.main([*tiny, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python benchmarks/storage_encodings.py --model") and data["git_commit"]
+    assert data["storage_dtype"] == "float32" and "-float32-" in data["stores"]["train"]
+    assert data["normalization"]["same_for_every_arm"] and data["encode_batch_shape"] == [8, 64, 64]
+    arms = data["arms"]
+    assert list(arms) == ["float32", "float16", "bfloat16", "int8", "float8_e4m3"]
+    assert [arms[name]["bytes_per_token"] for name in arms] == [256, 128, 128, 68, 68]  # 64 wide, + the scale
+    assert arms["int8"]["bytes_vs_float16"] == 68 / 128 and arms["float16"]["fvu_vs_float16"] == 1
+    errors = {name: arm["relative_rms_error"] for name, arm in arms.items()}
+    assert errors["float32"] == 0 and 0 < errors["float16"] < errors["bfloat16"] < errors["float8_e4m3"]
+    assert 0 < errors["int8"] < 0.05 and arms["float32"]["header_relative_rms_error"] is None
+    for name in ("int8", "float8_e4m3"):  # the decode of the slot rows is the rows encode_rows measured
+        assert arms[name]["header_relative_rms_error"] == pytest.approx(errors[name], rel=1e-3)
+    for arm in arms.values():
+        assert 0 < arm["fvu"] and 0 < arm["l0"] <= 8 and 0 <= arm["dead_latents"] <= 128
+        assert arm["steps"] == 4 and arm["rows_trained"] == 4 * 64
+        assert arm["encode_ms_per_batch"]["median"] > 0 and arm["encode_ms_per_batch"]["repeats"] == 2
+        assert arm["rows_left_out_non_finite"] == 0 and arm["rows_decoded_non_finite"] == 0
+    # the same rows, order and start in every arm: float32 and float16 rows train nearly the same SAE
+    assert arms["float32"]["fvu"] == pytest.approx(arms["float16"]["fvu"], rel=0.01)
+    # at 64 wide the row's scale costs 4/64 of the codes: 0.53 of float16's bytes, over the target's 0.52
+    assert not data["target"]["met"] and data["target"]["best"] in ("int8", "float8_e4m3")
+    assert f"[target] {data['target']['line']}" in printed and "NOT met (best: " in printed
+    assert all(f"\n{name} " in printed for name in arms)
+    # two encodings, normalized from the float32 rows, on the stores captured above
+    assert storage_encodings.main([*tiny, "--encodings", "float16", "int8", "--normalization", "rows",
+                                   "--json", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    data = json.loads(out.read_text())
+    assert list(data["arms"]) == ["float16", "int8"] and "the rows" in data["normalization"]["source"]
+    with pytest.raises(SystemExit):  # every ratio is to float16's
+        storage_encodings.parse_args(["--encodings", "int8"])
+
+
+def test_storage_encodings_target_needs_fvu_dead_latents_and_bytes_together():
+    def arm(fvu, dead, bytes_per_token):
+        return {"fvu_vs_float16": fvu, "dead_vs_float16": dead, "bytes_vs_float16": bytes_per_token,
+                "dead_latents": dead, "fvu": fvu}
+
+    reference = arm(1.0, 0, 1.0)
+    met = storage_encodings.verdict({"float16": reference, "int8": arm(1.009, 0, 0.5035),
+                                     "float8_e4m3": arm(1.002, 1, 0.5035)})
+    assert met["met"] and met["meeting"] == ["int8"] and met["best"] == "int8"
+    assert ": met (best: int8: FVU 1.0090x" in met["line"]
+    for fvu, dead, size in ((1.011, 0, 0.5), (1.0, 1, 0.5), (1.0, 0, 0.53)):
+        missed = storage_encodings.verdict({"float16": reference, "int8": arm(fvu, dead, size)})
+        assert not missed["met"] and missed["best"] == "int8" and "NOT met" in missed["line"]
+    assert not storage_encodings.verdict({"float16": reference})["met"]
 
 def test_the_gpu_check_passes_only_arguments_the_benchmarks_accept():
     """gpu_check.sh runs once on a lent GPU with minutes of device time: a refused argument would waste it."""
