@@ -70,13 +70,19 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed epochs of each reader, interleaved")
     p.add_argument("--cold", action="store_true", help="drop the files from the page cache before each epoch")
     p.add_argument("--s3", action="store_true", help="also read the store from a loopback S3 server")
+    p.add_argument("--dtype", default="float16",
+                   help="the store's storage dtype (an 8-bit one is decoded per batch; the raw read stays a "
+                        "float16 memmap of the same values); not with --cold or --s3")
     p.add_argument("--json", default=None)
     p.add_argument("--sweep", type=int, nargs="+", default=None, metavar="BYTES",
                    help="also measure mixing and MB/s at each of these window_bytes")
     p.add_argument("--plot", default=None, metavar="FILE", help="draw mixing and MB/s against window_bytes "
                    "(PNG; numbers in FILE.csv); without --sweep, windows of 1, 2, 4, ... chunks to the whole "
                    "store")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dtype != "float16" and (args.cold or args.s3):
+        p.error("--cold and --s3 read the chunk files as float16 rows: leave them out with --dtype")
+    return args
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -181,7 +187,7 @@ def timed_runs(store: Path, root: Path, args) -> dict:
     chunk_files = sorted(files_under(store / KEY / "c"))
     rows = open_store(store).num_tokens
     flat = root / "flat.bin"
-    open_store(store)[KEY][:].tofile(flat)
+    open_store(store)[KEY][:].astype(np.float16).tofile(flat)  # an 8-bit store's decoded values
     os.sync()  # clean pages: what the cold runs drop
     # The flat file stays cached as its writing left it (large folios, the baseline's best case); the chunk
     # files leave the cache that reading them here filled, to be read by the dataset as it reads them.
@@ -312,7 +318,7 @@ def run_one(args, seq_len: int) -> dict:
     try:
         batch = 8
         store = synthetic_store(root / "r.zarr", args.dim, batch, seq_len, -(-args.rows // (batch * seq_len)),
-                                args.chunk_tokens)
+                                args.chunk_tokens, args.dtype)
         result = {"seq_len": seq_len, **timed_runs(store, root, args), "mixing": mixing(store, args)}
         if args.sweep or args.plot:
             result["sweep"] = window_sweep(store, args, result["rows"])

@@ -40,12 +40,13 @@ class SyntheticModel(torch.nn.Module):
         return None
 
 
-def synthetic_store(path: Path, dim: int, batch: int, seq_len: int, forwards: int, chunk_tokens: int) -> Path:
-    """A capture store of one array, ``extra/x`` (float16, ``dim`` wide), of ``forwards`` batches of ``batch``
-    sequences of ``seq_len`` tokens, through the real engine."""
+def synthetic_store(path: Path, dim: int, batch: int, seq_len: int, forwards: int, chunk_tokens: int,
+                    dtype: str = "float16") -> Path:
+    """A capture store of one array, ``extra/x`` (``dim`` wide, stored in ``dtype``), of ``forwards`` batches
+    of ``batch`` sequences of ``seq_len`` tokens, through the real engine."""
     model = SyntheticModel({"x": dim}, batch, seq_len)
     cfg = CaptureConfig(path, capture_residual=False, capture_mlp_hidden=False,
-                        extra_modules={"x": "points.x"}, chunk_tokens=chunk_tokens)
+                        extra_modules={"x": "points.x"}, chunk_tokens=chunk_tokens, dtype=dtype)
     with CaptureEngine(model, cfg):
         for _ in range(forwards):
             model(input_ids=torch.zeros(batch, seq_len, dtype=torch.long))

@@ -177,6 +177,24 @@ def test_reader_benchmark_reports_throughput_mixing_and_memory(tmp_path):
     assert "[reader] mixing" in proc.stdout and "peak anonymous memory" in proc.stdout
 
 
+def test_writer_and_reader_benchmarks_run_an_8_bit_store(tmp_path):
+    """--dtype int8: the pipeline's rows are decoded for its spot check, the reader decodes each batch."""
+    out = tmp_path / "w.json"
+    proc = run_script("writer.py", "--dims", "32", "--total-mb", "2", "--repeats", "1", "--durable", "on",
+                      "--chunk-tokens", "512", "--batch-size", "2", "--seq-len", "128", "--dtype", "int8",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out.read_text())["dtype"] == "int8"
+    out = tmp_path / "r.json"
+    proc = run_script("reader.py", *READER_TINY, "--seq-len", "64", "--repeats", "1", "--dtype", "int8",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["rows"] == 8192 and run["dataset_mb_per_s"][0] > 0 and 0.9 < run["mixing"]["mixing"] <= 1.1
+    proc = run_script("reader.py", *READER_TINY, "--dtype", "int8", "--cold")
+    assert proc.returncode == 2 and "leave them out with --dtype" in proc.stderr
+
+
 def test_reader_benchmark_cold_and_s3(tmp_path):
     out = tmp_path / "r.json"
     proc = run_script("reader.py", *READER_TINY, "--seq-len", "64", "--repeats", "1", "--cold", "--s3",
