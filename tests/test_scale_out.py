@@ -108,6 +108,30 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
     assert f"({store.num_tokens}, 64) float16" in read_with_dask(parts, KEYS[0])
 
 
+@pytest.mark.slow
+def test_torchrun_int8_parts_decode_like_a_single_process_int8_run(model_dir, corpus, tmp_path):
+    """An 8-bit multi-process store: each part's codes and scales are its own, and the parts read as one
+    (decoded, verified, through the dataset) equal a single process's int8 run."""
+    single, parts = tmp_path / "single.zarr", tmp_path / "parts.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    int8 = ["--dtype", "int8"]
+    subprocess.run([sys.executable, "-m", "engine", *map(str, capture_args(model_dir, corpus, single)),
+                    *int8], check=True, capture_output=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "engine",
+                           *map(str, capture_args(model_dir, corpus, parts)), *int8],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference, store = open_store(single, verify=True), open_store(parts, verify=True)
+    assert store.manifest.format_version == 3 and [p.num_tokens > 0 for p in store.parts] == [True, True]
+    for key in KEYS:
+        np.testing.assert_array_equal(store[key].codes[:], reference[key].codes[:])
+        np.testing.assert_array_equal(store[key][:], reference[key][:])
+        batches = ActivationDataset(parts, key, batch_size=8, shuffle=False, exclude=())
+        np.testing.assert_array_equal(torch.cat(list(batches)).numpy(), reference[key][:])
+        assert_statistics_match(parts, key, store[key].shape[1])
+
+
 def read_with_dask(store, key) -> str:
     """examples/read_with_dask.py: dask and zarr alone, no engine code."""
     done = subprocess.run([sys.executable, str(EXAMPLES / "read_with_dask.py"), str(store), key],
