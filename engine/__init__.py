@@ -22,7 +22,7 @@ _EXPORTS = {
     "ADAPTERS": "hookpoints", "CANONICAL_POINTS": "hookpoints", "HookPoint": "hookpoints",
     "resolve_hook_points": "hookpoints",
     "load_model": "loading", "load_tokenizer": "loading", "random_model": "loading",
-    "CaptureStore": "reader", "CommittedArray": "reader", "open_store": "reader",
+    "CaptureStore": "reader", "CommittedArray": "reader", "DecodedArray": "reader", "open_store": "reader",
     "ModelSpec": "registry", "get_model": "registry", "list_models": "registry",
     "Report": "report", "write_report": "report",
 }

@@ -59,7 +59,7 @@ from .layout import (
 from .loading import architecture_config, load_model, load_tokenizer, meta_model
 from .location import Location
 from .lock import acquire, check_unlocked
-from .reader import StorePart, open_store
+from .reader import DecodedArray, StorePart, open_store
 from .registry import find_model, list_models
 from .resume import find_resume_point
 from .store import check_location, manifest_of, open_group
@@ -501,7 +501,8 @@ def _print_arrays(store) -> None:
     for key in store.keys():
         array = store[key]
         info = m.arrays.get(key, {})
-        line = f"  {key:28s} {str(array.shape):18s} {array.dtype}"
+        stored = array.codes.dtype if isinstance(array, DecodedArray) else array.dtype  # on disk, not decoded
+        line = f"  {key:28s} {str(array.shape):18s} {stored}"
         if info:
             overflow = sum(c.stats[key].fp16_overflow for c in store.chunks)
             nonfinite = sum(c.stats[key].nonfinite for c in store.chunks)
