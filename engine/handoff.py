@@ -60,11 +60,17 @@ class Progress:
         self.in_flight_high_water = 0
 
 
+# The writer process's parallelism is its writer threads: numpy's BLAS calls there (the statistics' row norms
+# and column sums) run on the calling thread, because a BLAS thread pool spins between calls and took more CPU
+# than the calls saved (benchmarks/results/cpu-2026-12-07-cpu-per-byte/statistics_kernels.txt).
+_ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _child_environment() -> dict[str, str]:
     """The parent's environment plus its import path, so the child imports the same ``engine`` (and the same
-    test or benchmark modules naming a sink)."""
+    test or benchmark modules naming a sink), with one BLAS thread."""
     paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **_ONE_BLAS_THREAD}
 
 
 class WriterProcess:

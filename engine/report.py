@@ -36,7 +36,7 @@ from . import plots
 from .errors import ConfigError
 from .layout import EXCLUDED_BY_DEFAULT, FLAG_BITS, CommitRecord
 from .reader import CaptureStore, open_store
-from .statistics import BLOCK_BYTES, SINK_FLAGS, as_float32_with_range
+from .statistics import BLOCK_BYTES, SINK_FLAGS, as_float32_with_range, row_squared_norms
 
 BINS_PER_DECADE = 40
 LOG10_LOW, LOG10_HIGH = -4, 8
@@ -69,7 +69,7 @@ def row_norms(rows: np.ndarray, dtype: str) -> np.ndarray:
     for start in range(0, len(rows), step):
         stored = rows[start:start + step]
         block, _, _ = as_float32_with_range(stored, dtype, buffer[:len(stored)])
-        out[start:start + len(stored)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        out[start:start + len(stored)] = np.sqrt(row_squared_norms(block))
     return out
 
 
