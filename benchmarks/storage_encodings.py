@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine.encoder import available, encode_rows  # noqa: E402
-from engine.encoding import ENCODINGS, relative_rms_error  # noqa: E402
+from engine.encoding import ENCODINGS, relative_rms_error, squared_error_and_norm  # noqa: E402
 from engine.sae import Normalization  # noqa: E402
 
 import training  # noqa: E402
@@ -92,7 +92,8 @@ def bytes_per_token(name: str, dim: int) -> int:
 
 def decoded_rows(rows: torch.Tensor, name: str, block_rows: int) -> tuple[torch.Tensor, float | None]:
     """``rows`` (n, dim) float32 as ``name`` stores and decodes them, and for the 8-bit encodings the relative
-    RMS error from the error sums ``encode_rows`` writes into the slot rows (None for the plain dtypes)."""
+    RMS error from the error norms ``encode_rows`` writes into the slot rows, as the writer sums them (None
+    for the plain dtypes)."""
     if name in PLAIN:
         return rows.to(PLAIN[name]).float(), None
     encoding, dim = ENCODINGS[name], rows.shape[1]
@@ -101,7 +102,7 @@ def decoded_rows(rows: torch.Tensor, name: str, block_rows: int) -> tuple[torch.
         slots = encode_rows(rows[start:start + block_rows], encoding).numpy()
         codes, scales, errors = encoding.split_slot_rows(slots, dim)
         encoding.decode(codes, scales, out[start:start + block_rows].numpy())
-        sums += errors.sum(axis=0, dtype=np.float64)
+        sums += squared_error_and_norm(errors, scales).sum(axis=0)
     return out, relative_rms_error(*sums)
 
 

@@ -254,6 +254,7 @@ class CaptureEngine:
             num_writers=config.num_writers, statistics=config.statistics,
             start_row=resume.rows if resume is not None else 0,
             kept_statistics=resume.statistics if resume is not None else None, durable=config.durable,
+            kept_errors=resume.kept_errors if resume is not None else None,
             parent_pid=os.getpid(),
             lock_owner=self._destination.lock.owner if self._destination and self._destination.lock else None)
 

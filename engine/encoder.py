@@ -21,31 +21,33 @@ def available(encoding: Encoding) -> bool:
 
 def encode_rows(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
     """Slot rows (..., ``encoding.slot_row_bytes(dim)``) uint8 of ``tensor`` (..., dim), on its device: per
-    row the scale, the squared error of the decoded row against the captured one, the captured row's squared
-    norm (float32 each), then the codes. A row with a non-finite value gets scale NaN, zero codes and sums."""
+    row the scale, the L2 norms of the decoded row's error and of the captured row in units of the scale
+    (float32 each), then the codes (``engine.encoding``). A row with a non-finite value gets scale NaN and
+    zero codes and norms."""
     values = tensor.detach().float()
     dim = values.shape[-1]
     low, high = torch.aminmax(values, dim=-1, keepdim=True)  # one pass, no full-size |values|
-    absmax = torch.maximum(-low, high)
+    absmax = torch.maximum(low.abs(), high.abs())  # abs: a zero row's scale is +0.0, not -0.0
     finite = torch.isfinite(absmax)
-    scale = absmax / encoding.max_code  # inf or nan where the row is not finite: stored so
+    scale = absmax / encoding.max_code  # inf or nan where the row is not finite: stored as nan
     # per-row divisors (small tensors): a zero row divides by 1, a non-finite one by inf (its codes become 0)
     divisor = torch.where(finite, torch.where(scale > 0, scale, torch.ones_like(scale)),
                           torch.full_like(scale, float("inf")))
     scaled = (values / divisor).nan_to_num_(0.0, 0.0, 0.0).clamp_(-encoding.max_code, encoding.max_code)
+    del values  # from here on in units of the scale: fewer full-size temporaries on the device, no overflow
+    norm = torch.linalg.vector_norm(scaled, dim=-1)
     if encoding.name == "int8":
-        codes = scaled.round_().to(torch.int8)
+        codes = scaled.round().to(torch.int8)
+        error = torch.linalg.vector_norm(scaled.sub_(codes), dim=-1)  # int8 promotes inside the kernel
     else:
         codes = scaled.to(_CODE_DTYPES[encoding.name])
-    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
-    error = torch.linalg.vector_norm(codes.float().mul_(scale).sub_(values), dim=-1).square_()
-    norm = torch.linalg.vector_norm(values, dim=-1).square_()
-    zero = torch.zeros_like(norm)
-    out = torch.empty((*values.shape[:-1], encoding.slot_row_bytes(dim)), dtype=torch.uint8,
-                      device=values.device)
+        error = torch.linalg.vector_norm(scaled.sub_(codes.to(torch.float16)), dim=-1)  # e4m3 fits float16
+    del scaled
+    out = torch.empty((*codes.shape[:-1], encoding.slot_row_bytes(dim)), dtype=torch.uint8,
+                      device=codes.device)
     header = out[..., :4 * SLOT_HEADER].view(torch.float32)
-    header[..., 0:1] = scale
-    header[..., 1] = torch.where(finite[..., 0], error, zero)
-    header[..., 2] = torch.where(finite[..., 0], norm, zero)
+    header[..., 0:1] = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    header[..., 1] = error
+    header[..., 2] = norm
     out[..., 4 * SLOT_HEADER:4 * SLOT_HEADER + dim] = codes.view(torch.uint8)
     return out

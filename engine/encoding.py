@@ -14,9 +14,10 @@ every row uses the whole code range; a row of zeros has scale 0. A row holding a
 NaN (it decodes as NaN; the commit record counts its values non-finite): an 8-bit code has no inf.
 
 A row in a staging slot (the capturing process encodes on the model's device, before the copy to the host,
-so the copy and the host carry a quarter of float32's bytes): three float32 (the scale, then the squared error
-of the decoded row against the captured one and the captured row's squared norm, from which the writer keeps
-each chunk's relative RMS error), then the ``dim`` codes, padded to a multiple of 4 bytes.
+so the copy and the host carry a quarter of float32's bytes): three float32 (the scale, then the L2 norms of
+the row's error, decoded against captured, and of the captured row, both in units of the scale: at most
+``max_code * sqrt(dim)``, so no row overflows them; the writer squares them times the scale in float64 and
+keeps each chunk's sums), then the ``dim`` codes, padded to a multiple of 4 bytes.
 
 Torch-free (numpy): the writer process and the readers decode with it.
 """
@@ -29,7 +30,7 @@ import math
 import numpy as np
 
 SCALES_GROUP = "scales"
-SLOT_HEADER = 3  # float32 per slot row before the codes: scale, squared error, squared norm
+SLOT_HEADER = 3  # float32 per slot row before the codes: the scale, error and row norms in units of it
 
 
 def _float8_e4m3fn_values() -> np.ndarray:
@@ -69,8 +70,8 @@ class Encoding:
         return 4 * SLOT_HEADER + -(-dim // 4) * 4
 
     def split_slot_rows(self, rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(codes (n, dim), scales (n, 1) float32, error sums (n, 2) float32: squared error, squared norm) as
-        views of slot rows (n, slot_row_bytes) uint8."""
+        """(codes (n, dim), scales (n, 1) float32, norms (n, 2) float32: the error's and the row's, in units
+        of the scale) as views of slot rows (n, slot_row_bytes) uint8."""
         header = rows[:, :4 * SLOT_HEADER].view(np.float32)
         codes = rows[:, 4 * SLOT_HEADER:4 * SLOT_HEADER + dim].view(self.code_dtype)
         return codes, header[:, :1], header[:, 1:]
@@ -112,6 +113,15 @@ def encoding_of(dtype: str) -> Encoding | None:
 def scale_key(key: str) -> str:
     """Array path of the scales of an encoded activation array."""
     return f"{SCALES_GROUP}/{key}"
+
+
+def squared_error_and_norm(norms: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Per row (n, 2) float64: the squared error of the decoded values against the captured ones and the
+    captured row's squared norm, from a slot header's ``norms`` (n, 2) and ``scales`` (n, 1); 0 for a row with
+    a non-finite value (its scale is NaN)."""
+    squared = np.square(norms.astype(np.float64) * scales.astype(np.float64))
+    squared[~np.isfinite(scales[:, 0])] = 0.0
+    return squared
 
 
 def relative_rms_error(squared_error: float, squared_norm: float) -> float | None:

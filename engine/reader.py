@@ -285,10 +285,12 @@ class CaptureStore:
         return self.manifest.status
 
     def keys(self) -> list[str]:
-        """Array paths: activation arrays first (as captured), an 8-bit store's ``scales/*``, then
-        ``tokens/*``."""
+        """Array paths: activation arrays first (as captured; an 8-bit one once its scale array exists, which
+        a capture creates first), an 8-bit store's ``scales/*``, then ``tokens/*``."""
         existing = {key for arrays in self._arrays for key in arrays}
-        return [key for key in layout.stored_arrays(self.manifest) if key in existing]
+        encoded = encoding_of(self.manifest.dtype) is not None
+        return [key for key in layout.stored_arrays(self.manifest) if key in existing and not
+                (encoded and key in self.manifest.arrays and scale_key(key) not in existing)]
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys()

@@ -21,6 +21,7 @@ import zarr
 
 from . import layout
 from .chunks import chunk_problem, describe
+from .encoding import encoding_of
 from .layout import CommitRecord, Manifest
 from .statistics import ChunkMoments, Statistics, chunk_summary, decodable
 
@@ -37,6 +38,9 @@ class ResumePoint:
         statistics: ``Statistics.to_json`` of the whole chunks kept (rows [0, rows // chunk_tokens *
             chunk_tokens)), when the point comes from ``scan_committed``; None otherwise.
         damaged: one line per committed chunk found damaged (the point lies before the first of them).
+        kept_errors: an 8-bit store's cut chunk whose kept rows are exactly the rows its record covered (a
+            complete store continued after its partial last chunk): that record's (squared error, squared
+            norm) per activation array, which the chunk's new record adds to its own; None otherwise.
     """
 
     rows: int
@@ -44,6 +48,7 @@ class ResumePoint:
     committed_rows: int
     statistics: dict | None = None
     damaged: tuple[str, ...] = ()
+    kept_errors: dict | None = None
 
 
 def closing_ends(flags: np.ndarray, open_before: int) -> tuple[np.ndarray, int]:
@@ -116,7 +121,18 @@ def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord],
         _measure(scan, record, rows, activations, manifest.dtype)
     point = _point(scan, manifest, intact=not damaged and scan.committed == manifest.committed_tokens)
     scan.keep_whole_chunks_before(point.rows)
-    return dataclasses.replace(point, statistics=scan.statistics.to_json(), damaged=tuple(damaged))
+    return dataclasses.replace(point, statistics=scan.statistics.to_json(), damaged=tuple(damaged),
+                               kept_errors=_kept_errors(prefix, point.rows, manifest))
+
+
+def _kept_errors(prefix: list[CommitRecord], rows: int, manifest: Manifest) -> dict | None:
+    """The error sums of the cut chunk's kept rows, when its record covered exactly those rows."""
+    if encoding_of(manifest.dtype) is None or rows % manifest.chunk_tokens == 0:  # no chunk is cut
+        return None
+    cut = next((record for record in prefix if record.row_start < rows == record.row_stop), None)
+    if cut is None:  # the cut falls inside a record's rows: the kept rows' own errors are not known
+        return None
+    return {key: (stats.squared_error or 0.0, stats.squared_norm or 0.0) for key, stats in cut.stats.items()}
 
 
 def _read_verified(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], record: CommitRecord,

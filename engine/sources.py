@@ -86,7 +86,7 @@ def check_keys(name: str | None, store: CaptureStore, keys: Sequence[str], token
     """Every key is an array of the store: an activation array, or (``tokens_allowed``) a per-token one.
     ``listed_only``: the manifest listing it is enough (a capture creates the arrays at its first batch)."""
     known = (activation_keys(store) if listed_only
-             else [key for key in store.keys() if not key.startswith("tokens/")])
+             else [key for key in store.keys() if key in store.manifest.arrays])
     if tokens_allowed:
         known += list(store.manifest.token_arrays)
     for key in keys:

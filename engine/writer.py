@@ -73,12 +73,12 @@ import numpy as np
 
 from . import layout
 from .channel import Channel, ChannelClosed
-from .encoding import EncodedRows, Encoding, encoding_of, scale_key
+from .encoding import Encoding, encoding_of, scale_key, squared_error_and_norm
 from .errors import ConfigError
 from .files import page_aligned_empty
 from .layout import CommitRecord
 from .location import Location
-from .statistics import Statistics, chunk_summary, mark_outliers
+from .statistics import Statistics, chunk_summary, decodable, mark_outliers
 
 _SENTINEL = object()
 _PARENT_CHECK_S = 0.25
@@ -111,6 +111,9 @@ class WriterSpec:
         kept_statistics: a resume's statistics of the whole chunks it keeps (``Statistics.to_json``),
             computed by the capturing process in the same read that verified them (``engine.resume``), so the
             kept chunks are read once; None for a new store.
+        kept_errors: an 8-bit store's resume whose cut chunk keeps exactly the rows its old record covered:
+            that record's (squared error, squared norm) per activation array; None otherwise (the new
+            record's sums then cover only the rows written after the resume).
         durable: fsync chunk files before their commit record.
         parent_pid: the capturing process (this process exits when it is gone).
         lock_owner: the store lock's record (``StoreLock.owner``); for an object-storage lock the sink proves
@@ -136,6 +139,7 @@ class WriterSpec:
     durable: bool
     parent_pid: int
     lock_owner: dict | None = None
+    kept_errors: dict | None = None
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -160,14 +164,18 @@ class BatchInfo(NamedTuple):
     stall_seconds: float = 0.0   # how long the forward waited for its free slot (backpressure)
 
 
-def error_sums_key(key: str) -> str:
-    """Chunk buffer of an encoded point's per-row squared error and norm (kept for the record, never stored:
-    not an array path)."""
-    return f"#errors/{key}"
+_ERROR_NORMS = "#error_norms/"  # not an array path: these chunk buffers are never stored
 
 
-def is_error_sums(key: str) -> bool:
-    return key.startswith("#errors/")
+def error_norms_key(key: str) -> str:
+    """Chunk buffer of an encoded point's per-row error and row norms in units of the scale (the slot
+    header's; the commit record keeps their squared sums)."""
+    return _ERROR_NORMS + key
+
+
+def is_error_norms(key: str) -> bool:
+    """Whether a chunk buffer holds error norms (kept for the record, never written to the store)."""
+    return key.startswith(_ERROR_NORMS)
 
 
 @dataclasses.dataclass
@@ -178,6 +186,8 @@ class _Chunk:
     undecided: int = 0      # rows whose ``last`` bit waits for the next batch, flush or close
     last: list[int] = dataclasses.field(default_factory=list)  # offsets of rows decided ``last``
     stall_seconds: float = 0.0  # waits of the forwards whose first row it holds (its commit record's)
+    # a resumed chunk's kept rows: (squared error, squared norm) per 8-bit array, from the record they had
+    kept_errors: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -269,7 +279,7 @@ class SlotMemory:
         slot_rows = self._typed(slot, f"point/{key}", np.dtype(np.uint8),
                                 (rows, encoding.slot_row_bytes(dim)))
         codes, scales, sums = encoding.split_slot_rows(slot_rows, dim)
-        return {key: codes, scale_key(key): scales, error_sums_key(key): sums}
+        return {key: codes, scale_key(key): scales, error_norms_key(key): sums}
 
 
 @dataclasses.dataclass
@@ -365,8 +375,9 @@ class WriterPool:
             chunk = self._open[index] = _Chunk(index, self._chunk_buffers(), kept)
             for key, array in self._sink.all_arrays().items():
                 chunk.arrays[key][:kept] = array[whole:whole + kept]
-            for key in filter(is_error_sums, chunk.arrays):  # the kept rows' errors went with the process
+            for key in filter(is_error_norms, chunk.arrays):  # the kept rows' norms went with the process ...
                 chunk.arrays[key][:kept] = 0
+            chunk.kept_errors = dict(self._spec.kept_errors or {})  # ... their sums are in the chunk's record
 
     # ---- main thread ---------------------------------------------------------------------------
     def submit(self, slot: int, batch: BatchInfo, dims: dict[str, int]) -> None:
@@ -454,14 +465,13 @@ class WriterPool:
                               "resume with the model and hook points the store was captured with")
 
     def _array_specs(self) -> dict[str, tuple[int, np.dtype, dict]]:
-        """The activation arrays to create (an 8-bit store's scale arrays too): key -> (width, dtype,
-        attributes)."""
-        specs = {key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
-                 for key, dim in self._dims.items()}
+        """The activation arrays to create, in order: an 8-bit store's scale arrays first (a reader lists an
+        encoded array once its scales exist), then the activations: key -> (width, dtype, attributes)."""
         encoding = self._spec.encoding
-        if encoding is not None:
-            specs.update({scale_key(key): (1, layout.SCALE_DTYPE, encoding.scale_attributes(key))
-                          for key in self._dims})
+        specs = {scale_key(key): (1, layout.SCALE_DTYPE, encoding.scale_attributes(key))
+                 for key in self._dims} if encoding is not None else {}
+        specs.update({key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
+                      for key, dim in self._dims.items()})
         return specs
 
     def _place(self, batch: BatchInfo, start: int, real: np.ndarray,
@@ -540,7 +550,7 @@ class WriterPool:
         if self._spec.encoding is not None:
             for key in self._dims:
                 buffers[scale_key(key)] = page_aligned_empty((rows, 1), layout.SCALE_DTYPE)
-                buffers[error_sums_key(key)] = np.zeros((rows, 2), dtype=np.float32)
+                buffers[error_norms_key(key)] = np.zeros((rows, 2), dtype=np.float32)
         for key, dtype in self._spec.token_arrays.items():
             buffers[key] = page_aligned_empty((rows,), dtype)
         return buffers
@@ -613,15 +623,16 @@ class WriterPool:
 
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
-        arrays = {key: array[:rows] for key, array in chunk.arrays.items() if not is_error_sums(key)}
-        error_sums = {key: array[:rows] for key, array in chunk.arrays.items() if is_error_sums(key)}
+        arrays = {key: array[:rows] for key, array in chunk.arrays.items() if not is_error_norms(key)}
+        error_norms = {key: array[:rows] for key, array in chunk.arrays.items() if is_error_norms(key)}
         if chunk.last:
             arrays["tokens/flags"][chunk.last] |= layout.FLAG_LAST
         moments: dict = {}
         # The sink runs it while the chunk's rows are being written; cached, so the call below only
         # computes it for a sink (of a test's own) that did not.
         make_record = functools.cache(
-            lambda: self._record(chunk.index, arrays, moments, chunk.stall_seconds, error_sums))
+            lambda: self._record(chunk.index, arrays, moments, chunk.stall_seconds, error_norms,
+                                 chunk.kept_errors))
         self._sink.write_chunk(chunk.index, arrays, make_record)
         record = make_record()
         totals = self.committed.add(chunk.index,
@@ -632,26 +643,27 @@ class WriterPool:
             self._spare.append(chunk.arrays)
 
     def _record(self, index: int, arrays: dict[str, np.ndarray], moments: dict,
-                stall_seconds: float, error_sums: dict[str, np.ndarray]) -> CommitRecord:
+                stall_seconds: float, error_norms: dict[str, np.ndarray],
+                kept_errors: dict[str, tuple[float, float]]) -> CommitRecord:
         """The chunk's commit record (the sink adds each array's checksum and stored size); its moments per
         array go into ``moments`` (when statistics are kept). Sets the ``outlier`` bits of ``tokens/flags``:
         a sink writes that array once this has returned. An 8-bit store's stats describe the decoded values
-        and sum the encoding's error (``error_sums``: per key, each row's squared error and norm)."""
+        and sum the encoding's error: ``error_norms`` per key, each row's (``engine.encoding``), plus
+        ``kept_errors``, the sums of a resumed chunk's kept rows when its old record covered exactly them."""
         sequence = arrays["tokens/sequence"]
         flags = arrays["tokens/flags"]
         rows = sequence.shape[0]
         ratio = self._spec.outlier_norm_ratio
         outliers = np.zeros(rows, dtype=bool)
         stats = {}
-        encoding = self._spec.encoding
         for key in self._dims:
-            rows_of_key = (arrays[key] if encoding is None
-                           else EncodedRows(encoding, arrays[key], arrays[scale_key(key)]))
-            stats[key], entry, flagged = chunk_summary(rows_of_key, self._spec.dtype, flags,
+            stats[key], entry, flagged = chunk_summary(decodable(arrays, key, self._spec.dtype),
+                                                       self._spec.dtype, flags,
                                                        moments=self.committed.statistics is not None,
                                                        outlier_ratio=ratio)
-            if encoding is not None:
-                squared_error, squared_norm = error_sums[error_sums_key(key)].sum(axis=0, dtype=np.float64)
+            if self._spec.encoding is not None:
+                squared = squared_error_and_norm(error_norms[error_norms_key(key)], arrays[scale_key(key)])
+                squared_error, squared_norm = squared.sum(axis=0) + np.asarray(kept_errors.get(key, (0, 0)))
                 stats[key] = dataclasses.replace(stats[key], squared_error=float(squared_error),
                                                  squared_norm=float(squared_norm))
             if entry is not None:

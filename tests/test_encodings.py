@@ -167,6 +167,32 @@ def test_a_resumed_int8_store_equals_an_uninterrupted_one(tmp_path):
         np.testing.assert_array_equal(b[key][:] if key.startswith(("scales", "tokens")) else b[key].codes[:],
                                       a[key][:] if key.startswith(("scales", "tokens")) else a[key].codes[:])
     assert a.manifest.statistics[KEY]["count"] == b.manifest.statistics[KEY]["count"]
+    # the chunk cut at the resume keeps its old record's error sums for the rows it kept
+    assert len(b.chunks) == len(a.chunks) and b.num_tokens % 64  # a partial chunk was continued
+    for field in ("squared_error", "squared_norm"):
+        assert sum(getattr(r.stats[KEY], field) for r in b.chunks) == pytest.approx(
+            sum(getattr(r.stats[KEY], field) for r in a.chunks), rel=1e-6)
+
+
+def test_an_encoded_array_is_listed_only_once_its_scales_exist(encoded, tmp_path):
+    """A capture creates the scale arrays first; a reader that opens a store between the two (no chunk
+    committed yet) does not see the activation array, so a follower keeps waiting instead of failing."""
+    import shutil
+
+    _, path, _ = encoded
+    copy = tmp_path / "early.zarr"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "commits")
+    (copy / "commits").mkdir()
+    shutil.copy(path / "commits" / "zarr.json", copy / "commits" / "zarr.json")
+    shutil.rmtree(copy / "scales" / KEY)
+    doc = json.loads((copy / "zarr.json").read_text())
+    doc["attributes"]["manifest"].update(status="open", committed_tokens=0, committed_chunks=0)
+    (copy / "zarr.json").write_text(json.dumps(doc))
+    store = open_store(copy)
+    assert KEY not in store.keys() and MLP in store.keys()
+    with pytest.raises(KeyError, match=KEY):
+        store[KEY]
 
 
 def test_a_row_holding_a_non_finite_value_decodes_as_nan_and_is_counted(tmp_path):
