@@ -212,11 +212,7 @@ class CaptureEngine:
         encoding = encoding_of(config.dtype)
         dtype = torch.uint8 if encoding else _TORCH_DTYPES[config.dtype]
         gpu = self._device if self._device.type == "cuda" else None
-        if encoding is None:
-            self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations))
-        else:  # a slot row of an encoded point: its bytes (engine.encoding)
-            self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations),
-                                  encoding.slot_row_bytes)
+        self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations), encoding)
         undo.callback(self._pool.release)
         self._stager = Stager(self._device, dtype, encoding)
         if resume is not None:

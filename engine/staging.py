@@ -46,7 +46,6 @@ import mmap
 import os
 import tempfile
 import warnings
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -181,10 +180,6 @@ def release_each(items) -> None:
 TOKENS = "tokens"
 
 
-def _same_width(dim: int) -> int:
-    return dim
-
-
 def annotation_buffer_name(name: str) -> str:
     return f"annotation/{name}"
 
@@ -204,11 +199,11 @@ class Slot:
     """
 
     def __init__(self, index: int, pin_device: torch.device | None, dtype: torch.dtype,
-                 annotations: tuple[str, ...], width: Callable[[int], int] = _same_width):
+                 annotations: tuple[str, ...], encoding: Encoding | None = None):
         self.index = index
         self._pin_device = pin_device
         self._dtype = dtype
-        self._width = width
+        self._encoding = encoding
         self._annotations = annotations
         self.capacity = 0
         self.buffers: dict[str, SharedBuffer] = {}
@@ -259,17 +254,24 @@ class Slot:
         """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far, besides those
         of points this slot staged in a forward that failed before the first batch was handed over)."""
         dims = {**self.dims, **dims}
-        itemsize = self._dtype.itemsize
         sizes = {TOKENS: 2 * tokens * 8}
         sizes.update({annotation_buffer_name(name): tokens * 8 for name in self._annotations})
-        sizes.update({point_buffer_name(key): tokens * self._width(dim) * itemsize
-                      for key, dim in dims.items()})
+        sizes.update({point_buffer_name(key): self.point_bytes(tokens, dim) for key, dim in dims.items()})
         try:
             self._allocate(sizes)
         except BaseException:
             self.release()  # a slot grows only while free (no copy in flight): empty, the next batch retries
             raise
         self.capacity, self.dims = tokens, dims
+
+    def row_width(self, dim: int) -> int:
+        """Elements of one row of a point ``dim`` wide in its buffer (an 8-bit encoding's: its slot row's
+        bytes)."""
+        return self._encoding.slot_row_bytes(dim) if self._encoding is not None else dim
+
+    def point_bytes(self, tokens: int, dim: int) -> int:
+        """Bytes of the buffer of a point ``dim`` wide for ``tokens`` tokens."""
+        return tokens * self.row_width(dim) * self._dtype.itemsize
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
         """Start a batch (it is the slot's batch even if growing fails): grow the buffers if it is larger than
@@ -302,7 +304,7 @@ class Slot:
             views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64,
                                                                    shape)
         for key, dim in self.dims.items():
-            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, self._width(dim)))
+            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, self.row_width(dim)))
         return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
@@ -310,7 +312,7 @@ class Slot:
         its buffer is allocated."""
         view = self.views.get(key)
         if view is None:
-            self._allocate({point_buffer_name(key): self.capacity * self._width(dim) * self._dtype.itemsize})
+            self._allocate({point_buffer_name(key): self.point_bytes(self.capacity, dim)})
             self.dims[key] = dim
             self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
             view = self.views[key]
@@ -334,10 +336,10 @@ class SlotPool:
     """
 
     def __init__(self, count: int, pin_device: torch.device | None, dtype: torch.dtype,
-                 annotations: tuple[str, ...], width: Callable[[int], int] = _same_width):
-        self.slots = [Slot(i, pin_device, dtype, annotations, width) for i in range(count)]
+                 annotations: tuple[str, ...], encoding: Encoding | None = None):
+        self.slots = [Slot(i, pin_device, dtype, annotations, encoding) for i in range(count)]
         self._free = list(range(count - 1, -1, -1))
-        self._dtype, self._annotations, self._width = dtype, annotations, width
+        self._annotations = annotations
 
     def take(self) -> Slot | None:
         return self.slots[self._free.pop()] if self._free else None
@@ -367,8 +369,8 @@ class SlotPool:
         if tokens <= capacity:
             return
         tokens = grown_capacity(capacity, tokens)
-        row_bytes = 8 * (2 + len(self._annotations)) + self._dtype.itemsize * sum(map(self._width,
-                                                                                      widths.values()))
+        row_bytes = 8 * (2 + len(self._annotations)) + sum(self.slots[0].point_bytes(1, dim)
+                                                           for dim in widths.values())
         held = sum(slot.nbytes for slot in self.slots)
         needed = len(self.slots) * tokens * row_bytes
         available = available_host_memory() + held
@@ -470,15 +472,12 @@ class Stager:
                                      "spread over GPUs, capture each device's layers with their own "
                                      "engine)")
             # contiguous: a strided snapshot would cost the copy stream a kernel and a buffer of its own
-            slot.copies.append((destination, self._encoded(tensor) if self.encoding else
+            # (an 8-bit encoding's rows are a new tensor made on the device: the snapshot too)
+            slot.copies.append((destination, encode_rows(tensor, self.encoding) if self.encoding else
                                 tensor.to(self.dtype, copy=True, memory_format=torch.contiguous_format)))
         else:
-            _copy_on_cpu(destination, self._encoded(tensor) if self.encoding else tensor)
+            _copy_on_cpu(destination, encode_rows(tensor, self.encoding) if self.encoding else tensor)
         slot.captured.add(key)
-
-    def _encoded(self, tensor: torch.Tensor) -> torch.Tensor:
-        """8-bit slot rows of a point's tensor, made on its device (a new tensor: the copy's snapshot too)."""
-        return encode_rows(tensor, self.encoding)
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far (CUDA; before the slots are released)."""
