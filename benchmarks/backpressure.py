@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import engine.layout  # noqa: E402
-import engine.statistics  # noqa: E402
+import engine.format.layout  # noqa: E402
+import engine.format.statistics  # noqa: E402
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
-from engine.store import ZarrSink  # noqa: E402
+from engine.store.sink import ZarrSink  # noqa: E402
 
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
@@ -123,13 +123,13 @@ def run(args) -> dict:
     lost = args.num_batches * batch_tokens - rows
     values_ok = bool(np.array_equal(store["extra/p0"][:][:, 0], row_values(rows, batch_tokens)))
     tmp.cleanup()
-    token_bytes = sum(dtype.itemsize for dtype in engine.layout.token_arrays(cfg.annotations).values())
+    token_bytes = sum(dtype.itemsize for dtype in engine.format.layout.token_arrays(cfg.annotations).values())
     chunk_bytes = args.chunk_tokens * (2 * sum(args.dims) + token_bytes)
     open_chunks = args.num_writers + 1 + -(-args.pinned_slots * batch_tokens // args.chunk_tokens)
     # shared slots + the writer process's chunk buffers + per-writer float32 statistics blocks (block + row
     # norms) + zarr's copy of the partial last chunk
     budget = (slot_bytes + chunk_bytes * (open_chunks + 1)
-              + args.num_writers * 2 * engine.statistics.BLOCK_BYTES)
+              + args.num_writers * 2 * engine.format.statistics.BLOCK_BYTES)
     expected = max(0.0, 1 - args.sink_mb_s / args.produce_mb_s) if args.sink_mb_s > 0 else 0.0
     return {"produce_mb_s": args.produce_mb_s, "sink_mb_s": args.sink_mb_s, "elapsed_s": elapsed,
             "producing_s": producing,

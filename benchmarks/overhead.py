@@ -46,9 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from engine import CaptureConfig, CaptureEngine, get_model, load_model, plots, random_model  # noqa: E402
-from engine.hookpoints import CANONICAL_POINTS, layer_modules  # noqa: E402
-from engine.report import write_csv  # noqa: E402
+from engine import CaptureConfig, CaptureEngine, get_model, load_model, random_model  # noqa: E402
+from engine.capture.hookpoints import CANONICAL_POINTS, layer_modules  # noqa: E402
+from engine.report import plots  # noqa: E402
+from engine.report.document import write_csv  # noqa: E402
 
 GATE_MAX_OVERHEAD_PERCENT = 50.0
 GATE_MAX_GPU_MEMORY_FRACTION = 0.10

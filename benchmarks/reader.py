@@ -48,9 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import ActivationDataset, open_store, plots  # noqa: E402
-from engine.dataset import WINDOW_BYTES  # noqa: E402
-from engine.report import write_csv  # noqa: E402
+from engine import ActivationDataset, open_store  # noqa: E402
+from engine.read.dataset import WINDOW_BYTES  # noqa: E402
+from engine.report import plots  # noqa: E402
+from engine.report.document import write_csv  # noqa: E402
 
 from synthetic import synthetic_store  # noqa: E402
 

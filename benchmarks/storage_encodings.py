@@ -1,14 +1,15 @@
 """Compact storage encodings judged by the SAEs they train (issue 28): for each storage encoding (float32,
-float16, bfloat16, and the 8-bit ``int8`` and ``float8_e4m3`` of ``engine.encoding``), the same SAE trained
-from the training rows as that encoding stores and decodes them, evaluated on the same float32 held-out rows.
+float16, bfloat16, and the 8-bit ``int8`` and ``float8_e4m3`` of ``engine.format.encoding``), the same SAE
+trained from the training rows as that encoding stores and decodes them, evaluated on the same float32
+held-out rows.
 
     python benchmarks/storage_encodings.py --store-dir ~/.cache/actcap/bench-encodings --json out.json
 
 The stores are ``training.py``'s (the same corpus, split, capture command and cache), captured in float32:
 the truth every encoding is measured against. Each encoding's training rows are the float32 rows cast and
-cast back (float16, bfloat16) or encoded as the capture hook encodes them (``engine.encoder.encode_rows``)
-and decoded as readers decode them (``Encoding.decode`` of the slot rows' codes and scales), in blocks of
-``--block-rows``. Per encoding it reports:
+cast back (float16, bfloat16) or encoded as the capture hook encodes them
+(``engine.capture.encoder.encode_rows``) and decoded as readers decode them (``Encoding.decode`` of the slot
+rows' codes and scales), in blocks of ``--block-rows``. Per encoding it reports:
 
   - bytes per token stored (the codes and the row's float32 scale for the 8-bit ones), and that over
     float16's;
@@ -47,9 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from engine.encoder import available, encode_rows  # noqa: E402
-from engine.encoding import ENCODINGS, relative_rms_error, squared_error_and_norm  # noqa: E402
-from engine.sae import Normalization  # noqa: E402
+from engine.capture.encoder import available, encode_rows  # noqa: E402
+from engine.format.encoding import ENCODINGS, relative_rms_error, squared_error_and_norm  # noqa: E402
+from engine.read.sae import Normalization  # noqa: E402
 
 import training  # noqa: E402
 

@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine import ActivationDataset, open_store  # noqa: E402
-from engine.cli import main as capture_command  # noqa: E402
-from engine.corpus import docstrings, open_corpus  # noqa: E402
+from engine.cli.corpus import docstrings, open_corpus  # noqa: E402
+from engine.cli.main import main as capture_command  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
-from engine.layout import STATUS_COMPLETE, STORAGE_DTYPES  # noqa: E402
-from engine.sae import (  # noqa: E402
+from engine.format.layout import STATUS_COMPLETE, STORAGE_DTYPES  # noqa: E402
+from engine.read.sae import (  # noqa: E402
     ARCHITECTURES,
     Normalization,
     SaeConfig,
@@ -94,7 +94,7 @@ def build_parser(description: str = __doc__, storage_dtype: bool = True) -> argp
     rows.add_argument("--normalization", choices=["store", "rows"], default="store",
                       help="scale and mean from the manifest statistics, or from the training rows (as "
                       "excluded)")
-    sae = p.add_argument_group("the SAE (engine.sae)")
+    sae = p.add_argument_group("the SAE (engine.read.sae)")
     sae.add_argument("--architecture", choices=list(ARCHITECTURES), default="topk")
     sae.add_argument("--d-sae", type=int, default=2304, help="latents")
     sae.add_argument("--k", type=int, default=32)
@@ -154,8 +154,8 @@ def cache_key(args: argparse.Namespace, corpus_hash: str) -> str:
 
 
 def capture(args: argparse.Namespace, corpus: Path, out: Path, max_tokens: int | None) -> None:
-    """One store with the command line users run (``engine.cli``, in this process; early stop: layers after
-    ``--layer`` never run). A store left incomplete by an interrupted run is resumed."""
+    """One store with the command line users run (``engine.cli.main``, in this process; early stop: layers
+    after ``--layer`` never run). A store left incomplete by an interrupted run is resumed."""
     argv = ["capture", "--model", args.model, "--data", str(corpus), "--layers", str(args.layer), "--hooks",
             args.hook, "--seq-len", str(args.seq_len), "--batch-size", str(args.capture_batch_size),
             "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens), "--weights", args.weights,

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import CaptureConfig, CaptureEngine, open_store  # noqa: E402
-from engine.chunks import crc32c  # noqa: E402
-from engine.files import DIRECT_UNIT, page_aligned_empty  # noqa: E402
+from engine.format.chunks import crc32c  # noqa: E402
+from engine.format.files import DIRECT_UNIT, page_aligned_empty  # noqa: E402
 
 from synthetic import SyntheticModel, row_values  # noqa: E402
 
@@ -108,7 +108,7 @@ def raw_durable(root: Path, dims: list[int], n_chunks: int, chunk_tokens: int) -
 
 def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) -> float:
     """Seconds per GB of the checksum the writer process computes for every chunk it commits
-    (``engine.chunks.crc32c`` over one chunk-sized float16 block per point, as the writer calls it)."""
+    (``engine.format.chunks.crc32c`` over one chunk-sized float16 block per point, as the writer calls it)."""
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((chunk_tokens, dim)).astype(np.float16) for dim in dims]
     start = time.perf_counter()

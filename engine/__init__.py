@@ -10,21 +10,22 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "ActivationCapture": "compat", "create_gpt2_capture": "compat",
-    "CaptureEngine": "capture", "CaptureStats": "capture",
-    "CaptureConfig": "config",
-    "ActivationDataset": "dataset",
+    "CaptureEngine": "capture.engine", "CaptureStats": "capture.engine",
+    "CaptureConfig": "capture.config",
+    "ActivationDataset": "read.dataset",
     "BatchError": "errors", "CaptureClosedError": "errors", "CaptureError": "errors",
     "CaptureFailedError": "errors", "ConfigError": "errors", "CorpusError": "errors", "EngineError": "errors",
     "FollowTimeoutError": "errors", "HookPointError": "errors", "ResumeMismatchError": "errors",
     "StoreCorruptError": "errors", "StoreExistsError": "errors", "StoreFormatError": "errors",
     "StoreLockedError": "errors", "StorePathError": "errors", "UnknownModelError": "errors",
     "WeightsNotFoundError": "errors",
-    "ADAPTERS": "hookpoints", "CANONICAL_POINTS": "hookpoints", "HookPoint": "hookpoints",
-    "resolve_hook_points": "hookpoints",
-    "load_model": "loading", "load_tokenizer": "loading", "random_model": "loading",
-    "CaptureStore": "reader", "CommittedArray": "reader", "DecodedArray": "reader", "open_store": "reader",
-    "ModelSpec": "registry", "get_model": "registry", "list_models": "registry",
-    "Report": "report", "write_report": "report",
+    "ADAPTERS": "capture.hookpoints", "CANONICAL_POINTS": "capture.hookpoints",
+    "HookPoint": "capture.hookpoints", "resolve_hook_points": "capture.hookpoints",
+    "load_model": "models.loading", "load_tokenizer": "models.loading", "random_model": "models.loading",
+    "ModelSpec": "models.registry", "get_model": "models.registry", "list_models": "models.registry",
+    "CaptureStore": "read.reader", "CommittedArray": "read.reader", "DecodedArray": "read.reader",
+    "open_store": "read.reader",
+    "Report": "report.document", "write_report": "report.document",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .capture import CaptureEngine
-from .config import CaptureConfig
-from .hookpoints import family_of
+from engine.capture.config import CaptureConfig
+from engine.capture.engine import CaptureEngine
+from engine.capture.hookpoints import family_of
 
 ActivationCapture = CaptureEngine
 

@@ -7,7 +7,7 @@ describe the store. Runs on a CPU; the first run converts the GGUF file once (~4
 import sys
 from pathlib import Path
 
-from engine.cli import main
+from engine.cli.main import main
 
 here = Path(__file__).resolve().parent
 out = sys.argv[1] if len(sys.argv) > 1 else "smollm2_acts.zarr"

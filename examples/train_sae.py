@@ -6,8 +6,8 @@
 
 Rows come from ``ActivationDataset`` with its defaults (shuffled, attention sinks left out); inputs are
 scaled by the store's ``norm_scaling_factor`` and ``b_dec`` starts at its mean (manifest statistics). The SAE
-(``engine.sae``) keeps unit-norm decoder directions and trains with Adam from a fixed seed. At the end it is
-evaluated (FVU, L0, dead latents) on ``--eval-store`` (held-out rows), or else on the training store itself
+(``engine.read.sae``) keeps unit-norm decoder directions and trains with Adam from a fixed seed. At the end it
+is evaluated (FVU, L0, dead latents) on ``--eval-store`` (held-out rows), or else on the training store itself
 (in-sample), and saved to ``--out`` in SAELens' layout: ``sae_lens.SAE.load_from_disk(out)`` loads it, and it
 takes unscaled rows (the scale is folded into its weights).
 """
@@ -18,7 +18,7 @@ import argparse
 import statistics
 
 from engine import ActivationDataset, open_store
-from engine.sae import (
+from engine.read.sae import (
     Evaluation,
     Normalization,
     SaeConfig,

@@ -17,7 +17,7 @@ from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 
 from engine import ActivationDataset, open_store
-from engine.saelens import scaling_factor
+from engine.read.saelens import scaling_factor
 
 
 def train(path: str, key: str, steps: int = 300, batch_size: int = 4096, expansion: int = 4,

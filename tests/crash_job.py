@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's engine, not the installed
 
-import engine.lock  # noqa: E402
+import engine.store.lock  # noqa: E402
 from engine import CaptureConfig, CaptureEngine  # noqa: E402
-from engine.corpus import shares  # noqa: E402
+from engine.cli.corpus import shares  # noqa: E402
 
 from helpers import PACE_S, VOCAB, tiny_model  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(store: str, count: int, resume: bool, distributed: bool, overwrite: boo
          break_lock: bool = False, hold: str | None = None, seed: int = 7) -> None:
     torch.set_num_threads(1)
     if "ACTCAP_TEST_LEASE_S" in os.environ:
-        engine.lock.LEASE_S = float(os.environ["ACTCAP_TEST_LEASE_S"])
+        engine.store.lock.LEASE_S = float(os.environ["ACTCAP_TEST_LEASE_S"])
     model = tiny_model("gpt2")
     seqs = sequences(count, seed)
     first, stop = 0, count

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from engine.store import ZarrSink
+from engine.store.sink import ZarrSink
 
 GATE_ENV = "ACTCAP_TEST_GATE"
 
@@ -98,7 +98,7 @@ class ChunkFolderCheckingSink(ZarrSink):
     two writer threads must not race to make them."""
 
     def write_chunk(self, chunk_index, arrays, make_record):
-        from engine.chunks import local_chunk_folder
+        from engine.format.chunks import local_chunk_folder
 
         missing = [key for key in arrays if not local_chunk_folder(self._arrays[key]).is_dir()]
         if missing:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from engine import ActivationDataset, StoreLockedError, get_model, open_store, random_model
-from engine.hookpoints import resolve_hook_points
-from engine.layout import FLAG_BOS, FLAG_FIRST, part_path
-from engine.location import Location
-from engine.lock import check_unlocked
+from engine.capture.hookpoints import resolve_hook_points
+from engine.format.layout import FLAG_BOS, FLAG_FIRST, part_path
+from engine.format.location import Location
+from engine.store.lock import check_unlocked
 
 # Registry model per family, and the overrides that shrink it. mlp widths differ from 4*d_model on purpose,
 # so a test can tell d_mlp from d_model.

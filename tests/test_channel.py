@@ -7,7 +7,7 @@ import resource
 import socket
 import threading
 
-from engine.channel import Channel, ChannelClosed
+from engine.writer.channel import Channel, ChannelClosed
 
 
 def test_a_channel_on_a_descriptor_above_1023_waits_and_sees_the_close():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine import ActivationDataset, open_store
-from engine.corpus import Corpus
+from engine.cli.corpus import Corpus
 from engine.errors import CorpusError
 
 from helpers import documents, tiny_model
@@ -25,7 +25,7 @@ from helpers import documents, tiny_model
 
 def run_main(*argv) -> tuple[int, str, str]:
     """``engine.cli.main`` in this process: (exit status, stdout, stderr)."""
-    from engine.cli import main
+    from engine.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -133,12 +133,12 @@ def test_max_tokens_pack_and_resume(model_dir, corpus, tmp_path):
 
 @pytest.fixture
 def model_must_not_load(monkeypatch):
-    import engine.cli
+    import engine.cli.main
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(engine.cli, "load_model", refuse)
+    monkeypatch.setattr(engine.cli.main, "load_model", refuse)
 
 
 def assert_one_line_error(code: int, err: str, expected: str):
@@ -197,10 +197,10 @@ def test_bad_corpora_fail_in_one_line_before_the_model_loads(model_dir, tmp_path
 
 def test_a_streamed_corpus_needs_max_tokens_under_torchrun(model_dir, tmp_path, monkeypatch,
                                                           model_must_not_load):
-    import engine.cli
+    import engine.cli.main
 
     stream = Corpus("hf:a/stream", True, lambda: iter([]))
-    monkeypatch.setattr(engine.cli, "open_corpus", lambda *args: stream)
+    monkeypatch.setattr(engine.cli.main, "open_corpus", lambda *args: stream)
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, out, err = run_main("capture", "--model", model_dir, "--data", "hf:a/stream", "--out",
                               tmp_path / "s.zarr", "--layers", 1)
@@ -267,10 +267,10 @@ def test_extra_modules_and_no_canonical_points(model_dir, corpus, tmp_path):
 
 
 def test_allow_download_reaches_model_and_tokenizer_loading(model_dir, corpus, tmp_path, monkeypatch):
-    import engine.cli
+    import engine.cli.main
 
     seen = {}
-    load_tokenizer = engine.cli.load_tokenizer
+    load_tokenizer = engine.cli.main.load_tokenizer
 
     def tokenizer_spy(name, allow_download=False):
         seen["tokenizer"] = allow_download
@@ -280,8 +280,8 @@ def test_allow_download_reaches_model_and_tokenizer_loading(model_dir, corpus, t
         seen["model"] = allow_download
         raise KeyboardInterrupt  # stop here: nothing more to see
 
-    monkeypatch.setattr(engine.cli, "load_tokenizer", tokenizer_spy)
-    monkeypatch.setattr(engine.cli, "load_model", model_spy)
+    monkeypatch.setattr(engine.cli.main, "load_tokenizer", tokenizer_spy)
+    monkeypatch.setattr(engine.cli.main, "load_model", model_spy)
     with pytest.raises(KeyboardInterrupt):
         run_main("capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr",
                  "--layers", 1, "--seq-len", 24, "--allow-download")
@@ -367,7 +367,7 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
                                                                          monkeypatch, status):
     """``--resume --max-tokens`` below what the store holds (a complete store, or a killed one) used to repair
     the store, then stop and mark it; now nothing is loaded or changed."""
-    import engine.cli
+    import engine.cli.main
 
     out = tmp_path / "s.zarr"
     capture(model_dir, corpus, out, "--max-tokens", 400)
@@ -376,7 +376,7 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
         manifest["attributes"]["manifest"]["status"] = "open"
         (out / "zarr.json").write_text(json.dumps(manifest))
     before, held = files_of(tmp_path), open_store(out).manifest["sequences"]
-    monkeypatch.setattr(engine.cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(engine.cli.main, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
                             "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress",
                             "--resume", "--max-tokens", 100)
@@ -386,8 +386,8 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
 
 def test_a_store_being_written_is_refused_before_the_model_loads(model_dir, corpus, tmp_path,
                                                                  model_must_not_load):
-    from engine.location import Location
-    from engine.lock import acquire
+    from engine.format.location import Location
+    from engine.store.lock import acquire
 
     out = tmp_path / "s.zarr"
     out.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.corpus import PIECE_CHARS, _first_visible, open_corpus, sequences, take_tokens
+from engine.cli.corpus import PIECE_CHARS, _first_visible, open_corpus, sequences, take_tokens
 from engine.errors import ConfigError, CorpusError
 
 from helpers import documents
@@ -213,7 +213,7 @@ def test_a_50_mb_document_captures_in_bounded_memory(model_dir, tmp_path):
     """The issue's case: 64 tokens of a 50 MB single-line document took 8.8 GB (tokenized whole, twice)."""
     big = tmp_path / "big.txt"
     big.write_text(" ".join(["the cat sat on the mat"] * (50_000_000 // 23)) + "\n")
-    script = ("import resource, sys; from engine.cli import main; code = main(sys.argv[1:]); "
+    script = ("import resource, sys; from engine.cli.main import main; code = main(sys.argv[1:]); "
               "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", script, "capture", "--model", model_dir, "--data", big,
                            "--out", tmp_path / "s.zarr", "--layers", "1", "--seq-len", "32", "--max-tokens",

@@ -12,8 +12,8 @@ import torch
 
 import engine
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, ConfigError, open_store
-from engine.layout import FLAG_BOS, FLAG_FIRST
-from engine.statistics import as_float32_with_range, chunk_summary
+from engine.format.layout import FLAG_BOS, FLAG_FIRST
+from engine.format.statistics import as_float32_with_range, chunk_summary
 
 from fakes import use_sink
 from helpers import assert_statistics_match, ragged_batch, tiny_model
@@ -88,7 +88,7 @@ def test_ranks_are_disjoint_and_cover_everything(store_path):
     assert all(len(p) for p in parts)
 
 
-@pytest.mark.parametrize("window_bytes", [1, engine.dataset.WINDOW_BYTES])  # windows of one chunk, of all
+@pytest.mark.parametrize("window_bytes", [1, engine.read.dataset.WINDOW_BYTES])  # windows: one chunk, all
 def test_dataloader_workers_are_disjoint(store_path, window_bytes):
     ds = ActivationDataset(store_path, KEY, batch_size=8, exclude=(), window_bytes=window_bytes)
     ds.set_epoch(3)
@@ -162,7 +162,7 @@ def test_statistics_decode_every_float16_value_exactly(finite_only):
     halves = EVERY_HALF[np.isfinite(EVERY_HALF)] if finite_only else EVERY_HALF
     out = np.empty(halves.shape, dtype=np.float32)
     if finite_only:  # the bit arithmetic alone, without the fallback
-        decoded = engine.statistics._finite_half_to_float32(halves, out)
+        decoded = engine.format.statistics._finite_half_to_float32(halves, out)
     else:
         decoded, low, high = as_float32_with_range(halves, "float16", out)
         assert np.isnan(low) and np.isnan(high)
@@ -187,7 +187,7 @@ def test_chunk_summary_matches_float64_numpy(dtype, monkeypatch):
     """Commit-record stats, moments and outliers of a chunk with inf, nan, subnormal, sink and massive rows,
     against float64 numpy over numpy's own conversion; blocks of at most 64 rows (603 rows: blocks of 60 and
     61), so that some hold an inf or nan and some not."""
-    monkeypatch.setattr(engine.statistics, "BLOCK_BYTES", 64 * 48 * 4)
+    monkeypatch.setattr(engine.format.statistics, "BLOCK_BYTES", 64 * 48 * 4)
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((603, 48)) * 40).astype(np.float32)
     values[5, 3], values[9, 0], values[9, 1], values[300, 7] = np.inf, -np.inf, np.nan, 2.0 ** -20

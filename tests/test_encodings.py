@@ -14,8 +14,8 @@ import torch
 import zarr
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, StoreCorruptError, open_store
-from engine.encoding import ENCODINGS
 from engine.errors import ConfigError
+from engine.format.encoding import ENCODINGS
 
 from helpers import assert_statistics_match, cli, expected_rows, ragged_batch, reference_capture, tiny_model
 
@@ -98,7 +98,7 @@ def test_every_reader_decodes_the_same_values(encoded, tmp_path):
 
 def test_the_saelens_export_decodes(encoded, tmp_path):
     pytest.importorskip("datasets")
-    from engine.saelens import export_saelens
+    from engine.read.saelens import export_saelens
 
     dtype, path, truth = encoded
     done = export_saelens(path, tmp_path / "out", KEY, context_size=4, exclude=[])
@@ -225,8 +225,7 @@ def test_a_compressed_int8_store_round_trips(tmp_path):
 def test_unknown_or_unproducible_encodings_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="dtype 'int4' is not supported: use one of .*int8, float8_e4m3"):
         CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], dtype="int4")
-    from engine import encoder
-
+    from engine.capture import encoder
     monkeypatch.setitem(encoder._CODE_DTYPES, "float8_e4m3", None)  # a torch without float8
     with pytest.raises(ConfigError, match="float8_e4m3.*torch.float8_e4m3fn.*dtype='int8'"):
         CaptureConfig(tmp_path / "s.zarr", layer_indices=[1], dtype="float8_e4m3")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import files
-from engine.files import DIRECT_UNIT, direct_length, page_aligned_empty, write_file_atomic
+from engine.format import files
+from engine.format.files import DIRECT_UNIT, direct_length, page_aligned_empty, write_file_atomic
 
 needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux only")
 
@@ -375,14 +375,13 @@ def test_the_chunk_paths_of_files_zarr_wrote_reach_up_to_their_chunk_folders(tmp
     array's file and each folder that may have got an entry, each once."""
     import zarr
 
-    from engine import store
-
+    from engine.store import sink
     group = zarr.open_group(tmp_path / "s.zarr", mode="w")
     arrays = [group.create_array(name, shape=(8, *row_shape), chunks=(4, *row_shape), dtype="f2",
                                  compressors=zarr.codecs.ZstdCodec())
               for name, row_shape in (("x", (4,)), ("t", ()))]
     x, t = tmp_path / "s.zarr" / "x" / "c", tmp_path / "s.zarr" / "t" / "c"
-    assert store._chunk_paths(arrays, 1) == [x / "1" / "0", x / "1", x, t / "1", t]
+    assert sink._chunk_paths(arrays, 1) == [x / "1" / "0", x / "1", x, t / "1", t]
 
 
 def _recording_syncs(monkeypatch) -> list[tuple[str, str, int]]:
@@ -451,8 +450,8 @@ def _captured_sink(tmp_path, compressor):
     import torch
 
     import engine
-    from engine.location import Location
-    from engine.store import ZarrSink
+    from engine.format.location import Location
+    from engine.store.sink import ZarrSink
 
     from helpers import ragged_batch, tiny_model
 
@@ -520,8 +519,8 @@ def test_a_durable_store_grown_for_a_chunk_has_its_array_documents_on_disk_first
 def test_a_multi_process_stores_root_document_is_on_disk_when_written(tmp_path, monkeypatch):
     """The root and parts-group documents of a multi-process store are what opens it: synced when written,
     whatever the run's durability."""
-    from engine.location import Location
-    from engine.store import put_document
+    from engine.format.location import Location
+    from engine.store.access import put_document
 
     monkeypatch.setattr(files, "whole_filesystem_sync", lambda fd: False)
     events = _recording_syncs(monkeypatch)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
-from engine.layout import FLAG_BOS, FLAG_DOC_START, FLAG_FIRST, FLAG_OUTLIER
+from engine.format.layout import FLAG_BOS, FLAG_DOC_START, FLAG_FIRST, FLAG_OUTLIER
 
 from helpers import tiny_model
 

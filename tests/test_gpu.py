@@ -188,7 +188,7 @@ def test_detached_waits_until_every_batch_in_flight_is_handed_over(tmp_path, mon
             gate.wait()
             super().synchronize()
 
-    monkeypatch.setattr(engine.staging.torch.cuda, "Event", GatedEvent)
+    monkeypatch.setattr(engine.capture.staging.torch.cuda, "Event", GatedEvent)
     model = tiny_model("gpt2").cuda()
     with CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0])) as cap, torch.no_grad():
         model(**cuda_batch(ragged_batch(2, 16)))
@@ -444,7 +444,7 @@ def test_a_registration_the_driver_refuses_warns_and_the_next_forward_runs(tmp_p
     """A real cudaHostRegister failure (the memory registered already: cudaErrorHostMemoryAlreadyRegistered)
     leaves CUDA's last error set; the engine must consume it, or the next kernel launch raises it as its own.
     The slot stays unpinned (a warning) and the batch is stored."""
-    original = engine.staging.SharedBuffer._pin
+    original = engine.capture.staging.SharedBuffer._pin
 
     def register_first(buffer, device):
         pointer = buffer.bytes.data_ptr()
@@ -454,7 +454,7 @@ def test_a_registration_the_driver_refuses_warns_and_the_next_forward_runs(tmp_p
         finally:
             torch.cuda.cudart().cudaHostUnregister(pointer)
 
-    monkeypatch.setattr(engine.staging.SharedBuffer, "_pin", register_first)
+    monkeypatch.setattr(engine.capture.staging.SharedBuffer, "_pin", register_first)
     model = tiny_model("gpt2").cuda()
     batch = cuda_batch(ragged_batch(2, 8))
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8, pinned_slots=1)

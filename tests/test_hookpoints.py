@@ -14,8 +14,8 @@ from transformers import BertConfig, BertModel
 
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
-from engine.cli import build_parser, main
-from engine.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
+from engine.capture.hookpoints import ADAPTERS, CANONICAL_POINTS, HookPoint, family_of
+from engine.cli.main import build_parser, main
 
 from helpers import (
     D_MLP,
@@ -107,7 +107,7 @@ def captured(variant):
     hook_points = engine.resolve_hook_points(model, list(range(N_LAYERS)), _points_of(variant), {})
     values, output = _run_with_hooks(model, hook_points, _input_ids())
     return types.SimpleNamespace(variant=variant, family=VARIANTS[variant][0], model=model,
-                                 blocks=engine.hookpoints.layer_modules(model), values=values,
+                                 blocks=engine.capture.hookpoints.layer_modules(model), values=values,
                                  hidden_states=output.hidden_states)
 
 

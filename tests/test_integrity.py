@@ -28,10 +28,10 @@ from engine import (
     StoreFormatError,
     open_store,
 )
-from engine.cli import main as cli_main
-from engine.layout import CommitRecord, Manifest, commit_record_key
-from engine.location import Location
-from engine.store import continue_store
+from engine.cli.main import main as cli_main
+from engine.format.layout import CommitRecord, Manifest, commit_record_key
+from engine.format.location import Location
+from engine.store.lifecycle import continue_store
 
 from helpers import assert_statistics_match, ragged_batch, served_rows, tiny_model
 

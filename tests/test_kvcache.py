@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from engine import BatchError, CaptureConfig, CaptureEngine, open_store
-from engine.layout import FLAG_FIRST, FLAG_LAST
-from engine.resume import closing_ends
+from engine.format.layout import FLAG_FIRST, FLAG_LAST
+from engine.store.resume import closing_ends
 
 from helpers import tiny_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engine
-from engine import loading
+from engine.models import loading
 
 from helpers import N_LAYERS, VOCAB, tiny_model
 

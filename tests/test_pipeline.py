@@ -13,8 +13,8 @@ import torch
 
 import engine
 from engine import CaptureConfig, CaptureEngine, open_store
-from engine.hookpoints import resolve_hook_points
-from engine.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
+from engine.capture.hookpoints import resolve_hook_points
+from engine.format.layout import FLAG_BOS, FLAG_FIRST, FLAG_LAST
 
 from fakes import GATE_ENV, use_sink
 from helpers import (
@@ -484,8 +484,7 @@ def test_hooks_dispatch_few_ops_per_point(tmp_path):
 
 
 def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
-    from engine import staging
-
+    from engine.capture import staging
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16, pinned_slots=3)
     allocations = []

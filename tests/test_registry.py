@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import engine
-from engine.hookpoints import ADAPTERS, layer_modules, resolve_hook_points
-from engine.registry import find_model
+from engine.capture.hookpoints import ADAPTERS, layer_modules, resolve_hook_points
+from engine.models.registry import find_model
 
 SPECS = engine.list_models()
 SPEC_IDS = [spec.name for spec in SPECS]
@@ -119,7 +119,7 @@ def test_cli_models_prints_the_registry():
 
 
 def test_cli_needs_a_command(capsys):
-    from engine.cli import main
+    from engine.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main([])

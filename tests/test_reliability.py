@@ -274,7 +274,7 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
     with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
         for batch in kept:
             model(**batch)
-    countdown, original = [0], engine.staging.SharedBuffer
+    countdown, original = [0], engine.capture.staging.SharedBuffer
 
     def flaky(nbytes, pin_device):
         countdown[0] -= 1
@@ -282,7 +282,7 @@ def test_host_memory_that_cannot_be_pinned_loses_one_batch_not_the_slot(fail_at,
             raise RuntimeError("cudaHostRegister of shared memory failed (test)")
         return original(nbytes, pin_device)
 
-    monkeypatch.setattr(engine.staging, "SharedBuffer", flaky)
+    monkeypatch.setattr(engine.capture.staging, "SharedBuffer", flaky)
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
         if fail_at == "growth":
             model(**kept[0])
@@ -317,7 +317,7 @@ def test_slots_that_would_not_fit_in_host_memory_are_refused_before_anything_is_
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
         model(**batches[0])
         held = cap._pool.nbytes
-        monkeypatch.setattr(engine.staging, "available_host_memory", lambda: 64 << 10)
+        monkeypatch.setattr(engine.capture.staging, "available_host_memory", lambda: 64 << 10)
         with pytest.raises(engine.BatchError, match="lower CaptureConfig.pinned_slots or the batch size"):
             model(**ragged_batch(64, 8, seed=9))  # larger than the slots: they would grow
         assert cap._pool.nbytes == held, "no slot grew"
@@ -377,7 +377,7 @@ def test_bad_hook_points_fail_before_anything_is_written(make_cfg, error, match,
 
 def test_a_model_on_the_meta_device_is_refused_before_its_store_is_created(tmp_path):
     """Issue 32. Before: the store was created, then the first forward raised a raw NotImplementedError."""
-    from engine.loading import meta_model
+    from engine.models.loading import meta_model
 
     with pytest.raises(engine.HookPointError, match="meta device.*load_model"):
         CaptureEngine(meta_model(tiny_model("gpt2").config), small_cfg(tmp_path / "s.zarr"))

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from engine import CaptureConfig, CaptureEngine, open_store
-from engine.cli import main
-from engine.layout import EXCLUDED_BY_DEFAULT, FLAG_BITS, FLAG_BOS, FLAG_FIRST
-from engine.report import (
+from engine.cli.main import main
+from engine.format.layout import EXCLUDED_BY_DEFAULT, FLAG_BITS, FLAG_BOS, FLAG_FIRST
+from engine.report.document import (
     BINS_PER_DECADE,
     NORM_EDGES,
     committed_chunks,

@@ -1,5 +1,5 @@
-"""engine.sae on a real (tiny, random-weight) store: the usual practice holds through training, evaluation
-means what its docstring says, and normalization agrees with the rows the dataset serves."""
+"""engine.read.sae on a real (tiny, random-weight) store: the usual practice holds through training,
+evaluation means what its docstring says, and normalization agrees with the rows the dataset serves."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import ActivationDataset, ConfigError
-from engine.sae import Normalization, SaeConfig, SaeTrainer, SparseAutoencoder, batches_of, evaluate
+from engine.read.sae import Normalization, SaeConfig, SaeTrainer, SparseAutoencoder, batches_of, evaluate
 
 from helpers import tiny_store
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from engine import CaptureConfig, CaptureEngine, ConfigError, open_store
-from engine.cli import main as cli_main
-from engine.layout import FLAG_BOS, FLAG_FIRST
-from engine.saelens import export_saelens, scaling_factor
+from engine.cli.main import main as cli_main
+from engine.format.layout import FLAG_BOS, FLAG_FIRST
+from engine.read.saelens import export_saelens, scaling_factor
 
 from helpers import ragged_batch, tiny_model, tiny_store
 
@@ -132,7 +132,7 @@ def test_export_refuses_a_used_folder_and_unnamed_columns(store, tmp_path):
 @pytest.mark.parametrize("architecture, saelens_class", [("topk", "TopKSAE"), ("relu", "StandardSAE")])
 def test_the_example_sae_loads_in_saelens_and_takes_the_stores_rows(store, tmp_path, architecture,
                                                                     saelens_class):
-    """examples/train_sae.py saves engine.sae's SAE with the store's scaling folded in: SAELens' own
+    """examples/train_sae.py saves engine.read.sae's SAE with the store's scaling folded in: SAELens' own
     load_from_disk gives the same latents and reconstruction on unscaled rows."""
     ours, _, _ = load_example("train_sae").train(str(store), KEY, steps=20, batch_size=128,
                                                  architecture=architecture, k=8, out=str(tmp_path / "sae"),

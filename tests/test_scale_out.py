@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine.lock
+import engine.store.lock
 from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
-from engine.cli import main as cli_main
-from engine.corpus import shares
+from engine.cli.corpus import shares
+from engine.cli.main import main as cli_main
 from engine.errors import (
     CaptureError,
     ResumeMismatchError,
@@ -32,10 +32,10 @@ from engine.errors import (
     StoreLockedError,
     StorePathError,
 )
-from engine.layout import CommitRecord, commit_record_key
-from engine.location import Location
-from engine.lock import check_unlocked
-from engine.reader import CommittedArray
+from engine.format.layout import CommitRecord, commit_record_key
+from engine.format.location import Location
+from engine.read.reader import CommittedArray
+from engine.store.lock import check_unlocked
 
 from helpers import (
     assert_same_store,
@@ -395,10 +395,10 @@ def test_torchrun_a_second_job_is_refused(tmp_path, reference):
 
 HOLDER = """
 import sys, time
-import engine.lock
-from engine.location import Location
-engine.lock.LEASE_S = float(sys.argv[2])
-engine.lock.acquire(Location.of(sys.argv[1]))
+import engine.store.lock
+from engine.format.location import Location
+engine.store.lock.LEASE_S = float(sys.argv[2])
+engine.store.lock.acquire(Location.of(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -471,9 +471,9 @@ def test_s3_a_run_whose_lock_was_broken_writes_nothing_more(heartbeat, bucket, m
     records went on being written."""
     import s3fs
 
-    monkeypatch.setattr(engine.lock, "LEASE_S", 1.5)
+    monkeypatch.setattr(engine.store.lock, "LEASE_S", 1.5)
     if heartbeat == "stopped":
-        monkeypatch.setattr(engine.lock.ObjectLock, "_beat", lambda lock: None)
+        monkeypatch.setattr(engine.store.lock.ObjectLock, "_beat", lambda lock: None)
     url = f"{bucket}/s.zarr"
     model = tiny_model("gpt2")
     cap = CaptureEngine(model, CaptureConfig(url, layer_indices=[0], chunk_tokens=8))

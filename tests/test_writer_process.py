@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import engine
+import engine.writer.server
 from engine import CaptureConfig, CaptureEngine, open_store
 
 from fakes import GATE_ENV
@@ -80,7 +81,7 @@ def test_nothing_is_left_running_after_close(tmp_path):
 def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch):
     """An error raised while the writer process starts (here: its sink cannot be imported) reaches the caller
     with its traceback, and the store says failed."""
-    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store:NoSuchSink")
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store.sink:NoSuchSink")
     model = tiny_model("gpt2")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
     with pytest.raises(engine.CaptureError, match="NoSuchSink"):
@@ -95,7 +96,7 @@ def test_a_writer_that_cannot_start_answers_a_close_sent_with_its_spec(tmp_path,
     """Issue 32: an engine closed as soon as it is built (``with CaptureEngine(...): pass``) puts the close in
     the writer process's first read, beside the spec. A writer process that then failed to start dropped
     everything read with the spec and waited for a close that had come already: close() never returned."""
-    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store:NoSuchSink")
+    monkeypatch.setitem(CaptureEngine.sink_factory, "zarr", "engine.store.sink:NoSuchSink")
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8)
     outcome: list[BaseException] = []
 
@@ -160,7 +161,7 @@ def test_batches_after_the_writer_process_went_idle_are_written(tmp_path):
     model = tiny_model("gpt2")
     batches = [ragged_batch(2, 8, seed=s) for s in range(3)]
     cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=4)
-    pause = 4 * engine.writer.CHANNEL_POLL_MAX_S + 0.1
+    pause = 4 * engine.writer.server.CHANNEL_POLL_MAX_S + 0.1
     with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
         with CaptureEngine(model, cfg) as cap:
             for batch in batches:
@@ -230,7 +231,7 @@ def _exited(process: psutil.Process) -> bool:
 def test_the_writer_process_exits_with_its_code_and_its_output_flushed(closed):
     """The writer process skips the interpreter's teardown at exit: its status and what it printed still
     come out, and a closed output descriptor cannot stop the exit."""
-    script = "import engine.writer as w; print('last words'); w._exit_now(3)"
+    script = "import engine.writer.server as w; print('last words'); w._exit_now(3)"
     done = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -c "{script}" {closed}'],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
@@ -255,7 +256,7 @@ class _CopyEvent:
 def _use_cuda_handoff(cap: CaptureEngine, behaviours: list[str], released: threading.Event, monkeypatch):
     """Give ``cap`` the CUDA path's handoff thread, on CPU: batch i's event behaves as ``behaviours[i]``
     (``_CopyEvent``), and drain and close wait 1 s for a copy, not 30."""
-    monkeypatch.setattr(engine.handoff, "_EXIT_WAIT_S", 1.0)
+    monkeypatch.setattr(engine.capture.handoff, "_EXIT_WAIT_S", 1.0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     writer = cap._writer
     writer._handoff = queue.SimpleQueue()
