@@ -7,7 +7,8 @@
 # last, PASS or FAIL per target (benchmarks/gpu_targets.py). Every step runs even when one before failed (a
 # lent GPU's minutes are few: one call gathers everything), and the script exits 1 when any step or target
 # failed, 0 when all passed. Every run names --device cuda: without CUDA it fails, it never measures the CPU.
-# Output (at most 12 files): $OUT/gpu.log and one JSON per run; default OUT=benchmarks/results/gpu-<date>.
+# Output (at most 12 files): $OUT/gpu.log, COMMANDS.md (the commit) and one JSON per run; default
+# OUT=benchmarks/results/gpu-<date>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -20,6 +21,10 @@ else
   export PYTHONPATH="$PWD"
 fi
 log="$OUT/gpu.log"
+# results, not code: the folder says what made it (a copy of the tree without .git says so)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git history on this machine)")
+printf '# %s\n\nMade by `bash benchmarks/gpu_check.sh` at commit %s, %s. Every step'"'"'s command is in gpu.log\n(the lines that start with ===); targets: benchmarks/gpu_targets.py.\n' \
+  "$(basename "$OUT")" "$commit" "$(date -u +%FT%TZ)" > "$OUT/COMMANDS.md"
 failed=()
 step() {  # name, then the command; its output goes to the log; a failure is remembered, not fatal
   local name=$1; shift
