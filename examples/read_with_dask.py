@@ -1,7 +1,9 @@
 """Read a capture store with dask and zarr alone (no engine code): the on-disk contract in practice.
 
-    python examples/read_with_dask.py /tmp/gpt2_acts.zarr layer_6/residual
-    python examples/read_with_dask.py s3://bucket/acts.zarr layer_15/residual   # AWS_* variables set
+    python examples/read_with_dask.py acts.zarr layer_15/residual     # the README's first capture
+    python examples/read_with_dask.py s3://bucket/acts.zarr layer_15/residual
+
+The second reads the same capture written with ``--out s3://bucket/acts.zarr`` (AWS_* variables set).
 
 A store written by several processes (torchrun) lists its parts in the manifest; each part is a store of its
 own, and the whole store is the parts' committed rows in rank order. The manifest's row counts are exact once

@@ -1,13 +1,17 @@
 """Feed dictionary_learning's ``trainSAE`` from a capture store.
 
     pip install dictionary-learning      # it pins its own torch: install it where that suits you
-    python examples/train_dictionary_learning.py acts.zarr layer_6/residual --steps 10000 --device cuda
+    python examples/train_dictionary_learning.py acts.zarr layer_15/residual --steps 10000
+
+``acts.zarr`` is the README's first capture; training runs on the GPU when there is one (``--device``).
 
 ``trainSAE(data=..., steps=...)`` iterates ``data`` for ``steps`` batches and uses each one where it is (it
 does not move it to its device): ``ActivationDataset.endless_batches(device)`` yields ``(batch, d)`` tensors
 already there, epoch after epoch, copied from pinned host memory on CUDA. For a crosscoder (its GitHub
-version's ``CrossCoderTrainer`` reads ``(batch, n, d)``), zip stores of the same corpus and stack them:
-``ActivationDataset({"base": "base.zarr", "chat": "chat.zarr"}, "layer_6/residual", stack=True)``.
+version's ``CrossCoderTrainer`` reads ``(batch, n, d)``), capture one corpus from both models
+(``python -m engine capture --model BASE_FOLDER --data corpus.jsonl --layers 15 --out base.zarr``, and the
+same with the chat model's folder into ``chat.zarr``), then zip the stores and stack them:
+``ActivationDataset({"base": "base.zarr", "chat": "chat.zarr"}, "layer_15/residual", stack=True)``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
         --steps 2000 --out sae/
     python examples/train_sae.py acts.zarr layer_15/residual --architecture relu --l1-coefficient 1 --out sae/
 
+``acts.zarr`` is the README's first capture.
+
 Rows come from ``ActivationDataset`` with its defaults (shuffled, attention sinks left out); inputs are
 scaled by the store's ``norm_scaling_factor`` and ``b_dec`` starts at its mean (manifest statistics). The SAE
 (``engine.read.sae``) keeps unit-norm decoder directions and trains with Adam from a fixed seed. At the end it

@@ -1,6 +1,8 @@
 """Train an SAE with SAELens' own SAETrainer straight from a capture store (no model, no token dataset).
 
-    python examples/train_saelens.py acts.zarr layer_6/residual --steps 2000 --device cuda
+    python examples/train_saelens.py acts.zarr layer_15/residual --steps 2000
+
+``acts.zarr`` is the README's first capture; training runs on the GPU when there is one (``--device``).
 
 SAELens' trainer takes a ``data_provider``: an iterator of ``(batch, d_in)`` tensors on its device, which
 ``ActivationDataset.endless_batches`` is. Its ``expected_average_only_in`` scaling factor comes from the

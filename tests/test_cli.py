@@ -1,6 +1,7 @@
 """The capture command line end to end: a local model folder with a real (offline-trained) fast tokenizer,
 a jsonl corpus, then inspect, align and the reader. Option checks run in process (``engine.cli.main``) with
-model loading forbidden; subprocesses only where the real command line matters (environment, pipes)."""
+model loading forbidden; subprocesses only where the real command line matters (environment, pipes, which
+modules a mistake imports)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from engine import ActivationDataset, open_store
+from engine import ActivationDataset, CaptureConfig, CaptureEngine, open_store
 from engine.cli.corpus import Corpus
-from engine.errors import CorpusError
+from engine.errors import CorpusError, StorePathError
 
 from helpers import documents, tiny_model
 
@@ -131,14 +134,19 @@ def test_max_tokens_pack_and_resume(model_dir, corpus, tmp_path):
         np.testing.assert_array_equal(open_store(split)[key][:], packed[key][:])
 
 
-@pytest.fixture
-def model_must_not_load(monkeypatch):
-    import engine.cli.main
+def forbid_model_loading(monkeypatch) -> None:
+    """From now on, loading the model's weights fails the test."""
+    import engine.models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(engine.cli.main, "load_model", refuse)
+    monkeypatch.setattr(engine.models.loading, "load_model", refuse)
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch):
+    forbid_model_loading(monkeypatch)
 
 
 def assert_one_line_error(code: int, err: str, expected: str):
@@ -157,13 +165,14 @@ def assert_one_line_error(code: int, err: str, expected: str):
     (["--seq-len", "x"], "argument --seq-len: 'x' is not an integer"),
     (["--seq-len", 129], "--seq-len 129 exceeds the model's 128 positions: pass --seq-len 128 or less"),
     (["--layers", 3], "layer 3 is out of range: this model has 3 layers"),
-    (["--layers", -1], "layer_indices must be non-negative ints"),
+    (["--layers", -1], "--layers: -1 is not a layer index: give indices 0..N-1"),
     (["--hooks", "--layers", 1], "no hook point selected"),
     (["--extra-modules", "q=model.layers.0.nope"], "no module at path 'model.layers.0.nope'"),
     (["--extra-modules", "q"], "write name=module.path"),
     (["--extra-modules", "q=lm_head", "q=model.norm"], "--extra-modules names q more than once"),
     (["--resume"], "--resume: there is no capture store at"),
-    (["--resume", "--overwrite"], "not allowed with argument"),
+    (["--resume", "--overwrite"], "--resume: there is no capture store at"),
+    (["--resume-or-start", "--overwrite"], "not allowed with argument"),
     (["--max-tokens", 5], "--max-tokens 5 is less than the first row's 24 tokens"),
     (["--outlier-norm-ratio", "x"], "expected a number above 1 or 'none', got 'x'"),
     (["--outlier-norm-ratio", 0.5], "outlier_norm_ratio must be a finite number above 1"),
@@ -197,10 +206,10 @@ def test_bad_corpora_fail_in_one_line_before_the_model_loads(model_dir, tmp_path
 
 def test_a_streamed_corpus_needs_max_tokens_under_torchrun(model_dir, tmp_path, monkeypatch,
                                                           model_must_not_load):
-    import engine.cli.main
+    import engine.cli.capture
 
     stream = Corpus("hf:a/stream", True, lambda: iter([]))
-    monkeypatch.setattr(engine.cli.main, "open_corpus", lambda *args: stream)
+    monkeypatch.setattr(engine.cli.capture, "open_corpus", lambda *args: stream)
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, out, err = run_main("capture", "--model", model_dir, "--data", "hf:a/stream", "--out",
                               tmp_path / "s.zarr", "--layers", 1)
@@ -267,10 +276,11 @@ def test_extra_modules_and_no_canonical_points(model_dir, corpus, tmp_path):
 
 
 def test_allow_download_reaches_model_and_tokenizer_loading(model_dir, corpus, tmp_path, monkeypatch):
-    import engine.cli.main
+    """Ctrl-C while the model loads ends the command with one line and status 130 (no traceback)."""
+    import engine.models.loading
 
     seen = {}
-    load_tokenizer = engine.cli.main.load_tokenizer
+    load_tokenizer = engine.models.loading.load_tokenizer
 
     def tokenizer_spy(name, allow_download=False):
         seen["tokenizer"] = allow_download
@@ -280,12 +290,12 @@ def test_allow_download_reaches_model_and_tokenizer_loading(model_dir, corpus, t
         seen["model"] = allow_download
         raise KeyboardInterrupt  # stop here: nothing more to see
 
-    monkeypatch.setattr(engine.cli.main, "load_tokenizer", tokenizer_spy)
-    monkeypatch.setattr(engine.cli.main, "load_model", model_spy)
-    with pytest.raises(KeyboardInterrupt):
-        run_main("capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr",
-                 "--layers", 1, "--seq-len", 24, "--allow-download")
+    monkeypatch.setattr(engine.models.loading, "load_tokenizer", tokenizer_spy)
+    monkeypatch.setattr(engine.models.loading, "load_model", model_spy)
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr",
+                            "--layers", 1, "--seq-len", 24, "--allow-download")
     assert seen == {"tokenizer": True, "model": True}
+    assert (code, err) == (130, "interrupted\n")
 
 
 def test_resume_or_start_starts_then_resumes(model_dir, corpus, tmp_path):
@@ -367,8 +377,6 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
                                                                          monkeypatch, status):
     """``--resume --max-tokens`` below what the store holds (a complete store, or a killed one) used to repair
     the store, then stop and mark it; now nothing is loaded or changed."""
-    import engine.cli.main
-
     out = tmp_path / "s.zarr"
     capture(model_dir, corpus, out, "--max-tokens", 400)
     if status == "open":  # as a kill -9 leaves it: the manifest says open, the commit records say how far
@@ -376,7 +384,7 @@ def test_a_resume_that_cannot_fit_is_refused_before_the_store_is_touched(model_d
         manifest["attributes"]["manifest"]["status"] = "open"
         (out / "zarr.json").write_text(json.dumps(manifest))
     before, held = files_of(tmp_path), open_store(out).manifest["sequences"]
-    monkeypatch.setattr(engine.cli.main, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    forbid_model_loading(monkeypatch)
     code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1,
                             "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress",
                             "--resume", "--max-tokens", 100)
@@ -399,4 +407,191 @@ def test_a_store_being_written_is_refused_before_the_model_loads(model_dir, corp
             assert_one_line_error(code, err, f"is being written by pid {os.getpid()} on ")
     finally:
         held.release()
-    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not os.listdir(out)
+    assert os.listdir(tmp_path) == ["s.zarr"] and not os.listdir(out), "the lock file went with its holder"
+
+
+# A command line in a fresh interpreter, then which heavy modules it imported (printed last on stdout).
+NO_TORCH_SCRIPT = """import sys
+from engine.cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(sorted({"torch", "transformers"} & set(sys.modules)))
+sys.exit(code)
+"""
+
+
+def run_fresh(*argv, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, *map(str, argv)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["capture", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    done = run_fresh(*argv)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m engine" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]", "torch or transformers was imported"
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--data", "DIR/nosuch.jsonl"], "no corpus at"),
+    (["--layers", -1], "--layers: -1 is not a layer index: give indices 0..N-1"),
+    (["--out", "/proc/acts.zarr"], "cannot write under /proc"),
+    (["--resume"], "--resume: there is no capture store at"),
+    (["--out", "DIR"], "a capture store already exists at"),
+    (["--resume-or-start", "--overwrite"], "not allowed with argument --resume-or-start"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_mistakes_in_the_arguments_or_files_are_reported_before_torch_is_imported(model_dir, corpus, tmp_path,
+                                                                                  options, expected):
+    store = tmp_path / "s.zarr"
+    capture(model_dir, corpus, store, "--max-tokens", 96)  # DIR: a store in the way
+    options = [str(store) if option == "DIR" else str(option).replace("DIR/", f"{tmp_path}/")
+               for option in options]
+    argv = ["capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "new.zarr", "--layers", 1]
+    done = run_fresh(*argv, *options)
+    assert_one_line_error(done.returncode, done.stderr, expected)
+    assert done.stdout.splitlines()[-1] == "[]", "torch or transformers was imported"
+
+
+@pytest.mark.parametrize("out", ["/proc/acts.zarr", "/sys/kernel/acts.zarr"])
+def test_an_out_where_nothing_can_be_created_is_one_line_before_the_model_loads(model_dir, corpus, out,
+                                                                                model_must_not_load):
+    """Before: a 35-line traceback from the lock file, after the model had loaded (root passes os.access
+    there: only creating something tells)."""
+    if not os.path.isdir(os.path.dirname(out)):
+        pytest.skip(f"{os.path.dirname(out)} does not exist here")
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 1)
+    assert_one_line_error(code, err, f"cannot write under {os.path.dirname(out)} (")
+    assert "put the store in a folder you can write" in err
+
+
+def test_an_engine_refuses_a_store_where_nothing_can_be_created(tmp_path):
+    """The same decision for the Python API (engine.store.lifecycle.check_location), before any hook."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("/proc does not exist here")
+    model = tiny_model("gpt2")
+    with pytest.raises(StorePathError, match="cannot write under /proc .*put the store in a folder you can"):
+        CaptureEngine(model, CaptureConfig("/proc/acts.zarr", layer_indices=[0]))
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_capture_help_shows_every_default_and_examples():
+    from engine.cli.main import build_parser
+
+    commands = next(action for action in build_parser()._actions if action.dest == "command")
+    parser = commands.choices["capture"]
+    assert all(action.help for action in parser._actions), "every option says what it does"
+    text = " ".join(parser.format_help().split())  # unwrapped
+    for default in ("tokens per row (default: 512)", "rows per forward pass (default: 8)",
+                    "rows per chunk and per commit (default: 8192)", "(default: required)",
+                    "(default: residual mlp_hidden)", "(default: float16)", "(default: 10.0)"):
+        assert default in text
+    assert "examples: python -m engine capture --model" in text
+
+
+def ctrl_c_on_forward(model, number: int):
+    """The model, made to raise KeyboardInterrupt (as Ctrl-C does) when its forward is called the
+    ``number``-th time."""
+    calls = []
+
+    def interrupt(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt, with_kwargs=True)
+    return model
+
+
+def test_ctrl_c_prints_how_to_resume_and_that_command_resumes_after_overwrite(model_dir, corpus, tmp_path,
+                                                                               monkeypatch):
+    """The hint after Ctrl-C is literally true: the first command (with --overwrite) plus --resume continues
+    the store; the API's UserWarning (CaptureConfig, resume_sequences) is not shown; the resumed plan shows
+    what is left."""
+    import engine.models.loading
+
+    load_model = engine.models.loading.load_model
+    monkeypatch.setattr(engine.models.loading, "load_model",
+                        lambda *args, **kwargs: ctrl_c_on_forward(load_model(*args, **kwargs), 5))
+    argv = ["capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr", "--layers", 1,
+            "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 32, "--no-progress", "--overwrite"]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        code, _, err = run_main(*argv)
+    assert code == 130
+    last = err.splitlines()[-1]  # after transformers' own "Loading weights" bar
+    assert "interrupted" in last and "run the same command with --resume" in last, err
+    assert "CaptureConfig" not in err and "Traceback" not in err, err
+    assert not [w for w in shown if "resume" in str(w.message)], [str(w.message) for w in shown]
+
+    monkeypatch.setattr(engine.models.loading, "load_model", load_model)
+    resumed = cli(*argv, "--resume")
+    left = re.search(r"resuming: ([\d,]+) tokens in ([\d,]+) rows left to capture", resumed)
+    capture(model_dir, corpus, tmp_path / "whole.zarr")
+    whole = open_store(tmp_path / "whole.zarr")
+    stored = open_store(tmp_path / "s.zarr")
+    assert left and int(left[1].replace(",", "")) < whole.num_tokens, resumed
+    for key in ("tokens/input_ids", "tokens/sequence", "layer_1/residual"):
+        np.testing.assert_array_equal(stored[key][:], whole[key][:])
+
+
+def test_a_resume_with_other_options_is_refused_before_the_weights_load(model_dir, corpus, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "s.zarr"
+    capture(model_dir, corpus, out, "--max-tokens", 96)
+    before = files_of(tmp_path)
+    forbid_model_loading(monkeypatch)
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", out, "--layers", 2,
+                            "--seq-len", 24, "--chunk-tokens", 32, "--resume")
+    assert_one_line_error(code, err, f"--resume: {out} was captured with other options (layers: the store "
+                          "has [1], this run has [2]")
+    assert "--overwrite without --resume" in err
+    assert files_of(tmp_path) == before
+
+
+def test_resuming_a_complete_store_says_nothing_was_left_without_loading_the_model(model_dir, corpus,
+                                                                                    tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+    capture(model_dir, corpus, out)
+    before, store = files_of(tmp_path), open_store(out)
+    forbid_model_loading(monkeypatch)
+    printed = capture(model_dir, corpus, out, "--resume")
+    assert (f"done: {out} already held all {store.manifest.sequences} sequences of this job "
+            f"({store.num_tokens:,} tokens): nothing was captured") in printed
+    assert "tokens stored by this run" not in printed
+    assert files_of(tmp_path) == before
+
+
+def test_the_progress_bar_shows_staged_bytes_from_the_first_batch(model_dir, corpus, tmp_path):
+    code, _, err = run_main("capture", "--model", model_dir, "--data", corpus, "--out", tmp_path / "s.zarr",
+                            "--layers", 1, "--seq-len", 24, "--batch-size", 4, "--chunk-tokens", 4096)
+    assert code == 0, err
+    first = re.search(r"([\d.,]+) (kB|MB|GB) staged, ([\d.,]+) (kB|MB|GB) committed", err)
+    assert first and float(first[1]) > 0, err  # one chunk of 4096 rows commits only at the end
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", ["HF_DATASETS_OFFLINE", "unreachable hub"])
+def test_hf_data_offline_fails_at_once_in_one_line(model_dir, tmp_path, offline):
+    """Offline mode (HF_DATASETS_OFFLINE alone is honoured) or a hub that does not answer the connection
+    check: the local hub cache is read at once, and nothing retries or logs (before, an unreachable hub took
+    27 s and 11 lines of retries before this line)."""
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    if offline == "HF_DATASETS_OFFLINE":
+        env["HF_DATASETS_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    done = run_fresh("capture", "--model", model_dir, "--data", "hf:someone/absent", "--out",
+                     tmp_path / "s.zarr", "--layers", 1, env=env)
+    assert_one_line_error(done.returncode, done.stderr, "hf:someone/absent (split train): the Hugging Face "
+                          "Hub cannot be reached (offline, or HF_HUB_OFFLINE=1) and the local hub cache")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.corpus import PIECE_CHARS, _first_visible, open_corpus, sequences, take_tokens
+from engine.cli.corpus import (
+    PIECE_CHARS,
+    _first_visible,
+    hub_reachable,
+    open_corpus,
+    sequences,
+    take_tokens,
+)
 from engine.errors import ConfigError, CorpusError
 
 from helpers import documents
@@ -222,3 +230,21 @@ def test_a_50_mb_document_captures_in_bounded_memory(model_dir, tmp_path):
     assert "64 tokens in 2 rows" in done.stdout
     peak_gb = int(done.stdout.split("maxrss_kb")[1]) / 1e6
     assert peak_gb < 1.5, f"peak memory {peak_gb:.2f} GB"
+
+
+@pytest.mark.parametrize("data, hinted", [("nosuch.txt", False), ("shards/nosuch.parquet", False),
+                                          ("wikitext", True), ("NeelNanda/pile-10k", True)])
+def test_a_missing_path_suggests_hf_only_for_a_dataset_like_name(tmp_path, monkeypatch, data, hinted):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CorpusError, match=f"no corpus at {data}") as error:
+        open_corpus(data)
+    assert (f"for a Hugging Face dataset write --data hf:{data}" in str(error.value)) == hinted
+
+
+def test_the_hub_check_tells_a_listening_host_from_a_refusing_one():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert hub_reachable(endpoint)
+    assert not hub_reachable(endpoint), "nothing listens there now: refused"

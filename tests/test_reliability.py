@@ -407,7 +407,7 @@ def test_read_only_location(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a read-only filesystem here (needs root)")
     try:
-        with pytest.raises(engine.StorePathError, match="read-only"):
+        with pytest.raises(engine.StorePathError, match="(?i)read-only"):
             CaptureEngine(tiny_model("gpt2"), small_cfg(mount / "s.zarr"))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -644,7 +644,7 @@ def race_a_running_capture(race, trial, tmp_path, reference, model_dir, corpus):
     finish(winner, hold)
     assert_refused(done, winner.pid, cli=trial % 2 == 0)
     assert_same_store(open_store(store), reference)  # exactly the winner's rows: nothing of it was touched
-    assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr", "s.zarr.lock"], "the loser left nothing behind"
+    assert sorted(os.listdir(tmp_path)) == ["go", "s.zarr"], "the loser left nothing behind"
 
 
 @pytest.mark.parametrize("race, trial", [("overwrite", 0), pytest.param("resume", 1, marks=pytest.mark.slow),
@@ -703,7 +703,7 @@ def test_a_resume_that_stops_early_is_never_complete_and_leaves_nothing_behind(s
             _feed(model, seqs[:cap.resume_sequences + fed * BATCH], cap.resume_sequences)
             raise stop("the run stops here")
     assert open_store(cfg.output_dir).status == "failed"
-    assert sorted(os.listdir(tmp_path)) == ["s.zarr", "s.zarr.lock"] and not list(tmp_path.rglob("*.partial"))
+    assert os.listdir(tmp_path) == ["s.zarr"] and not list(tmp_path.rglob("*.partial"))
     with CaptureEngine(model, dataclasses.replace(cfg, resume=True)) as cap:
         _feed(model, seqs, cap.resume_sequences)
     assert_same_store(open_store(cfg.output_dir), reference)

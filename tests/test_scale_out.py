@@ -90,8 +90,7 @@ def test_torchrun_parts_equal_a_single_process_run(model_dir, corpus, tmp_path):
     assert manifest.committed_tokens == store.num_tokens == reference.num_tokens
     # Each process wrote only its own part; rank 0 only the root and parts/ group documents.
     assert sorted(os.listdir(parts)) == ["parts", "zarr.json"]
-    assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00000.lock", "rank_00001",
-                                                   "rank_00001.lock", "zarr.json"]
+    assert sorted(os.listdir(parts / "parts")) == ["rank_00000", "rank_00001", "zarr.json"]  # locks gone
     sequences = [set(open_store(part.location)["tokens/sequence"][:].tolist()) for part in store.parts]
     assert not sequences[0] & sequences[1]
 

@@ -36,11 +36,12 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from engine.capture.points import CANONICAL_POINTS
 from engine.errors import HookPointError
 from engine.format.layout import array_key, extra_array_key
 
@@ -81,26 +82,6 @@ ADAPTERS: dict[str, FamilyAdapter] = {
                            final_norm="norm", mlp_norm="post_attention_layernorm"),
     "phi": FamilyAdapter(layers="layers", attn="self_attn", mlp="mlp", down_proj="mlp.fc2",
                          final_norm="final_layernorm", mlp_norm=None, parallel=True),
-}
-
-
-class CanonicalPoint(NamedTuple):
-    """Where a canonical point is: the adapter attribute naming a module of the block ("" for the block
-    itself), whether its ``input`` or ``output`` is captured, and the TransformerLens hook suffix."""
-
-    where: str
-    capture: str
-    tl_suffix: str
-
-
-CANONICAL_POINTS: dict[str, CanonicalPoint] = {
-    "residual": CanonicalPoint("", "output", "hook_resid_post"),
-    "mlp_hidden": CanonicalPoint("down_proj", "input", "mlp.hook_post"),
-    "mlp_out": CanonicalPoint("mlp", "output", "hook_mlp_out"),
-    "attn_out": CanonicalPoint("attn", "output", "hook_attn_out"),
-    "resid_pre": CanonicalPoint("", "input", "hook_resid_pre"),
-    "resid_mid": CanonicalPoint("mlp_norm", "input", "hook_resid_mid"),
-    "mlp_in": CanonicalPoint("mlp", "input", "ln2.hook_normalized"),
 }
 
 

@@ -11,7 +11,8 @@ Sources, as the command line's ``--data`` names them:
                      ``.parquet`` files (all of them, below it too, in path order)
   GLOB               e.g. ``shards/*.parquet``: the matching files in name order, each read by its suffix
   hf:NAME[:CONFIG]   a Hugging Face dataset's ``split``, streamed (never downloaded whole first) from the Hub;
-                     when the Hub cannot be reached (or ``HF_HUB_OFFLINE=1``) from the local hub cache
+                     offline (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` set, or no connection to the
+                     Hub's host within ``HUB_CONNECT_TIMEOUT_S``) from the local hub cache, at once
   None               Python's own documentation: the help topics of ``pydoc_data.topics``, then the docstrings
                      of the standard library's top-level modules (~1.2 MB of English technical prose, a few
                      hundred thousand tokens; it ships with every CPython, so a job runs with no data at hand;
@@ -31,7 +32,7 @@ them.
 
 Each token carries its document id and its character span in that document, starting at its first
 non-whitespace character (byte-level BPE tokens include the space before a word); ``end == start`` for
-special tokens.
+special tokens. ``ANNOTATIONS`` names these per-token values and their stored dtypes.
 
 Memory stays bounded for any document length: the tokenizer is called on pieces of at most ``PIECE_CHARS``
 characters, each cut before a whitespace character (an unpacked sequence's first piece is at most
@@ -43,25 +44,39 @@ from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
+import re
+import socket
 import sysconfig
+import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from engine.errors import ConfigError, CorpusError
+
+if TYPE_CHECKING:
+    import torch
 
 HUB_PREFIX = "hf:"
 PIECE_CHARS = 1 << 16
 HEAD_CHARS_PER_TOKEN = 16
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-line signatures, not prose
+# The per-token annotations of a capture job (``CaptureConfig.annotations``): each token's document id and
+# character span, the fields of ``TokenSequence`` beside its ids.
+ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
+HUB_CONNECT_TIMEOUT_S = 2.5
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = ("1", "ON", "YES", "TRUE")  # the values huggingface_hub reads as true
+_HUB_LOGGERS = ("huggingface_hub", "datasets", "fsspec")  # their retries log a line per attempt
+_DATASET_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "owner/name"
 _BATCH_RECORDS = 1024
-_TOKEN_FIELDS = ("ids", "doc_id", "char_start", "char_end")
+_TOKEN_FIELDS = ("ids", *ANNOTATIONS)
 _DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
@@ -140,10 +155,15 @@ def open_corpus(data: str | os.PathLike | None, text_field: str = "text", split:
     if path.is_dir():
         return _folder(path, text_field, split)
     if not path.exists():
-        hint = f"; for a Hugging Face dataset write --data {HUB_PREFIX}{text}" if "/" not in text else ""
+        hint = f"; for a Hugging Face dataset write --data {HUB_PREFIX}{text}" if _hub_like(text) else ""
         raise CorpusError(f"no corpus at {path}: pass a .txt, .jsonl or .parquet file, a folder, a glob or "
                           f"{HUB_PREFIX}NAME{hint}")
     return _files([path], text_field, str(path))
+
+
+def _hub_like(text: str) -> bool:
+    """Whether a missing path could be meant as a Hub dataset: ``name`` or ``owner/name``, no file suffix."""
+    return bool(_DATASET_ID.match(text)) and not Path(text).suffix
 
 
 def _files(paths: list[Path], text_field: str, description: str) -> Corpus:
@@ -326,13 +346,56 @@ def _hub_dataset(spec: str, split: str, text_field: str) -> Corpus:
                           f"{HUB_PREFIX}NeelNanda/pile-10k")
     datasets = _import_datasets(f"--data {HUB_PREFIX}{spec}")
     where = f"{HUB_PREFIX}{spec} (split {split})"
-    try:
-        dataset = _stream(datasets, name, config, split, where)
-    except ConnectionError:  # the Hub is unreachable, or HF_HUB_OFFLINE=1: the local hub cache may have it
-        dataset = _stream(datasets, _hub_cache_snapshot(name, where), config, split, where)
+    with _quiet_hub_logs():
+        dataset = _open_hub_stream(datasets, name, config, split, where)
     dataset = _text_column(dataset, text_field, where)
     return Corpus(f"the Hugging Face dataset {where}", True,
                   lambda: _dataset_documents(dataset, text_field, where))
+
+
+def _open_hub_stream(datasets, name: str, config: str, split: str, where: str):
+    """The dataset streamed from the Hub, or, offline, from the local hub cache (which may have it)."""
+    if not _hub_offline():
+        try:
+            return _stream(datasets, name, config, split, where)
+        except ConnectionError:  # the host answered the connection check, not the requests
+            pass
+    return _stream(datasets, _hub_cache_snapshot(name, where), config, split, where)
+
+
+def _hub_offline() -> bool:
+    """Whether to skip the Hub and read the local hub cache at once: offline mode is on (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE), or the Hub's host does not answer within ``HUB_CONNECT_TIMEOUT_S`` (datasets would
+    retry for half a minute before giving up)."""
+    if any(os.environ.get(name, "").strip().upper() in _TRUE for name in _OFFLINE_VARIABLES):
+        return True
+    return not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the host of ``endpoint`` (a URL; port 443 unless it names one) opens within
+    ``timeout`` seconds."""
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """Keep the Hub clients' warnings (one line per retried request) off the terminal: a hub dataset that
+    cannot be read ends in one error line of our own."""
+    loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _stream(datasets, path: str, config: str, split: str, where: str):
@@ -522,7 +585,10 @@ def shares(lengths: list[int], parts: int) -> list[tuple[int, int]]:
 
 def collate(batch: list[TokenSequence],
             pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Right-padded model inputs and the per-token annotations of a list of sequences (a batch's rows)."""
+    """Right-padded model inputs and the per-token annotations (``ANNOTATIONS``) of a list of sequences (a
+    batch's rows)."""
+    import torch  # here: the corpus checks of a capture job run before torch is imported
+
     width = max(len(sequence.ids) for sequence in batch)
 
     def pad(values: list[list[int]], fill: int) -> torch.Tensor:
@@ -530,7 +596,5 @@ def collate(batch: list[TokenSequence],
 
     inputs = {"input_ids": pad([r.ids for r in batch], pad_id),
               "attention_mask": pad([[1] * len(r.ids) for r in batch], 0)}
-    annotations = {"doc_id": pad([r.doc_id for r in batch], -1),
-                   "char_start": pad([r.char_start for r in batch], -1),
-                   "char_end": pad([r.char_end for r in batch], -1)}
+    annotations = {name: pad([getattr(r, name) for r in batch], -1) for name in ANNOTATIONS}
     return inputs, annotations

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -69,11 +70,23 @@ def _convert_gguf(spec: ModelSpec, source: Path, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
+    _save_folder(model, tokenizer, target)
+
+
+def _save_folder(model: torch.nn.Module, tokenizer, target: Path) -> None:
+    """Save a model and its tokenizer as the transformers folder ``target``, all at once (a half-written
+    folder is never mistaken for a finished one), every file with the mode of a file created plainly."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # a half-written conversion is never mistaken for a finished one
+    # safetensors creates its weight files with mode 0600, whatever the umask; config.json was created
+    # plainly (0666 less the umask), like the rest of the cache.
+    mode = stat.S_IMODE((partial / "config.json").stat().st_mode)
+    for file in partial.iterdir():
+        if file.is_file():
+            file.chmod(mode)
+    partial.rename(target)
 
 
 def find_weights(spec: ModelSpec, allow_download: bool = False) -> tuple[Path | None, list[str]]:
@@ -143,6 +156,16 @@ def architecture_config(name_or_path: str | os.PathLike):
     except (OSError, ValueError) as error:
         raise ConfigError(f"model {path} is not a model folder with a readable transformers config.json "
                           f"({error})") from None
+
+
+def max_positions(model_config) -> int | None:
+    """The most positions a model of this transformers config can take (None: its config does not say), as
+    both the command line's --seq-len check and CaptureEngine's check of every batch read it."""
+    for name in ("max_position_embeddings", "n_positions"):
+        positions = getattr(model_config, name, None)
+        if isinstance(positions, int):
+            return positions
+    return None
 
 
 def meta_model(config) -> torch.nn.Module:

@@ -3,11 +3,33 @@
 Local folders. A store ``acts.zarr`` is locked with ``fcntl.flock`` on ``acts.zarr.lock`` beside it
 (beside, not inside, so that zarr tools listing the store see only zarr nodes). The kernel releases the lock
 when its last holder dies, so ``kill -9`` never leaves a stale lock. The capturing process hands its
-descriptor to the writer process, so the lock is held until both have exited: an orphaned writer still
-finishing a chunk keeps a resume out until it is gone (it exits within a second of its parent, see
-``engine.writer.protocol``). The lock file is never deleted (deleting it would let two processes lock two
-different files of the same name); it holds the holder's host, pid and start time, for the message a loser
-sees.
+descriptor to the writer process (one open file, shared), so the lock is held until both have closed it: an
+orphaned writer still finishing a chunk keeps a resume out until it is gone (it exits within a second of its
+parent, see ``engine.writer.protocol``). The file holds the holder's host, pid and start time, for the message
+a loser sees.
+
+The lock file goes with its last holder, and still no two processes ever lock two different files of the
+same name:
+
+1. Acquire: open (creating) the file, ``flock`` it, then check that the path still names the file locked
+   (``os.fstat`` of the descriptor and ``os.stat`` of the path: the same ``st_dev`` and ``st_ino``). A path
+   that is gone or names another file means a releasing holder removed this one after it was opened: close,
+   and start again from the open. So a lock counts only on the file the path names.
+2. Release: close this process's descriptor, then open the file the path names afresh and ``flock`` it
+   (non-blocking): granted, it proves that nobody holds the file any more, and the file is unlinked while
+   that lock is held. An acquirer that opened it just before then finds the path gone at step 1 and locks the
+   next file; one that opens the path after creates that next file. Refused (a writer process still
+   exiting, the next writer, a ``check_unlocked``), the file stays: the next holder removes it at its own
+   release.
+
+Why not unlink at once, while the capturing process still holds its descriptor: the writer process shares
+that lock, and may outlive the release (an orphan; a writer killed a moment before, whose descriptors close
+as it exits). Unlinked under its feet, the lock would no longer keep anyone out: a new writer would create
+and lock a new file of the same name while the old writer still wrote chunks. The fresh lock of step 2 is
+granted only once the writer process's copy is closed too. The engine releases after its writer process
+has exited, so a run's close removes the file (unless a check holds it at that moment). A forked child (a
+DataLoader worker) closes what it inherited and removes nothing (its parent holds the lock); a holder
+killed with ``kill -9`` leaves the file, never the lock.
 
 Object storage (``s3://`` and S3-compatible servers). Nothing is released when a process dies, so the lock is
 an object with a lease:
@@ -69,7 +91,8 @@ from engine.format.location import Location
 
 # A holder that died on this host leaves its writer process exiting for up to a second: wait that long.
 ORPHAN_GRACE_S = 5.0
-# ``check_unlocked`` holds a shared lock for microseconds: an acquirer that meets one tries again this long.
+# ``check_unlocked`` and a release's removal lock the file for microseconds: who meets either tries again this
+# long.
 PROBE_GRACE_S = 0.2
 # Seconds an object-storage lock lives without a heartbeat (see the module docstring for the choice).
 LEASE_S = 60.0
@@ -87,16 +110,18 @@ def _drop_inherited_locks() -> None:
     """In a forked child (a DataLoader worker, say): close the locks' descriptors, which would otherwise keep
     the parent's stores locked for as long as the child lives."""
     for lock in list(_HELD):
-        lock.release()
+        lock.close()  # and nothing more: the parent still holds the lock, so its file stays
 
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-def lock_path(location: Location) -> Path | None:
-    """The lock file of a local store (None for object storage)."""
+def lock_path(location: Location) -> Path:
+    """The lock file of a local store (object storage locks with an object, ``_LockObject``)."""
     root = location.local
-    return None if root is None else root.with_name(root.name + ".lock")
+    if root is None:
+        raise ValueError(f"{location} is not a local folder: it has no lock file")
+    return root.with_name(root.name + ".lock")
 
 
 def _owner() -> dict:
@@ -171,17 +196,72 @@ def _file_refusal(location: Location, holder: dict) -> str:
             "finish, or write to another output_dir (nothing was changed)")
 
 
-def _check_file_unlocked(location: Location) -> None:
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a releasing holder may have removed it, and
+    another process created a new one there, since ``fd`` was opened)."""
     try:
-        fd = os.open(lock_path(location), os.O_RDONLY | os.O_CLOEXEC)
+        named = os.stat(path)
     except FileNotFoundError:
-        return  # never locked
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two checks never refuse each other
-    except BlockingIOError:
-        holder = _file_holder(fd)
-        if not _exiting_orphan(holder):  # an orphan is gone within a second: acquire waits for it
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _lock_file(location: Location, operation: int, create: bool) -> int | None:
+    """Open the lock file and ``flock`` it with ``operation`` (non-blocking), trying again while a holder is
+    letting go (a release's removal holds it for microseconds, an exiting orphan for up to a second).
+
+    Returns:
+        The descriptor, locked, of the file the path names; None when there is no lock file and ``create``
+        is False.
+
+    Raises:
+        StoreLockedError: another process holds it.
+    """
+    path = lock_path(location)
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC
+    started = time.monotonic()
+    while True:
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _file_holder(fd)
+            os.close(fd)
+            waited = time.monotonic() - started
+            if waited < PROBE_GRACE_S or (_exiting_orphan(holder) and waited < ORPHAN_GRACE_S):
+                time.sleep(0.02)
+                continue
             raise StoreLockedError(_file_refusal(location, holder)) from None
+        if _names(path, fd):
+            return fd
+        os.close(fd)  # removed by its last holder after this open: lock the file the path names now
+
+
+def _check_file_unlocked(location: Location) -> None:
+    fd = _lock_file(location, fcntl.LOCK_SH, create=False)  # shared: two checks never refuse each other
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_unheld(path: Path) -> None:
+    """Unlink the lock file if no process holds it (the module docstring says why this is safe). A file
+    left behind is harmless: the next holder locks and later removes it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return  # gone already (the next holder removed it), or not ours to open
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _names(path, fd):
+            os.unlink(path)
+    except OSError:
+        pass  # held (BlockingIOError): by a writer process still exiting, the next writer or a check
     finally:
         os.close(fd)
 
@@ -214,20 +294,9 @@ class FileLock:
         """
         path = lock_path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _file_holder(fd)
-                os.close(fd)
-                waited = time.monotonic() - started
-                if waited < PROBE_GRACE_S or (_exiting_orphan(holder) and waited < ORPHAN_GRACE_S):
-                    time.sleep(0.02)
-                    continue
-                raise StoreLockedError(_file_refusal(location, holder)) from None
-            return cls(path, fd, cls._claim(fd))
+        fd = _lock_file(location, fcntl.LOCK_EX, create=True)
+        assert fd is not None  # None only when the file may not be created
+        return cls(path, fd, cls._claim(fd))
 
     @staticmethod
     def _claim(fd: int) -> dict:
@@ -243,11 +312,19 @@ class FileLock:
         """Always True: a kernel lock is never taken away from a live holder."""
         return True
 
-    def release(self) -> None:
-        """Give the lock up (the writer process's copy goes when it exits). Idempotent."""
+    def close(self) -> None:
+        """Close this process's descriptor and leave the file (a forked child: its parent holds the lock).
+        Idempotent."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def release(self) -> None:
+        """Give the lock up and remove the lock file, unless another process still holds it: a writer process
+        that has not exited keeps the lock, and then the file stays. Idempotent."""
+        if self.fd >= 0:
+            self.close()
+            _remove_unheld(self.path)
 
 
 # ---- object storage ---------------------------------------------------------------------------------------
