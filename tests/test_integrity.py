@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from engine.cli.main import main as cli_main
 from engine.format.layout import CommitRecord, Manifest, commit_record_key
 from engine.format.location import Location
 from engine.store.lifecycle import continue_store
+from engine.store.resume import find_resume_point
 
 from helpers import assert_statistics_match, ragged_batch, served_rows, tiny_model
 
@@ -235,6 +237,12 @@ def test_a_commit_record_of_another_chunk_is_refused(store, capsys):
     assert code == 2 and "chunk_000000000003/zarr.json" in report
 
 
+def _set_manifest_fields(store: Path, **fields) -> None:
+    doc = json.loads((store / "zarr.json").read_text())
+    doc["attributes"]["manifest"].update(fields)
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
 def _break_manifest_field(store: Path) -> None:
     doc = json.loads((store / "zarr.json").read_text())
     doc["attributes"]["manifest"]["committed_tokens"] = "many"
@@ -295,11 +303,39 @@ def test_resume_cuts_back_before_a_damaged_chunk_and_captures_it_again(store, da
         assert_statistics_match(store, key, resumed[key].shape[1])
 
 
+@pytest.mark.parametrize("damage", [None, "deleted chunk", "deleted flags chunk", "garbage chunk", "crash"])
+def test_the_resume_point_shown_is_the_one_a_resume_takes(store, damage):
+    """One decision (engine.store.resume.scan_committed): inspect and the command line's check before a job
+    read it from the flags alone, a resume verifies every chunk of every array. They agree unless the damage
+    is in another array's chunk or only a checksum shows it; then the resume continues earlier, never
+    later."""
+    if damage == "deleted chunk":
+        chunk_file(store, KEY, 3).unlink()
+    elif damage == "deleted flags chunk":
+        chunk_file(store, "tokens/flags", 3).unlink()
+    elif damage == "garbage chunk":
+        path = chunk_file(store, "layer_0/mlp_hidden", 3)
+        path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+    elif damage == "crash":  # the run died after chunk 4: nothing says complete, and sequence 5 is cut
+        _set_manifest_fields(store, status="open")
+        for index in (5, 6):
+            shutil.rmtree(store / commit_record_key(index).rsplit("/", 1)[0])
+    part = open_store(store).parts[0]
+    shown = find_resume_point(part.group, part.chunks, part.manifest)
+    compressor = part.manifest.compressor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "damaged committed chunks": tested above
+        taken = capture(store, resume=True, compressor=compressor).resume_sequences
+    expected = {None: (6, 6), "deleted chunk": (6, 2), "deleted flags chunk": (2, 2), "garbage chunk": (6, 2),
+                "crash": (4, 4)}[damage]
+    assert (shown.sequences, taken) == expected
+
+
 def test_a_resume_drops_every_record_from_the_cut_on_damaged_ones_too(store):
     for index in (3, 5):
         (store / commit_record_key(index)).write_text("{")
     with pytest.warns(RuntimeWarning, match="commits/chunk_000000000003/zarr.json.*not JSON"):
-        point = continue_store(Location.of(store), {"resume": {"at": "now"}})
+        point = continue_store(Location.of(store), started="now", writer={"since": "now"})
     assert (point.rows, point.sequences, point.committed_rows) == (18, 2, 24)
     assert sorted(path.parent.name for path in (store / "commits").glob("chunk_*/zarr.json")) == [
         "chunk_000000000000", "chunk_000000000001"]

@@ -50,6 +50,7 @@ from engine.capture.staging import BatchInfo, SlotPool, Stager
 from engine.errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from engine.format import layout
 from engine.format.encoding import encoding_of
+from engine.models.loading import max_positions
 from engine.store.lifecycle import mark_failed, release_reserve
 from engine.store.resume import ResumePoint
 from engine.writer.protocol import WriterSpec
@@ -59,17 +60,34 @@ _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16":
 
 @dataclasses.dataclass(frozen=True)
 class CaptureStats:
-    """A snapshot of a run's counters (``CaptureEngine.stats``)."""
+    """A snapshot of a run's counters (``CaptureEngine.stats``).
+
+    Attributes:
+        batches: forward passes staged and handed to the writer process.
+        tokens_staged: positions of those batches (batch size times sequence length), pad positions
+            included. Pads are never stored, so this exceeds ``tokens_committed`` even once every batch is
+            written: it counts work done, not tokens lost.
+        tokens_committed: rows committed to the store (real tokens only).
+        bytes_committed: those rows' bytes, before compression.
+        chunks_committed: chunks committed.
+        stall_seconds: time the forward pass waited for a free slot (backpressure).
+        queue_high_water: most batches handed to the writer process and not yet copied out.
+        queue_depth: batches handed over and not yet copied out, now.
+        slot_bytes: host memory held by staging slots.
+        elapsed_seconds: since the engine started.
+
+    Thread safety: immutable.
+    """
 
     batches: int
     tokens_staged: int
-    tokens_committed: int     # committed rows
+    tokens_committed: int
     bytes_committed: int
     chunks_committed: int
-    stall_seconds: float      # time the forward pass waited for a free slot (backpressure)
-    queue_high_water: int     # most batches handed to the writer process and not yet copied out
+    stall_seconds: float
+    queue_high_water: int
     queue_depth: int
-    slot_bytes: int           # host memory held by staging slots
+    slot_bytes: int
     elapsed_seconds: float
 
     @property
@@ -88,11 +106,11 @@ class CaptureStats:
         return self.bytes_committed / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.tokens_committed:,} tokens committed ({self.tokens_staged:,} staged in "
-                f"{self.batches:,} batches), {self.bytes_committed / 1e6:,.1f} MB in "
-                f"{self.chunks_committed:,} chunks, {self.mb_per_s:,.1f} MB/s, "
-                f"stalled {self.stall_seconds:.2f} s, queue high-water {self.queue_high_water}, "
-                f"slots {self.slot_bytes / 1e6:,.1f} MB")
+        return (f"{self.tokens_committed:,} tokens committed ({self.batches:,} batches staged: "
+                f"{self.tokens_staged:,} positions counting padding, which is never stored), "
+                f"{self.bytes_committed / 1e6:,.1f} MB in {self.chunks_committed:,} chunks, "
+                f"{self.mb_per_s:,.1f} MB/s, stalled {self.stall_seconds:.2f} s, "
+                f"queue high-water {self.queue_high_water}, slots {self.slot_bytes / 1e6:,.1f} MB")
 
 
 def _token_ids(model_config, name: str) -> list[int]:
@@ -100,14 +118,6 @@ def _token_ids(model_config, name: str) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    model_config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(getattr(model_config, name, None), int):
-            return getattr(model_config, name)
-    return None
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -189,11 +199,10 @@ class CaptureEngine:
                                                                    config.extra_modules)
                 self._point_count = len({point.key for point in self.points})
                 self._device = _model_device(model)
-                self._max_positions = _max_positions(model)
+                self._max_positions = max_positions(getattr(model, "config", None))
                 self._expected_widths = expected_widths(model, self.points)
                 self._keeps_cache = bool(getattr(getattr(model, "config", None), "use_cache", False))
-                # As its JSON document: engine.capture.opening merges manifests as dicts.
-                manifest = (build_manifest(model, config, self.points, tokenizer).to_json()
+                manifest = (build_manifest(model, config, self.points, tokenizer)
                             if config.sink == "zarr" else None)
             with self._on_every_rank():  # every rank's checks pass before any rank repairs or writes its part
                 if manifest is not None:
@@ -202,7 +211,7 @@ class CaptureEngine:
             with self._on_every_rank():  # a rank that failed here fails every rank; undo cleans up
                 resume = None
                 if self._destination is not None:
-                    resume = open_destination(self._destination, manifest)
+                    resume = open_destination(self._destination)
                     undo.callback(release_reserve, self._destination.location)
                 self._start_pipeline(model, tokenizer, resume, undo)
             undo.pop_all()
@@ -261,7 +270,7 @@ class CaptureEngine:
         statistics of one store follow one rule; a store's ratio itself must match, see manifest.py)."""
         stored = self._destination.stored if self._destination is not None else None
         ratio = self.config.outlier_norm_ratio
-        if stored is not None and layout.Manifest.of(stored, "a stored manifest").outlier_norm_ratio is None:
+        if stored is not None and stored.outlier_norm_ratio is None:
             if ratio is not None:
                 warnings.warn(f"{self.config.location} was captured without outlier flags "
                               "(outlier_norm_ratio None, or an engine before them): the resume goes on "

@@ -87,9 +87,7 @@ def _resume_fields(stored: Manifest, new: Manifest) -> Iterator[tuple[str, Any, 
            {k: v.get("module_path") for k, v in new.arrays.items()})
 
 
-def resume_mismatches(stored: Manifest | dict, new: Manifest | dict) -> list[str]:
-    """Every field a resumed store must share with this run and does not, as ``field: old vs new`` lines
-    (either manifest may come as its JSON document, as engine.capture.opening passes them)."""
-    stored, new = Manifest.of(stored, "the stored manifest"), Manifest.of(new, "this run's manifest")
+def resume_mismatches(stored: Manifest, new: Manifest) -> list[str]:
+    """Every field a resumed store must share with this run and does not, as ``field: old vs new`` lines."""
     return [f"{field}: the store has {old!r}, this run has {value!r}"
             for field, old, value in _resume_fields(stored, new) if old != value]

@@ -9,8 +9,9 @@ from typing import Any
 from engine.capture.config import CaptureConfig
 from engine.capture.manifest import now, resume_mismatches
 from engine.errors import EngineError, ResumeMismatchError, StorePathError
+from engine.format.layout import Manifest
 from engine.format.location import Location
-from engine.store.access import read_manifest
+from engine.store.access import load_manifest
 from engine.store.lifecycle import (
     check_location,
     clear_location,
@@ -56,6 +57,7 @@ class Destination:
 
     Attributes:
         location: the store (a multi-process store: this rank's part).
+        manifest: this run's manifest, as a new store starts with it (a part's names its rank).
         stored: the stored manifest when the run continues a store, else None.
         lock: held until the run's writer process has exited (None: a protocol without one).
 
@@ -63,7 +65,8 @@ class Destination:
     """
 
     location: Location
-    stored: dict | None
+    manifest: Manifest
+    stored: Manifest | None
     lock: StoreLock | None
 
     @property
@@ -77,7 +80,7 @@ class Destination:
             self.lock.release()
 
 
-def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Destination:
+def check_destination(config: CaptureConfig, manifest: Manifest, parts: Any) -> Destination:
     """Claim the store (distributed: rank 0 prepares the root, each rank claims its part) and, for a resume,
     check that the stored run matches this one. Changes nothing but an overwrite.
 
@@ -88,12 +91,12 @@ def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Dest
     if parts is not None:
         parts.prepare(location, manifest, config.overwrite, config.resume, config.break_lock)
         location = parts.part
-        manifest["part"] = {"rank": parts.rank, "world_size": parts.world_size}
+        manifest = dataclasses.replace(manifest, part={"rank": parts.rank, "world_size": parts.world_size})
     exists, held = claim(location, config.overwrite, config.resume, config.break_lock)
-    destination = Destination(location, None, held)
+    destination = Destination(location, manifest, None, held)
     if exists:
         try:
-            destination.stored = read_manifest(location)
+            destination.stored = load_manifest(location)
             mismatches = resume_mismatches(destination.stored, manifest)
             if mismatches:
                 raise ResumeMismatchError(f"cannot resume {location}: " + "; ".join(mismatches)
@@ -105,7 +108,7 @@ def check_destination(config: CaptureConfig, manifest: dict, parts: Any) -> Dest
     return destination
 
 
-def open_destination(destination: Destination, manifest: dict) -> ResumePoint | None:
+def open_destination(destination: Destination) -> ResumePoint | None:
     """Create the store, or repair it for a resume; returns where the run continues (None: a new store).
 
     Raises:
@@ -116,11 +119,9 @@ def open_destination(destination: Destination, manifest: dict) -> ResumePoint | 
     writer = dict(destination.lock.owner) if destination.lock is not None else {"since": now()}
     try:
         if destination.stored is None:
-            create_store(destination.location, {**manifest, "writers": [writer]})
+            create_store(destination.location, dataclasses.replace(destination.manifest, writers=[writer]))
             return None
-        writers = destination.stored.get("writers", []) + [writer]
-        resume = {"resume": {"at": manifest["created"]}, "writers": writers}
-        return continue_store(destination.location, resume)
+        return continue_store(destination.location, destination.manifest.created or now(), writer)
     except OSError as error:
         if isinstance(error, EngineError):  # refused before anything was changed (damage, a path problem)
             raise

@@ -154,13 +154,12 @@ class PartCoordinator:
             raise CaptureError("capture could not start on every rank, so this rank stops too: "
                                + "; ".join(failed))
 
-    def prepare(self, root: Location, manifest: Manifest | dict, overwrite: bool, resume: bool,
+    def prepare(self, root: Location, manifest: Manifest, overwrite: bool, resume: bool,
                 break_lock: bool) -> None:
         """Rank 0 locks and prepares the whole store (overwrite, resume checks, root documents); every rank
         learns where its part is (and locks it itself, ``opening.claim``)."""
         self.root = root
         self.part = root.child(layout.part_path(self.rank))
-        manifest = Manifest.of(manifest, f"the manifest for {root}")
         self._on_rank0(lambda: self._claim_root(manifest, overwrite, resume, break_lock))
 
     def _claim_root(self, manifest: Manifest, overwrite: bool, resume: bool, break_lock: bool) -> None:

@@ -281,6 +281,10 @@ class _ReadsLikeJson:
     """Read access by the JSON document's keys (``manifest["statistics"]``, ``record["token_count"]``), beside
     the attributes: what callers of the dict records of format version 1 wrote keeps working."""
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (each subclass writes its own)."""
+        raise NotImplementedError
+
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
 
@@ -497,11 +501,6 @@ class Manifest(_ReadsLikeJson):
                   for field in dataclasses.fields(cls) if field.name != "unknown"}
         unknown = {key: value for key, value in doc.items() if key not in {*values, "format"}}
         return cls(**values, unknown=unknown)
-
-    @classmethod
-    def of(cls, manifest: Manifest | Mapping, where: str) -> Manifest:
-        """A Manifest, or the manifest of a JSON document (for callers that still pass dicts: opening.py)."""
-        return manifest if isinstance(manifest, Manifest) else cls.from_json(dict(manifest), where)
 
 
 def _default(field: dataclasses.Field) -> Any:

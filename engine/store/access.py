@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 import zarr
+from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -30,13 +31,13 @@ def _json_bytes(doc: dict) -> Any:
     return default_buffer_prototype().buffer.from_bytes(json.dumps(doc, sort_keys=True).encode())
 
 
-def put_json(store: zarr.abc.store.Store, key: str, doc: dict) -> None:
+def put_json(store: Store, key: str, doc: dict) -> None:
     """One object write (LocalStore writes a temp file and renames it: no torn record after SIGKILL)."""
     sync(store.set(key, _json_bytes(doc)))
 
 
 def put_document(location: Location, key: str, doc: dict, durable: bool = True,
-                 store: zarr.abc.store.Store | None = None) -> None:
+                 store: Store | None = None) -> None:
     """One JSON document: a local store's with ``write_file_atomic`` (on disk before this returns when
     ``durable``, the default: a multi-process store's root and group documents, written once or twice a
     run, are what opens it), an object store's as one PUT (through ``store`` when one is open)."""
@@ -72,7 +73,7 @@ def metadata_of(where: str, what: str):
                                f"({type(error).__name__}: {error}). The fix: {_METADATA_FIX}") from error
 
 
-def open_group(location: Location, mode: str = "r") -> zarr.Group:
+def open_group(location: Location, mode: Literal["r", "r+"] = "r") -> zarr.Group:
     """A store's root group (``mode`` "r" opens it read-only).
 
     Raises:
@@ -116,7 +117,7 @@ def manifest_of(group: zarr.Group) -> Manifest:
     return Manifest.from_json(group.attrs.get(layout.MANIFEST_ATTR), where)
 
 
-def read_commit_records(store: zarr.abc.store.Store, where: str, manifest: Manifest,
+def read_commit_records(store: Store, where: str, manifest: Manifest,
                         damaged: list[str] | None = None) -> dict[int, CommitRecord]:
     """All commit records in a store (at ``where``, for messages), by chunk index (not always contiguous).
 
@@ -140,7 +141,7 @@ def read_commit_records(store: zarr.abc.store.Store, where: str, manifest: Manif
     return records
 
 
-def record_indices(store: zarr.abc.store.Store) -> list[int]:
+def record_indices(store: Store) -> list[int]:
     """Indices of the chunks that have a commit record (damaged or not), in order."""
     names = sync(_list_dir(store, layout.COMMITS_GROUP))
     return sorted(i for i in map(layout.chunk_index_of, names) if i is not None)
@@ -156,7 +157,7 @@ def committed_prefix(records: dict[int, CommitRecord]) -> list[CommitRecord]:
 
     A partial chunk (a resumed store's last chunk, until it is rewritten whole) ends the prefix.
     """
-    prefix = []
+    prefix: list[CommitRecord] = []
     while len(prefix) in records:
         record = records[len(prefix)]
         if prefix and record.row_start != prefix[-1].row_stop:
@@ -165,11 +166,11 @@ def committed_prefix(records: dict[int, CommitRecord]) -> list[CommitRecord]:
     return prefix
 
 
-def delete_key(store: zarr.abc.store.Store, key: str) -> None:
+def delete_key(store: Store, key: str) -> None:
     sync(store.delete(key))
 
 
-def delete_array(store: zarr.abc.store.Store, key: str) -> None:
+def delete_array(store: Store, key: str) -> None:
     """Remove an array node and its chunks."""
     sync(store.delete_dir(key))
 
@@ -208,7 +209,3 @@ def load_manifest(location: Location) -> Manifest:
     return Manifest.from_json(_root_attributes(location).get(layout.MANIFEST_ATTR), f"{location}/zarr.json")
 
 
-def read_manifest(location: Location) -> dict:
-    """``load_manifest`` as its JSON document, for code that merges manifests as dicts
-    (engine.capture.opening)."""
-    return load_manifest(location).to_json()

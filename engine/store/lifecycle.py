@@ -7,12 +7,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
+import zarr.codecs
+from zarr.abc.store import Store
 from zarr.core.sync import sync
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 from engine.errors import StoreExistsError, StorePathError
 from engine.format import layout
@@ -37,7 +44,7 @@ from engine.store.access import (
 from engine.store.resume import ResumePoint, scan_committed
 
 # Without this, zarr compares every chunk with the fill value before writing it (~0.4 GB/s cap).
-ARRAY_CONFIG = {"write_empty_chunks": True}
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def _check_existing(location: Location, exists: bool, overwrite: bool, resume: bool) -> None:
@@ -70,10 +77,26 @@ def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
     if not parent.is_dir():
         raise StorePathError(f"cannot create {path}: {parent} is a file, not a folder; choose another "
                              "output_dir")
-    if not os.access(parent, os.W_OK):
-        raise StorePathError(f"cannot write under {parent} (read-only or no permission): choose an "
-                             "output_dir in a writable folder")
+    _check_writable(parent, exists)
     return exists
+
+
+def _check_writable(folder: Path, exists: bool) -> None:
+    """Refuse a folder where the store cannot be written. For a new store a folder is made and removed in
+    ``folder`` (the nearest existing one): permission bits cannot tell, root passes them on /proc, /sys or a
+    read-only mount. An existing store's own folder is not probed (a reader listing it would see the
+    probe)."""
+    problem = None
+    if exists:
+        problem = None if os.access(folder, os.W_OK) else "read-only or no permission"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".actcap-write-check-", dir=folder))
+        except OSError as error:
+            problem = error.strerror or str(error)
+    if problem is not None:
+        raise StorePathError(f"cannot write under {folder} ({problem}): put the store in a folder you "
+                             "can write")
 
 
 def _first_link(folder: Path) -> Path | None:
@@ -140,10 +163,9 @@ def create_array(group: zarr.Group, key: str, rows: int, row_shape: tuple[int, .
                               config=ARRAY_CONFIG)
 
 
-def create_store(location: Location, manifest: Manifest | dict) -> None:
+def create_store(location: Location, manifest: Manifest) -> None:
     """A new, empty store: the root group with its manifest, the commits group and the per-token arrays (the
     activation arrays come with the first batch, when their widths are known)."""
-    manifest = Manifest.of(manifest, f"the manifest for {location}")
     # "w-", not "w": prepare_location already checked and cleared the location, and "w" would delete
     # everything under the store's root first (for an object store, a whole prefix).
     group = zarr.open_group(location.zarr_store(), mode="w-",
@@ -155,7 +177,7 @@ def create_store(location: Location, manifest: Manifest | dict) -> None:
     _reserve_space(location)
 
 
-def continue_store(location: Location, updates: dict) -> ResumePoint:
+def continue_store(location: Location, started: str, writer: dict) -> ResumePoint:
     """Make a crashed or closed store continuable and return where to continue.
 
     Reads the committed chunks once (``resume.scan_committed``): each is verified (size and CRC32C), the store
@@ -169,8 +191,9 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
     sequence ended yet) the activation arrays, which the first batch creates again.
 
     Args:
-        updates: ``{"resume": {...}, "writers": [...]}``: this resume's entry (the rows kept are added to it)
-            and the manifest fields that change (engine.capture.opening).
+        started: when this run started (its manifest's ``created``): the manifest's new ``resumes`` entry
+            says it, with the rows kept and dropped.
+        writer: this run's entry for the manifest's ``writers`` (the lock's owner record).
     """
     store = location.zarr_store()
     group = open_group(location, mode="r+")
@@ -190,13 +213,14 @@ def continue_store(location: Location, updates: dict) -> ResumePoint:
                       "again:\n  " + "\n  ".join(point.damaged), RuntimeWarning, stacklevel=2)
     # Open first: a crash during the repair below must not leave a "complete" manifest over a shortened
     # prefix.
-    group.update_attributes({layout.MANIFEST_ATTR: _resumed_manifest(stored, own, updates, point).to_json()})
+    resumed = _resumed_manifest(stored, own, started, writer, point)
+    group.update_attributes({layout.MANIFEST_ATTR: resumed.to_json()})
     _cut_back(location, store, group, stored, point)
     _reserve_space(location)
     return point if point.rows else ResumePoint(0, 0, 0)
 
 
-def _cut_back(location: Location, store: zarr.abc.store.Store, group: zarr.Group, stored: Manifest,
+def _cut_back(location: Location, store: Store, group: zarr.Group, stored: Manifest,
               point: ResumePoint) -> None:
     """Drop the records (damaged ones too) from the cut chunk on, highest first; temp files; and arrays that
     do not go on."""
@@ -218,16 +242,15 @@ def _cut_back(location: Location, store: zarr.abc.store.Store, group: zarr.Group
             create_array(group, key, 0, (), dtype, stored.chunk_tokens, stored.compressor, {})
 
 
-def _resumed_manifest(stored: Manifest, own: dict[str, np.dtype], updates: dict,
+def _resumed_manifest(stored: Manifest, own: dict[str, np.dtype], started: str, writer: dict,
                       point: ResumePoint) -> Manifest:
-    entry = {**updates["resume"], "status_before": stored.status, "rows": point.rows,
-             "sequences": point.sequences, "dropped_rows": point.committed_rows - point.rows}
+    entry = {"at": started, "status_before": stored.status, "rows": point.rows, "sequences": point.sequences,
+             "dropped_rows": point.committed_rows - point.rows}
     if point.damaged:
         entry["damaged_chunks"] = list(point.damaged)
-    changes = {key: value for key, value in updates.items() if key != "resume"}
     return dataclasses.replace(stored, token_arrays={key: str(dtype) for key, dtype in own.items()},
-                               resumes=[*stored.resumes, entry], status=layout.STATUS_OPEN, error=None,
-                               **changes)
+                               resumes=[*stored.resumes, entry], writers=[*stored.writers, writer],
+                               status=layout.STATUS_OPEN, error=None)
 
 
 def mark_failed(location: Location, error: str) -> None:

@@ -20,11 +20,15 @@ import dataclasses
 import numpy as np
 import zarr
 
+from engine.errors import StoreFormatError
 from engine.format import layout
 from engine.format.chunks import chunk_problem, describe
 from engine.format.encoding import encoding_of
 from engine.format.layout import CommitRecord, Manifest
 from engine.format.statistics import ChunkMoments, Statistics, chunk_summary, decodable
+
+_FLAGS = "tokens/flags"
+_SEQUENCES = "tokens/sequence"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,22 +66,20 @@ def closing_ends(flags: np.ndarray, open_before: int) -> tuple[np.ndarray, int]:
 
 
 def find_resume_point(group: zarr.Group, prefix: list[CommitRecord], manifest: Manifest) -> ResumePoint:
-    """The last sequence end that leaves no sequence open within the committed prefix, from its flags (no
-    verification: ``inspect`` shows it; a resume uses ``scan_committed``)."""
-    committed = prefix[-1].row_stop if prefix else 0
-    if manifest.status == layout.STATUS_COMPLETE and committed == manifest.committed_tokens:
-        return ResumePoint(committed, manifest.sequences, committed)
-    flags, open_sequences, last_end = group["tokens/flags"], 0, None
-    for number, record in enumerate(prefix):
-        ends, open_sequences = closing_ends(flags[record.row_start:record.row_stop], open_sequences)
-        if ends.size:
-            last_end = (number, record.row_start + int(ends[-1]))
-    if last_end is None:
-        return ResumePoint(0, 0, committed)
-    number, row = last_end
-    highest = max([int(group["tokens/sequence"][prefix[number].row_start:row + 1].max()),
-                   *(record.last_sequence for record in prefix[:number])])
-    return ResumePoint(row + 1, highest + 1, committed)
+    """Where a resume of this store (part) would continue, without verifying its chunks' checksums (what
+    ``inspect`` shows, and what the command line checks a job against before it starts): the decision of
+    ``scan_committed``, made from the ``tokens/flags`` column alone. It reads 1 byte per row; a resume's
+    verified scan agrees on every store whose committed chunks are intact, and on a damaged one continues
+    earlier, before the damage."""
+    return scan_committed({_FLAGS: _array(group, _FLAGS)}, prefix, manifest, verify=False,
+                          sequences=_array(group, _SEQUENCES))
+
+
+def _array(group: zarr.Group, key: str) -> zarr.Array:
+    node = group[key]
+    if not isinstance(node, zarr.Array):
+        raise StoreFormatError(f"{group.store_path}/{key} is a group; expected the array {key}")
+    return node
 
 
 @dataclasses.dataclass
@@ -88,9 +90,8 @@ class _Scan:
     statistics: Statistics
     chunk_tokens: int
     outlier_ratio: float | None
-    last_end: tuple[int, int] | None = None   # (row, highest sequence up to it) of the last closing end read
+    last_end: tuple[int, int] | None = None   # (row, record number in the prefix) of the last closing end
     open_sequences: int = 0                   # sequences begun and not ended after the rows read
-    highest_sequence: int = -1
     committed: int = 0
     pending: list[tuple[int, dict[str, tuple[layout.ChunkStats, ChunkMoments]]]] = dataclasses.field(
         default_factory=list)
@@ -104,26 +105,35 @@ class _Scan:
                 self.statistics.add(key, moments, summary)
 
 
-def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord],
-                   manifest: Manifest) -> ResumePoint:
-    """Read every chunk of the committed prefix once, in order: verify it (size and CRC32C of every array in
-    ``arrays``: the activation arrays and the capture's own token arrays), stop at the first damaged one, and
-    return the resume point within the intact chunks with the statistics of the whole chunks before it."""
+def scan_committed(arrays: dict[str, zarr.Array], prefix: list[CommitRecord], manifest: Manifest,
+                   verify: bool = True, sequences: zarr.Array | None = None) -> ResumePoint:
+    """Read every chunk of the committed prefix once, in order: check it (its size; with ``verify`` the
+    CRC32C of every array in ``arrays``: the activation arrays and the capture's own token arrays), stop at
+    the first damaged one, and return the resume point within the intact chunks with the statistics of the
+    whole chunks before it (None without ``verify``).
+
+    Args:
+        arrays: at least ``tokens/flags``; the activation arrays among them get statistics.
+        sequences: the ``tokens/sequence`` array (default: ``arrays``'): only the rows of the chunk holding
+            the resume point are read from it; the chunks before say their highest sequence in their
+            records.
+    """
     activations = {key: array for key, array in arrays.items() if key in manifest.arrays}
     widths = {key: array.shape[1] for key, array in activations.items()}
     scan = _Scan(Statistics(widths), manifest.chunk_tokens, manifest.outlier_norm_ratio)
     buffers = {key: np.empty((manifest.chunk_tokens, *array.shape[1:]), dtype=array.dtype)
                for key, array in arrays.items()}
     damaged: list[str] = []
-    for record in prefix:
-        rows = _read_verified(arrays, buffers, record, damaged)
+    for number, record in enumerate(prefix):
+        rows = _read_checked(arrays, buffers, record, damaged, verify)
         if rows is None:
             break
-        _measure(scan, record, rows, activations, manifest.dtype)
-    point = _point(scan, manifest, intact=not damaged and scan.committed == manifest.committed_tokens)
+        _measure(scan, number, record, rows, activations, manifest.dtype)
+    intact = not damaged and scan.committed == manifest.committed_tokens
+    point = _point(scan, manifest, intact, prefix, arrays[_SEQUENCES] if sequences is None else sequences)
     scan.keep_whole_chunks_before(point.rows)
-    return dataclasses.replace(point, statistics=scan.statistics.to_json(), damaged=tuple(damaged),
-                               kept_errors=_kept_errors(prefix, point.rows, manifest))
+    return dataclasses.replace(point, statistics=scan.statistics.to_json() if verify else None,
+                               damaged=tuple(damaged), kept_errors=_kept_errors(prefix, point.rows, manifest))
 
 
 def _kept_errors(prefix: list[CommitRecord], rows: int, manifest: Manifest) -> dict | None:
@@ -136,13 +146,13 @@ def _kept_errors(prefix: list[CommitRecord], rows: int, manifest: Manifest) -> d
     return {key: (stats.squared_error or 0.0, stats.squared_norm or 0.0) for key, stats in cut.stats.items()}
 
 
-def _read_verified(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], record: CommitRecord,
-                   damaged: list[str]) -> dict[str, np.ndarray] | None:
+def _read_checked(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], record: CommitRecord,
+                  damaged: list[str], verify: bool) -> dict[str, np.ndarray] | None:
     """One chunk's committed rows of every array, or None (and ``damaged`` says why) when it is not intact."""
     rows = {}
     for key, array in arrays.items():
         out = buffers[key][:record.token_count]
-        problem = chunk_problem(array, record.chunk_index, record.files.get(key), out, verify=True)
+        problem = chunk_problem(array, record.chunk_index, record.files.get(key), out, verify=verify)
         if problem is not None:
             damaged.append(describe(array, record.chunk_index, problem))
             return None
@@ -150,32 +160,36 @@ def _read_verified(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray]
     return rows
 
 
-def _measure(scan: _Scan, record: CommitRecord, rows: dict[str, np.ndarray],
+def _measure(scan: _Scan, number: int, record: CommitRecord, rows: dict[str, np.ndarray],
              activations: dict[str, zarr.Array], dtype: str) -> None:
-    """Note an intact chunk's last closing sequence end and its moments; merge the chunks now known to be
-    kept."""
-    flags = rows["tokens/flags"]
+    """Note an intact chunk's (the prefix's ``number``-th) last closing sequence end and its moments; merge
+    the chunks now known to be kept."""
+    flags = rows[_FLAGS]
     ends, scan.open_sequences = closing_ends(flags, scan.open_sequences)
-    highest = np.maximum.accumulate(rows["tokens/sequence"])
     if ends.size:
-        scan.last_end = (record.row_start + int(ends[-1]), max(scan.highest_sequence, int(highest[ends[-1]])))
-    if highest.size:
-        scan.highest_sequence = max(scan.highest_sequence, int(highest[-1]))
+        scan.last_end = (record.row_start + int(ends[-1]), number)
     scan.committed = record.row_stop
-    summaries = {key: chunk_summary(decodable(rows, key, dtype), dtype, flags,
-                                    outlier_ratio=scan.outlier_ratio)[:2]
-                 for key in activations}
+    summaries = {}
+    for key in activations:
+        summary, moments, _ = chunk_summary(decodable(rows, key, dtype), dtype, flags,
+                                            outlier_ratio=scan.outlier_ratio)
+        assert moments is not None  # chunk_summary's default: moments=True
+        summaries[key] = (summary, moments)
     scan.pending.append((record.chunk_index, summaries))
     if scan.last_end is not None:
         scan.keep_whole_chunks_before(scan.last_end[0] + 1)
 
 
-def _point(scan: _Scan, manifest: Manifest, intact: bool) -> ResumePoint:
+def _point(scan: _Scan, manifest: Manifest, intact: bool, prefix: list[CommitRecord],
+           sequences: zarr.Array) -> ResumePoint:
     """A complete store whose every chunk is intact continues after its last row; any other after its last
-    sequence end."""
+    sequence end, with every sequence up to the highest one stored by then handled (a decode loop interleaves
+    its sequences row by row, so the highest is not always the last row's)."""
     if intact and manifest.status == layout.STATUS_COMPLETE:
         return ResumePoint(scan.committed, manifest.sequences, scan.committed)
     if scan.last_end is None:
         return ResumePoint(0, 0, scan.committed)
-    row, sequence = scan.last_end
-    return ResumePoint(row + 1, sequence + 1, scan.committed)
+    row, number = scan.last_end
+    highest = max([int(np.asarray(sequences[prefix[number].row_start:row + 1]).max()),
+                   *(record.last_sequence for record in prefix[:number])])
+    return ResumePoint(row + 1, highest + 1, scan.committed)
