@@ -21,8 +21,10 @@ import torch
 import engine
 import engine.writer.server
 from engine import CaptureConfig, CaptureEngine, open_store
+from engine.store.sink import NullSink, ZarrSink
+from engine.writer.server import sink_class
 
-from fakes import GATE_ENV
+from fakes import GATE_ENV, SlowSink
 from helpers import expected_rows, ragged_batch, reference_capture, tiny_model
 
 
@@ -64,7 +66,7 @@ def test_a_killed_writer_process_is_reported_at_the_next_call(next_call, tmp_pat
     lock = tmp_path / "s.zarr.lock"
     CaptureEngine(model, CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=8,
                                        resume=True)).close()  # the lock was released
-    assert lock.exists()
+    assert not lock.exists(), "and its file removed by the resume's close"
 
 
 def test_nothing_is_left_running_after_close(tmp_path):
@@ -90,6 +92,24 @@ def test_a_writer_that_cannot_open_the_store_fails_the_run(tmp_path, monkeypatch
                 model(**ragged_batch(2, 6, seed=seed))
     assert open_store(cfg.output_dir).status == "failed"
     assert not (tmp_path / "s.zarr.reserve").exists()
+
+
+@pytest.mark.parametrize(("path", "why"), [
+    ("engine.store.sink.ZarrSink", "is not 'module:Class'"),
+    ("engine.store.no_such_module:ZarrSink", "cannot be imported"),
+    ("engine.store.sink:NoSuchSink", "has no class NoSuchSink"),
+    ("engine.store.sink:_FLAGS", "has no class _FLAGS"),
+    ("collections:OrderedDict", "lacks open, point_arrays, all_arrays, create_point_arrays, write_chunk"),
+])
+def test_a_sink_that_is_no_sink_class_is_refused_by_name(path, why):
+    with pytest.raises(engine.ConfigError, match=why):
+        sink_class(path)
+
+
+def test_the_sinks_a_spec_may_name_are_sinks():
+    assert sink_class("engine.store.sink:ZarrSink") is ZarrSink
+    assert sink_class("engine.store.sink:NullSink") is NullSink
+    assert sink_class("fakes:SlowSink") is SlowSink  # a test's own, a ZarrSink with its methods
 
 
 def test_a_writer_that_cannot_start_answers_a_close_sent_with_its_spec(tmp_path, monkeypatch):

@@ -35,7 +35,21 @@ import torch
 from engine.capture.staging import Slot, SlotPool
 from engine.errors import CaptureError
 from engine.writer.channel import ChannelClosed, channel_pair
-from engine.writer.protocol import WriterSpec
+from engine.writer.protocol import (
+    Batch,
+    Buffer,
+    Close,
+    Closed,
+    Dims,
+    Failure,
+    Flush,
+    Flushed,
+    Free,
+    NonFinite,
+    Totals,
+    ToWriter,
+    WriterSpec,
+)
 
 _LIVENESS_CHECK_S = 0.05
 _EXIT_WAIT_S = 30.0
@@ -110,15 +124,14 @@ class WriterProcess:
         self._flush_requests = 0
         self._flushed = 0
         self._dead = False
-        self._closed_reply: dict | None = None
-        self._warned_nonfinite = False
+        self._closed_reply: Closed | None = None
         self._handoff: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._waiting_since: float | None = None  # when the handoff thread began waiting on a batch's copies
         self._handoff_stopped = False
         try:
-            self._channel.send(("spec", spec))
+            self._channel.send(spec)
             if cuda_device is not None:
                 self._handoff = queue.SimpleQueue()
                 self._thread = threading.Thread(target=self._forward_batches, args=(cuda_device,),
@@ -133,12 +146,12 @@ class WriterProcess:
         """Hand the writer process the slot buffers it has not seen (new or grown)."""
         for name in slot.unannounced:
             buffer = slot.buffers[name]
-            self._send(("buffer", slot.index, name, buffer.nbytes), fds=(buffer.fd,))
+            self._send(Buffer(slot.index, name, buffer.nbytes), fds=(buffer.fd,))
         slot.unannounced.clear()
 
     def send_dims(self, dims: dict[str, int]) -> None:
         """The points' widths, once, before the first batch."""
-        self._send(("dims", dims))
+        self._send(Dims(dims))
 
     def submit(self, slot: Slot) -> None:
         """Hand over a fully staged slot (its buffers announced)."""
@@ -147,13 +160,13 @@ class WriterProcess:
         in_flight = self._pool.in_flight
         if in_flight > progress.in_flight_high_water:
             progress.in_flight_high_water = in_flight
-        message = ("batch", slot.index, *slot.batch)
+        message = Batch(slot.index, slot.batch)
         if self._handoff is None:
             self._send(message)
         else:
             self._handoff.put((slot, message))
 
-    def _send(self, message: tuple, fds: tuple[int, ...] = ()) -> None:
+    def _send(self, message: ToWriter, fds: tuple[int, ...] = ()) -> None:
         """Send now; a writer process that is gone is reported as its death (a CaptureError), not a pipe
         error."""
         try:
@@ -163,7 +176,7 @@ class WriterProcess:
             self.check()
             raise
 
-    def _send_in_order(self, message: tuple) -> None:
+    def _send_in_order(self, message: ToWriter) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._send(message)
         else:
@@ -262,30 +275,33 @@ class WriterProcess:
             for message in messages:
                 self._handle(message)
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "free":
-            self._pool.give_back(message[1])
-        elif kind == "progress":
-            (_, self.progress.tokens_committed, self.progress.bytes_committed,
-             self.progress.chunks_committed) = message
-        elif kind == "flushed":
-            self._flushed = max(self._flushed, message[1])
-        elif kind == "nonfinite" and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"{message[1]}: {message[2]} non-finite values in one chunk (stored as they are, "
-                          "counted per chunk in the commit records); if this is float16 overflow, capture "
-                          "with dtype='float32' or 'bfloat16'", RuntimeWarning, stacklevel=4)
-        elif kind == "error" and self._error is None:
-            _, cause, text = message
-            self._error = CaptureError(f"capture writer failed: {cause!r}\n"
-                                       f"--- traceback in the writer process ---\n{text}")
-            self._error.__cause__ = cause
-        elif kind == "closed":
-            self._closed_reply = message[1]
+    def _handle(self, message: object) -> None:
+        match message:
+            case Free():  # once per forward: no capture pattern, whose lookups cost more than the attribute
+                self._pool.give_back(message.slot)
+            case Totals(tokens, nbytes, chunks):
+                self.progress.tokens_committed = tokens
+                self.progress.bytes_committed = nbytes
+                self.progress.chunks_committed = chunks
+            case Flushed(request):
+                self._flushed = max(self._flushed, request)
+            case NonFinite(key, count):  # the writer pool sends it once per run
+                warnings.warn(f"{key}: {count} non-finite values in one chunk (stored as they are, counted "
+                              "per chunk in the commit records); if this is float16 overflow, capture with "
+                              "dtype='float32' or 'bfloat16'", RuntimeWarning, stacklevel=4)
+            case Failure(cause, text) if self._error is None:
+                self._error = CaptureError(f"capture writer failed: {cause!r}\n"
+                                           f"--- traceback in the writer process ---\n{text}")
+                self._error.__cause__ = cause
+            case Failure():
+                pass  # a later failure: the first one is the run's
+            case Closed():
+                self._closed_reply = message
+            case _:
+                raise TypeError(f"the capturing process cannot handle {message!r}: not a message to it")
 
     def _died(self) -> None:
-        """The channel closed without a ``closed`` reply: the writer process is gone."""
+        """The channel closed without a Closed reply: the writer process is gone."""
         self._dead = True
         if self._error is not None or self._closed_reply is not None:
             return
@@ -319,7 +335,7 @@ class WriterProcess:
         """Wait until every submitted batch is in chunk buffers and every full chunk is committed."""
         self._flush_requests += 1
         request = self._flush_requests
-        self._send_in_order(("flush", self.progress.submitted, request))
+        self._send_in_order(Flush(self.progress.submitted, request))
         self._wait(lambda: self._flushed >= request)
 
     # ---- shutdown ------------------------------------------------------------------------------
@@ -331,7 +347,7 @@ class WriterProcess:
             self._stop_handoff()
             self._adopt_thread_error()
             if not self._dead:
-                self._send(("close", failed or self._thread_error is not None, sequences))
+                self._send(Close(failed or self._thread_error is not None, sequences))
             while self._closed_reply is None and not self._dead:
                 self._receive(_LIVENESS_CHECK_S)
         except CaptureError:  # it was gone before the close message could be sent: raised below
@@ -366,7 +382,7 @@ class WriterProcess:
     @property
     def finalized(self) -> bool:
         """The writer process published the final manifest."""
-        return bool(self._closed_reply and self._closed_reply.get("finalized"))
+        return self._closed_reply is not None and self._closed_reply.finalized
 
     @property
     def error(self) -> CaptureError | None:

@@ -1,7 +1,8 @@
 """Staging: device activations -> host slots in shared memory, without making the compute stream wait.
 
 A slot holds one batch: its token ids and attention mask (packed in one ``(2, batch, seq)`` buffer), its
-annotations and one buffer per captured point. Every buffer is an anonymous shared-memory file (memfd) mapped
+annotations and one buffer per captured point (their names and sizes: ``engine.writer.protocol.SlotLayout``,
+shared with the writer process). Every buffer is an anonymous shared-memory file (memfd) mapped
 here and, once its descriptor has been handed over, in the writer process: the writer reads the rows where the
 hooks put them, with no copy in between.
 
@@ -54,7 +55,13 @@ import torch
 from engine.capture.encoder import encode_rows
 from engine.errors import BatchError, HookPointError
 from engine.format.encoding import Encoding
-from engine.writer.protocol import BatchInfo
+from engine.writer.protocol import (
+    TOKENS_BUFFER,
+    BatchInfo,
+    SlotLayout,
+    annotation_buffer,
+    point_buffer,
+)
 
 PAGE = mmap.PAGESIZE
 VIEW_SHAPES = 8  # batch shapes whose views a slot keeps (a run with dynamic padding has many)
@@ -177,34 +184,22 @@ def release_each(items) -> None:
         raise first
 
 
-TOKENS = "tokens"
-
-
-def annotation_buffer_name(name: str) -> str:
-    return f"annotation/{name}"
-
-
-def point_buffer_name(key: str) -> str:
-    return f"point/{key}"
-
-
 class Slot:
     """Shared host buffers for one batch.
 
-    ``views`` maps ``"tokens"`` (2, batch, seq), ``"ids"``, ``"mask"``, ``"annotation/<name>"`` and each
-    point's key to its view for the current batch's shape (made once per shape; a steady run adds no view op).
+    ``views`` maps the tokens' and each annotation's buffer name (``SlotLayout``), ``"ids"``, ``"mask"`` and
+    each point's key to its view for the current batch's shape (made once per shape; a steady run adds no
+    view op).
 
     Thread safety: owned by one side at a time: the forward process from ``SlotPool.take`` until it is handed
     to the writer process, which hands it back when its rows are copied out.
     """
 
-    def __init__(self, index: int, pin_device: torch.device | None, dtype: torch.dtype,
-                 annotations: tuple[str, ...], encoding: Encoding | None = None):
+    def __init__(self, index: int, pin_device: torch.device | None, dtype: torch.dtype, layout: SlotLayout):
         self.index = index
         self._pin_device = pin_device
         self._dtype = dtype
-        self._encoding = encoding
-        self._annotations = annotations
+        self._layout = layout
         self.capacity = 0
         self.buffers: dict[str, SharedBuffer] = {}
         self.unannounced: list[str] = []   # buffers the writer process has not been sent yet
@@ -254,24 +249,12 @@ class Slot:
         """Allocate every buffer for ``tokens`` tokens (``dims``: the point widths known so far, besides those
         of points this slot staged in a forward that failed before the first batch was handed over)."""
         dims = {**self.dims, **dims}
-        sizes = {TOKENS: 2 * tokens * 8}
-        sizes.update({annotation_buffer_name(name): tokens * 8 for name in self._annotations})
-        sizes.update({point_buffer_name(key): self.point_bytes(tokens, dim) for key, dim in dims.items()})
         try:
-            self._allocate(sizes)
+            self._allocate(self._layout.sizes(tokens, dims))
         except BaseException:
             self.release()  # a slot grows only while free (no copy in flight): empty, the next batch retries
             raise
         self.capacity, self.dims = tokens, dims
-
-    def row_width(self, dim: int) -> int:
-        """Elements of one row of a point ``dim`` wide in its buffer (an 8-bit encoding's: its slot row's
-        bytes)."""
-        return self._encoding.slot_row_bytes(dim) if self._encoding is not None else dim
-
-    def point_bytes(self, tokens: int, dim: int) -> int:
-        """Bytes of the buffer of a point ``dim`` wide for ``tokens`` tokens."""
-        return tokens * self.row_width(dim) * self._dtype.itemsize
 
     def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
         """Start a batch (it is the slot's batch even if growing fails): grow the buffers if it is larger than
@@ -296,15 +279,15 @@ class Slot:
         return self.buffers[name].typed(dtype, count).view(shape)
 
     def _make_views(self, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-        tokens = self._typed_view(TOKENS, torch.int64, (2, *shape))
-        views = self._views_by_shape[shape] = {TOKENS: tokens, "ids": tokens[0], "mask": tokens[1]}
+        tokens = self._typed_view(TOKENS_BUFFER, torch.int64, (2, *shape))
+        views = self._views_by_shape[shape] = {TOKENS_BUFFER: tokens, "ids": tokens[0], "mask": tokens[1]}
         if len(self._views_by_shape) > VIEW_SHAPES:
             self._views_by_shape.popitem(last=False)
-        for name in self._annotations:
-            views[annotation_buffer_name(name)] = self._typed_view(annotation_buffer_name(name), torch.int64,
-                                                                   shape)
+        for name in self._layout.annotations:
+            views[annotation_buffer(name)] = self._typed_view(annotation_buffer(name), torch.int64, shape)
         for key, dim in self.dims.items():
-            views[key] = self._typed_view(point_buffer_name(key), self._dtype, (*shape, self.row_width(dim)))
+            width = self._layout.row_width(dim)
+            views[key] = self._typed_view(point_buffer(key), self._dtype, (*shape, width))
         return views
 
     def point_view(self, key: str, dim: int) -> torch.Tensor:
@@ -312,7 +295,7 @@ class Slot:
         its buffer is allocated."""
         view = self.views.get(key)
         if view is None:
-            self._allocate({point_buffer_name(key): self.point_bytes(self.capacity, dim)})
+            self._allocate({point_buffer(key): self._layout.point_bytes(self.capacity, dim)})
             self.dims[key] = dim
             self.views = self._make_views((self.batch.batch_size, self.batch.seq_len))
             view = self.views[key]
@@ -337,9 +320,9 @@ class SlotPool:
 
     def __init__(self, count: int, pin_device: torch.device | None, dtype: torch.dtype,
                  annotations: tuple[str, ...], encoding: Encoding | None = None):
-        self.slots = [Slot(i, pin_device, dtype, annotations, encoding) for i in range(count)]
+        self._layout = SlotLayout(annotations, encoding, dtype.itemsize)
+        self.slots = [Slot(i, pin_device, dtype, self._layout) for i in range(count)]
         self._free = list(range(count - 1, -1, -1))
-        self._annotations = annotations
 
     def take(self) -> Slot | None:
         return self.slots[self._free.pop()] if self._free else None
@@ -369,8 +352,7 @@ class SlotPool:
         if tokens <= capacity:
             return
         tokens = grown_capacity(capacity, tokens)
-        row_bytes = 8 * (2 + len(self._annotations)) + sum(self.slots[0].point_bytes(1, dim)
-                                                           for dim in widths.values())
+        row_bytes = sum(self._layout.sizes(1, widths).values())
         held = sum(slot.nbytes for slot in self.slots)
         needed = len(self.slots) * tokens * row_bytes
         available = available_host_memory() + held
@@ -447,12 +429,12 @@ class Stager:
                 return self.stage_tokens(slot, input_ids, attention_mask, annotations)
         views = slot.views
         for name, values in annotations.items():
-            self._copy_integers(slot, views[annotation_buffer_name(name)], values)
+            self._copy_integers(slot, views[annotation_buffer(name)], values)
         if (input_ids is not None and attention_mask is not None
                 and input_ids.is_cuda and attention_mask.is_cuda):  # one snapshot and one copy, not two
             if attention_mask.dtype != input_ids.dtype:
                 attention_mask = attention_mask.to(input_ids.dtype)
-            slot.copies.append((views[TOKENS], torch.stack((input_ids, attention_mask))))
+            slot.copies.append((views[TOKENS_BUFFER], torch.stack((input_ids, attention_mask))))
             return
         for name, values in (("ids", input_ids), ("mask", attention_mask)):
             if values is not None:

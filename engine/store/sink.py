@@ -1,4 +1,5 @@
-"""The sinks the writer process writes through: ``ZarrSink`` (a store) and ``NullSink`` (nothing).
+"""The sinks the writer process writes through: ``ZarrSink`` (a store) and ``NullSink`` (nothing), both
+``Sink``s.
 
 Writers call ``write_chunk`` from several threads for *distinct* chunks (safe in zarr); every metadata
 change (array creation, capacity growth, trim, manifest) happens under one lock here, because zarr's
@@ -14,7 +15,7 @@ import dataclasses
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import zarr
@@ -37,6 +38,60 @@ from engine.store.lifecycle import ARRAY_CONFIG, create_array, release_reserve
 from engine.store.lock import LeaseFence
 
 _FLAGS = "tokens/flags"  # written last: the commit record's statistics set its outlier bits
+
+
+class SinkSettings(Protocol):
+    """What a sink is opened with (the writer process's ``WriterSpec`` has it all)."""
+
+    @property
+    def location(self) -> Location | None: ...
+
+    @property
+    def chunk_tokens(self) -> int: ...
+
+    @property
+    def compressor(self) -> str | None: ...
+
+    @property
+    def durable(self) -> bool: ...
+
+    @property
+    def num_writers(self) -> int: ...
+
+    @property
+    def lock_owner(self) -> dict | None: ...
+
+
+class Sink(Protocol):
+    """Where the writer process's chunks go: the writer's pool and server call exactly these methods. The
+    writer process opens the class ``WriterSpec.sink`` names (``module:Class``: ``ZarrSink``, ``NullSink``, or
+    a test's or benchmark's own).
+
+    Thread safety: ``write_chunk`` from several writer threads at once, for distinct chunks; the other methods
+    from one thread at a time.
+    """
+
+    @classmethod
+    def open(cls, spec: SinkSettings) -> Sink:
+        """The sink of the run ``spec`` describes (its store already created, or repaired for a resume)."""
+
+    def point_arrays(self) -> dict[str, zarr.Array]:
+        """The activation arrays that exist (a resumed store's): key -> array, ``shape[1]`` its width."""
+
+    def all_arrays(self) -> dict[str, zarr.Array]:
+        """Every array that exists: a resume copies the kept rows of its cut chunk from them."""
+
+    def create_point_arrays(self, specs: dict[str, tuple[int, np.dtype, dict]]) -> None:
+        """Create the activation arrays, in order: key -> (width, stored dtype, attributes)."""
+
+    def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray],
+                    make_record: Callable[[], CommitRecord]) -> None:
+        """Write one chunk's rows of every array, then its commit record. ``make_record()`` sets the
+        ``outlier`` bits of ``tokens/flags``: that array is written once it has returned."""
+
+    def finalize(self, rows: int, manifest_updates: dict, trim: bool) -> None:
+        """Trim the arrays to ``rows`` if ``trim``, then publish the manifest (``manifest_updates``: the
+        Manifest fields that change)."""
 
 
 class ZarrSink:
@@ -109,14 +164,14 @@ class ZarrSink:
                                                   self.chunk_tokens, self._compressor, attributes)
             self._make_chunk_folders(self._arrays[key] for key in specs)
 
-    def _make_chunk_folders(self, arrays) -> None:
+    def _make_chunk_folders(self, arrays: Iterable[zarr.Array]) -> None:
         """Make each array's chunk folder (zarr's ``c/``) before any chunk is written, synced when durable:
         two writer threads' chunks would otherwise race to make it, and the one that lost could commit a
         chunk under a folder entry the other had not synced yet."""
         if self._root is None:
             return
         for array in arrays:
-            make_folders(local_chunk_folder(array), self._durable)
+            make_folders(_local_chunk_folder(array), self._durable)
 
     def _ensure_capacity(self, rows: int) -> None:
         with self._lock:
@@ -135,8 +190,9 @@ class ZarrSink:
             for array in self._arrays.values():
                 array.resize((rows, *array.shape[1:]))
             if witness is not None:
-                sync_paths([path for key in self._arrays for path in (self._root / key / "zarr.json",
-                                                                     self._root / key)], [witness])
+                root = self._local_root()
+                sync_paths([path for key in self._arrays for path in (root / key / "zarr.json", root / key)],
+                           [witness])
 
     def write_chunk(self, chunk_index: int, arrays: dict[str, np.ndarray],
                     make_record: Callable[[], CommitRecord]) -> None:
@@ -152,7 +208,7 @@ class ZarrSink:
         rows = len(next(iter(arrays.values())))
         self._prove_lease()  # covers this chunk's rows, resizes and record, written right after
         self._ensure_capacity(chunk_index * self.chunk_tokens + rows)
-        flags_final = concurrent.futures.Future()
+        flags_final: concurrent.futures.Future[None] = concurrent.futures.Future()
         written = self._io.submit(self._write_all_rows, chunk_index, arrays, flags_final)
         try:
             record = make_record()
@@ -170,7 +226,7 @@ class ZarrSink:
         self._put_record(chunk_index, dataclasses.replace(record, files=files))
 
     def _write_all_rows(self, chunk_index: int, arrays: dict[str, np.ndarray],
-                        flags_final: concurrent.futures.Future) -> dict[str, int]:
+                        flags_final: concurrent.futures.Future[None]) -> dict[str, int]:
         """Every array's rows of a chunk, written, ``tokens/flags`` last once ``flags_final`` is done; returns
         each one's stored size. Local files go in one ``write_files_atomic`` pass, so the chunk's files share
         their syncs."""
@@ -182,7 +238,7 @@ class ZarrSink:
         if not self._direct:
             return self._write_through_zarr(chunk_index, ordered)
         sizes = {key: full_chunk_nbytes(self._arrays[key]) for key in ordered}
-        write_files_atomic([(local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
+        write_files_atomic([(_local_chunk_path(self._arrays[key], chunk_index), data, sizes[key])
                             for key, data in ordered.items()], self._durable)
         return sizes
 
@@ -205,8 +261,13 @@ class ZarrSink:
             return full_chunk_nbytes(array)
         return sync(array.store.getsize(chunk_key(array, chunk_index)))  # one stat/HEAD
 
+    def _local_root(self) -> Path:
+        """The root folder of a local store (where a sync witness was made: ``_sync_witness``)."""
+        assert self._root is not None, "only a local store has files to sync"
+        return self._root
+
     @contextlib.contextmanager
-    def _sync_witness(self):
+    def _sync_witness(self) -> Iterator[int | None]:
         """A durable local store: a sync witness on its root, to open before the writes it will sync
         (``engine.format.files.sync_all``); None otherwise."""
         if not self._durable or self._root is None:
@@ -237,7 +298,8 @@ class ZarrSink:
         with self._sync_witness() as witness:
             self._group.update_attributes({layout.MANIFEST_ATTR: self._manifest.to_json()})
             if witness is not None:
-                sync_paths([self._root / "zarr.json", self._root], [witness])
+                root = self._local_root()
+                sync_paths([root / "zarr.json", root], [witness])
 
 
 def _chunk_paths(arrays: list[zarr.Array], chunk_index: int) -> list[Path]:
@@ -245,7 +307,7 @@ def _chunk_paths(arrays: list[zarr.Array], chunk_index: int) -> list[Path]:
     may have made): each file, and each folder from its own up to its array's chunk folder."""
     paths: dict[Path, None] = {}  # in order, each once
     for array in arrays:
-        path, top = local_chunk_path(array, chunk_index), local_chunk_folder(array)
+        path, top = _local_chunk_path(array, chunk_index), _local_chunk_folder(array)
         paths[path] = None
         while path != top:
             path = path.parent
@@ -253,12 +315,33 @@ def _chunk_paths(arrays: list[zarr.Array], chunk_index: int) -> list[Path]:
     return list(paths)
 
 
+def _local_chunk_path(array: zarr.Array, chunk_index: int) -> Path:
+    """``local_chunk_path`` of an array of a local store (the only kind whose chunk files are named)."""
+    path = local_chunk_path(array, chunk_index)
+    assert path is not None, "a local store's array has chunk files"
+    return path
+
+
+def _local_chunk_folder(array: zarr.Array) -> Path:
+    """``local_chunk_folder`` of an array of a local store."""
+    folder = local_chunk_folder(array)
+    assert folder is not None, "a local store's array has a chunk folder"
+    return folder
+
+
 class NullSink:
-    """Runs the whole pipeline but discards rows: separates our overhead from the disk's."""
+    """Runs the whole pipeline but discards rows: separates our overhead from the disk's. A ``Sink`` with no
+    arrays."""
 
     @classmethod
     def open(cls, spec) -> "NullSink":
         return cls()
+
+    def point_arrays(self) -> dict[str, zarr.Array]:
+        return {}
+
+    def all_arrays(self) -> dict[str, zarr.Array]:
+        return {}
 
     def create_point_arrays(self, specs) -> None:
         pass

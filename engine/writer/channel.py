@@ -1,5 +1,6 @@
-"""The capturing process and its writer process talk over one Unix stream socket: pickled messages, each
-behind a 4-byte length, and file descriptors (the shared-memory slot buffers) passed beside them.
+"""The capturing process and its writer process talk over one Unix stream socket: the messages of
+``engine.writer.protocol``, each behind a 4-byte length (packed with ``struct`` or pickled), and file
+descriptors (the shared-memory slot buffers) passed beside them.
 
 Every receive uses ``recvmsg`` so that no descriptor is dropped: descriptors queue in arrival order, and a
 message that carries ``n`` of them takes the next ``n`` (the kernel delivers them with the first byte of the
@@ -18,15 +19,25 @@ import struct
 import threading
 import weakref
 
+from engine.writer.protocol import PACKED, Packed
+
 _HEADER = struct.Struct("<I")
 _RECV_BYTES = 1 << 12
 _MAX_FDS = 64
-# Messages sent once per batch are packed with struct, not pickled (a few microseconds less per forward):
-# kind -> fields. Every other message is a pickled tuple (tag 0).
-PACKED = {"batch": struct.Struct("<iqiiq????d"), "free": struct.Struct("<i"),
-          "progress": struct.Struct("<qqq")}
-_TAGS = {kind: tag for tag, kind in enumerate(PACKED, 1)}
-_KINDS = {tag: (kind, PACKED[kind]) for kind, tag in _TAGS.items()}
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_MAX_FDS * 4)
+
+
+def _frame_packing(kind: type[Packed]) -> struct.Struct:
+    """A packed message's whole frame: its length, its tag byte, its fields."""
+    return struct.Struct(_HEADER.format + "B" + kind.PACKING.format.lstrip("<"))
+
+
+# Messages sent once per batch or chunk (``PACKED``) are packed with struct, not pickled (a few microseconds
+# less per forward), the whole frame in one ``pack``. Every other message is pickled (tag 0).
+# Message class -> (frame packing, frame length, tag):
+_FRAMES = {kind: (_frame_packing(kind), 1 + kind.PACKING.size, tag) for tag, kind in enumerate(PACKED, 1)}
+# Tag -> (fields' packing, the message's builder):
+_KINDS = {tag: (kind.PACKING, kind.from_fields) for kind, (_, _, tag) in _FRAMES.items()}
 _PICKLED = b"\0"
 
 
@@ -70,20 +81,23 @@ class Channel:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, message: tuple, fds: tuple[int, ...] = ()) -> None:
-        """Send one message, a tuple whose first item is its kind (and descriptors, which the receiver takes
-        with ``take_fds``)."""
-        tag = _TAGS.get(message[0])
-        if tag is None:
-            payload = _PICKLED + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, message: object, fds: tuple[int, ...] = ()) -> None:
+        """Send one message (one of ``engine.writer.protocol``'s, or any object that pickles) and descriptors,
+        which the receiver takes with ``take_fds``."""
+        if isinstance(message, PACKED):
+            packing, length, tag = _FRAMES[type(message)]
+            frame = packing.pack(length, tag, *message.fields())
         else:
-            payload = bytes((tag,)) + PACKED[message[0]].pack(*message[1:])
-        frame = _HEADER.pack(len(payload)) + payload
+            payload = _PICKLED + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            frame = _HEADER.pack(len(payload)) + payload
         with self._send_lock:
-            sent = socket.send_fds(self._sock, [frame], list(fds)) if fds else 0
-            self._sock.sendall(memoryview(frame)[sent:])
+            if fds:
+                sent = socket.send_fds(self._sock, [frame], list(fds))
+                self._sock.sendall(memoryview(frame)[sent:])
+            else:  # every batch's message: no slice to make
+                self._sock.sendall(frame)
 
-    def receive(self, timeout: float | None = 0.0) -> list[tuple]:
+    def receive(self, timeout: float | None = 0.0) -> list[object]:
         """Messages that have arrived, waiting up to ``timeout`` seconds (None: forever) for the first.
 
         Raises:
@@ -97,8 +111,7 @@ class Channel:
             return []
         while True:
             try:
-                data, ancillary, _, _ = self._sock.recvmsg(_RECV_BYTES, socket.CMSG_SPACE(_MAX_FDS * 4),
-                                                           socket.MSG_DONTWAIT)
+                data, ancillary, _, _ = self._sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return self._complete_messages()
             except ConnectionResetError:
@@ -108,7 +121,8 @@ class Channel:
                 if messages:
                     return messages  # the end comes at the next call, after what was sent before it
                 raise ChannelClosed("the other process closed the channel")
-            self._keep_fds(ancillary)
+            if ancillary:
+                self._keep_fds(ancillary)
             self._pending += data
             if len(data) < _RECV_BYTES:  # all there was: spare the second call
                 return self._complete_messages()
@@ -129,8 +143,9 @@ class Channel:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
 
-    def _complete_messages(self) -> list[tuple]:
-        messages, start, pending = [], 0, self._pending
+    def _complete_messages(self) -> list[object]:
+        messages: list[object] = []
+        start, pending = 0, self._pending
         while len(pending) - start >= _HEADER.size:
             (size,) = _HEADER.unpack_from(pending, start)
             body, end = start + _HEADER.size, start + _HEADER.size + size
@@ -139,8 +154,8 @@ class Channel:
             if pending[body] == 0:
                 messages.append(pickle.loads(pending[body + 1:end]))
             else:
-                kind, layout = _KINDS[pending[body]]
-                messages.append((kind, *layout.unpack_from(pending, body + 1)))
+                packing, build = _KINDS[pending[body]]
+                messages.append(build(packing.unpack_from(pending, body + 1)))
             start = end
         del pending[:start]
         return messages

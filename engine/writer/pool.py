@@ -10,7 +10,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -18,11 +18,17 @@ from engine.errors import ConfigError
 from engine.format import layout
 from engine.format.encoding import scale_key, squared_error_and_norm
 from engine.format.files import page_aligned_empty
-from engine.format.layout import CommitRecord
-from engine.format.statistics import Statistics, chunk_summary, decodable, mark_outliers
+from engine.format.layout import ChunkStats, CommitRecord
+from engine.format.statistics import ChunkMoments, Statistics, chunk_summary, decodable, mark_outliers
+from engine.store.sink import Sink
 from engine.writer.protocol import (
     PARENT_CHECK_S,
     BatchInfo,
+    Flushed,
+    Free,
+    FromWriter,
+    NonFinite,
+    Totals,
     WriterSpec,
     error_norms_key,
     is_error_norms,
@@ -102,8 +108,8 @@ class _OpenSequences:
 class _Committed:
     rows: int
     nbytes: int
-    moments: dict      # key -> ChunkMoments (empty without statistics)
-    summaries: dict    # key -> the commit record's stats entry
+    moments: dict[str, ChunkMoments]     # key -> its moments (empty without statistics)
+    summaries: Mapping[str, ChunkStats]  # key -> the commit record's stats entry
 
 
 class CommittedPrefix:
@@ -132,6 +138,7 @@ class CommittedPrefix:
                 self.bytes += chunk.nbytes
                 self.chunks += 1
                 for key, moments in chunk.moments.items():
+                    assert self.statistics is not None, "moments are only computed when statistics are kept"
                     self.statistics.add(key, moments, chunk.summaries[key])
             return self.tokens, self.bytes, self.chunks
 
@@ -141,14 +148,14 @@ class WriterPool:
 
     Args:
         spec: the run.
-        sink: where chunks go (``write_chunk(index, arrays, make_record)``, ``create_point_arrays``).
+        sink: where chunks go.
         memory: the mapped slot buffers.
         send: sends a message to the capturing process (thread-safe).
 
     Thread safety: ``submit``/``request_flush``/``close`` from the main thread; the rest runs in the threads.
     """
 
-    def __init__(self, spec: WriterSpec, sink, memory: SlotMemory, send):
+    def __init__(self, spec: WriterSpec, sink: Sink, memory: SlotMemory, send: Callable[[FromWriter], None]):
         self._spec = spec
         self._sink = sink
         self._memory = memory
@@ -166,7 +173,7 @@ class WriterPool:
         self._dims: dict[str, int] | None = None
         self._next_row = spec.start_row
         self.committed = CommittedPrefix(spec.start_row // spec.chunk_tokens, spec.chunk_tokens, None)
-        self._warned_nonfinite = False
+        self._reported_nonfinite = False
         self._done = 0
         self._flush_targets: list[tuple[int, int]] = []
         self._stop = threading.Event()
@@ -185,6 +192,7 @@ class WriterPool:
         self._dims = {key: array.shape[1] for key, array in self._sink.point_arrays().items()}
         whole = self.committed.tokens
         if self._spec.statistics:
+            assert self._spec.kept_statistics is not None, "a resume's spec has the kept chunks' statistics"
             self.committed.statistics = Statistics.from_json(self._spec.kept_statistics)
         index, kept = divmod(self._spec.start_row, self._chunk_tokens)
         if kept:
@@ -200,7 +208,7 @@ class WriterPool:
         self._queue.put((slot, batch, dims))
 
     def request_flush(self, target: int, request: int) -> None:
-        """End the open sequences behind every batch submitted so far, then send ("flushed", request) once
+        """End the open sequences behind every batch submitted so far, then send ``Flushed(request)`` once
         ``target`` batches are done."""
         self._queue.put(_Flush(target, request))
 
@@ -257,7 +265,7 @@ class WriterPool:
             self._check_dims(dims)
             ids, mask = self._memory.token_views(slot, batch)
             keep = None if mask is None else np.flatnonzero(mask.reshape(-1))
-            if keep is not None and keep.size == mask.size:
+            if keep is not None and mask is not None and keep.size == mask.size:
                 keep = None  # no padding: rows are copied as slices
             count = batch.batch_size * batch.seq_len if keep is None else keep.size
             start = self._next_row
@@ -280,14 +288,21 @@ class WriterPool:
             raise ConfigError(f"the model produced widths {dims} but the store holds {self._dims}: "
                               "resume with the model and hook points the store was captured with")
 
+    @property
+    def _widths(self) -> dict[str, int]:
+        """The points' widths, once fixed: by the first batch (``_check_dims``) or by a resumed store's arrays
+        (``_resume``), before any chunk is made."""
+        assert self._dims is not None, "the widths are fixed before any chunk is made"
+        return self._dims
+
     def _array_specs(self) -> dict[str, tuple[int, np.dtype, dict]]:
         """The activation arrays to create, in order: an 8-bit store's scale arrays first (a reader lists an
         encoded array once its scales exist), then the activations: key -> (width, dtype, attributes)."""
         encoding = self._spec.encoding
         specs = {scale_key(key): (1, layout.SCALE_DTYPE, encoding.scale_attributes(key))
-                 for key in self._dims} if encoding is not None else {}
+                 for key in self._widths} if encoding is not None else {}
         specs.update({key: (dim, self._spec.storage_dtype, self._spec.point_attributes[key])
-                      for key, dim in self._dims.items()})
+                      for key, dim in self._widths.items()})
         return specs
 
     def _place(self, batch: BatchInfo, start: int, real: np.ndarray,
@@ -362,9 +377,9 @@ class WriterPool:
                 return self._spare.pop()
         rows = self._chunk_tokens
         buffers = {key: page_aligned_empty((rows, dim), self._spec.storage_dtype)
-                   for key, dim in self._dims.items()}
+                   for key, dim in self._widths.items()}
         if self._spec.encoding is not None:
-            for key in self._dims:
+            for key in self._widths:
                 buffers[scale_key(key)] = page_aligned_empty((rows, 1), layout.SCALE_DTYPE)
                 buffers[error_norms_key(key)] = np.zeros((rows, 2), dtype=np.float32)
         for key, dtype in self._spec.token_arrays.items():
@@ -398,7 +413,7 @@ class WriterPool:
 
     def _fill(self, job: _Job) -> None:
         tokens = self._token_rows(job)
-        rows = {name: source for key, dim in self._dims.items()
+        rows = {name: source for key, dim in self._widths.items()
                 for name, source in self._memory.point_rows(job.slot, key, dim, job.batch).items()}
         for chunk, offset, first, last in job.pieces:
             span = slice(offset, offset + last - first)
@@ -409,7 +424,7 @@ class WriterPool:
                     np.take(source, job.keep[first:last], axis=0, out=chunk.arrays[key][span])
             for key, values in tokens.items():
                 chunk.arrays[key][span] = values[first:last]
-        self._send(("free", job.slot))
+        self._send(Free(job.slot))
         full = []
         with self._chunk_lock:
             for chunk, _, first, last in job.pieces:
@@ -424,7 +439,7 @@ class WriterPool:
             self._flush_targets = [(target, request) for target, request in self._flush_targets
                                    if target > self._done]
         for request in reached:
-            self._send(("flushed", request))
+            self._send(Flushed(request))
 
     def _finish_flush(self, flush: _Flush) -> None:
         """Commit the chunks ending the open sequences completed, then answer once the flush's batches are
@@ -435,7 +450,7 @@ class WriterPool:
             if self._done < flush.target:
                 self._flush_targets.append((flush.target, flush.request))
                 return
-        self._send(("flushed", flush.request))
+        self._send(Flushed(flush.request))
 
     def _commit(self, chunk: _Chunk) -> None:
         rows = chunk.filled
@@ -454,7 +469,7 @@ class WriterPool:
         totals = self.committed.add(chunk.index,
                                     _Committed(rows, sum(array.nbytes for array in arrays.values()),
                                                moments, record.stats))
-        self._send(("progress", *totals))
+        self._send(Totals(*totals))
         with self._chunk_lock:
             self._spare.append(chunk.arrays)
 
@@ -472,7 +487,7 @@ class WriterPool:
         ratio = self._spec.outlier_norm_ratio
         outliers = np.zeros(rows, dtype=bool)
         stats = {}
-        for key in self._dims:
+        for key in self._widths:
             stats[key], entry, flagged = chunk_summary(decodable(arrays, key, self._spec.dtype),
                                                        self._spec.dtype, flags,
                                                        moments=self.committed.statistics is not None,
@@ -492,14 +507,16 @@ class WriterPool:
         start = index * self._chunk_tokens
         sequences = np.unique(sequence)  # a decode loop interleaves its sequences row by row
         return CommitRecord(
-            chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._dims),
+            chunk_index=index, row_start=start, row_stop=start + rows, dims=dict(self._widths),
             dtype=self._spec.dtype, first_sequence=int(sequences[0]), last_sequence=int(sequences[-1]),
             num_sequences=len(sequences), max_seq_len=int(arrays["tokens/position"].max()) + 1, stats=stats,
             committed_at=time.time(), stall_seconds=stall_seconds)
 
     def _note_nonfinite(self, key: str, count: int) -> None:
+        """Report the run's first chunk with non-finite values, and only that one: the capturing process
+        warns for each report, so this is where "warn once" is decided."""
         with self._progress:
-            if self._warned_nonfinite:
+            if self._reported_nonfinite:
                 return
-            self._warned_nonfinite = True
-        self._send(("nonfinite", key, count))
+            self._reported_nonfinite = True
+        self._send(NonFinite(key, count))

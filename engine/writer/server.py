@@ -16,20 +16,56 @@ import socket
 import sys
 import time
 
+from engine.errors import ConfigError
 from engine.format import layout
+from engine.store.sink import Sink
 from engine.writer.channel import Channel, ChannelClosed
 from engine.writer.pool import WriterPool
-from engine.writer.protocol import PARENT_CHECK_S, BatchInfo, WriterSpec, send_error
+from engine.writer.protocol import (
+    PARENT_CHECK_S,
+    Batch,
+    Buffer,
+    Close,
+    Closed,
+    Dims,
+    Flush,
+    Free,
+    WriterSpec,
+    send_error,
+)
 from engine.writer.slots import SlotMemory
 
 CHANNEL_POLL_MIN_S = 0.0002  # the writer process's channel poll: every 0.2 ms while batches come ...
 CHANNEL_POLL_MAX_S = 0.02    # ... backing off to 20 ms when idle
 EXIT_ORPHANED = 3
+_SINK_METHODS = tuple(name for name in vars(Sink) if not name.startswith("_"))
+_SINK_EXAMPLE = "engine.store.sink:ZarrSink"
 
 
-def _load(path: str):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+def sink_class(path: str) -> type[Sink]:
+    """The sink class that ``WriterSpec.sink`` names (``module:Class``).
+
+    Raises:
+        ConfigError: ``path`` is not ``module:Class``, its module cannot be imported, it names no class, or
+            the class lacks a method of ``Sink``.
+    """
+    module_name, _, name = path.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"sink {path!r} is not 'module:Class': name the sink's class, e.g. {_SINK_EXAMPLE}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"sink {path!r}: its module cannot be imported ({error}): name a module the "
+                          "capturing process can import (the writer process gets its sys.path)") from error
+    found = getattr(module, name, None)
+    if not isinstance(found, type):
+        raise ConfigError(f"sink {path!r}: {module_name} has no class {name}: name an existing sink class, "
+                          f"e.g. {_SINK_EXAMPLE}")
+    missing = [method for method in _SINK_METHODS if not callable(getattr(found, method, None))]
+    if missing:
+        raise ConfigError(f"sink {path!r} lacks {', '.join(missing)}: a sink implements every method of "
+                          "engine.store.sink.Sink")
+    return found
 
 
 class Server:
@@ -43,7 +79,7 @@ class Server:
         self._channel = channel
         self._memory = SlotMemory(spec)
         self._dims: dict[str, int] = {}
-        self._sink = _load(spec.sink).open(spec)
+        self._sink: Sink = sink_class(spec.sink).open(spec)
         self._pool = WriterPool(spec, self._sink, self._memory, channel.send)
 
     def serve(self, messages: collections.deque) -> None:
@@ -88,28 +124,29 @@ class Server:
         """Stop the writer threads after a failure of this (the main) thread."""
         self._pool.abort()
 
-    def _handle(self, message: tuple) -> bool:
-        kind = message[0]
-        if kind == "buffer":
-            _, slot, name, nbytes = message
-            self._memory.map(slot, name, nbytes, self._channel.take_fds(1)[0])
-        elif kind == "batch":
-            slot = message[1]
-            if self._pool.error is None:
-                self._pool.submit(slot, BatchInfo(*message[2:]), self._dims)
-            else:
-                self._channel.send(("free", slot))
-        elif kind == "dims":
-            self._dims = message[1]
-        elif kind == "flush":
-            self._pool.request_flush(message[1], message[2])
-        elif kind == "close":
-            self._close(failed=message[1], sequences=message[2])
-            return True
+    def _handle(self, message: object) -> bool:
+        """Handle one message; True once it was the close."""
+        match message:
+            case Batch():  # once per forward: no capture pattern, whose lookups cost more than the attributes
+                if self._pool.error is None:
+                    self._pool.submit(message.slot, message.info, self._dims)
+                else:
+                    self._channel.send(Free(message.slot))
+            case Buffer(slot, name, nbytes):
+                self._memory.map(slot, name, nbytes, self._channel.take_fds(1)[0])
+            case Dims(widths):
+                self._dims = widths
+            case Flush(batches, request):
+                self._pool.request_flush(batches, request)
+            case Close(failed, sequences):
+                self._close(failed, sequences)
+                return True
+            case _:
+                raise TypeError(f"the writer process cannot handle {message!r}: not a message to it")
         return False
 
     def _close(self, failed: bool, sequences: int) -> None:
-        """Protocol step 4; always answers ``closed`` (``finalized`` False: the manifest was not
+        """Protocol step 4; always answers Closed (``finalized`` False: the manifest was not
         published)."""
         pool = self._pool
         status, finalized = layout.STATUS_FAILED, False
@@ -130,7 +167,7 @@ class Server:
             status = layout.STATUS_FAILED
             if pool.error is None:
                 send_error(self._channel.send, exc)
-        self._channel.send(("closed", {"status": status, "finalized": finalized}))
+        self._channel.send(Closed(status, finalized))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not messages:
             messages.extend(channel.receive(timeout=None))
-        _, spec = messages.popleft()
+        spec = messages.popleft()
+        if not isinstance(spec, WriterSpec):
+            raise TypeError(f"the writer process's first message must be its WriterSpec, not {spec!r}")
         server = Server(spec, channel)
         server.serve(messages)
         return 0
@@ -163,14 +202,14 @@ def _wait_for_close(channel: Channel, messages: collections.deque) -> None:
     to come) so the capturing process can finish its own way."""
     while True:
         while messages:
-            message = messages.popleft()
-            if message[0] == "buffer":
-                os.close(channel.take_fds(1)[0])
-            elif message[0] == "batch":
-                channel.send(("free", message[1]))
-            elif message[0] == "close":
-                channel.send(("closed", {"status": layout.STATUS_FAILED, "finalized": False}))
-                return
+            match messages.popleft():
+                case Buffer():
+                    os.close(channel.take_fds(1)[0])
+                case Batch(slot):
+                    channel.send(Free(slot))
+                case Close():
+                    channel.send(Closed(layout.STATUS_FAILED, finalized=False))
+                    return
         try:
             messages.extend(channel.receive(timeout=PARENT_CHECK_S))
         except ChannelClosed:
