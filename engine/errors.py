@@ -1,5 +1,7 @@
 """Error classes. Each subclasses the builtin a caller would naturally catch (zarr does the same)."""
 
+from collections.abc import Iterable
+
 
 class EngineError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -64,7 +66,7 @@ class StoreCorruptError(EngineError, OSError):
         problems: one line per bad chunk.
     """
 
-    def __init__(self, message: str, problems: tuple[str, ...] = ()):
+    def __init__(self, message: str, problems: Iterable[str] = ()):
         super().__init__(message)
         self.problems = tuple(problems)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import crc32c as _crc32c
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from engine.errors import StoreCorruptError, StoreFormatError
@@ -45,7 +46,8 @@ def crc32c(rows: np.ndarray) -> int:
     process's threads checksum their chunks side by side, and beside their statistics: google-crc32c (which
     zarr brings) holds it, and two threads took as long as one did for both
     (benchmarks/results/cpu-2026-12-04c/gil.txt)."""
-    return _crc32c.crc32c(np.ascontiguousarray(rows))
+    # The ignore: numpy's stubs give ndarray __buffer__ (the buffer protocol) only from Python 3.12.
+    return _crc32c.crc32c(np.ascontiguousarray(rows))  # type: ignore[arg-type]
 
 
 def plain_encoded(array: zarr.Array) -> bool:
@@ -82,11 +84,11 @@ def local_chunk_path(array: zarr.Array, chunk_index: int) -> Path | None:
 def local_chunk_folder(array: zarr.Array) -> Path | None:
     """The folder every chunk file of a local array lies under (``<array>/c`` with zarr's default chunk key
     encoding, the array's own folder with the v2 one); None on other stores."""
-    first = local_chunk_path(array, 0)
-    return None if first is None else Path(os.path.commonpath([first, local_chunk_path(array, 1)]))
+    first, second = local_chunk_path(array, 0), local_chunk_path(array, 1)
+    return None if first is None or second is None else Path(os.path.commonpath([first, second]))
 
 
-def store_name(store: zarr.abc.store.Store) -> str:
+def store_name(store: Store) -> str:
     """Where a zarr store is, for messages: its folder, or its URL."""
     return str(store.root) if isinstance(store, zarr.storage.LocalStore) else str(store)
 
@@ -267,8 +269,10 @@ def open_local_chunk(array: zarr.Array, chunk_index: int, file: ChunkFile | None
         StoreCorruptError: the chunk is missing or wrong, named as ``read_chunk`` names it.
         StoreFormatError: it, or a folder on its way, is a symbolic link.
     """
+    root = local_root(array)
+    assert root is not None, "open_local_chunk is for local_plain arrays"
     try:
-        opened = open_chunk_file(local_root(array), chunk_key(array, chunk_index))
+        opened = open_chunk_file(root, chunk_key(array, chunk_index))
     except FileNotFoundError:
         if absent_means_fill(file):
             return None
@@ -287,9 +291,12 @@ def open_local_chunk(array: zarr.Array, chunk_index: int, file: ChunkFile | None
 
 def _read_file(array: zarr.Array, chunk_index: int, out: np.ndarray, file: ChunkFile | None) -> str | None:
     """A plain local chunk's first ``len(out)`` rows into ``out`` with readinto (no temporary)."""
-    target = memoryview(out.reshape(-1).view(np.uint8))
+    # The ignore: numpy's stubs give ndarray __buffer__ (the buffer protocol) only from Python 3.12.
+    target = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    root = local_root(array)
+    assert root is not None, "_read_file is for local_plain arrays"
     try:
-        opened = open_chunk_file(local_root(array), chunk_key(array, chunk_index))
+        opened = open_chunk_file(root, chunk_key(array, chunk_index))
     except FileNotFoundError:
         if not absent_means_fill(file):
             return "missing"
@@ -314,7 +321,7 @@ def _read_zarr(array: zarr.Array, chunk_index: int, out: np.ndarray, file: Chunk
         return problem
     start = chunk_index * array.chunks[0]
     try:
-        out[...] = array[start:start + out.shape[0]].view(out.dtype)
+        out[...] = np.asarray(array[start:start + out.shape[0]]).view(out.dtype)
     except OSError:
         raise  # the storage failed, not the chunk
     except Exception as error:  # a codec's error on damaged bytes; zarr names no common class

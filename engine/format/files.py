@@ -264,7 +264,6 @@ def _write_pass(files: list[tuple[Path, object, int | None]], durable: bool) -> 
 
 def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: tuple[int, int] | None) -> int:
     """The pass: durable when given witnesses (for the files' sync, for the folders' sync)."""
-    durable = witnesses is not None
     changed: set[Path] = set()
     partials: list[Path] = []
     descriptors: list[int] = []
@@ -276,7 +275,7 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: t
             fd, written = _write_new_file(partials[-1], data() if callable(data) else data, size)
             descriptors.append(fd)
             direct += written
-        if durable:
+        if witnesses is not None:
             sync_all(descriptors, [witnesses[0]])
             _drop_cached_pages(descriptors)
         while descriptors:
@@ -284,7 +283,7 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: t
         for partial, (path, _, _) in zip(partials, files):
             os.replace(partial, path)
             changed.add(path.parent)
-        if durable:
+        if witnesses is not None:
             sync_paths(changed, [witnesses[1]])
         return direct
     except BaseException:
@@ -299,7 +298,9 @@ def _write_and_rename(files: list[tuple[Path, object, int | None]], witnesses: t
 
 def _bytes_of(data) -> memoryview:
     if isinstance(data, np.ndarray):
-        return memoryview(data.reshape(-1).view(np.uint8))  # also an array with no elements
+        # Also an array with no elements. The ignore: numpy's stubs give ndarray __buffer__ (the buffer
+        # protocol) only from Python 3.12.
+        return memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     return memoryview(data).cast("B")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import zarr
+from zarr.abc.store import Store
 
 from engine.errors import StorePathError
 
@@ -69,7 +70,7 @@ class Location:
         """The location of a sub-path (a part of a multi-process store)."""
         return dataclasses.replace(self, url=f"{self.url}/{relative}")
 
-    def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+    def zarr_store(self, read_only: bool = False) -> Store:
         """A zarr store rooted here."""
         if self.local is not None:
             return zarr.storage.LocalStore(self.url, read_only=read_only)

@@ -181,6 +181,7 @@ def chunk_summary(rows: np.ndarray | EncodedRows, dtype: str, flags: np.ndarray,
             block[drop] = 0.0
         row_squared = row_squared_norms(block)
         if outliers is not None:
+            assert outlier_ratio is not None  # outliers is made only with a ratio
             flagged = outliers[rows_of_block] = _outliers(row_squared, ~drop, outlier_ratio)
             drop = drop | flagged
             if flagged.any():

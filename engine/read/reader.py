@@ -99,10 +99,11 @@ class CommittedArray:
             local = rows[bisect.bisect_left(rows, offset):bisect.bisect_left(rows, offset + count)]
             if len(local):
                 _check_sizes(array, records, local[0] - offset, local[-1] - offset)
-                out.append(array[(slice(local.start - offset, local.stop - offset, local.step), *rest)])
+                selection = (slice(local.start - offset, local.stop - offset, local.step), *rest)
+                out.append(np.asarray(array[selection]))
             offset += count
         if not out:
-            return self.pieces[0][0][(slice(0, 0), *rest)]
+            return np.asarray(self.pieces[0][0][(slice(0, 0), *rest)])
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def __array__(self, dtype=None, copy=None):

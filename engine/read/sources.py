@@ -35,7 +35,7 @@ class ChunkRef(NamedTuple):
     (None: the record has none, format version 1)."""
 
     part: int
-    index: int
+    index: int  # type: ignore[assignment]  # hides tuple.index(), which no caller uses on a ChunkRef
     rows: int
     files: tuple[ChunkFile | None, ...]
 
@@ -191,7 +191,7 @@ def opener_waiting_for(keys: Sequence[str], backoff: Backoff):
     when it starts and its activation arrays at its first batch). Keys it does not list fail at once, and so
     does a store that exists but cannot be read (damaged metadata)."""
 
-    def open_when_ready(where: StoreLike, storage_options: dict | None) -> CaptureStore:
+    def open_when_ready(where: str | os.PathLike | Location, storage_options: dict | None) -> CaptureStore:
         while True:
             try:
                 store = open_store(where, storage_options)

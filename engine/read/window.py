@@ -112,8 +112,8 @@ class AddressRange:
     def __init__(self, nbytes: int):
         self.nbytes = max(nbytes, 1)
         self._reserved = _round_up(self.nbytes, PAGE) + HUGE_PAGE  # room to start on a huge page
-        self._start = _mmap(None, self._reserved, _PROT_NONE,
-                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        self._start: int | None = _mmap(None, self._reserved, _PROT_NONE,
+                                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self.base = _round_up(self._start, HUGE_PAGE)
 
     def map_file(self, offset: int, length: int, fd: int) -> None:
