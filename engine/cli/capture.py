@@ -45,7 +45,6 @@ from engine.errors import (
     CorpusError,
     EngineError,
     ResumeMismatchError,
-    StoreExistsError,
 )
 from engine.format.layout import STATUS_COMPLETE, STORAGE_DTYPES, stored_row_bytes, token_arrays
 from engine.models.registry import find_model, get_model
@@ -260,15 +259,13 @@ def _continues_a_store(args: argparse.Namespace) -> bool:
     from engine.store.lock import check_unlocked
 
     location = Location.of(args.out)
-    exists = check_location(location, overwrite=False, resume=True)  # changes nothing
     check_unlocked(location, args.break_lock)  # a store being written is refused before anything else
+    resume = args.resume or args.resume_or_start
+    exists = check_location(location, overwrite=args.overwrite, resume=resume)  # changes nothing
     if args.resume and not exists:
         raise ConfigError(f"--resume: there is no capture store at {args.out}: check the path, or pass "
                           "--resume-or-start to start a new store when there is none")
-    if exists and not (args.resume or args.resume_or_start or args.overwrite):
-        raise StoreExistsError(f"a capture store already exists at {args.out}: pass --resume to continue it "
-                               "or --overwrite to replace it")
-    return exists and (args.resume or args.resume_or_start)
+    return exists and resume
 
 
 def _weightless_model(name: str, seq_len: int) -> torch.nn.Module:

@@ -52,8 +52,8 @@ def _check_existing(location: Location, exists: bool, overwrite: bool, resume: b
         raise StoreExistsError(f"output_dir {location} is not empty and not a capture store: choose a new or "
                                "empty location (nothing there was changed)")
     if exists and not (overwrite or resume):
-        raise StoreExistsError(f"a capture store already exists at {location}: pass overwrite=True to "
-                               "replace it or resume=True to continue it")
+        raise StoreExistsError(f"a capture store already exists at {location}: continue it (resume=True, "
+                               "--resume) or replace it (overwrite=True, --overwrite)")
 
 
 def check_location(location: Location, overwrite: bool, resume: bool) -> bool:
