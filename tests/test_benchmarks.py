@@ -71,6 +71,9 @@ def test_overhead_writes_json_and_exit_code_follows_gate(sink, tmp_path):
     assert not any("FAIL" in line for line in proc.stdout.splitlines() if "not gated" in line)
     if sink == "zarr":
         assert data["tokens_written"] == (1 + 1) * 2 * 16  # hooked warm-up + one hooked round, all committed
+    assert data["baseline_thread_cpu_us_per_batch"] > 0 and data["hooked_thread_cpu_us_per_batch"] > 0
+    assert data["hooks_thread_cpu_us_per_batch"] == pytest.approx(
+        data["hooked_thread_cpu_us_per_batch"] - data["baseline_thread_cpu_us_per_batch"])
 
 
 def read_csv(path: Path) -> dict[str, list[str]]:
