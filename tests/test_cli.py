@@ -439,6 +439,7 @@ def test_help_answers_without_importing_torch(argv):
     (["--data", "DIR/nosuch.jsonl"], "no corpus at"),
     (["--layers", -1], "--layers: -1 is not a layer index: give indices 0..N-1"),
     (["--out", "/proc/acts.zarr"], "cannot write under /proc"),
+    (["--out", "DIR/s.zarr/zarr.json/acts.zarr"], "is a file, not a folder"),
     (["--resume"], "--resume: there is no capture store at"),
     (["--out", "DIR"], "a capture store already exists at"),
     (["--resume-or-start", "--overwrite"], "not allowed with argument --resume-or-start"),

@@ -248,3 +248,34 @@ def test_the_hub_check_tells_a_listening_host_from_a_refusing_one():
         endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
         assert hub_reachable(endpoint)
     assert not hub_reachable(endpoint), "nothing listens there now: refused"
+
+
+def test_behind_a_proxy_the_hub_is_not_judged_by_a_direct_connection(monkeypatch):
+    """A direct TCP connection fails behind an HTTPS proxy while datasets would reach the Hub through it:
+    the check is skipped there (and a plain-http endpoint is probed on port 80)."""
+    from engine.cli import corpus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("probed the Hub directly")
+
+    for name in (*corpus._OFFLINE_VARIABLES, *corpus._PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setattr(corpus, "hub_reachable", refuse)
+    assert not corpus._hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert corpus._hub_offline(), "offline mode still wins"
+
+
+def test_the_hub_check_takes_the_port_of_the_endpoints_scheme(monkeypatch):
+    tried = []
+
+    def connect(address, timeout):
+        tried.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    hub_reachable("http://hub.example")
+    hub_reachable("https://hub.example")
+    hub_reachable("https://hub.example:8443")
+    assert tried == [("hub.example", 80), ("hub.example", 443), ("hub.example", 8443)]

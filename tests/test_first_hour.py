@@ -193,3 +193,24 @@ def test_a_converted_model_folder_has_one_mode_for_every_file(model_dir, tmp_pat
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "converted").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
     assert os.listdir(tmp_path) == ["converted"]
+
+
+def test_a_lock_whose_path_keeps_naming_another_file_fails_instead_of_spinning(tmp_path, monkeypatch):
+    """A filesystem whose stat and fstat disagree (some overlay or FUSE mounts) would make every locker retry
+    forever; it fails with a clear error once the orphan grace has passed."""
+    from engine.errors import StorePathError
+    from engine.store import lock
+
+    monkeypatch.setattr(lock, "ORPHAN_GRACE_S", 0.2)
+    monkeypatch.setattr(lock, "_names", lambda path, fd: False)
+    with pytest.raises(StorePathError, match="keeps naming another file than the one locked"):
+        acquire(Location.of(tmp_path / "s.zarr"))
+
+
+def test_align_on_a_missing_store_changes_nothing(tmp_path):
+    from engine.cli.main import main
+
+    alignment = tmp_path / "al.jsonl"
+    alignment.write_text('{"doc_id": 0, "spans": []}\n')
+    assert main(["align", str(tmp_path / "missing" / "s.zarr"), str(alignment)]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["al.jsonl"], "no folder and no lock file were made"

@@ -72,6 +72,7 @@ MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-line signatures, 
 ANNOTATIONS = {"doc_id": "int64", "char_start": "int32", "char_end": "int32"}
 HUB_CONNECT_TIMEOUT_S = 2.5
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 _TRUE = ("1", "ON", "YES", "TRUE")  # the values huggingface_hub reads as true
 _HUB_LOGGERS = ("huggingface_hub", "datasets", "fsspec")  # their retries log a line per attempt
 _DATASET_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "owner/name"
@@ -369,15 +370,18 @@ def _hub_offline() -> bool:
     retry for half a minute before giving up)."""
     if any(os.environ.get(name, "").strip().upper() in _TRUE for name in _OFFLINE_VARIABLES):
         return True
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):  # a direct connection proves nothing there
+        return False
     return not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the host of ``endpoint`` (a URL; port 443 unless it names one) opens within
-    ``timeout`` seconds."""
+    """Whether a TCP connection to the host of ``endpoint`` (a URL; its scheme's port unless it names one)
+    opens within ``timeout`` seconds."""
     url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
     except OSError:
         return False
     return True

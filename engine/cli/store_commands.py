@@ -170,8 +170,10 @@ def _align(args: argparse.Namespace) -> int:
     """Label a store's tokens, holding its lock (a capture running into it, or another align, is refused:
     either would rewrite the manifest from its own copy and lose the other's arrays)."""
     from engine.format.location import Location
+    from engine.read.reader import open_store
     from engine.store.lock import acquire
 
+    open_store(args.store)  # no store there: its error, before the lock makes folders or a lock file
     lock = acquire(Location.of(args.store))
     try:
         return _label_tokens(args)

@@ -2,12 +2,12 @@
 and any other fsspec protocol).
 
 Everything that depends on the kind of location is decided here: which zarr store opens it, whether
-direct file I/O is possible (local folders only; store.py uses it for whole chunks), and how to check and
-clear it. Remote locations go through ``zarr.storage.FsspecStore``: every key is one object, so a chunk or a
-commit record is written with a single PUT, which object stores make visible atomically. Credentials and
-endpoints come from the usual environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_ENDPOINT_URL``, ...) or from ``storage_options`` (passed to the fsspec filesystem, e.g.
-``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3fs).
+direct file I/O is possible (local folders only; ``engine.store.sink`` uses it for whole chunks), and how to
+check and clear it. Remote locations go through ``zarr.storage.FsspecStore``: every key is one object, so a
+chunk or a commit record is written with a single PUT, which object stores make visible atomically.
+Credentials and endpoints come from the usual environment variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from ``storage_options`` (passed to the fsspec
+filesystem, e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3fs).
 """
 
 from __future__ import annotations

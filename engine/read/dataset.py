@@ -82,11 +82,10 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         seed: base seed; the order depends on (seed, epoch).
         drop_last: drop each iterator's final short batch.
         exclude: flags whose rows are skipped: any of ``engine.format.layout.FLAG_BITS`` (``bos``,
-        ``special``,
-            ``first``, ``last``, ``doc_start``, ``outlier``; ``pad`` rows are never stored). Default
-            (``layout.EXCLUDED_BY_DEFAULT``): attention sinks, i.e. BOS and each sequence's first token, and
-            norm outliers, the rows the manifest statistics leave out too. Zipped stores use the first store's
-            flags.
+            ``special``, ``first``, ``last``, ``doc_start``, ``outlier``; ``pad`` rows are never stored).
+            Default (``layout.EXCLUDED_BY_DEFAULT``): attention sinks, i.e. BOS and each sequence's first
+            token, and norm outliers, the rows the manifest statistics leave out too. Zipped stores use the
+            first store's flags.
         dtype: dtype of the yielded activations (stored float16 / bfloat16 / float32 is converted).
         rank, world_size: DDP position; default from ``torch.distributed`` when initialized, else 0 and 1.
         buffer_chunks: chunks read into memory per window (compressed arrays, object stores): memory is

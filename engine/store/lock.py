@@ -212,11 +212,14 @@ def _lock_file(location: Location, operation: int, create: bool) -> int | None:
     letting go (a release's removal holds it for microseconds, an exiting orphan for up to a second).
 
     Returns:
-        The descriptor, locked, of the file the path names; None when there is no lock file and ``create``
-        is False.
+        The descriptor, locked, of the file the path names; None when ``create`` is False and there is no
+        lock file to open (or none can be there: the folder is missing, a file, or unreadable; whoever
+        writes the store names that problem).
 
     Raises:
         StoreLockedError: another process holds it.
+        StorePathError: the path kept naming another file than the one locked (a filesystem whose ``stat``
+            and ``fstat`` disagree cannot be locked safely).
     """
     path = lock_path(location)
     flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC
@@ -224,7 +227,7 @@ def _lock_file(location: Location, operation: int, create: bool) -> int | None:
     while True:
         try:
             fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
+        except OSError:
             if create:
                 raise
             return None
@@ -241,6 +244,10 @@ def _lock_file(location: Location, operation: int, create: bool) -> int | None:
         if _names(path, fd):
             return fd
         os.close(fd)  # removed by its last holder after this open: lock the file the path names now
+        if time.monotonic() - started > ORPHAN_GRACE_S:
+            raise StorePathError(f"cannot lock {path}: the path keeps naming another file than the one "
+                                 "locked (stat and fstat disagree on this filesystem); put the store on a "
+                                 "local filesystem")
 
 
 def _check_file_unlocked(location: Location) -> None:
