@@ -111,3 +111,28 @@ def test_the_writer_process_runs_a_capture_without_torch(tmp_path, monkeypatch):
     assert _imports_logged(log) == ""
     assert open_store(cfg.output_dir).status == "complete"
     assert_store_rows(cfg.output_dir, ref, batches)
+
+
+# The public names before the package was split into subpackages: every one keeps working as engine.<name>.
+PUBLIC_NAMES = [
+    "ADAPTERS", "ActivationCapture", "ActivationDataset", "BatchError", "CANONICAL_POINTS",
+    "CaptureClosedError", "CaptureConfig", "CaptureEngine", "CaptureError", "CaptureFailedError",
+    "CaptureStats", "CaptureStore", "CommittedArray", "ConfigError", "CorpusError", "DecodedArray",
+    "EngineError", "FollowTimeoutError", "HookPoint", "HookPointError", "ModelSpec", "Report",
+    "ResumeMismatchError", "StoreCorruptError", "StoreExistsError", "StoreFormatError", "StoreLockedError",
+    "StorePathError", "UnknownModelError", "WeightsNotFoundError", "create_gpt2_capture", "get_model",
+    "list_models", "load_model", "load_tokenizer", "open_store", "random_model", "resolve_hook_points",
+    "write_report",
+]
+
+
+def test_every_public_name_of_the_flat_package_still_resolves():
+    import engine
+    from engine import compat
+
+    assert sorted(PUBLIC_NAMES) == sorted(engine.__all__)
+    for name in PUBLIC_NAMES:
+        value = getattr(engine, name)
+        assert getattr(value, "__module__", "engine").startswith("engine"), name
+    assert compat.ActivationCapture is engine.CaptureEngine
+    assert compat.create_gpt2_capture is engine.create_gpt2_capture
