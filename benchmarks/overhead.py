@@ -8,10 +8,10 @@ device before reading the clock. Rounds run in steady state: each is max(--num-b
 flight is a small part of it. A hooked round is timed twice: when its last forward returns (steady: the
 capture's cost while streaming) and after ``flush()`` (end to end: a writer that lags cannot hide behind
 the queue). Overheads are medians of the per-pair time ratios; the gate decides on the end-to-end one.
-Beside them, the forward thread's CPU per batch (``time.thread_time``, median round), unhooked and hooked:
-their difference is what the hooks cost the thread that launches the model, a figure the wall-clock noise
-of a shared machine moves far less than a ratio (with OMP_NUM_THREADS=1 that thread does all of a CPU
-forward's work).
+Beside them, the forward thread's CPU per forward (``time.thread_time``, the median over every forward of
+the timed rounds), unhooked and hooked: their difference is what the hooks cost the thread that launches the
+model, in CPU time rather than wall-clock time (with OMP_NUM_THREADS=1 that thread does all of a CPU
+forward's work; on a GPU it launches the kernels).
 
 ``--baseline truncated`` (with ``--early-stop``) compares against the same model stopped after the last
 hooked layer without capture: what job mode (early stop) costs against the cheapest forward that could
@@ -139,15 +139,14 @@ def _sync(device: torch.device) -> None:
 class Round(NamedTuple):
     """One round's clock readings (``time.perf_counter`` seconds): its start, the end of each forward, the end
     of its last forward with the device synchronized, and the end of its flush (= that for an unhooked
-    round); and the CPU seconds the forward thread spent until its last forward returned
-    (``time.thread_time``: what the hooks cost the thread that launches the model, without the VM's
-    wall-clock noise)."""
+    round); and the CPU seconds the forward thread spent in each forward (``time.thread_time``: what the
+    hooks cost the thread that launches the model, in CPU time rather than wall-clock time)."""
 
     start: float
     forward_ends: list[float]
     steady_end: float
     end: float
-    thread_cpu: float
+    forward_cpu: list[float]
 
     @property
     def steady(self) -> float:
@@ -192,18 +191,18 @@ def _round(model, batch, n: int, device, engine=None) -> Round:
     """Run and time ``n`` forwards (device synchronized before the first clock read and after the last),
     then ``engine.flush()`` for a hooked round."""
     _sync(device)
-    cpu_start = time.thread_time()
     clock = _ForwardClock(device)
+    cpu = [time.thread_time()]
     with torch.no_grad():
         for _ in range(n):
             model(**batch)
             clock.mark()
+            cpu.append(time.thread_time())
         _sync(device)
         steady_end = time.perf_counter()
-        thread_cpu = time.thread_time() - cpu_start
         if engine is not None:
             engine.flush()
-    return Round(clock.start, clock.ends(), steady_end, time.perf_counter(), thread_cpu)
+    return Round(clock.start, clock.ends(), steady_end, time.perf_counter(), list(np.diff(cpu)))
 
 
 class _Truncate(Exception):
@@ -406,8 +405,10 @@ def run(args: argparse.Namespace) -> dict:
     steady, steady_spread = _median_ratio([h.steady for h in hooked_times], base_times)
     end_to_end, spread = _median_ratio([h.end_to_end for h in hooked_times], base_times)
     base_s = statistics.median(base_times) / n
-    base_cpu_us = statistics.median(r.thread_cpu for kind, r in rounds if kind == "unhooked") / n * 1e6
-    hooked_cpu_us = statistics.median(h.thread_cpu for h in hooked_times) / n * 1e6
+    # medians over every forward of the timed rounds: a slow forward now and then moves them little
+    base_cpu_us = statistics.median(c for kind, r in rounds if kind == "unhooked" for c in r.forward_cpu)
+    hooked_cpu_us = statistics.median(c for h in hooked_times for c in h.forward_cpu)
+    base_cpu_us, hooked_cpu_us = base_cpu_us * 1e6, hooked_cpu_us * 1e6
     hooked_s = statistics.median(h.end_to_end for h in hooked_times) / n
     result = {
         "model": args.model, "random_weights": random_weights, "config_overrides": _overrides(args.config),
@@ -422,7 +423,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats, "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers,
         "pinned_slots": args.pinned_slots,
         "baseline_s_per_batch": base_s, "hooked_s_per_batch": hooked_s,
-        # the forward thread's CPU per batch (median round): hooked minus unhooked is what the hooks cost it
+        # the forward thread's CPU per forward (median): hooked minus unhooked is what the hooks cost it
         "baseline_thread_cpu_us_per_batch": base_cpu_us, "hooked_thread_cpu_us_per_batch": hooked_cpu_us,
         "hooks_thread_cpu_us_per_batch": hooked_cpu_us - base_cpu_us,
         "baseline_tokens_per_s": tokens_per_round / statistics.median(base_times),
@@ -469,8 +470,8 @@ def report(result: dict) -> None:
           f"(per-pair ratios {lo:.3f}..{hi:.3f}; "
           f"rate {result['steady_hooked_to_baseline_ratio']:.3f}), "
           f"{result['batches_per_round']} batches per round")
-    print(f"  Forward thread CPU per batch: {result['baseline_thread_cpu_us_per_batch']:.0f} us unhooked, "
-          f"{result['hooked_thread_cpu_us_per_batch']:.0f} us hooked: the hooks cost it "
+    print(f"  Forward thread CPU per forward (median): {result['baseline_thread_cpu_us_per_batch']:.0f} us "
+          f"unhooked, {result['hooked_thread_cpu_us_per_batch']:.0f} us hooked: the hooks cost it "
           f"{result['hooks_thread_cpu_us_per_batch']:.0f} us")
     print()
     if result["peak_gpu_memory_gb"] is not None:
