@@ -119,10 +119,10 @@ def crc32c_seconds_per_gb(dims: list[int], chunk_tokens: int, repeats: int = 5) 
 
 
 class RunCost(NamedTuple):
-    """One pipeline run: seconds end to end and in steady state (None: no batch after the first chunk), and
-    CPU seconds of the capturing process and of its writer process (a child, counted once it has exited),
-    in all and in steady state (None likewise): after the first chunk's flush, so without the writer
-    process's start (its interpreter and imports, ~1 CPU second here), which a long job pays once."""
+    """One pipeline run: seconds end to end and in steady state (None: no batch after the warm-up chunks),
+    and CPU seconds of the capturing process and of its writer process (a child, counted once it has
+    exited), in all and in steady state (None likewise): after the warm-up chunks' flush (``warm_batches``),
+    so without what a long job pays once."""
 
     seconds: float
     steady_seconds: float | None
@@ -133,23 +133,23 @@ class RunCost(NamedTuple):
 
 
 def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
-    """Seconds end to end (engine start to close and sync, including a flush() once the first chunk's
-    batches are in), and in steady state: from that flush (the first chunk committed: slots mapped, arrays
-    made, buffers touched) to the same end, for the batches after it; and the CPU both processes took."""
+    """Seconds end to end (engine start to close and sync, including a flush() once the warm-up chunks'
+    batches are in), and in steady state: from that flush to the same end, for the batches after it; and
+    the CPU both processes took."""
     names = {f"p{i}": dim for i, dim in enumerate(args.dims)}
     model = SyntheticModel(names, args.batch_size, args.seq_len)
     cfg = CaptureConfig(root / "w.zarr", points=[], extra_modules={name: f"points.{name}" for name in names},
                         chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
                         pinned_slots=args.pinned_slots, durable=durable, dtype=args.dtype)
     ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
-    warm_batches = first_chunk_batches(args)
+    warm = warm_batches(args)
     cpu_before = cpu_at_flush = os.times()
     writer_cpu_at_flush = 0.0
     start = steady_start = time.perf_counter()
     with CaptureEngine(model, cfg) as engine, torch.no_grad():
         for done in range(1, n_batches + 1):
             model(input_ids=ids)
-            if done == warm_batches:
+            if done == warm:
                 engine.flush()
                 steady_start = time.perf_counter()
                 cpu_at_flush = os.times()
@@ -167,16 +167,29 @@ def pipeline(root: Path, args, n_batches: int, durable: bool) -> RunCost:
     check = store["extra/p0"][rows - 1000:]  # spot check the last rows' contents
     expected = row_values(rows, args.batch_size * args.seq_len)[rows - 1000:]
     assert np.allclose(check[:, -1], expected, rtol=1e-6, atol=0), "rows differ"  # 8-bit: decoded, not exact
-    steady = n_batches > warm_batches
+    steady = n_batches > warm
     return RunCost(end - start, end - steady_start if steady else None,
                    capture_cpu=cpu[0] + cpu[1], writer_cpu=cpu[2] + cpu[3],
                    steady_capture_cpu=steady_cpu[0] + steady_cpu[1] if steady else None,
                    steady_writer_cpu=cpu[2] + cpu[3] - writer_cpu_at_flush if steady else None)
 
 
-def first_chunk_batches(args) -> int:
-    """Batches that fill the first chunk."""
-    return -(-args.chunk_tokens // (args.batch_size * args.seq_len))
+WARM_CHUNKS_BEYOND_WRITERS = 2
+
+
+def warm_chunks(args) -> int:
+    """Chunks a run fills before its steady state: the writer process's start and first chunk (slots
+    mapped, arrays made), and its chunk buffers' first use. It keeps a set of chunk-sized buffers per chunk
+    in flight (one filling, one committing per writer thread: 2 sets in a 2 GB run here, 3 at most), and the
+    kernel zeroes each page on its first touch: 6% of the writer's CPU over a 2 GB run, and most of a
+    512 MB run of the 30 x 576 shape (two 283 MB chunks), which made that shape look twice as costly per
+    byte as it is (benchmarks/results/cpu-2026-12-07-writer-cpu/)."""
+    return args.num_writers + WARM_CHUNKS_BEYOND_WRITERS
+
+
+def warm_batches(args) -> int:
+    """Batches that fill the warm-up chunks."""
+    return -(-warm_chunks(args) * args.chunk_tokens // (args.batch_size * args.seq_len))
 
 
 def warm_up(root: Path, args) -> None:
@@ -214,8 +227,12 @@ def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int, nbyte
         writer = statistics.median(cost.steady_writer_cpu / nbytes_steady * 1e9 for cost in steady)
         result.update({f"{kind}_steady_capture_cpu_s_per_gb": capture,
                        f"{kind}_steady_writer_cpu_s_per_gb": writer})
-        print(f"[writer]   {kind} CPU per GB in steady state (after the first chunk's flush: no process "
-              f"start): capturing process {capture:.2f} s, writer process {writer:.2f} s (medians)")
+        print(f"[writer]   {kind} CPU per GB in steady state (after {result['warm_chunks']} warm-up chunks: "
+              f"no process start, chunk buffers in use): capturing process {capture:.2f} s, writer process "
+              f"{writer:.2f} s (medians)")
+    else:
+        print(f"[writer]   {kind}: no steady state: the run ends within its {result['warm_chunks']} warm-up "
+              f"chunks: give --total-mb more than {result['warm_up_mb']:.0f}")
 
 
 def main(argv=None) -> int:
@@ -227,7 +244,7 @@ def main(argv=None) -> int:
     n_batches = max(1, int(args.total_mb * 1e6 / row_bytes / batch_tokens))
     n_chunks = max(1, n_batches * batch_tokens // args.chunk_tokens)
     nbytes_pipeline = n_batches * batch_tokens * row_bytes
-    nbytes_steady = (n_batches - first_chunk_batches(args)) * batch_tokens * row_bytes
+    nbytes_steady = max(0, n_batches - warm_batches(args)) * batch_tokens * row_bytes
     nbytes_raw = n_chunks * args.chunk_tokens * row_bytes
     raws = ["raw", "raw_durable"]
     kinds = raws if args.raw_only else raws + {"on": ["durable"], "off": ["scratch"],
@@ -260,7 +277,9 @@ def main(argv=None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     result = {"synced_to_disk": SYNC, "dims": args.dims, "dtype": args.dtype, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers,
-              "mb_per_run": nbytes_pipeline / 1e6, "raw_tofile_mb_per_s": rates["raw"],
+              "mb_per_run": nbytes_pipeline / 1e6, "warm_chunks": warm_chunks(args),
+              "warm_up_mb": warm_batches(args) * batch_tokens * row_bytes / 1e6,
+              "steady_mb_per_run": nbytes_steady / 1e6, "raw_tofile_mb_per_s": rates["raw"],
               "raw_durable_mb_per_s": rates["raw_durable"],
               "crc32c_seconds_per_gb": crc32c_seconds_per_gb(args.dims, args.chunk_tokens)}
     print(f"[writer] {nbytes_pipeline / 1e6:.0f} MB per run, {args.repeats} interleaved runs each, "

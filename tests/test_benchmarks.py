@@ -152,8 +152,11 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     # the writer process's CPU is counted only once close() has waited for it to exit
     assert data["durable_writer_cpu_s_per_gb"] > 0 and data["scratch_capture_cpu_s_per_gb"] > 0
     assert 0 < data["durable_cores_busy"] <= os.cpu_count() * 1.05
-    # steady state leaves out the first chunk and the writer process's start (CPU milliseconds below)
-    mb, steady_mb = data["mb_per_run"], data["mb_per_run"] - 512 * 2 * (32 + 64) / 1e6  # one chunk
+    # steady state leaves out the warm-up chunks (one per writer thread and two more: the writer process's
+    # start, its first chunk and its chunk buffers' first use; CPU milliseconds below)
+    mb, steady_mb = data["mb_per_run"], data["steady_mb_per_run"]
+    assert data["warm_chunks"] == 2 + 2 and data["warm_up_mb"] == 4 * 512 * 2 * (32 + 64) / 1e6
+    assert steady_mb == pytest.approx(mb - data["warm_up_mb"])
     for kind in ("durable", "scratch"):
         cpu = {process: (data[f"{kind}_steady_{process}_cpu_s_per_gb"] * steady_mb,
                          data[f"{kind}_{process}_cpu_s_per_gb"] * mb) for process in ("capture", "writer")}
