@@ -181,9 +181,10 @@ def warm_chunks(args) -> int:
     """Chunks a run fills before its steady state: the writer process's start and first chunk (slots
     mapped, arrays made), and its chunk buffers' first use. It keeps a set of chunk-sized buffers per chunk
     in flight (one filling, one committing per writer thread: 2 sets in a 2 GB run here, 3 at most), and the
-    kernel zeroes each page on its first touch: 6% of the writer's CPU over a 2 GB run, and most of a
-    512 MB run of the 30 x 576 shape (two 283 MB chunks), which made that shape look twice as costly per
-    byte as it is (benchmarks/results/cpu-2026-12-07-writer-cpu/)."""
+    kernel zeroes each page on its first touch: 6% of the writer's CPU over a 2 GB run. With one warm-up
+    chunk, a 512 MB run of the 30 x 576 shape had one batch of steady state, into a fresh buffer set, to
+    carry the close: it read 1.6-1.7 s/GB where 3 GB read 0.74
+    (benchmarks/results/cpu-2026-12-07-writer-cpu/)."""
     return args.num_writers + WARM_CHUNKS_BEYOND_WRITERS
 
 
