@@ -285,6 +285,7 @@ def test_existing_store_needs_overwrite(tmp_path):
     (dict(chunk_tokens=0), "chunk_tokens must be a positive int"),
     (dict(num_writers=-1), "num_writers"),
     (dict(pinned_slots=0), "pinned_slots"),
+    (dict(max_batch_tokens=0), "max_batch_tokens must be a positive int"),
     (dict(dtype="int4"), "dtype 'int4' is not supported"),
     (dict(layer_indices=[]), "layer_indices is empty"),
     (dict(layer_indices=[1, 1]), "duplicates"),
@@ -483,11 +484,10 @@ def test_hooks_dispatch_few_ops_per_point(tmp_path):
     assert (hooked - base) / 3 == 2 + points <= 4 * points
 
 
-def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
+def counted_slot_allocations(monkeypatch) -> list[int]:
+    """The sizes of the staging buffers allocated from now on, in order."""
     from engine.capture import staging
-    model = tiny_model("gpt2")
-    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16, pinned_slots=3)
-    allocations = []
+    allocations: list[int] = []
     original = staging.SharedBuffer.__init__
 
     def counting(self, nbytes, pin):
@@ -495,6 +495,14 @@ def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
         original(self, nbytes, pin)
 
     monkeypatch.setattr(staging.SharedBuffer, "__init__", counting)
+    return allocations
+
+
+def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
+    from engine.capture import staging
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16, pinned_slots=3)
+    allocations = counted_slot_allocations(monkeypatch)
     with CaptureEngine(model, cfg) as cap, torch.no_grad():
         model(**ragged_batch(4, 8, seed=0))
         after_first = len(allocations)
@@ -503,6 +511,49 @@ def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
         held = cap.stats.slot_bytes
     assert after_first == 3 * 3 and len(allocations) == after_first, "tokens + 2 points per slot, all at once"
     assert held == sum(-(-n // staging.PAGE) * staging.PAGE for n in allocations), "whole mapped pages"
+
+
+@pytest.mark.parametrize("planned", [None, 4 * 8])
+def test_max_batch_tokens_sizes_every_slot_once(tmp_path, monkeypatch, planned):
+    """Batches that grow from 2 x 3 to 4 x 8 tokens: without max_batch_tokens the slots are reallocated
+    during later forwards; with it, every slot is sized at the first batch and none again, and the rows are
+    the same."""
+    model = tiny_model("gpt2")
+    batches = [ragged_batch(2, 3, seed=0), ragged_batch(3, 5, seed=1), ragged_batch(4, 8, seed=2),
+               ragged_batch(4, 6, seed=3), ragged_batch(4, 8, seed=4)]
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16, pinned_slots=3,
+                        max_batch_tokens=planned)
+    allocations = counted_slot_allocations(monkeypatch)
+    with reference_capture(model, [0], list(cfg.points)) as ref, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        model(**batches[0])
+        after_first = len(allocations)
+        for batch in batches[1:]:
+            model(**batch)
+        capacities = [slot.capacity for slot in cap._pool.slots]
+    assert after_first == 3 * 3, "tokens + 2 points per slot, all at the first batch"
+    if planned is None:
+        assert len(allocations) > after_first, "larger batches reallocate slots"
+    else:
+        assert len(allocations) == after_first, "no slot reallocated after the first batch"
+        assert capacities == [planned] * 3
+    assert_store_rows(cfg.output_dir, ref, batches)
+
+
+def test_max_batch_tokens_beyond_host_memory_fails_at_the_first_forward(tmp_path):
+    """The slots' memory for the planned batches is checked before the first batch is staged, not when the
+    first long batch comes: a clear error naming the fix, nothing stored, nothing allocated."""
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", layer_indices=[0], chunk_tokens=16,
+                        max_batch_tokens=10 ** 12)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        with pytest.raises(engine.BatchError, match="max_batch_tokens"):
+            model(**ragged_batch(2, 3))
+        assert cap.stats.batches == 0 and cap.stats.slot_bytes == 0
+        assert cap._pool.free_count == cfg.pinned_slots, "the slot came back"
+    assert open_store(cfg.output_dir).num_tokens == 0
 
 
 def compiled_gpt2_and_reference(tmp_path, backend):

@@ -56,6 +56,11 @@ class CaptureConfig:
         num_writers: writer threads (in the writer process).
         pinned_slots: host staging slots (each holds one batch of every captured point); when all are in
             use the forward pass waits (backpressure).
+        max_batch_tokens: the most tokens one forward brings (batch size times sequence length, padding
+            included), when known: every slot is sized for it at the first batch, so none is reallocated (and,
+            on CUDA, registered again) during a later forward, and the host memory they need is checked at the
+            first forward instead of when the first long batch comes. A larger batch still grows the slots
+            (by 25% at least). None (default): slots grow with the largest batch seen.
         overwrite: replace an existing store.
         resume: continue an existing store with the same configuration.
         break_lock: take over a store whose object-storage lock is older than its lease (its writer was
@@ -104,6 +109,7 @@ class CaptureConfig:
     chunk_tokens: int = 8192
     num_writers: int = 2
     pinned_slots: int = 4
+    max_batch_tokens: int | None = None
     overwrite: bool = False
     resume: bool = False
     sink: str = "zarr"
@@ -165,6 +171,9 @@ class CaptureConfig:
                                   + {"chunk_tokens": "rows per chunk and per commit",
                                      "num_writers": "the writer threads",
                                      "pinned_slots": "staged batches (host memory)"}[name])
+        if self.max_batch_tokens is not None and self.max_batch_tokens <= 0:
+            raise ConfigError(f"max_batch_tokens must be a positive int (batch size x sequence length) or "
+                              f"None, got {self.max_batch_tokens!r}")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite=True and resume=True contradict each other: choose one")
         if self.sink not in SINKS:

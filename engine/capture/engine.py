@@ -333,13 +333,14 @@ class CaptureEngine:
             return
         if annotations or self.config.annotations:
             self._check_annotations(annotations, batch_size, seq_len)
-        self._pool.check_memory(batch_size * seq_len, self._dims or self._expected_widths)
+        planned = self.config.max_batch_tokens or 0
+        self._pool.check_memory(batch_size * seq_len, self._dims or self._expected_widths, planned)
         slot, waited = self._writer.acquire()
         self._current = slot  # from here on, a failure (even in reserve) gives the slot back
         first = placement.first_sequence if placement.continues else self._next_sequence
         slot.reserve(BatchInfo(self._batches, batch_size, seq_len, first, input_ids is not None,
                                attention_mask is not None, placement.continues,
-                               self._may_continue(kwargs, placement), waited), self._dims)
+                               self._may_continue(kwargs, placement), waited), self._dims, planned)
         if not placement.continues:
             self._next_sequence += batch_size
         self._caches.begin(placement, kwargs, batch_size, first, seq_len)

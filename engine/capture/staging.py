@@ -256,13 +256,13 @@ class Slot:
             raise
         self.capacity, self.dims = tokens, dims
 
-    def reserve(self, batch: BatchInfo, dims: dict[str, int]) -> None:
+    def reserve(self, batch: BatchInfo, dims: dict[str, int], at_least: int = 0) -> None:
         """Start a batch (it is the slot's batch even if growing fails): grow the buffers if it is larger than
-        any before (by 25% at least)."""
+        any before (by 25% at least, and to ``at_least`` tokens at least)."""
         self.batch = batch
         tokens = batch.batch_size * batch.seq_len
         if tokens > self.capacity:
-            self.grow(grown_capacity(self.capacity, tokens), dims)
+            self.grow(max(grown_capacity(self.capacity, tokens), at_least), dims)
         self.captured.clear()
         shape = (batch.batch_size, batch.seq_len)
         views = self._views_by_shape.get(shape)
@@ -343,15 +343,16 @@ class SlotPool:
     def in_flight(self) -> int:
         return len(self.slots) - len(self._free)
 
-    def check_memory(self, tokens: int, widths: dict[str, int]) -> None:
+    def check_memory(self, tokens: int, widths: dict[str, int], at_least: int = 0) -> None:
         """BatchError, before anything is allocated, when every slot grown for a batch of ``tokens`` tokens
-        (``widths``: the captured points' widths known so far) would take more than ``SLOT_MEMORY_SHARE`` of
-        the host memory available: pinned memory cannot be swapped, and running out of it is an out-of-memory
-        kill, not an error. Nothing to check for a batch the slots hold."""
+        (to ``at_least`` tokens at least, as ``Slot.reserve`` grows them; ``widths``: the captured points'
+        widths known so far) would take more than ``SLOT_MEMORY_SHARE`` of the host memory available: pinned
+        memory cannot be swapped, and running out of it is an out-of-memory kill, not an error. Nothing to
+        check for a batch the slots hold."""
         capacity = max(slot.capacity for slot in self.slots)
         if tokens <= capacity:
             return
-        tokens = grown_capacity(capacity, tokens)
+        tokens = max(grown_capacity(capacity, tokens), at_least)
         row_bytes = sum(self._layout.sizes(1, widths).values())
         held = sum(slot.nbytes for slot in self.slots)
         needed = len(self.slots) * tokens * row_bytes
@@ -360,8 +361,8 @@ class SlotPool:
             raise BatchError(f"{len(self.slots)} staging slots for a batch of {tokens:,} tokens need "
                              f"{needed / 1e9:,.2f} GB of host memory ({row_bytes:,} bytes per token), more "
                              f"than {SLOT_MEMORY_SHARE:.0%} of the {available / 1e9:,.2f} GB available: "
-                             "lower CaptureConfig.pinned_slots or the batch size. Nothing of this batch is "
-                             "stored")
+                             "lower CaptureConfig.pinned_slots, max_batch_tokens or the batch size. Nothing "
+                             "of this batch is stored")
 
     def allocate_all(self, like: Slot) -> None:
         """Size every other slot like ``like`` and make its views for ``like``'s batch shape (after the first

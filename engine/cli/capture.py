@@ -290,7 +290,8 @@ def _capture_config(args: argparse.Namespace, model_config, extra_modules: dict[
         spec.default_probe_layer if spec else model_config.num_hidden_layers // 2]
     return CaptureConfig(args.out, layer_indices=layers, points=list(args.hooks), extra_modules=extra_modules,
                          dtype=args.dtype, chunk_tokens=args.chunk_tokens, num_writers=args.num_writers,
-                         pinned_slots=args.pinned_slots, resume=resume,
+                         pinned_slots=args.pinned_slots, max_batch_tokens=args.batch_size * args.seq_len,
+                         resume=resume,
                          overwrite=args.overwrite and not args.resume, early_stop=not args.no_early_stop,
                          model_name=args.model, annotations=ANNOTATIONS, statistics=not args.no_statistics,
                          distributed=world_size > 1, break_lock=args.break_lock,
