@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -233,7 +234,7 @@ def report_cpu(result: dict, kind: str, costs: list[RunCost], nbytes: int, nbyte
               f"{writer:.2f} s (medians)")
     else:
         print(f"[writer]   {kind}: no steady state: the run ends within its {result['warm_chunks']} warm-up "
-              f"chunks: give --total-mb more than {result['warm_up_mb']:.0f}")
+              f"chunks: give --total-mb {result['steady_needs_mb']:.0f} or more")
 
 
 def main(argv=None) -> int:
@@ -280,6 +281,7 @@ def main(argv=None) -> int:
               "seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens, "num_writers": args.num_writers,
               "mb_per_run": nbytes_pipeline / 1e6, "warm_chunks": warm_chunks(args),
               "warm_up_mb": warm_batches(args) * batch_tokens * row_bytes / 1e6,
+              "steady_needs_mb": math.ceil((warm_batches(args) + 1) * batch_tokens * row_bytes / 1e6),
               "steady_mb_per_run": nbytes_steady / 1e6, "raw_tofile_mb_per_s": rates["raw"],
               "raw_durable_mb_per_s": rates["raw_durable"],
               "crc32c_seconds_per_gb": crc32c_seconds_per_gb(args.dims, args.chunk_tokens)}

@@ -157,6 +157,7 @@ def test_writer_benchmark_reports_ratio(tmp_path):
     mb, steady_mb = data["mb_per_run"], data["steady_mb_per_run"]
     assert data["warm_chunks"] == 2 + 2 and data["warm_up_mb"] == 4 * 512 * 2 * (32 + 64) / 1e6
     assert steady_mb == pytest.approx(mb - data["warm_up_mb"])
+    assert data["steady_needs_mb"] == 1, "9 batches of 2 x 128 tokens x 192 bytes: 0.44 MB, rounded up"
     for kind in ("durable", "scratch"):
         cpu = {process: (data[f"{kind}_steady_{process}_cpu_s_per_gb"] * steady_mb,
                          data[f"{kind}_{process}_cpu_s_per_gb"] * mb) for process in ("capture", "writer")}

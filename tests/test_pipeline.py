@@ -513,11 +513,11 @@ def test_slots_are_allocated_before_the_second_forward(tmp_path, monkeypatch):
     assert held == sum(-(-n // staging.PAGE) * staging.PAGE for n in allocations), "whole mapped pages"
 
 
-@pytest.mark.parametrize("planned", [None, 4 * 8])
+@pytest.mark.parametrize("planned", [None, 4 * 8, 16])
 def test_max_batch_tokens_sizes_every_slot_once(tmp_path, monkeypatch, planned):
     """Batches that grow from 2 x 3 to 4 x 8 tokens: without max_batch_tokens the slots are reallocated
-    during later forwards; with it, every slot is sized at the first batch and none again, and the rows are
-    the same."""
+    during later forwards; with 32, every slot is sized at the first batch and none again; with 16, batches
+    beyond it still grow the slots. The rows are the same every time."""
     model = tiny_model("gpt2")
     batches = [ragged_batch(2, 3, seed=0), ragged_batch(3, 5, seed=1), ragged_batch(4, 8, seed=2),
                ragged_batch(4, 6, seed=3), ragged_batch(4, 8, seed=4)]
@@ -534,11 +534,12 @@ def test_max_batch_tokens_sizes_every_slot_once(tmp_path, monkeypatch, planned):
             model(**batch)
         capacities = [slot.capacity for slot in cap._pool.slots]
     assert after_first == 3 * 3, "tokens + 2 points per slot, all at the first batch"
-    if planned is None:
-        assert len(allocations) > after_first, "larger batches reallocate slots"
-    else:
+    if planned == 4 * 8:
         assert len(allocations) == after_first, "no slot reallocated after the first batch"
         assert capacities == [planned] * 3
+    else:
+        assert len(allocations) > after_first, "batches beyond the slots reallocate them"
+        assert max(capacities) == 4 * 8 and min(capacities) >= (planned or 0)
     assert_store_rows(cfg.output_dir, ref, batches)
 
 
@@ -553,6 +554,22 @@ def test_max_batch_tokens_beyond_host_memory_fails_at_the_first_forward(tmp_path
             model(**ragged_batch(2, 3))
         assert cap.stats.batches == 0 and cap.stats.slot_bytes == 0
         assert cap._pool.free_count == cfg.pinned_slots, "the slot came back"
+    assert open_store(cfg.output_dir).num_tokens == 0
+
+
+def test_max_batch_tokens_checks_points_of_unknown_width_before_sizing_every_slot(tmp_path, monkeypatch):
+    """A point whose module does not declare its width (an activation function) is left out of the memory
+    check before the first batch; once the first batch has told its width, every slot's planned size is
+    checked with it before the other slots are allocated."""
+    model = tiny_model("gpt2")
+    cfg = CaptureConfig(tmp_path / "s.zarr", points=[], extra_modules={"act": "transformer.h.0.mlp.act"},
+                        chunk_tokens=16, max_batch_tokens=4096)
+    monkeypatch.setattr(engine.capture.staging, "available_host_memory", lambda: 2 << 20)
+    with CaptureEngine(model, cfg) as cap, torch.no_grad():
+        with pytest.raises(engine.BatchError, match="max_batch_tokens, which sized them for 4,096"):
+            model(**ragged_batch(2, 3))
+        assert cap.stats.batches == 0
+        assert sum(slot.nbytes > 0 for slot in cap._pool.slots) == 1, "the other slots were not allocated"
     assert open_store(cfg.output_dir).num_tokens == 0
 
 

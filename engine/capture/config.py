@@ -60,7 +60,7 @@ class CaptureConfig:
             included), when known: every slot is sized for it at the first batch, so none is reallocated (and,
             on CUDA, registered again) during a later forward, and the host memory they need is checked at the
             first forward instead of when the first long batch comes. A larger batch still grows the slots
-            (by 25% at least). None (default): slots grow with the largest batch seen.
+            (by 25% at least). None (default: slots grow with the largest batch seen).
         overwrite: replace an existing store.
         resume: continue an existing store with the same configuration.
         break_lock: take over a store whose object-storage lock is older than its lease (its writer was

@@ -460,9 +460,11 @@ class CaptureEngine:
         self._writer.submit(slot)
 
     def _first_batch(self, slot) -> None:
-        """Send the widths, size every slot and hand the writer process every buffer; if any of it fails
-        (pinning memory can), the next batch does it again."""
+        """Check that every slot sized like this one fits in host memory (the widths are all known now), send
+        the widths, size every slot and hand the writer process every buffer; if any of it fails (pinning
+        memory can), the next batch does it again."""
         dims = dict(slot.dims)
+        self._pool.check_sized_like(slot, planned=slot.capacity == self.config.max_batch_tokens)
         self._writer.send_dims(dims)
         self._pool.allocate_all(slot)
         for each in self._pool.slots:

@@ -352,17 +352,26 @@ class SlotPool:
         capacity = max(slot.capacity for slot in self.slots)
         if tokens <= capacity:
             return
-        tokens = max(grown_capacity(capacity, tokens), at_least)
+        self._check_fits(max(grown_capacity(capacity, tokens), at_least), widths, planned=at_least > tokens)
+
+    def check_sized_like(self, like: Slot, planned: bool) -> None:
+        """``check_memory``'s BatchError for every slot sized like ``like`` (the first batch's slot, whose
+        points' widths are all known now: a point whose module does not declare its width was left out
+        before), before the other slots are allocated. ``planned``: ``max_batch_tokens`` sized it."""
+        self._check_fits(like.capacity, like.dims, planned)
+
+    def _check_fits(self, tokens: int, widths: dict[str, int], planned: bool) -> None:
         row_bytes = sum(self._layout.sizes(1, widths).values())
         held = sum(slot.nbytes for slot in self.slots)
         needed = len(self.slots) * tokens * row_bytes
         available = available_host_memory() + held
         if needed > SLOT_MEMORY_SHARE * available:
+            plan = f", or CaptureConfig.max_batch_tokens, which sized them for {tokens:,}" if planned else ""
             raise BatchError(f"{len(self.slots)} staging slots for a batch of {tokens:,} tokens need "
                              f"{needed / 1e9:,.2f} GB of host memory ({row_bytes:,} bytes per token), more "
                              f"than {SLOT_MEMORY_SHARE:.0%} of the {available / 1e9:,.2f} GB available: "
-                             "lower CaptureConfig.pinned_slots, max_batch_tokens or the batch size. Nothing "
-                             "of this batch is stored")
+                             f"lower CaptureConfig.pinned_slots or the batch size{plan}. Nothing of this "
+                             "batch is stored")
 
     def allocate_all(self, like: Slot) -> None:
         """Size every other slot like ``like`` and make its views for ``like``'s batch shape (after the first
