@@ -177,6 +177,7 @@ def assert_one_line_error(code: int, err: str, expected: str):
     (["--outlier-norm-ratio", "x"], "expected a number above 1 or 'none', got 'x'"),
     (["--outlier-norm-ratio", 0.5], "outlier_norm_ratio must be a finite number above 1"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--batch-size", 10 ** 9], "lower --pinned-slots, --batch-size or --seq-len"),
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(model_dir, corpus, tmp_path,
                                                              model_must_not_load, options, expected):

@@ -46,7 +46,7 @@ from engine.capture.kvcache import CacheTracker, Placement, cache_of
 from engine.capture.manifest import build_manifest, point_attributes
 from engine.capture.opening import check_destination, open_destination
 from engine.capture.parts import PartCoordinator
-from engine.capture.staging import BatchInfo, SlotPool, Stager
+from engine.capture.staging import BatchInfo, SlotPool, Stager, staging_dtype
 from engine.errors import BatchError, CaptureClosedError, CaptureError, HookPointError, StoreLockedError
 from engine.format import layout
 from engine.format.encoding import encoding_of
@@ -54,8 +54,6 @@ from engine.models.loading import max_positions
 from engine.store.lifecycle import mark_failed, release_reserve
 from engine.store.resume import ResumePoint
 from engine.writer.protocol import WriterSpec
-
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +219,7 @@ class CaptureEngine:
                         undo: contextlib.ExitStack) -> None:
         config = self.config
         encoding = encoding_of(config.dtype)
-        dtype = torch.uint8 if encoding else _TORCH_DTYPES[config.dtype]
+        dtype = staging_dtype(config.dtype, encoding)
         gpu = self._device if self._device.type == "cuda" else None
         self._pool = SlotPool(config.pinned_slots, gpu, dtype, tuple(config.annotations), encoding)
         undo.callback(self._pool.release)

@@ -54,7 +54,7 @@ import torch
 
 from engine.capture.encoder import encode_rows
 from engine.errors import BatchError, HookPointError
-from engine.format.encoding import Encoding
+from engine.format.encoding import Encoding, encoding_of
 from engine.writer.protocol import (
     TOKENS_BUFFER,
     BatchInfo,
@@ -70,6 +70,32 @@ VIEW_SHAPES = 8  # batch shapes whose views a slot keeps (a run with dynamic pad
 # Slots may take at most this share of the host memory available: they are pinned (never swapped), and the
 # writer process, the model and the page cache need the rest.
 SLOT_MEMORY_SHARE = 0.5
+
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def staging_dtype(dtype: str, encoding: Encoding | None) -> torch.dtype:
+    """The dtype of a slot's point buffers for storage dtype ``dtype`` (an 8-bit encoding's slot rows are
+    bytes)."""
+    return torch.uint8 if encoding is not None else _TORCH_DTYPES[dtype]
+
+
+def slot_row_bytes(dtype: str, annotations: tuple[str, ...], widths: dict[str, int]) -> int:
+    """Bytes one token takes in a slot: its ids, mask and annotations, and a row of every point (``widths``)
+    in the slot's form of storage dtype ``dtype``."""
+    encoding = encoding_of(dtype)
+    layout = SlotLayout(annotations, encoding, staging_dtype(dtype, encoding).itemsize)
+    return sum(layout.sizes(1, widths).values())
+
+
+def slot_memory_shortfall(count: int, tokens: int, row_bytes: int, held: int = 0) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) when ``count`` slots of ``tokens`` tokens of ``row_bytes`` each would
+    take more than ``SLOT_MEMORY_SHARE`` of the host memory available (``held``: bytes the slots hold now,
+    which growing them gives back first); None when they fit."""
+    needed = count * tokens * row_bytes
+    available = available_host_memory() + held
+    return (needed, available) if needed > SLOT_MEMORY_SHARE * available else None
 
 
 def grown_capacity(capacity: int, tokens: int) -> int:
@@ -362,10 +388,9 @@ class SlotPool:
 
     def _check_fits(self, tokens: int, widths: dict[str, int], planned: bool) -> None:
         row_bytes = sum(self._layout.sizes(1, widths).values())
-        held = sum(slot.nbytes for slot in self.slots)
-        needed = len(self.slots) * tokens * row_bytes
-        available = available_host_memory() + held
-        if needed > SLOT_MEMORY_SHARE * available:
+        shortfall = slot_memory_shortfall(len(self.slots), tokens, row_bytes, self.nbytes)
+        if shortfall is not None:
+            needed, available = shortfall
             plan = f", or CaptureConfig.max_batch_tokens, which sized them for {tokens:,}" if planned else ""
             raise BatchError(f"{len(self.slots)} staging slots for a batch of {tokens:,} tokens need "
                              f"{needed / 1e9:,.2f} GB of host memory ({row_bytes:,} bytes per token), more "

@@ -6,8 +6,9 @@ The checks come in three steps, each before anything slower than itself:
    name, the output location (it can be written, no store in the way, none being written, ``--resume`` has
    a store to continue) and the corpus (there, readable, of a known kind);
 2. the model's config, without its weights: ``--seq-len`` against its positions, layers and hook points on a
-   weightless copy (the meta device), the tokenizer, and for a resume whether the store was captured with
-   these options (``engine.capture.manifest.resume_mismatches`` decides, as it does for the engine);
+   weightless copy (the meta device), whether the staging slots for the largest batch fit in host memory,
+   the tokenizer, and for a resume whether the store was captured with these options
+   (``engine.capture.manifest.resume_mismatches`` decides, as it does for the engine);
 3. the corpus read once, counting its sequences (a bad record names its file and line), and for a resume
    whether this job reaches as far as the store already holds.
 
@@ -214,7 +215,9 @@ def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
     skeleton = _weightless_model(args.model, args.seq_len)
     config = _capture_config(args, skeleton.config, extra_modules, world_size, resume)
     points = resolve_hook_points(skeleton, config.layer_indices, config.points, config.extra_modules)
-    row_bytes = _row_bytes(measure_widths(skeleton, points), config.dtype)
+    widths = measure_widths(skeleton, points)
+    _check_slot_memory(args, config, widths)
+    row_bytes = _row_bytes(widths, config.dtype)
     tokenizer = _tokenizer(args)
 
     def job_sequences() -> Iterator[TokenSequence]:
@@ -232,6 +235,23 @@ def _plan(args: argparse.Namespace, world_size: int, tag: str) -> _Job:
                                              first, stop, world_size)
     return _Job(corpus, config, tokenizer, row_bytes, job_sequences, lengths, counts, first, stop, resumes_at,
                 complete)
+
+
+def _check_slot_memory(args: argparse.Namespace, config: CaptureConfig, widths: dict[str, int]) -> None:
+    """The staging slots' memory check of the first forward (``max_batch_tokens``), before the weights load:
+    a job whose largest batch cannot be staged fails in seconds, not once the model has loaded."""
+    from engine.capture.staging import SLOT_MEMORY_SHARE, slot_memory_shortfall, slot_row_bytes
+
+    assert config.max_batch_tokens is not None, "the command line plans its largest batch"
+    row_bytes = slot_row_bytes(config.dtype, tuple(config.annotations), widths)
+    shortfall = slot_memory_shortfall(config.pinned_slots, config.max_batch_tokens, row_bytes)
+    if shortfall is not None:
+        needed, available = shortfall
+        raise ConfigError(f"{config.pinned_slots} staging slots (--pinned-slots) of --batch-size "
+                          f"{args.batch_size} x --seq-len {args.seq_len} tokens need {needed / 1e9:,.2f} GB "
+                          f"of host memory ({row_bytes:,} bytes per token), more than "
+                          f"{SLOT_MEMORY_SHARE:.0%} of the {available / 1e9:,.2f} GB available: lower "
+                          "--pinned-slots, --batch-size or --seq-len")
 
 
 def _extra_modules(args: argparse.Namespace) -> dict[str, str]:
