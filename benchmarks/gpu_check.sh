@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one command on a machine with a CUDA GPU. Installs carried wheels when zarr,
-# numcodecs or crc32c is missing (.whl/, made by benchmarks/fetch_gpu_wheels.sh; see benchmarks/README.md), records the card and versions, runs the `gpu`
-# tests, then the gate for gpt2 shapes (4x512 and 32x512; steady-state rounds of at least 2 s) with the null
-# and zarr sinks, four writer threads and one, early stop against a forward truncated after the hooked layer,
+# numcodecs or crc32c is missing (.whl/, made by benchmarks/fetch_gpu_wheels.sh; see benchmarks/README.md),
+# records the card and versions, runs the `gpu` tests, then the gate for gpt2 shapes (4x512 and 32x512;
+# steady-state rounds of at least 2 s) with the null and zarr sinks, four writer threads and one, early stop
+# against a forward truncated after the hooked layer,
 # and a raw sequential write of chunk-sized files to the same disk (what the zarr sink can reach at all);
 # last, PASS or FAIL per target (benchmarks/gpu_targets.py). Every step runs even when one before failed (a
 # lent GPU's minutes are few: one call gathers everything), and the script exits 1 when any step or target

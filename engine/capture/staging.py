@@ -378,7 +378,8 @@ class SlotPool:
         capacity = max(slot.capacity for slot in self.slots)
         if tokens <= capacity:
             return
-        self._check_fits(max(grown_capacity(capacity, tokens), at_least), widths, planned=at_least > tokens)
+        grown = grown_capacity(capacity, tokens)
+        self._check_fits(max(grown, at_least), widths, planned=at_least > grown)
 
     def check_sized_like(self, like: Slot, planned: bool) -> None:
         """``check_memory``'s BatchError for every slot sized like ``like`` (the first batch's slot, whose
